@@ -1,0 +1,255 @@
+"""The one decoding loop: plain decoding and every drafter go through `decode`.
+
+    1. prefill: one forward over the prompt fills the cache and gives the first
+       new token (and the prompt embedding that routing uses, at no extra cost);
+    2. draft: the drafter proposes k >= 0 tokens after the last committed token
+       (k = 0 always for plain decoding);
+    3. verify: one full-model forward over [last token, drafts] at explicit
+       positions gives k + 1 target distributions;
+    4. accept: the longest acceptable prefix of the drafts plus one bonus token
+       (greedy or rejection sampling, see `knnssd.sampling`);
+    5. roll back: every cache layer is cropped to the committed tokens;
+    6. stop at EOS or `max_new_tokens`, as `model.generate` does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from knnssd.drafters import Draft, DraftRequest, Drafter
+from knnssd.errors import KnnSsdError
+from knnssd.kvcache import new_cache, rollback
+from knnssd.sampling import SamplingConfig, sample, verify_greedy, verify_sampling, warp_probs
+from knnssd.stats import GenerationStats, StatsRecorder
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Stop conditions and token choice of one generation.
+
+    `eos_token_ids` None means the model's own (its generation_config's
+    eos_token_id); an empty tuple means never stop early.
+    """
+
+    max_new_tokens: int = 128
+    sampling: SamplingConfig = SamplingConfig()
+    eos_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise KnnSsdError(
+                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+                fix="ask for at least one new token, e.g. --max-new-tokens 64",
+            )
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """State after the prefill.
+
+    cache: holds the prompt's `prompt_length` tokens.
+    first_token: the first new token (not in the cache yet).
+    embedding: (hidden,) float32 final-layer hidden state mean-pooled over the prompt.
+    """
+
+    cache: DynamicCache
+    prompt_length: int
+    first_token: int
+    embedding: torch.Tensor
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """token_ids: the new tokens only (the prompt excluded); finish_reason "eos" or "length"."""
+
+    token_ids: tuple[int, ...]
+    stats: GenerationStats
+    finish_reason: str
+    embedding: torch.Tensor
+
+
+def device_clock(device: torch.device) -> Clock:
+    """perf_counter that first waits for queued CUDA work, so phases are timed honestly."""
+    if device.type == "cuda":
+        def clock() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return clock
+    return time.perf_counter
+
+
+def model_eos_ids(model: PreTrainedModel) -> tuple[int, ...]:
+    """The model's EOS ids from its generation config (int or list), as a tuple."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def check_prompt(model: PreTrainedModel, prompt_ids: torch.Tensor, max_new_tokens: int) -> None:
+    """Refuse empty, batched or over-long prompts with a clear error."""
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
+        raise KnnSsdError(
+            f"prompt_ids must have shape (1, prompt_length), got {tuple(prompt_ids.shape)}",
+            fix="generate one prompt at a time; batch size 1 is what self-speculative decoding serves",
+        )
+    if prompt_ids.shape[1] == 0:
+        raise KnnSsdError("the prompt is empty", fix="give a prompt of at least one token")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and prompt_ids.shape[1] + max_new_tokens > context:
+        raise KnnSsdError(
+            f"prompt ({prompt_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {context} tokens",
+            fix="shorten the prompt or lower max_new_tokens",
+        )
+
+
+def first_choice(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
+    """Token chosen from one row of logits (vocab,) by argmax or by sampling."""
+    if sampling.greedy:
+        return int(logits.argmax(dim=-1))
+    return int(sample(warp_probs(logits, sampling), generator))
+
+
+@torch.inference_mode()
+def prefill(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    clock: Clock,
+) -> Prefilled:
+    """Step 1: one forward over `prompt_ids` (1, T).
+
+    Runs the base model and the LM head on the last position only, which is what
+    `model(..., logits_to_keep=1)` computes, and keeps the final hidden states
+    (1, T, hidden) long enough to mean-pool them into the prompt embedding.
+    """
+    start = clock()
+    cache = new_cache(model)
+    length = prompt_ids.shape[1]
+    position_ids = torch.arange(length, device=prompt_ids.device).unsqueeze(0)
+    hidden = model.model(input_ids=prompt_ids, position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
+    logits = model.lm_head(hidden[:, -1:, :])[0, -1]  # (vocab,)
+    embedding = hidden[0].float().mean(dim=0)  # (hidden,)
+    token = first_choice(logits, sampling, generator)
+    return Prefilled(cache=cache, prompt_length=length, first_token=token, embedding=embedding,
+                     seconds=clock() - start)
+
+
+def _verify(
+    model: PreTrainedModel,
+    cache: DynamicCache,
+    last_token: int,
+    draft: Draft,
+    position: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """Steps 3-5 for one draft of k tokens; returns (n_accepted, next_token)."""
+    device = draft.tokens.device
+    k = draft.tokens.shape[0]
+    input_ids = torch.cat([torch.tensor([last_token], device=device), draft.tokens]).unsqueeze(0)  # (1, k + 1)
+    position_ids = torch.arange(position, position + k + 1, device=device).unsqueeze(0)
+    logits = model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True,
+                   logits_to_keep=k + 1).logits[0]  # (k + 1, vocab)
+    if sampling.greedy:
+        n_accepted, next_token = verify_greedy(draft.tokens, logits)
+    else:
+        draft_probs = draft.probs if draft.probs is not None else logits.new_zeros((0, logits.shape[-1]))
+        n_accepted, next_token = verify_sampling(draft.tokens, draft_probs, warp_probs(logits, sampling), generator)
+    rollback(cache, position + 1 + n_accepted)
+    return n_accepted, next_token
+
+
+@torch.inference_mode()
+def decode(
+    model: PreTrainedModel,
+    state: Prefilled,
+    config: GenerationConfig,
+    drafter: Drafter | None = None,
+    generator: torch.Generator | None = None,
+    clock: Clock | None = None,
+) -> GenerationResult:
+    """Steps 2-6 after `prefill`: generate until EOS or `config.max_new_tokens`."""
+    device = next(model.parameters()).device
+    clock = clock or device_clock(device)
+    start = clock()
+    eos = set(model_eos_ids(model) if config.eos_token_ids is None else config.eos_token_ids)
+    recorder = StatsRecorder(prefill_seconds=state.seconds)
+    session = drafter.start() if drafter is not None else None
+    empty = Draft(tokens=torch.empty(0, dtype=torch.long, device=device), probs=None)
+    tokens = [state.first_token]
+    position = state.prompt_length  # tokens in the cache; tokens[-1] sits at this position
+    while len(tokens) < config.max_new_tokens and tokens[-1] not in eos:
+        budget = config.max_new_tokens - len(tokens)  # room for drafts plus the bonus token
+        draft = empty
+        if session is not None and budget > 1:
+            t0 = clock()
+            last = torch.tensor([[tokens[-1]]], device=device)
+            draft = session.propose(DraftRequest(model=model, cache=state.cache, last_token=last, position=position,
+                                                 max_tokens=budget - 1, sampling=config.sampling, generator=generator))
+            recorder.draft_seconds += clock() - t0
+        t0 = clock()
+        n_accepted, next_token = _verify(model, state.cache, tokens[-1], draft, position, config.sampling, generator)
+        recorder.verify_seconds += clock() - t0
+        drafted = draft.tokens.shape[0]
+        if session is not None:
+            session.observe(drafted, n_accepted)
+        recorder.record_step(drafted, n_accepted)
+        for token in draft.tokens[:n_accepted].tolist() + [next_token]:
+            tokens.append(token)
+            if token in eos:
+                break
+        position += 1 + n_accepted
+    finish = "eos" if tokens[-1] in eos else "length"
+    stats = recorder.finish(new_tokens=len(tokens), total_seconds=state.seconds + clock() - start)
+    return GenerationResult(token_ids=tuple(tokens), stats=stats, finish_reason=finish, embedding=state.embedding)
+
+
+def make_generator(device: torch.device, sampling: SamplingConfig) -> torch.Generator | None:
+    """A seeded generator for sampling (None for greedy or when no seed is given)."""
+    if sampling.greedy or sampling.seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(sampling.seed)
+    return generator
+
+
+def generate(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    config: GenerationConfig = GenerationConfig(),
+    drafter: Drafter | None = None,
+    clock: Clock | None = None,
+) -> GenerationResult:
+    """Generate after `prompt_ids` (1, T) with `drafter`, or plainly when it is None.
+
+    Greedy output (temperature 0) is token-identical to
+    ``model.generate(prompt_ids, do_sample=False, max_new_tokens=N)``; sampled
+    output follows the target model's distribution.
+
+    Example:
+        >>> loaded = load_model("smollm2-135m")
+        >>> ids = encode_prompt(loaded.tokenizer, "The capital of France is")
+        >>> result = generate(loaded.model, ids, GenerationConfig(max_new_tokens=32),
+        ...                   LayerSkipDrafter(SkipSet.of(attn=[24, 25, 26])))
+        >>> result.stats.mean_accepted_tokens
+    """
+    check_prompt(model, prompt_ids, config.max_new_tokens)
+    device = next(model.parameters()).device
+    prompt_ids = prompt_ids.to(device)
+    clock = clock or device_clock(device)
+    generator = make_generator(device, config.sampling)
+    state = prefill(model, prompt_ids, config.sampling, generator, clock)
+    return decode(model, state, config, drafter, generator, clock)

@@ -1,0 +1,105 @@
+"""Statistics of one generation, with their formulas.
+
+Definitions (one "verification step" = one full-model forward over the last
+committed token plus k >= 0 drafts; plain decoding is the case k = 0):
+
+- new_tokens            = tokens emitted after the prompt (the prefill's token included)
+- drafted_tokens        = sum over steps of k
+- accepted_tokens       = sum over steps of drafts accepted (the bonus token not counted)
+- verify_steps          = number of verification steps
+- acceptance_rate       = accepted_tokens / drafted_tokens            (0 when nothing was drafted)
+- mean_accepted_tokens  = (accepted_tokens + verify_steps) / verify_steps
+                          tokens committed per verification step, the bonus token counted
+                          (1.0 for plain decoding); the last step may be cut short by EOS or
+                          max_new_tokens, which this formula ignores
+- acceptance_by_position[i] = accepted drafts at position i / drafts made at position i (0-based)
+- prefill_seconds, draft_seconds, verify_seconds: wall time in each phase
+  (CUDA work synchronised before each reading)
+- total_seconds         = prefill_seconds + draft_seconds + verify_seconds + the loop's own overhead
+- tokens_per_second     = new_tokens / total_seconds
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Frozen figures of one generation; see the module docstring for formulas."""
+
+    new_tokens: int
+    drafted_tokens: int
+    accepted_tokens: int
+    verify_steps: int
+    drafted_by_position: tuple[int, ...]
+    accepted_by_position: tuple[int, ...]
+    prefill_seconds: float
+    draft_seconds: float
+    verify_seconds: float
+    total_seconds: float
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def acceptance_by_position(self) -> tuple[float, ...]:
+        return tuple(a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON-ready dict: stored fields plus the derived figures."""
+        data: dict[str, object] = asdict(self)
+        data["drafted_by_position"] = list(self.drafted_by_position)
+        data["accepted_by_position"] = list(self.accepted_by_position)
+        data["acceptance_rate"] = self.acceptance_rate
+        data["mean_accepted_tokens"] = self.mean_accepted_tokens
+        data["acceptance_by_position"] = list(self.acceptance_by_position)
+        data["tokens_per_second"] = self.tokens_per_second
+        return data
+
+
+@dataclass
+class StatsRecorder:
+    """Mutable tally that the decoding loop fills in, then freezes with `finish`."""
+
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+    verify_steps: int = 0
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    def record_step(self, drafted: int, accepted: int) -> None:
+        """One verification step that checked `drafted` drafts and accepted the first `accepted`."""
+        grow = drafted - len(self.drafted_by_position)
+        if grow > 0:
+            self.drafted_by_position.extend([0] * grow)
+            self.accepted_by_position.extend([0] * grow)
+        for position in range(drafted):
+            self.drafted_by_position[position] += 1
+            if position < accepted:
+                self.accepted_by_position[position] += 1
+        self.verify_steps += 1
+
+    def finish(self, new_tokens: int, total_seconds: float) -> GenerationStats:
+        return GenerationStats(
+            new_tokens=new_tokens,
+            drafted_tokens=sum(self.drafted_by_position),
+            accepted_tokens=sum(self.accepted_by_position),
+            verify_steps=self.verify_steps,
+            drafted_by_position=tuple(self.drafted_by_position),
+            accepted_by_position=tuple(self.accepted_by_position),
+            prefill_seconds=self.prefill_seconds,
+            draft_seconds=self.draft_seconds,
+            verify_seconds=self.verify_seconds,
+            total_seconds=total_seconds,
+        )
