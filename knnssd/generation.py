@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from knnssd.decoding import GenerationConfig, GenerationResult, check_prompt, generate
+from knnssd.errors import KnnSsdError
 from knnssd.drafters import DraftConfig, Drafter, LayerSkipDrafter
 from knnssd.models import LoadedModel, load_model
 from knnssd.prompts import encode_prompt
@@ -52,7 +53,9 @@ def result_to_dict(loaded: LoadedModel, result: GenerationResult) -> dict[str, o
 
 
 def generate_text(request: GenerateRequest) -> dict[str, object]:
-    """Run one request; the returned dict is what `--json` prints."""
+    """Run one request; the returned dict is what `--json` prints. Input is checked before the model loads."""
+    if not request.prompt.strip():
+        raise KnnSsdError("the prompt is empty", fix="give a prompt with some text, e.g. --prompt 'Hello'")
     sampling = SamplingConfig(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                               seed=request.seed)
     config = GenerationConfig(max_new_tokens=request.max_new_tokens, sampling=sampling)

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from knnssd.errors import KnnSsdError
+from knnssd.layerskip import SkippedAttention, SkippedMLP, decoder_layers, skip_sublayers
+from knnssd.skipset import SkipSet
+from tests.conftest import FAMILIES, tiny_model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipping_changes_output_and_restores_model(family):
+    model = tiny_model(family)
+    ids = torch.randint(3, 128, (1, 10))
+    before = logits(model, ids)
+    modules_before = [(layer.self_attn, layer.mlp) for layer in decoder_layers(model)]
+    with skip_sublayers(model, SkipSet.of(attn=[1, 2], mlp=[3])):
+        layers = decoder_layers(model)
+        assert isinstance(layers[1].self_attn, SkippedAttention) and isinstance(layers[3].mlp, SkippedMLP)
+        assert not isinstance(layers[0].self_attn, SkippedAttention)
+        inside = logits(model, ids)
+    assert not torch.allclose(before, inside)
+    assert [(layer.self_attn, layer.mlp) for layer in decoder_layers(model)] == modules_before
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_model_restored_after_exception():
+    model = tiny_model("llama")
+    originals = [layer.self_attn for layer in decoder_layers(model)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with skip_sublayers(model, SkipSet.of(attn=[0, 1, 2, 3])):
+            raise RuntimeError("boom")
+    assert [layer.self_attn for layer in decoder_layers(model)] == originals
+
+
+def test_skipping_a_whole_layer_equals_removing_it():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 6))
+    with skip_sublayers(model, SkipSet.of(attn=[2], mlp=[2])):
+        skipped = logits(model, ids)
+    del model.model.layers[2]
+    model.config.num_hidden_layers = 3
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = index
+    assert torch.allclose(logits(model, ids), skipped, atol=1e-6)
+
+
+def test_invalid_skip_sets_refused_before_any_change():
+    model = tiny_model("qwen2")
+    originals = [layer.mlp for layer in decoder_layers(model)]
+    with pytest.raises(KnnSsdError, match="has 4 layers"):
+        with skip_sublayers(model, SkipSet.of(mlp=[0, 9])):
+            pass
+    assert [layer.mlp for layer in decoder_layers(model)] == originals
+
+
+def test_unsupported_architecture_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(KnnSsdError, match="'gpt2' is not supported.*llama, qwen2, mistral"):
+        with skip_sublayers(model, SkipSet.of(attn=[0])):
+            pass

@@ -1,0 +1,90 @@
+"""The shared losslessness test: every drafter, greedy, token-identical to transformers' generate."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+from knnssd.decoding import GenerationConfig, generate
+from knnssd.drafters import DraftConfig, LayerSkipDrafter
+from knnssd.prompts import encode_prompt
+from knnssd.skipset import SkipSet
+from tests.conftest import FAMILIES, spec_bench_rows, tiny_model
+
+NUM_LAYERS = 4
+
+
+def drafters_under_test():
+    """(id, drafter or None) for every drafter kind the loop serves, with varied settings."""
+    extreme = SkipSet.of(attn=range(NUM_LAYERS), mlp=range(NUM_LAYERS - 1))  # all but one sub-layer
+    return [
+        ("plain", None),
+        ("empty-skip", LayerSkipDrafter(SkipSet(), DraftConfig(threshold=0.0))),
+        ("upper-attn", LayerSkipDrafter(SkipSet.of(attn=[2, 3]), DraftConfig(threshold=0.0, max_draft_tokens=5))),
+        ("mixed", LayerSkipDrafter(SkipSet.of(attn=[0, 3], mlp=[1]), DraftConfig(threshold=0.3))),
+        ("extreme", LayerSkipDrafter(extreme, DraftConfig(threshold=0.0, max_draft_tokens=12))),
+        ("adaptive", LayerSkipDrafter(SkipSet.of(mlp=[2, 3]), DraftConfig(threshold=0.5, adaptive=True))),
+    ]
+
+
+def reference(model, prompt_ids, max_new_tokens):
+    out = model.generate(prompt_ids, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=model.generation_config.pad_token_id)
+    return tuple(out[0, prompt_ids.shape[1]:].tolist())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_matches_generate_on_tiny_models(family, seed):
+    model = tiny_model(family, seed=seed, num_layers=NUM_LAYERS)
+    generator = torch.Generator().manual_seed(100 + seed)
+    for prompt_length in (1, 9, 23):
+        prompt = torch.randint(3, 128, (1, prompt_length), generator=generator)
+        expected = reference(model, prompt, 40)
+        for name, drafter in drafters_under_test():
+            got = generate(model, prompt, GenerationConfig(max_new_tokens=40), drafter)
+            assert got.token_ids == expected, f"{family} seed {seed} len {prompt_length} drafter {name}"
+
+
+def test_eos_stops_like_generate():
+    """A model whose EOS is its most frequent greedy token: both stop at the same place, EOS included."""
+    model = tiny_model("llama", seed=3)
+    prompt = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    free_run = generate(model, prompt, GenerationConfig(max_new_tokens=30, eos_token_ids=()))
+    eos = free_run.token_ids[7]
+    model.generation_config.eos_token_id = eos
+    expected = reference(model, prompt, 30)
+    assert expected[-1] == eos and len(expected) <= 8
+    for name, drafter in drafters_under_test():
+        got = generate(model, prompt, GenerationConfig(max_new_tokens=30), drafter)
+        assert got.token_ids == expected, name
+        assert got.finish_reason == "eos"
+
+
+def test_max_new_tokens_is_exact_with_long_drafts():
+    model = tiny_model("qwen2", seed=4)
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    drafter = LayerSkipDrafter(SkipSet(), DraftConfig(threshold=0.0, max_draft_tokens=12))
+    for n in (1, 2, 3, 13, 14):
+        got = generate(model, prompt, GenerationConfig(max_new_tokens=n, eos_token_ids=()), drafter)
+        assert len(got.token_ids) == n and got.finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_lossless_on_every_spec_bench_category(smollm2):
+    """One Spec-Bench prompt per category (13), chat template, 64 new tokens, a real skip set."""
+    first_by_category = {}
+    for row in spec_bench_rows():
+        first_by_category.setdefault(row["category"], row["turns"][0])
+    assert len(first_by_category) == 13
+    drafter = LayerSkipDrafter(SkipSet.of(attn=[5, 9, 13, 17, 21, 25], mlp=[26, 28]))
+    accepted = defaultdict(float)
+    for category, text in sorted(first_by_category.items()):
+        prompt = encode_prompt(smollm2.tokenizer, text, chat=True)
+        expected = reference(smollm2.model, prompt, 64)
+        got = generate(smollm2.model, prompt, GenerationConfig(max_new_tokens=64), drafter)
+        assert got.token_ids == expected, category
+        accepted[category] = got.stats.mean_accepted_tokens
+    assert sum(accepted.values()) / len(accepted) > 1.0, dict(accepted)

@@ -1,0 +1,136 @@
+"""Sampling is lossless: speculative rejection sampling reproduces the target distribution."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from knnssd.decoding import GenerationConfig, generate
+from knnssd.drafters import DraftConfig, LayerSkipDrafter
+from knnssd.errors import KnnSsdError
+from knnssd.layerskip import skip_sublayers
+from knnssd.sampling import SamplingConfig, verify_sampling, warp_probs
+from knnssd.skipset import SkipSet
+from tests.conftest import tiny_model
+
+VOCAB = 6
+SAMPLING = SamplingConfig(temperature=1.0, top_p=0.95, top_k=0, seed=1234)
+SKIP = SkipSet.of(attn=[0, 1], mlp=[1])
+
+
+@pytest.fixture(scope="module")
+def model():
+    # large init so that the distributions are far from uniform and the draft differs from the target
+    return tiny_model("llama", seed=7, num_layers=2, vocab_size=VOCAB, initializer_range=0.5)
+
+
+@torch.inference_mode()
+def exact_distribution(model, prompt, length):
+    """Exact P(first `length` new tokens) under the warped target: {token tuple: probability}."""
+    dist = {(): 1.0}
+    for _ in range(length):
+        nxt = {}
+        for prefix, p in dist.items():
+            ids = torch.cat([prompt, torch.tensor([prefix], dtype=torch.long).reshape(1, -1)], dim=1)
+            probs = warp_probs(model(input_ids=ids).logits[0, -1], SAMPLING)
+            for token in range(VOCAB):
+                if probs[token] > 0:
+                    nxt[prefix + (token,)] = p * float(probs[token])
+        dist = nxt
+    return dist
+
+
+def chi_square_p(samples: list[tuple[int, ...]], exact: dict[tuple[int, ...], float]) -> float:
+    """Pearson chi-square p-value; cells with expected count < 5 are pooled into one.
+    A sample outside the support of `exact` is impossible under it: p-value 0."""
+    n = len(samples)
+    counts = Counter(samples)
+    if any(cell not in exact for cell in counts):
+        return 0.0
+    observed, expected, pooled_o, pooled_e = [], [], 0.0, 0.0
+    for cell, p in exact.items():
+        if p * n >= 5:
+            observed.append(counts.get(cell, 0))
+            expected.append(p * n)
+        else:
+            pooled_o += counts.get(cell, 0)
+            pooled_e += p * n
+    if pooled_e > 0:
+        observed.append(pooled_o)
+        expected.append(pooled_e)
+    expected = np.array(expected) * (sum(observed) / sum(expected))
+    return float(chisquare(observed, expected).pvalue)
+
+
+def draw(model, prompt, drafter, n, length=3):
+    samples = []
+    for i in range(n):
+        config = GenerationConfig(max_new_tokens=length, eos_token_ids=(),
+                                  sampling=SamplingConfig(temperature=SAMPLING.temperature, top_p=SAMPLING.top_p,
+                                                          seed=SAMPLING.seed + i))
+        samples.append(generate(model, prompt, config, drafter).token_ids)
+    return samples
+
+
+def test_first_tokens_follow_the_target_distribution(model):
+    """Joint of tokens 1-2 and marginal of token 3: token 1 comes from the prefill, tokens 2-3 from the
+    first verification of a 2-token draft (drafting forced with threshold 0)."""
+    prompt = torch.tensor([[1, 3, 4, 5, 3]])
+    exact = exact_distribution(model, prompt, 3)
+    drafter = LayerSkipDrafter(SKIP, DraftConfig(threshold=0.0, max_draft_tokens=4))
+    samples = draw(model, prompt, drafter, n=1500)
+    pair = {}
+    third = {}
+    for seq, p in exact.items():
+        pair[seq[:2]] = pair.get(seq[:2], 0.0) + p
+        third[seq[2:]] = third.get(seq[2:], 0.0) + p
+    assert chi_square_p([s[:2] for s in samples], pair) > 1e-3
+    assert chi_square_p([s[2:] for s in samples], third) > 1e-3
+
+
+def test_the_test_detects_the_draft_distribution(model):
+    """Control: samples from the skipping model alone (no verification) fail the same test."""
+    prompt = torch.tensor([[1, 3, 4, 5, 3]])
+    exact = exact_distribution(model, prompt, 2)
+    with skip_sublayers(model, SKIP):
+        samples = draw(model, prompt, None, n=1500, length=2)
+    assert chi_square_p(samples, exact) < 1e-6
+
+
+def test_rejection_sampling_step_is_exact():
+    """One verification step, by enumeration: P(next emitted token) == p for arbitrary p, q."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.4, 0.4]])
+    q = torch.tensor([[0.1, 0.1, 0.2, 0.6]])
+    counts = Counter()
+    for _ in range(20000):
+        draft = torch.multinomial(q[0], 1, generator=generator)
+        n_accepted, token = verify_sampling(draft, q, p, generator)
+        counts[int(draft) if n_accepted else token] += 1
+    observed = [counts[t] for t in range(3)]
+    assert chisquare(observed, [20000 * float(x) for x in p[0, :3]]).pvalue > 1e-3
+    assert counts[3] == 0
+
+
+def test_warping_matches_transformers():
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    config = SamplingConfig(temperature=0.7, top_k=20, top_p=0.8)
+    scores = logits.clone()
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)):
+        scores = warper(None, scores)
+    assert torch.allclose(warp_probs(logits, config), scores.softmax(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k")])
+def test_bad_sampling_settings(kwargs, words):
+    with pytest.raises(KnnSsdError, match=words):
+        SamplingConfig(**kwargs)
