@@ -206,7 +206,7 @@ def decode(
         drafted = draft.tokens.shape[0]
         if session is not None:
             session.observe(drafted, n_accepted)
-        recorder.record_step(drafted, n_accepted)
+        recorder.record_step(drafted, n_accepted, draft.forwards)
         for token in draft.tokens[:n_accepted].tolist() + [next_token]:
             tokens.append(token)
             if token in eos:

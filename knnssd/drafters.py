@@ -45,10 +45,12 @@ class DraftRequest:
 @dataclass(frozen=True)
 class Draft:
     """Proposed tokens: `tokens` (k,) int64; `probs` (k, vocab) their draft
-    distributions q when sampling, None when greedy."""
+    distributions q when sampling, None when greedy; `forwards` the draft-model
+    forward passes spent (k, or k + 1 when a low-confidence token was dropped)."""
 
     tokens: torch.Tensor
     probs: torch.Tensor | None
+    forwards: int = 0
 
 
 class DraftSession(Protocol):
@@ -147,12 +149,14 @@ class LayerSkipSession:
         probs: list[torch.Tensor] = []
         token = request.last_token
         device = token.device
+        forwards = 0
         try:
             with skip_sublayers(model, self.drafter.skip_set):
                 for step in range(limit):
                     position_ids = torch.tensor([[request.position + step]], device=device)
                     out = model(input_ids=token, position_ids=position_ids, cache=request.cache,
                                 use_cache=True, logits_to_keep=1)
+                    forwards += 1
                     logits = out.logits[0, -1]  # (vocab,)
                     if sampling.greedy:
                         confidence, choice = logits.float().softmax(dim=-1).max(dim=-1)
@@ -169,7 +173,7 @@ class LayerSkipSession:
         finally:
             rollback(request.cache, request.position)
         drafted = torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.long, device=device)
-        return Draft(tokens=drafted, probs=torch.stack(probs) if probs else None)
+        return Draft(tokens=drafted, probs=torch.stack(probs) if probs else None, forwards=forwards)
 
     def observe(self, drafted: int, accepted: int) -> None:
         config = self.drafter.config

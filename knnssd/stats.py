@@ -7,6 +7,7 @@ committed token plus k >= 0 drafts; plain decoding is the case k = 0):
 - drafted_tokens        = sum over steps of k
 - accepted_tokens       = sum over steps of drafts accepted (the bonus token not counted)
 - verify_steps          = number of verification steps
+- draft_forwards        = forward passes of the draft model (a dropped low-confidence token costs one)
 - acceptance_rate       = accepted_tokens / drafted_tokens            (0 when nothing was drafted)
 - mean_accepted_tokens  = (accepted_tokens + verify_steps) / verify_steps
                           tokens committed per verification step, the bonus token counted
@@ -32,6 +33,7 @@ class GenerationStats:
     drafted_tokens: int
     accepted_tokens: int
     verify_steps: int
+    draft_forwards: int
     drafted_by_position: tuple[int, ...]
     accepted_by_position: tuple[int, ...]
     prefill_seconds: float
@@ -74,12 +76,15 @@ class StatsRecorder:
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     verify_steps: int = 0
+    draft_forwards: int = 0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
 
-    def record_step(self, drafted: int, accepted: int) -> None:
-        """One verification step that checked `drafted` drafts and accepted the first `accepted`."""
+    def record_step(self, drafted: int, accepted: int, forwards: int = 0) -> None:
+        """One verification step that checked `drafted` drafts, accepted the first `accepted`,
+        after `forwards` draft-model passes."""
+        self.draft_forwards += forwards
         grow = drafted - len(self.drafted_by_position)
         if grow > 0:
             self.drafted_by_position.extend([0] * grow)
@@ -96,6 +101,7 @@ class StatsRecorder:
             drafted_tokens=sum(self.drafted_by_position),
             accepted_tokens=sum(self.accepted_by_position),
             verify_steps=self.verify_steps,
+            draft_forwards=self.draft_forwards,
             drafted_by_position=tuple(self.drafted_by_position),
             accepted_by_position=tuple(self.accepted_by_position),
             prefill_seconds=self.prefill_seconds,

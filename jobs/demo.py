@@ -1,0 +1,76 @@
+"""Generation demo: plain vs self-speculative decoding on the built-in prompts.
+
+    python jobs/demo.py [--model smollm2-135m] [--per-domain 2] [--max-new-tokens 64] [--skip-set JSON]
+
+For each prompt: plain decoding, then layer-skip self-speculative decoding with
+the same model, checked token-identical; then a per-domain summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+
+from knnssd.decoding import GenerationConfig, generate
+from knnssd.demo_prompts import DEMO_PROMPTS, demo_domains
+from knnssd.drafters import DraftConfig, LayerSkipDrafter
+from knnssd.errors import KnnSsdError
+from knnssd.models import load_model
+from knnssd.prompts import encode_prompt
+from knnssd.skipset import SkipSet
+
+# Found by benchmarks/proxy_skip_search.py on Spec-Bench for SmolLM2-135M (see BENCHMARKS.md).
+SMOLLM2_SKIP_SET = '{"attn": [4, 25, 26], "mlp": [28]}'
+
+
+def run(args: argparse.Namespace) -> None:
+    loaded = load_model(args.model, device=args.device)
+    skip_set = SkipSet.parse(args.skip_set).validate(loaded.num_layers)
+    drafter = LayerSkipDrafter(skip_set, DraftConfig())
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    print(f"model {loaded.name} ({loaded.num_layers} layers, hash {loaded.model_hash[:12]}) on {loaded.device}")
+    print(f"skip set {skip_set.to_json()} ({skip_set.skip_ratio(loaded.num_layers):.0%} of sub-layers)\n")
+    generate(loaded.model, encode_prompt(loaded.tokenizer, "warm up", chat=True), GenerationConfig(max_new_tokens=4))
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+    for domain in demo_domains():
+        texts = [text for d, text in DEMO_PROMPTS if d == domain][: args.per_domain]
+        for text in texts:
+            ids = encode_prompt(loaded.tokenizer, text, chat=True)
+            plain = generate(loaded.model, ids, config)
+            ssd = generate(loaded.model, ids, config, drafter)
+            same = "identical" if ssd.token_ids == plain.token_ids else "MISMATCH"
+            answer = loaded.tokenizer.decode(list(ssd.token_ids), skip_special_tokens=True).strip().replace("\n", " ")
+            print(f"[{domain}] {text[:60]}")
+            print(f"   -> {answer[:90]}")
+            print(f"   plain {plain.stats.tokens_per_second:5.1f} tok/s | self-speculative "
+                  f"{ssd.stats.tokens_per_second:5.1f} tok/s, mean accepted {ssd.stats.mean_accepted_tokens:.2f} "
+                  f"| tokens {same}")
+            t = totals[domain]
+            t[0] += plain.stats.total_seconds
+            t[1] += ssd.stats.total_seconds
+            t[2] += ssd.stats.accepted_tokens + ssd.stats.verify_steps
+            t[3] += ssd.stats.verify_steps
+            if same != "identical":
+                raise SystemExit("error: self-speculative output differed from plain decoding")
+    print(f"\n{'domain':<14}{'speedup':>9}{'mean accepted':>15}")
+    for domain, (plain_s, ssd_s, committed, steps) in totals.items():
+        print(f"{domain:<14}{plain_s / ssd_s:>8.2f}x{committed / steps:>15.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--skip-set", default=SMOLLM2_SKIP_SET)
+    parser.add_argument("--per-domain", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default=None)
+    try:
+        run(parser.parse_args())
+    except KnnSsdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
