@@ -37,10 +37,13 @@ from knnssd.skipset import SkipSet  # noqa: E402
 
 ALL_CATEGORIES = ("translation", "summarization", "qa", "math_reasoning", "rag", "writing", "roleplay", "reasoning",
                   "math", "coding", "extraction", "stem", "humanities")
+# For SmolLM2-135M: the first steps of benchmarks/proxy_skip_search.py (results/proxy_search.log), the four top
+# attention sub-layers, and half of all attention sub-layers (the paper's sets skip 35-50% of sub-layers).
 DEFAULT_SKIP_SETS = {
-    "attn-top4": {"attn": [24, 25, 26, 27], "mlp": []},
-    "proxy-4": {"attn": [4, 25, 26], "mlp": [28]},
-    "proxy-8": {"attn": [4, 9, 13, 21, 25, 26, 27], "mlp": [28]},
+    "proxy-1": {"attn": [25], "mlp": []},
+    "proxy-3": {"attn": [4, 6, 25], "mlp": []},
+    "attn-top4": {"attn": [26, 27, 28, 29], "mlp": []},
+    "attn-half": {"attn": list(range(15, 30)), "mlp": []},
 }
 
 

@@ -21,7 +21,7 @@ from knnssd.prompts import encode_prompt
 from knnssd.skipset import SkipSet
 
 # Found by benchmarks/proxy_skip_search.py on Spec-Bench for SmolLM2-135M (see BENCHMARKS.md).
-SMOLLM2_SKIP_SET = '{"attn": [4, 25, 26], "mlp": [28]}'
+SMOLLM2_SKIP_SET = '{"attn": [4, 6, 25], "mlp": []}'
 
 
 def run(args: argparse.Namespace) -> None:

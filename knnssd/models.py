@@ -172,6 +172,12 @@ def _load_config(source: str, name_or_path: str) -> object:
         return AutoConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError):
         pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise KnnSsdError(
+            f"model {name_or_path!r} is not a built-in name ({builtins}), not a local folder, and not in the local "
+            "Hugging Face cache; HF_HUB_OFFLINE is set, so the hub was not asked",
+            fix="check the spelling, download the model first, or pass a local model folder",
+        )
     LOG.info("model %s is not in the local Hugging Face cache; asking the hub", source)
     try:
         return AutoConfig.from_pretrained(source)
