@@ -1,1 +1,1 @@
-"""Not written yet: see the README status."""
+"""Calibration stages: data, per-domain search, embeddings, and the reduce stage that builds bundles."""

@@ -1,0 +1,130 @@
+"""The runtime: `load_bundle("name@v3")` and routed generation.
+
+    >>> runtime = load_bundle("smollm2-135m@v3")          # or @production, @latest, or a bundle folder
+    >>> out = runtime.generate("Translate into French: good morning", max_new_tokens=64)
+    >>> out.route.domain, out.route.distance, out.route.fallback, out.text
+
+Per prompt: one prefill (which also yields the prompt embedding: no extra forward pass), a FAISS
+nearest-anchor search, then the decoding loop with that domain's draft policy. Needs neither Ray nor Optuna;
+MLflow only to fetch a bundle by registry reference (a bundle folder needs none).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from knnssd.decoding import GenerationConfig, GenerationResult, check_prompt, decode, device_clock, make_generator, \
+    prefill
+from knnssd.drafters import Drafter
+from knnssd.errors import KnnSsdError
+from knnssd.models import LoadedModel, load_model
+from knnssd.policy import drafter_from_policy
+from knnssd.prompts import encode_prompt
+from knnssd.routing import Route, Router
+from knnssd.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class RoutedResult:
+    """One routed generation: the text, the loop's result (tokens, stats), where the prompt was routed,
+    the policy applied, and the seconds routing took (embedding read-out plus FAISS search)."""
+
+    text: str
+    result: GenerationResult
+    route: Route
+    policy: dict[str, Any]
+    routing_seconds: float
+
+
+class BundleRuntime:
+    """A loaded model plus a verified routing bundle; `generate` routes each prompt."""
+
+    def __init__(self, bundle: Any, loaded: LoadedModel) -> None:
+        self.bundle = bundle
+        self.loaded = loaded
+        self.router = Router(index=bundle.index, anchor_domains=bundle.anchor_domains, domains=bundle.domains,
+                             fallback_distance=bundle.fallback_distance)
+        layers = loaded.num_layers
+        self.drafters: dict[str, Drafter | None] = {
+            name: drafter_from_policy(policy, layers) for name, policy in bundle.policies.items()}
+        from registry.bundle import FALLBACK_KEY
+
+        self.fallback_key = FALLBACK_KEY
+        self.chat = bool(bundle.manifest.get("prompt_format", {}).get("chat", True))
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        """Prompt ids (1, T), formatted as at calibration (chat template or not)."""
+        return encode_prompt(self.loaded.tokenizer, prompt, chat=self.chat)
+
+    def generate(self, prompt: str | torch.Tensor, max_new_tokens: int = 128,
+                 sampling: SamplingConfig = SamplingConfig()) -> RoutedResult:
+        """Route `prompt` (text, or ids (1, T) already formatted) and generate with its domain's policy."""
+        config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling)
+        ids = self.encode(prompt) if isinstance(prompt, str) else prompt
+        model = self.loaded.model
+        check_prompt(model, ids, config.max_new_tokens)
+        ids = ids.to(self.loaded.device)
+        clock = device_clock(self.loaded.device)
+        generator = make_generator(self.loaded.device, sampling)
+        state = prefill(model, ids, sampling, generator, clock)
+        start = time.perf_counter()
+        route = self.router.route(state.embedding)
+        key = self.fallback_key if route.fallback else route.domain
+        routing_seconds = time.perf_counter() - start
+        result = decode(model, state, config, self.drafters[key], generator, clock)
+        text = self.loaded.tokenizer.decode(list(result.token_ids), skip_special_tokens=True)
+        return RoutedResult(text=text, result=result, route=route, policy=self.bundle.policies[key],
+                            routing_seconds=routing_seconds)
+
+
+def fetch_bundle(ref: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A local folder holding the bundle `ref`: a folder path as is, else a registry reference downloaded
+    (once) into the cache."""
+    path = Path(ref).expanduser()
+    if (path / "manifest.json").is_file() or os.sep in ref:
+        if not path.is_dir():
+            raise KnnSsdError(f"bundle folder {ref!r} does not exist",
+                              fix="pass an existing bundle folder or a registry reference such as name@v1")
+        return path  # read_bundle says what is wrong with a folder that is not a bundle
+    try:
+        from registry.mlflow_store import BundleRegistry
+    except ImportError as exc:
+        raise KnnSsdError(f"fetching bundle {ref!r} from MLflow needs the mlflow package ({exc})",
+                          fix='pip install "knnssd[calibrate]", or pass a bundle folder') from None
+    return BundleRegistry(tracking_uri).fetch(ref, cache_dir=cache_dir)
+
+
+def load_bundle(
+    ref: str,
+    model: LoadedModel | None = None,
+    tracking_uri: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    allow_model_mismatch: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> BundleRuntime:
+    """Resolve `ref`, fetch and verify the bundle, load (or take) its model, check the model hash.
+
+    Args:
+        ref: "name", "name@latest", "name@v3", "name@<alias>", or a bundle folder.
+        model: a model already loaded with `load_model`; default: the bundle's own model id.
+        allow_model_mismatch: use the bundle although the model's hash differs from the bundle's.
+    """
+    from registry.bundle import read_bundle
+
+    bundle = read_bundle(fetch_bundle(ref, tracking_uri, cache_dir))
+    loaded = model if model is not None else load_model(bundle.model_id, device=device, dtype=dtype)
+    if loaded.model_hash != bundle.model_hash and not allow_model_mismatch:
+        raise KnnSsdError(
+            f"bundle {ref!r} was calibrated on model {bundle.model_id} with hash {bundle.model_hash[:12]}, but the "
+            f"model given ({loaded.name}) has hash {loaded.model_hash[:12]}",
+            fix="use the bundle's own model, recalibrate for this one, or pass allow_model_mismatch=True "
+                "(--allow-model-mismatch) to accept possibly lower speedups",
+        )
+    return BundleRuntime(bundle, loaded)

@@ -1,0 +1,106 @@
+"""Reduce stage: cluster calibration embeddings into anchors and assemble the routing bundle.
+
+Anchors: spherical k-means per domain with FAISS (k per domain, fewer when a domain has fewer prompts; with
+k >= prompts every prompt is its own anchor). Fallback: a prompt whose nearest-anchor cosine distance exceeds
+`margin` times the `quantile` of the calibration prompts' own leave-one-out nearest-anchor distances is routed
+to a conservative policy: only the sub-layers that every domain's policy skips, with a higher confidence
+threshold, or plain decoding when the domains share none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from registry.bundle import BundleSpec, normalise
+
+
+@dataclass(frozen=True)
+class ReduceConfig:
+    anchors_per_domain: int = 10
+    kmeans_iterations: int = 25
+    seed: int = 0
+    fallback_quantile: float = 0.99
+    fallback_margin: float = 1.5
+    fallback_threshold: float = 0.9
+
+
+def domain_anchors(embeddings: np.ndarray, k: int, config: ReduceConfig) -> np.ndarray:
+    """(min(k, n), dim) unit-norm anchors for one domain's (n, dim) embeddings."""
+    import faiss
+
+    vectors = normalise(embeddings)
+    if k >= vectors.shape[0]:
+        return vectors
+    kmeans = faiss.Kmeans(vectors.shape[1], k, niter=config.kmeans_iterations, seed=config.seed, spherical=True,
+                          verbose=False)
+    kmeans.train(vectors)
+    return normalise(kmeans.centroids)
+
+
+def build_anchors(embeddings: np.ndarray, labels: Sequence[str], domains: Sequence[str],
+                  config: ReduceConfig) -> tuple[np.ndarray, tuple[int, ...]]:
+    """All domains' anchors stacked (m, dim) and the domain index of each."""
+    labels = np.asarray(labels)
+    blocks, owners = [], []
+    for index, domain in enumerate(domains):
+        rows = embeddings[labels == domain]
+        if rows.shape[0] == 0:
+            raise ValueError(f"domain {domain!r} has no embeddings")
+        anchors = domain_anchors(rows, config.anchors_per_domain, config)
+        blocks.append(anchors)
+        owners.extend([index] * anchors.shape[0])
+    return np.concatenate(blocks), tuple(owners)
+
+
+def fallback_distance(embeddings: np.ndarray, labels: Sequence[str], domains: Sequence[str],
+                      config: ReduceConfig) -> float:
+    """The distance beyond which a prompt is 'far from every anchor' (see module docstring).
+
+    Leave-one-out: each calibration prompt's distance to the nearest *other* calibration prompt stands in for
+    its distance to an anchor it did not shape, so a domain whose every prompt is an anchor is not given 0."""
+    vectors = normalise(embeddings)
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = 1.0 - similarity.max(axis=1)
+    return float(min(2.0, np.quantile(nearest, config.fallback_quantile) * config.fallback_margin))
+
+
+def conservative_policy(policies: dict[str, dict[str, Any]], config: ReduceConfig) -> dict[str, Any]:
+    """Skip only what every domain's layer-skip policy skips, drafting more cautiously; else plain decoding."""
+    skip_sets = [p["skip_set"] for p in policies.values() if p.get("kind") == "layer_skip"]
+    if len(skip_sets) != len(policies) or not skip_sets:
+        return {"kind": "none"}
+    attn = sorted(set.intersection(*(set(s.get("attn", [])) for s in skip_sets)))
+    mlp = sorted(set.intersection(*(set(s.get("mlp", [])) for s in skip_sets)))
+    if not attn and not mlp:
+        return {"kind": "none"}
+    first = next(iter(policies.values()))
+    return {**first, "skip_set": {"attn": attn, "mlp": mlp},
+            "threshold": max(float(first.get("threshold", 0.8)), config.fallback_threshold)}
+
+
+def build_bundle_spec(
+    model_id: str,
+    model_hash: str,
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    policies: dict[str, dict[str, Any]],
+    metrics: dict[str, dict[str, float]],
+    config: ReduceConfig = ReduceConfig(),
+    prompt_format: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
+) -> BundleSpec:
+    """Everything the bundle needs, from (n, dim) calibration embeddings with their domain labels."""
+    domains = tuple(policies)
+    anchors, owners = build_anchors(embeddings, labels, domains, config)
+    return BundleSpec(
+        model_id=model_id, model_hash=model_hash, domains=domains, anchors=anchors, anchor_domains=owners,
+        policies=policies, fallback_policy=conservative_policy(policies, config),
+        fallback_distance=fallback_distance(embeddings, labels, domains, config), metrics=metrics,
+        prompt_format=prompt_format or {"chat": True},
+        calibration={**(calibration or {}), "anchors_per_domain": config.anchors_per_domain,
+                     "fallback_quantile": config.fallback_quantile, "fallback_margin": config.fallback_margin},
+    )

@@ -1,0 +1,258 @@
+"""Versioned routing bundles in MLflow's model registry.
+
+One MLflow run per calibration holds the parameters, per-domain metrics (``speedup/<domain>``, ...), the model
+hash as a tag, a per-domain table and plot, and the bundle folder as the artifact ``bundle``; the folder is
+registered as a new version of the registered model named by the bundle name. References:
+
+    name, name@latest   the newest version        name@v3      version 3
+    name@production     the version an alias points to
+
+Works against a tracking server (``MLFLOW_TRACKING_URI=http://...``) or, by default, ``sqlite:///mlflow.db``.
+The client is created lazily, so a `BundleRegistry` pickles into Ray workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from knnssd.cachedir import cache_root
+from registry.bundle import BundleError, read_bundle, read_manifest, verify_files
+
+REF_PATTERN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<selector>[A-Za-z0-9._-]+))?$")
+DEFAULT_EXPERIMENT = "knnssd-calibration"
+HEALTH_TIMEOUT_S = 5.0
+DOMAIN_METRICS = ("speedup", "mean_accepted_tokens", "acceptance_rate", "skip_ratio")
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """A parsed reference: `version` set for name@vN, `alias` for name@alias, neither for the newest."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> "BundleRef":
+        match = REF_PATTERN.match(ref.strip()) if isinstance(ref, str) else None
+        if not match:
+            raise BundleError(f"malformed bundle reference {ref!r}",
+                              fix="write NAME, NAME@latest, NAME@vN (e.g. smollm2-135m@v3) or NAME@ALIAS")
+        selector = match.group("selector")
+        if selector is None or selector == "latest":
+            return cls(match.group("name"))
+        if re.fullmatch(r"v\d+", selector):
+            return cls(match.group("name"), version=int(selector[1:]))
+        return cls(match.group("name"), alias=selector)
+
+
+@dataclass(frozen=True)
+class Published:
+    name: str
+    version: int
+    run_id: str
+
+
+class BundleRegistry:
+    """Publish, list, resolve and fetch bundles in one MLflow tracking store."""
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tracking_uri": self.tracking_uri, "_client": None}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._check_reachable()
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
+
+    def _check_reachable(self) -> None:
+        """Fail within HEALTH_TIMEOUT_S, with a clear message, when a tracking server does not answer."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return
+        try:
+            with urllib.request.urlopen(self.tracking_uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):
+                pass
+        except (urllib.error.URLError, OSError) as exc:
+            raise BundleError(
+                f"the MLflow tracking server at {self.tracking_uri} did not answer within {HEALTH_TIMEOUT_S:.0f} s "
+                f"({getattr(exc, 'reason', exc)})",
+                fix="start it (mlflow server ...), or set MLFLOW_TRACKING_URI / --tracking-uri to one that runs",
+            ) from None
+
+    # -- publishing -------------------------------------------------------------------------------------------
+    def publish(self, folder: str | os.PathLike[str], name: str, params: dict[str, Any] | None = None,
+                experiment: str = DEFAULT_EXPERIMENT) -> Published:
+        """Log `folder` (a verified bundle) as a run and register it as the next version of `name`."""
+        from mlflow.entities import Metric, Param
+
+        BundleRef.parse(name)  # the name alone must be a valid reference
+        folder = Path(folder)
+        bundle = read_bundle(folder)
+        client = self.client
+        experiment_id = self._experiment_id(experiment)
+        run = client.create_run(experiment_id, tags={"model_hash": bundle.model_hash, "bundle_name": name,
+                                                      "model_id": bundle.model_id, "mlflow.runName": name})
+        run_id = run.info.run_id
+        try:
+            flat = {"model_id": bundle.model_id, "domains": ",".join(bundle.domains), **(params or {})}
+            metrics = []
+            for domain in bundle.manifest["domains"]:
+                for key in DOMAIN_METRICS:
+                    if key in domain["metrics"]:
+                        metrics.append(Metric(f"{key}/{domain['name']}", float(domain["metrics"][key]), 0, 0))
+            client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()], metrics=metrics)
+            client.log_artifacts(run_id, str(folder), artifact_path="bundle")
+            with tempfile.TemporaryDirectory() as tmp:
+                for path in write_reports(bundle.manifest, Path(tmp)):
+                    client.log_artifact(run_id, str(path), artifact_path="reports")
+            self._ensure_registered_model(name)
+            version = client.create_model_version(name, source=f"runs:/{run_id}/bundle", run_id=run_id,
+                                                  tags={"model_hash": bundle.model_hash})
+            client.set_terminated(run_id)
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        return Published(name=name, version=int(version.version), run_id=run_id)
+
+    def _experiment_id(self, experiment: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(experiment)
+        except MlflowException:  # created by a concurrent publisher
+            return self.client.get_experiment_by_name(experiment).experiment_id
+
+    def _ensure_registered_model(self, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="KNN-SSD routing bundle")
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+                raise
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(model.name for model in self.client.search_registered_models())
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """Every version of `name`, oldest first: version, run id, creation time, aliases, model hash."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(name)
+        except MlflowException:
+            known = ", ".join(self.names()) or "none"
+            raise BundleError(f"no bundle named {name!r} in {self.tracking_uri}",
+                              fix=f"use one of the registered bundles: {known}") from None
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        rows = [{"version": int(v.version), "run_id": v.run_id, "created": v.creation_timestamp,
+                 "aliases": sorted(aliases.get(str(v.version), [])), "model_hash": (v.tags or {}).get("model_hash")}
+                for v in self.client.search_model_versions(f"name='{name}'")]
+        return sorted(rows, key=lambda row: row["version"])
+
+    def resolve(self, ref: str) -> tuple[str, int]:
+        """(name, version number) that `ref` points to, checked against the registry."""
+        parsed = BundleRef.parse(ref)
+        rows = self.versions(parsed.name)
+        listing = ", ".join(f"v{r['version']}" + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
+                            for r in rows) or "none"
+        if parsed.alias is not None:
+            match = [r["version"] for r in rows if parsed.alias in r["aliases"]]
+            if not match:
+                raise BundleError(f"bundle {parsed.name!r} has no alias {parsed.alias!r}",
+                                  fix=f"use one of its versions: {listing}")
+            return parsed.name, match[0]
+        if parsed.version is not None:
+            if parsed.version not in {r["version"] for r in rows}:
+                raise BundleError(f"bundle {parsed.name!r} has no version {parsed.version}",
+                                  fix=f"use one of its versions: {listing}")
+            return parsed.name, parsed.version
+        if not rows:
+            raise BundleError(f"bundle {parsed.name!r} has no versions yet", fix="publish one first")
+        return parsed.name, rows[-1]["version"]
+
+    def cache_folder(self, name: str, version: int, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+        store = hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:12]
+        return cache_root(cache_dir) / "bundles" / store / name / f"v{version}"
+
+    def fetch(self, ref: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+        """A verified local copy of the bundle `ref`. A version once downloaded is served from the cache
+        (versions are immutable); the download lands under a temporary name and is renamed when verified."""
+        parsed = BundleRef.parse(ref)
+        if parsed.version is not None:
+            cached = self.cache_folder(parsed.name, parsed.version, cache_dir)
+            if (cached / "manifest.json").is_file():
+                return cached
+        name, version = self.resolve(ref)
+        target = self.cache_folder(name, version, cache_dir)
+        if (target / "manifest.json").is_file():
+            return target
+        import mlflow.artifacts
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".v{version}.tmp-"))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
+                                                tracking_uri=self.tracking_uri)
+            folder = tmp if (tmp / "manifest.json").is_file() else tmp / "bundle"
+            verify_files(folder, read_manifest(folder))
+            try:
+                os.rename(folder, target)
+            except OSError:
+                if not (target / "manifest.json").is_file():  # not a concurrent fetch that won: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+
+def write_reports(manifest: dict[str, Any], folder: Path) -> list[Path]:
+    """A per-domain CSV table and a PNG bar plot of speedup per domain, for the MLflow UI."""
+    rows = [{"domain": d["name"], "anchors": d["anchors"], "policy": d["policy"].get("kind"),
+             **{k: d["metrics"].get(k, "") for k in DOMAIN_METRICS}} for d in manifest["domains"]]
+    table = folder / "domains.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, len(rows)), 3))
+    ax.bar([r["domain"] for r in rows], [float(r["speedup"] or 0) for r in rows], color="#4c72b0")
+    ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+    ax.set_ylabel("speedup over plain decoding")
+    ax.set_title(f"{manifest['model_id']}: calibrated speedup per domain")
+    fig.tight_layout()
+    plot = folder / "speedup.png"
+    fig.savefig(plot, dpi=100)
+    plt.close(fig)
+    return [table, plot]

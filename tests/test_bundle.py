@@ -1,0 +1,103 @@
+"""Bundle format, verification, and the runtime's routed, lossless generation (no MLflow here)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from knnssd.decoding import GenerationConfig, generate
+from knnssd.errors import KnnSsdError
+from knnssd.models import load_model
+from knnssd.runtime import load_bundle
+from registry.bundle import BundleError, read_bundle
+from tests.bundles import TINY_PROMPTS, tiny_bundle
+from tests.test_models import save_tiny
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    save_tiny(folder)
+    return load_model(str(folder), device="cpu")
+
+
+@pytest.fixture()
+def bundle_dir(loaded, tmp_path):
+    return tiny_bundle(loaded, tmp_path / "b")
+
+
+def test_round_trip(bundle_dir):
+    bundle = read_bundle(bundle_dir)
+    assert bundle.domains == ("low", "high")
+    assert bundle.index.ntotal == 4 and len(bundle.anchor_domains) == 4
+    assert {d["name"]: d["anchors"] for d in bundle.manifest["domains"]} == {"low": 2, "high": 2}
+    assert set(bundle.manifest["files"]) == {"anchors.faiss", "anchors.json", "policies.json"}
+    assert bundle.manifest["schema_version"] == 1 and bundle.manifest["fallback_policy"]["kind"] == "layer_skip"
+    assert bundle.manifest["fallback_policy"]["skip_set"] == {"attn": [3], "mlp": []}  # what both domains skip
+
+
+def test_reading_never_unpickles(bundle_dir, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("bundle loading unpickled something")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    read_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("damage", ["tamper-policies", "truncate-index", "delete-labels", "schema", "no-manifest"])
+def test_damaged_bundles_are_refused(bundle_dir, damage):
+    if damage == "tamper-policies":
+        path = bundle_dir / "policies.json"
+        path.write_text(path.read_text().replace('"threshold": 0.0', '"threshold": 0.1', 1))
+        words = "does not match its checksum"
+    elif damage == "truncate-index":
+        path = bundle_dir / "anchors.faiss"
+        path.write_bytes(path.read_bytes()[:-16])
+        words = "does not match its checksum"
+    elif damage == "delete-labels":
+        (bundle_dir / "anchors.json").unlink()
+        words = "is missing"
+    elif damage == "schema":
+        manifest = json.loads((bundle_dir / "manifest.json").read_text())
+        manifest["schema_version"] = 99
+        (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+        words = "schema version 99 is not supported"
+    else:
+        (bundle_dir / "manifest.json").unlink()
+        words = "not a routing bundle"
+    with pytest.raises(BundleError, match=words):
+        read_bundle(bundle_dir)
+
+
+def test_routed_generation_is_lossless_and_reports_the_domain(loaded, bundle_dir):
+    runtime = load_bundle(str(bundle_dir), model=loaded)
+    for domain, texts in TINY_PROMPTS.items():
+        for text in texts[:3]:
+            out = runtime.generate(text, max_new_tokens=20)
+            assert out.route.domain == domain and not out.route.fallback
+            assert out.route.distance < runtime.bundle.fallback_distance
+            assert out.policy == runtime.bundle.policies[domain]
+            ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
+            assert out.result.token_ids == generate(loaded.model, ids, GenerationConfig(max_new_tokens=20)).token_ids
+
+
+def test_far_prompt_falls_back(loaded, tmp_path):
+    runtime = load_bundle(str(tiny_bundle(loaded, tmp_path / "b", fallback_distance=-1.0)), model=loaded)
+    out = runtime.generate("t50 t51 t52 t53", max_new_tokens=8)
+    assert out.route.fallback and out.policy == runtime.bundle.manifest["fallback_policy"]
+
+
+def test_model_hash_mismatch_is_refused_unless_overridden(loaded, tmp_path):
+    folder = tiny_bundle(loaded, tmp_path / "b", model_hash="0" * 64)
+    with pytest.raises(KnnSsdError, match="calibrated on model .* with hash 000000000000"):
+        load_bundle(str(folder), model=loaded)
+    assert load_bundle(str(folder), model=loaded, allow_model_mismatch=True).bundle.model_hash == "0" * 64
+
+
+def test_missing_folder_ref(tmp_path):
+    with pytest.raises(KnnSsdError, match="does not exist"):
+        load_bundle(str(tmp_path / "nope"))
