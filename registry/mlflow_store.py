@@ -197,6 +197,19 @@ class BundleRegistry:
             raise BundleError(f"bundle {parsed.name!r} has no versions yet", fix="publish one first")
         return parsed.name, rows[-1]["version"]
 
+    def _download_version(self, name: str, version: int, destination: Path) -> None:
+        """Download a registered version's files into `destination`, through this registry's own client
+        (a models:/ URI would resolve against the process-wide registry URI instead)."""
+        source = self.client.get_model_version(name, str(version)).source
+        parts = _split_runs_uri(source)
+        if parts is not None:
+            self.client.download_artifacts(parts[0], parts[1], str(destination))
+        else:
+            import mlflow.artifacts
+
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination),
+                                                tracking_uri=self.tracking_uri)
+
     def cache_folder(self, name: str, version: int, cache_dir: str | os.PathLike[str] | None = None) -> Path:
         store = hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:12]
         return cache_root(cache_dir) / "bundles" / store / name / f"v{version}"
@@ -213,13 +226,10 @@ class BundleRegistry:
         target = self.cache_folder(name, version, cache_dir)
         if (target / "manifest.json").is_file():
             return target
-        import mlflow.artifacts
-
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".v{version}.tmp-"))
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
-                                                tracking_uri=self.tracking_uri)
+            self._download_version(name, version, tmp)
             folder = tmp if (tmp / "manifest.json").is_file() else tmp / "bundle"
             verify_files(folder, read_manifest(folder))
             try:
@@ -230,6 +240,12 @@ class BundleRegistry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+
+def _split_runs_uri(uri: str) -> tuple[str, str] | None:
+    """("run id", "artifact path") of a runs:/<id>/<path> URI, else None."""
+    match = re.fullmatch(r"runs:/([^/]+)/(.+)", uri)
+    return (match.group(1), match.group(2)) if match else None
 
 
 def write_reports(manifest: dict[str, Any], folder: Path) -> list[Path]:

@@ -1,0 +1,126 @@
+"""Bundles in MLflow against a real tracking server: versions, aliases, cache, bad refs, a server that is down,
+concurrent publishes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from knnssd.errors import KnnSsdError
+from knnssd.models import load_model
+from knnssd.runtime import load_bundle
+from registry.bundle import BundleError, read_bundle
+from registry.mlflow_store import BundleRef, BundleRegistry
+from tests.bundles import tiny_bundle
+from tests.services import external_mlflow_uri, free_port, start_mlflow_server, stop
+from tests.test_models import save_tiny
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    uri = external_mlflow_uri()
+    if uri:
+        yield uri
+        return
+    process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield uri
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    save_tiny(folder)
+    return load_model(str(folder), device="cpu")
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNNSSD_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def publish(registry, loaded, tmp_path, name, tag):
+    folder = tiny_bundle(loaded, tmp_path / f"bundle-{tag}-{uuid.uuid4().hex[:6]}", tag=tag)
+    return registry.publish(folder, name, params={"trials": 3, "tag": tag})
+
+
+def test_three_versions_alias_and_latest(tracking_uri, loaded, tmp_path, cache):
+    registry = BundleRegistry(tracking_uri)
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    published = [publish(registry, loaded, tmp_path, name, f"t{i}") for i in range(1, 4)]
+    assert [p.version for p in published] == [1, 2, 3]
+    registry.set_alias(name, "production", 2)
+    expected = {f"{name}@v1": "t1", f"{name}@v3": "t3", f"{name}@production": "t2", f"{name}@latest": "t3",
+                name: "t3"}
+    for ref, tag in expected.items():
+        runtime = load_bundle(ref, model=loaded, tracking_uri=tracking_uri)
+        assert runtime.bundle.manifest["calibration"]["tag"] == tag, ref
+    rows = registry.versions(name)
+    assert [r["version"] for r in rows] == [1, 2, 3] and rows[1]["aliases"] == ["production"]
+    assert rows[0]["model_hash"] == loaded.model_hash
+    run = registry.client.get_run(published[0].run_id)
+    assert run.data.metrics["speedup/low"] == pytest.approx(1.1)
+    assert run.data.tags["model_hash"] == loaded.model_hash and run.data.params["trials"] == "3"
+    artifacts = {a.path for a in registry.client.list_artifacts(published[0].run_id, "reports")}
+    assert artifacts == {"reports/domains.csv", "reports/speedup.png"}
+
+
+def test_second_load_comes_from_the_cache(tracking_uri, loaded, tmp_path, cache, monkeypatch):
+    registry = BundleRegistry(tracking_uri)
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    publish(registry, loaded, tmp_path, name, "c1")
+    first = registry.fetch(f"{name}@v1")
+    assert first.is_relative_to(cache)
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("asked the server for a cached, immutable version")
+
+    monkeypatch.setattr(BundleRegistry, "resolve", no_server)
+    assert registry.fetch(f"{name}@v1") == first
+    # a cached copy that was damaged is refused, not used
+    (first / "policies.json").write_text("{}")
+    with pytest.raises(BundleError, match="checksum"):
+        load_bundle(f"{name}@v1", model=loaded, tracking_uri=tracking_uri)
+    assert not list(first.parent.glob(".v1.tmp-*"))  # no half-written download left behind
+
+
+@pytest.mark.parametrize("ref, words", [
+    ("bad name!", "malformed bundle reference"), ("x@", "malformed"), ("@v1", "malformed")])
+def test_malformed_refs(ref, words):
+    with pytest.raises(BundleError, match=words):
+        BundleRef.parse(ref)
+
+
+def test_unknown_name_and_version_list_what_exists(tracking_uri, loaded, tmp_path, cache):
+    registry = BundleRegistry(tracking_uri)
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    publish(registry, loaded, tmp_path, name, "u1")
+    with pytest.raises(BundleError, match=f"no bundle named 'nope-{name}'.*{name}"):
+        registry.resolve(f"nope-{name}@v1")
+    with pytest.raises(BundleError, match=r"has no version 7 .*use one of its versions: v1"):
+        registry.resolve(f"{name}@v7")
+    with pytest.raises(BundleError, match="has no alias 'staging'"):
+        registry.resolve(f"{name}@staging")
+
+
+def test_server_down_is_a_clear_error_in_bounded_time(cache):
+    start = time.monotonic()
+    with pytest.raises(KnnSsdError, match="did not answer within 5 s"):
+        load_bundle("anything@v1", tracking_uri=f"http://127.0.0.1:{free_port()}")
+    assert time.monotonic() - start < 15
+
+
+def test_concurrent_publishes_each_get_their_own_version(tracking_uri, loaded, tmp_path, cache):
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    folders = [tiny_bundle(loaded, tmp_path / f"c{i}", tag=f"c{i}") for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        published = list(pool.map(lambda f: BundleRegistry(tracking_uri).publish(f, name), folders))
+    assert sorted(p.version for p in published) == [1, 2, 3, 4]
+    registry = BundleRegistry(tracking_uri)
+    tags = {registry.versions(name)[v - 1]["version"]: read_bundle(registry.fetch(f"{name}@v{v}")).manifest[
+        "calibration"]["tag"] for v in range(1, 5)}
+    assert sorted(tags.values()) == ["c0", "c1", "c2", "c3"]  # nothing lost, nothing duplicated
