@@ -8,12 +8,16 @@ Per category and skip set it prints:
   mat       = mean accepted tokens per verification step, bonus token counted
   alpha     = acceptance rate = accepted drafts / drafted tokens
   gamma     = mean drafted tokens per verification step
+  f         = draft forward passes per verification step (a draft stopped by the threshold may cost one
+              more forward than the tokens it proposes)
   c         = cost of one draft forward / cost of one plain decoding step
   v         = cost of one verification step / cost of one plain decoding step
-  ceiling   = (1 - alpha^(gamma+1)) / ((1 - alpha) * (gamma * c + v))
-              Leviathan et al.'s expected speedup with i.i.d. acceptance alpha, drafts of gamma tokens,
-              and the measured draft and verify costs: the loop's own limit for those figures
-  leviathan = the same with v = 1 (a verify step costing one plain step, as the paper assumes)
+  ceiling   = (1 - alpha^(gamma+1)) / ((1 - alpha) * (f * c + v))
+              the expected tokens per step of Leviathan et al. (i.i.d. acceptance alpha, gamma drafts) over
+              the measured cost of a step: what these acceptance and cost figures allow, so the gap between
+              ceiling and speedup is the loop's own overhead
+  leviathan = (1 - alpha^(gamma+1)) / ((1 - alpha) * (gamma * c + 1)), the paper's formula (no extra
+              forward, a verify step costing one plain step)
 
     python benchmarks/bench_engine.py --per-category 2 --max-new-tokens 64
 """
@@ -47,10 +51,10 @@ DEFAULT_SKIP_SETS = {
 }
 
 
-def ceiling(alpha: float, gamma: float, c: float, v: float) -> float:
-    """Leviathan et al.'s expected speedup for acceptance alpha, gamma drafts, draft cost c, verify cost v."""
+def ceiling(alpha: float, gamma: float, forwards: float, c: float, v: float) -> float:
+    """Expected tokens per step (Leviathan et al.) over the cost of a step, in plain-step units."""
     tokens = gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return tokens / (gamma * c + v)
+    return tokens / (forwards * c + v)
 
 
 def summarise(runs: list[dict]) -> dict[str, float]:
@@ -66,8 +70,10 @@ def summarise(runs: list[dict]) -> dict[str, float]:
     gamma = drafted / steps
     c = (sum(r["draft_seconds"] for r in runs) / forwards / step) if forwards else 0.0
     v = sum(r["verify_seconds"] for r in runs) / steps / step
+    f = forwards / steps
     return {"speedup": plain_s / ssd_s, "mat": (accepted + steps) / steps, "alpha": alpha, "gamma": gamma,
-            "c": c, "v": v, "ceiling": ceiling(alpha, gamma, c, v), "leviathan": ceiling(alpha, gamma, c, 1.0)}
+            "f": f, "c": c, "v": v, "ceiling": ceiling(alpha, gamma, f, c, v),
+            "leviathan": ceiling(alpha, gamma, gamma, c, 1.0)}
 
 
 def main() -> None:
@@ -79,6 +85,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--max-draft-tokens", type=int, default=12)
+    parser.add_argument("--drop-unconfident", action="store_true", help="the paper's rule: drop the token that "
+                        "fell below the threshold")
     parser.add_argument("--skip-sets", default=None, help="JSON file {name: skip set}; default: built-in candidates")
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     args = parser.parse_args()
@@ -86,7 +94,8 @@ def main() -> None:
     skip_sets = json.loads(Path(args.skip_sets).read_text()) if args.skip_sets else DEFAULT_SKIP_SETS
     loaded = load_model(args.model, device="cpu", dtype="float32")
     drafters = {name: LayerSkipDrafter(SkipSet.from_dict(s).validate(loaded.num_layers),
-                                       DraftConfig(threshold=args.threshold, max_draft_tokens=args.max_draft_tokens))
+                                       DraftConfig(threshold=args.threshold, max_draft_tokens=args.max_draft_tokens,
+                                                   keep_unconfident=not args.drop_unconfident))
                 for name, s in skip_sets.items()}
     prompts = pick_prompts(load_spec_bench(args.data), args.categories.split(","), args.per_category)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)
@@ -108,7 +117,7 @@ def main() -> None:
         print(f"[{index + 1}/{len(prompts)}] {category}: {ids.shape[1]} prompt tokens, "
               f"plain {plain.stats.tokens_per_second:.1f} tok/s", flush=True)
 
-    header = f"{'category':<15}{'skip set':<12}{'speedup':>8}{'mat':>6}{'alpha':>7}{'gamma':>7}{'c':>6}{'v':>6}" \
+    header = f"{'category':<15}{'skip set':<12}{'speedup':>8}{'mat':>6}{'alpha':>7}{'gamma':>7}{'f':>6}{'c':>6}{'v':>6}" \
              f"{'ceiling':>9}{'leviathan':>10}"
     print("\n" + header + "\n" + "-" * len(header))
     table = []
@@ -120,7 +129,7 @@ def main() -> None:
             row = {"category": category, "skip_set": name, **summarise(pool)}
             table.append(row)
             print(f"{category:<15}{name:<12}{row['speedup']:>8.2f}{row['mat']:>6.2f}{row['alpha']:>7.2f}"
-                  f"{row['gamma']:>7.2f}{row['c']:>6.2f}{row['v']:>6.2f}{row['ceiling']:>9.2f}{row['leviathan']:>10.2f}")
+                  f"{row['gamma']:>7.2f}{row['f']:>6.2f}{row['c']:>6.2f}{row['v']:>6.2f}{row['ceiling']:>9.2f}{row['leviathan']:>10.2f}")
     print(f"\ntoken mismatches against plain decoding: {mismatches} of {len(prompts) * len(drafters)} runs")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({

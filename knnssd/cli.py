@@ -20,7 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knnssd", description="KNN-SSD: dynamic self-speculative decoding")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate text, plainly or with self-speculative drafting")
-    gen.add_argument("--model", required=True, help="Hugging Face id, local folder, or built-in name (smollm2-135m)")
+    gen.add_argument("--model", help="Hugging Face id, local folder, or built-in name (smollm2-135m); "
+                                     "with --bundle, default the bundle's model")
+    gen.add_argument("--bundle", help="route with a bundle: NAME, NAME@vN, NAME@ALIAS, NAME@latest, or a folder")
+    gen.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    gen.add_argument("--allow-model-mismatch", action="store_true",
+                     help="use a bundle although --model's hash differs from the bundle's model")
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -38,14 +43,63 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     gen.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
     gen.set_defaults(handler=run_generate)
+    bundles = commands.add_parser("bundles", help="routing bundles in the MLflow registry")
+    bundle_commands = bundles.add_subparsers(dest="bundle_command", required=True)
+    listing = bundle_commands.add_parser("list", help="registered bundles, or the versions of one")
+    listing.add_argument("name", nargs="?")
+    listing.add_argument("--tracking-uri")
+    listing.set_defaults(handler=run_bundles_list)
+    show = bundle_commands.add_parser("show", help="a bundle's manifest: domains, policies, metrics")
+    show.add_argument("ref", help="NAME@vN, NAME@ALIAS, NAME, or a bundle folder")
+    show.add_argument("--tracking-uri")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=run_bundles_show)
     return parser
+
+
+def run_bundles_list(args: argparse.Namespace) -> int:
+    from registry.mlflow_store import BundleRegistry
+
+    registry = BundleRegistry(args.tracking_uri)
+    if args.name is None:
+        names = registry.names()
+        print("\n".join(names) if names else f"no bundles registered in {registry.tracking_uri}")
+        return 0
+    print(f"{'version':<9}{'aliases':<20}{'model hash':<14}run")
+    for row in registry.versions(args.name):
+        print(f"v{row['version']:<8}{','.join(row['aliases']) or '-':<20}{(row['model_hash'] or '-')[:12]:<14}"
+              f"{row['run_id']}")
+    return 0
+
+
+def run_bundles_show(args: argparse.Namespace) -> int:
+    from knnssd.runtime import fetch_bundle
+    from registry.bundle import read_bundle
+
+    bundle = read_bundle(fetch_bundle(args.ref, args.tracking_uri))
+    manifest = bundle.manifest
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(f"bundle {args.ref}: model {manifest['model_id']} (hash {manifest['model_hash'][:12]}), "
+          f"created {manifest['created_at']}, knnssd {manifest['package_version']}")
+    print(f"fallback beyond cosine distance {manifest['routing']['fallback_distance']:.4f}: "
+          f"{json.dumps(manifest['fallback_policy'])}")
+    print(f"\n{'domain':<16}{'anchors':>8}{'speedup':>9}{'mat':>6}{'skip':>6}  policy")
+    for domain in manifest["domains"]:
+        m = domain["metrics"]
+        print(f"{domain['name']:<16}{domain['anchors']:>8}{m.get('speedup', float('nan')):>9.2f}"
+              f"{m.get('mean_accepted_tokens', float('nan')):>6.2f}{m.get('skip_ratio', float('nan')):>6.2f}  "
+              f"{json.dumps(domain['policy'])}")
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from knnssd.generation import GenerateRequest, generate_text
 
     request = GenerateRequest(
-        model=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+        model=args.model, prompt=args.prompt, bundle=args.bundle, tracking_uri=args.tracking_uri,
+        allow_model_mismatch=args.allow_model_mismatch, chat=args.chat, max_new_tokens=args.max_new_tokens,
         skip_set=args.skip_set, threshold=args.threshold, max_draft_tokens=args.max_draft_tokens,
         adaptive=args.adaptive, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         compare_ar=args.compare_ar, device=args.device, dtype=args.dtype,
@@ -60,7 +114,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def format_report(report: dict) -> str:
     stats = report["stats"]
-    lines = [report["text"], "", f"drafter: {report['drafter']['kind']}",
+    route = f" (bundle domain {report['domain']}, distance {report['distance']:.4f}" \
+            f"{', fallback' if report['fallback'] else ''})" if "domain" in report else ""
+    lines = [report["text"], "", f"drafter: {report['drafter']['kind']}{route}",
              f"new tokens {stats['new_tokens']}  ({report['finish_reason']}), {stats['tokens_per_second']:.1f} tok/s, "
              f"mean accepted tokens {stats['mean_accepted_tokens']:.2f}, acceptance rate {stats['acceptance_rate']:.2f}"]
     if "speedup" in report:

@@ -71,8 +71,11 @@ class Drafter(Protocol):
 class DraftConfig:
     """Drafting parameters shared by confidence-gated drafters.
 
-    Drafting stops before a token whose draft top-1 probability is below
-    `threshold`, or after `max_draft_tokens`. With `adaptive`, the threshold moves
+    Drafting stops at a token whose draft top-1 probability is below
+    `threshold`, or after `max_draft_tokens`. With `keep_unconfident` (default) that
+    last token is still proposed: its forward pass is already paid and verifying one
+    more token costs little, so dropping it wastes a draft step whenever the very
+    first token is unconfident. The paper's code drops it (`keep_unconfident=False`). With `adaptive`, the threshold moves
     by `adapt_step` after each verification, as in Draft&Verify: down when every
     draft was accepted (draft longer), up otherwise, kept within
     [`min_threshold`, `max_threshold`].
@@ -80,6 +83,7 @@ class DraftConfig:
 
     threshold: float = 0.8
     max_draft_tokens: int = 12
+    keep_unconfident: bool = True
     adaptive: bool = False
     adapt_step: float = 0.05
     min_threshold: float = 0.3
@@ -103,6 +107,7 @@ class DraftConfig:
         return {
             "threshold": self.threshold,
             "max_draft_tokens": self.max_draft_tokens,
+            "keep_unconfident": self.keep_unconfident,
             "adaptive": self.adaptive,
             "adapt_step": self.adapt_step,
             "min_threshold": self.min_threshold,
@@ -164,11 +169,14 @@ class LayerSkipSession:
                         q = warp_probs(logits, sampling)  # (vocab,)
                         choice = sample(q, request.generator)
                         confidence = q.max()
-                    if float(confidence) < self.threshold:
+                    confident = float(confidence) >= self.threshold
+                    if not confident and not self.drafter.config.keep_unconfident:
                         break
                     tokens.append(choice.reshape(1))
                     if not sampling.greedy:
                         probs.append(q)
+                    if not confident:
+                        break
                     token = choice.reshape(1, 1)
         finally:
             rollback(request.cache, request.position)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from knnssd.decoding import GenerationConfig, GenerationResult, check_prompt, generate
-from knnssd.errors import KnnSsdError
 from knnssd.drafters import DraftConfig, Drafter, LayerSkipDrafter
+from knnssd.errors import KnnSsdError
 from knnssd.models import LoadedModel, load_model
+from knnssd.policy import policy_of
 from knnssd.prompts import encode_prompt
 from knnssd.sampling import SamplingConfig
 from knnssd.skipset import SkipSet
@@ -17,7 +20,7 @@ from knnssd.skipset import SkipSet
 class GenerateRequest:
     """Everything `knnssd generate` takes; `skip_set` is JSON or a file path, None for plain decoding."""
 
-    model: str
+    model: str | None
     prompt: str
     chat: bool = False
     max_new_tokens: int = 128
@@ -32,10 +35,9 @@ class GenerateRequest:
     compare_ar: bool = False
     device: str | None = None
     dtype: str | None = None
-
-
-def plain_drafter_description() -> dict[str, object]:
-    return {"kind": "none"}
+    bundle: str | None = None
+    tracking_uri: str | None = None
+    allow_model_mismatch: bool = False
 
 
 def warm_up(loaded: LoadedModel, prompt_ids: object) -> None:
@@ -56,9 +58,15 @@ def generate_text(request: GenerateRequest) -> dict[str, object]:
     """Run one request; the returned dict is what `--json` prints. Input is checked before the model loads."""
     if not request.prompt.strip():
         raise KnnSsdError("the prompt is empty", fix="give a prompt with some text, e.g. --prompt 'Hello'")
+    if request.bundle is not None and request.skip_set is not None:
+        raise KnnSsdError("--bundle and --skip-set both given", fix="the bundle chooses the skip set: drop one")
+    if request.bundle is None and not request.model:
+        raise KnnSsdError("no model given", fix="pass --model NAME_OR_PATH, or --bundle NAME@vN")
     sampling = SamplingConfig(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                               seed=request.seed)
     config = GenerationConfig(max_new_tokens=request.max_new_tokens, sampling=sampling)
+    if request.bundle is not None:
+        return _generate_routed(request, config)
     drafter_config = DraftConfig(threshold=request.threshold, max_draft_tokens=request.max_draft_tokens,
                                  adaptive=request.adaptive)
     skip_set = SkipSet.parse(request.skip_set) if request.skip_set is not None else None
@@ -69,19 +77,44 @@ def generate_text(request: GenerateRequest) -> dict[str, object]:
     prompt_ids = encode_prompt(loaded.tokenizer, request.prompt, chat=request.chat)
     check_prompt(loaded.model, prompt_ids, config.max_new_tokens)
     warm_up(loaded, prompt_ids)
-    report: dict[str, object] = {
-        "model": loaded.name,
-        "model_hash": loaded.model_hash,
-        "prompt_tokens": int(prompt_ids.shape[1]),
-        "drafter": drafter.describe() if drafter is not None else plain_drafter_description(),
-    }
-    if request.compare_ar:
-        plain = generate(loaded.model, prompt_ids, config)
+    report = _header(loaded, prompt_ids, policy_of(drafter))
+    plain = generate(loaded.model, prompt_ids, config) if request.compare_ar else None
     result = generate(loaded.model, prompt_ids, config, drafter)
     report.update(result_to_dict(loaded, result))
-    if request.compare_ar:
-        report["ar_token_ids"] = list(plain.token_ids)
-        report["ar_tokens_per_second"] = plain.stats.tokens_per_second
-        report["speedup"] = plain.stats.total_seconds / result.stats.total_seconds
-        report["identical_to_ar"] = plain.token_ids == result.token_ids
+    if plain is not None:
+        report.update(_comparison(plain, result))
+    return report
+
+
+def _header(loaded: LoadedModel, prompt_ids: torch.Tensor, policy: dict[str, object]) -> dict[str, object]:
+    return {"model": loaded.name, "model_hash": loaded.model_hash, "prompt_tokens": int(prompt_ids.shape[1]),
+            "drafter": policy}
+
+
+def _comparison(plain: GenerationResult, result: GenerationResult) -> dict[str, object]:
+    return {"ar_token_ids": list(plain.token_ids), "ar_tokens_per_second": plain.stats.tokens_per_second,
+            "speedup": plain.stats.total_seconds / result.stats.total_seconds,
+            "identical_to_ar": plain.token_ids == result.token_ids}
+
+
+def _generate_routed(request: GenerateRequest, config: GenerationConfig) -> dict[str, object]:
+    """`--bundle`: the bundle's model (or --model, hash-checked), its prompt format, routed per prompt."""
+    from knnssd.runtime import load_bundle
+
+    model = load_model(request.model, device=request.device, dtype=request.dtype) if request.model else None
+    runtime = load_bundle(request.bundle, model=model, tracking_uri=request.tracking_uri,
+                          allow_model_mismatch=request.allow_model_mismatch, device=request.device,
+                          dtype=request.dtype)
+    loaded = runtime.loaded
+    prompt_ids = runtime.encode(request.prompt)
+    check_prompt(loaded.model, prompt_ids, config.max_new_tokens)
+    warm_up(loaded, prompt_ids)
+    plain = generate(loaded.model, prompt_ids, config) if request.compare_ar else None
+    routed = runtime.generate(prompt_ids, max_new_tokens=config.max_new_tokens, sampling=config.sampling)
+    report = _header(loaded, prompt_ids, routed.policy)
+    report.update(result_to_dict(loaded, routed.result))
+    report.update({"bundle": request.bundle, "domain": routed.route.domain, "distance": routed.route.distance,
+                   "fallback": routed.route.fallback, "routing_seconds": routed.routing_seconds})
+    if plain is not None:
+        report.update(_comparison(plain, routed.result))
     return report

@@ -202,6 +202,22 @@ def _local_folder(source: str) -> Path | None:
     return Path(config_path).parent if config_path else None
 
 
+def check_model(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> object:
+    """Resolve `name_or_path` and check its architecture without loading weights; returns its config.
+    Jobs call this before starting any cluster work."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise KnnSsdError("no model given", fix="pass a Hugging Face id, a local folder, or smollm2-135m")
+    source = _resolve_source(name_or_path, cache_dir)
+    config = _load_config(source, name_or_path)
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise KnnSsdError(
+            f"model {name_or_path!r} is a {getattr(config, 'model_type', 'unknown')!r} model; knnssd supports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}",
+            fix="use a Llama, Qwen2 or Mistral family model (decoder layers with self_attn and mlp)",
+        )
+    return config
+
+
 def load_model(
     name_or_path: str,
     device: str | torch.device | None = None,
@@ -220,18 +236,10 @@ def load_model(
         >>> loaded.num_layers, loaded.model_hash[:12]
         (30, '...')
     """
-    if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise KnnSsdError("no model given", fix="pass a Hugging Face id, a local folder, or smollm2-135m")
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
+    check_model(name_or_path, cache_dir)
     source = _resolve_source(name_or_path, cache_dir)
-    config = _load_config(source, name_or_path)
-    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        raise KnnSsdError(
-            f"model {name_or_path!r} is a {getattr(config, 'model_type', 'unknown')!r} model; knnssd supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}",
-            fix="use a Llama, Qwen2 or Mistral family model (decoder layers with self_attn and mlp)",
-        )
     model = AutoModelForCausalLM.from_pretrained(source, dtype=resolved_dtype, attn_implementation="sdpa")
     model = model.to(resolved_device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)

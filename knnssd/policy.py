@@ -13,7 +13,7 @@ from knnssd.drafters import DraftConfig, Drafter, LayerSkipDrafter
 from knnssd.errors import KnnSsdError
 from knnssd.skipset import SkipSet
 
-DRAFT_CONFIG_KEYS = ("threshold", "max_draft_tokens", "adaptive", "adapt_step", "min_threshold", "max_threshold")
+DRAFT_CONFIG_KEYS = ("threshold", "max_draft_tokens", "keep_unconfident", "adaptive", "adapt_step", "min_threshold", "max_threshold")
 
 
 def policy_of(drafter: Drafter | None) -> dict[str, Any]:

@@ -1,0 +1,146 @@
+"""Calibrate per-domain draft policies and publish a routing bundle.
+
+    ray job submit --working-dir . -- python jobs/calibrate.py --model smollm2-135m --data question.jsonl \
+        --bundle-name smollm2-135m --trials 30
+
+Run directly without --address (and without RAY_ADDRESS), it starts a local Ray. With no --data, it calibrates
+on the built-in demo prompts. Progress per domain and trial while it runs; a summary table at the end; then
+(unless --no-final-demo) it loads the bundle it published and answers one held-out prompt per domain through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
+
+from knnssd.errors import KnnSsdError  # noqa: E402
+from pipeline.data import SPEC_BENCH_MT_CATEGORIES, DataConfig  # noqa: E402
+from pipeline.reduce import ReduceConfig  # noqa: E402
+from pipeline.search import SearchConfig  # noqa: E402
+from pipeline.stages import ModelSpec  # noqa: E402
+
+SMOKE = {"trials": 2, "prompts_per_trial": 2, "max_new_tokens": 12, "max_per_domain": 6}
+
+
+def parse_pairs(text: str | None, flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise KnnSsdError(f"{flag} item {item!r} is not KEY=VALUE", fix=f"write e.g. {flag} a=b,c=d")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default=None, help="Spec-Bench/JSONL/Parquet file; default: built-in demo prompts")
+    p.add_argument("--columns", default=None, help="column mapping, e.g. domain=category,prompt=text")
+    p.add_argument("--merge", default=None, help="rename domains, e.g. writing=chat,roleplay=chat")
+    p.add_argument("--merge-mt-bench", action="store_true", help="merge Spec-Bench's 8 MT-bench categories as 'chat'")
+    p.add_argument("--domains", default=None, help="comma-separated domains to calibrate (after merging)")
+    p.add_argument("--bundle-name", default=None, help="registered bundle name (default: the model name)")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--prompts-per-trial", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-per-domain", type=int, default=None, help="use at most N prompts per domain")
+    p.add_argument("--held-out-fraction", type=float, default=0.25)
+    p.add_argument("--anchors-per-domain", type=int, default=10)
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-skip-ratio", type=float, default=0.05)
+    p.add_argument("--max-skip-ratio", type=float, default=0.5)
+    p.add_argument("--min-speedup", type=float, default=1.0,
+                   help="a domain whose best trial is slower than this gets plain decoding (0 keeps every set)")
+    p.add_argument("--work-dir", default="calibration")
+    p.add_argument("--storage", default=None, help="Optuna storage: journal file path or RDB URL")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--no-publish", action="store_true", help="write the bundle folder only")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template to prompts")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--smoke", action="store_true", help="a tiny search (about two minutes on 2 CPU cores)")
+    p.add_argument("--no-final-demo", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from pipeline.calibrate import CalibrationConfig
+
+    if args.smoke:  # smoke sizes wherever the user kept the default
+        defaults = build_parser()
+        for key, value in SMOKE.items():
+            if getattr(args, key) == defaults.get_default(key):
+                setattr(args, key, value)
+    merge = parse_pairs(args.merge, "--merge")
+    if args.merge_mt_bench:
+        merge.update({category: "chat" for category in SPEC_BENCH_MT_CATEGORIES})
+    data = DataConfig(path=args.data, columns=parse_pairs(args.columns, "--columns"), merge=merge,
+                      domains=tuple(d for d in (args.domains or "").split(",") if d),
+                      held_out_fraction=args.held_out_fraction, seed=args.seed, max_per_domain=args.max_per_domain)
+    search = SearchConfig(trials=args.trials, prompts_per_trial=args.prompts_per_trial,
+                          max_new_tokens=args.max_new_tokens, sampler=args.sampler, seed=args.seed,
+                          min_skip_ratio=args.min_skip_ratio, max_skip_ratio=args.max_skip_ratio,
+                          min_speedup=args.min_speedup)
+    ray_init = {} if (args.address or os.environ.get("RAY_ADDRESS")) else {
+        "num_cpus": os.cpu_count(), "include_dashboard": False}
+    return CalibrationConfig(
+        model=ModelSpec(name=args.model, device=args.device, dtype=args.dtype, chat=not args.no_chat),
+        bundle_name=args.bundle_name or args.model.replace("/", "--"), data=data, search=search,
+        reduce=ReduceConfig(anchors_per_domain=args.anchors_per_domain, seed=args.seed),
+        work_dir=args.work_dir, storage=args.storage, tracking_uri=args.tracking_uri, publish=not args.no_publish,
+        ray_address=args.address, ray_init=ray_init)
+
+
+def final_demo(ref: str, config, work_dir: Path) -> None:
+    """Load the published bundle and answer one held-out prompt per domain through it."""
+    import pyarrow.parquet as pq
+
+    from knnssd.decoding import GenerationConfig, generate
+    from knnssd.runtime import load_bundle
+    from pipeline.data import HELD_OUT, domains_of, prompts_of
+
+    runtime = load_bundle(ref, tracking_uri=config.tracking_uri, device=config.model.device,
+                          dtype=config.model.dtype)
+    table = pq.read_table(work_dir / "data.parquet")
+    print(f"\nrouting one held-out prompt per domain through {ref}:")
+    print(f"{'true domain':<16}{'routed to':<16}{'distance':>9}{'speedup':>9}  identical  answer")
+    for domain in domains_of(table):
+        text = prompts_of(table, domain, HELD_OUT)[0]
+        ids = runtime.encode(text)
+        plain = generate(runtime.loaded.model, ids, GenerationConfig(max_new_tokens=48))
+        routed = runtime.generate(ids, max_new_tokens=48)
+        answer = routed.text.strip().replace("\n", " ")[:50]
+        where = routed.route.domain + (" (fallback)" if routed.route.fallback else "")
+        print(f"{domain:<16}{where:<16}{routed.route.distance:>9.4f}"
+              f"{plain.stats.total_seconds / routed.result.stats.total_seconds:>9.2f}  "
+              f"{str(routed.result.token_ids == plain.token_ids):<9}  {answer}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters and tests; see README
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        from pipeline.calibrate import run_calibration, summary_table
+
+        result = run_calibration(config)
+        print("\n" + summary_table(result))
+        print(f"\nbundle: {result.bundle_folder}" + (f"  published as {result.ref}" if result.ref else ""))
+        print(f"calibration took {result.seconds:.0f} s")
+        if result.ref and not args.no_final_demo:
+            final_demo(result.ref, config, Path(config.work_dir))
+    except KnnSsdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Calibration end to end: data -> per-domain search (Ray) -> embeddings (Ray) -> reduce -> bundle -> MLflow.
+
+Every input is checked before Ray starts. Stage outputs land in `work_dir` as they finish (data.parquet,
+search.json, embeddings.parquet, the bundle folder), and the Optuna journal keeps every finished trial, so a job
+that fails or is killed loses no finished work: run it again and it resumes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from knnssd.errors import KnnSsdError
+from knnssd.models import check_model
+from pipeline.data import CALIBRATION, DataConfig, domains_of, load_calibration_table, prompts_of
+from pipeline.reduce import ReduceConfig, build_bundle_spec
+from pipeline.search import SearchConfig
+from pipeline.stages import ModelSpec
+from registry.bundle import write_bundle
+from registry.mlflow_store import BundleRef, BundleRegistry
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    model: ModelSpec
+    bundle_name: str
+    data: DataConfig = DataConfig()
+    search: SearchConfig = SearchConfig()
+    reduce: ReduceConfig = ReduceConfig()
+    work_dir: str = "calibration"
+    storage: str | None = None
+    tracking_uri: str | None = None
+    publish: bool = True
+    ray_address: str | None = None
+    embed_chunk: int = 16
+    ray_init: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or str(Path(self.work_dir) / "optuna-journal.log")
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    bundle_folder: Path
+    ref: str | None
+    domains: tuple[dict[str, Any], ...]
+    seconds: float
+
+
+def validate(config: CalibrationConfig) -> pa.Table:
+    """Every check that needs no cluster: bundle name, model, data. Returns the split calibration table."""
+    BundleRef.parse(config.bundle_name)
+    check_model(config.model.name)
+    return load_calibration_table(config.data, min_calibration=config.search.prompts_per_trial)
+
+
+def run_searches(config: CalibrationConfig, table: pa.Table, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    import ray
+
+    from pipeline.stages import search_domain, task_resources
+
+    resources = task_resources()
+    pending = {search_domain.options(**resources).remote(
+        config.model, domain, prompts_of(table, domain, CALIBRATION), config.search, config.storage_url): domain
+        for domain in domains_of(table)}
+    log(f"search: {len(pending)} domains, {config.search.trials} trials each, on {resources}")
+    results = []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        result = ray.get(ready[0])
+        pending.pop(ready[0])
+        results.append(result)
+        m = result["metrics"]
+        log(f"search: domain {result['domain']} done in {result['seconds']:.0f} s: speedup {m['speedup']:.3f}, "
+            f"policy {result['policy']['kind']} ({len(results)}/{len(results) + len(pending)})")
+    order = domains_of(table)
+    return sorted(results, key=lambda r: order.index(r["domain"]))
+
+
+def run_embeddings(config: CalibrationConfig, table: pa.Table) -> np.ndarray:
+    import ray
+
+    from pipeline.stages import embed_prompts, task_resources
+
+    prompts = table["prompt"].to_pylist()
+    chunks = [prompts[i:i + config.embed_chunk] for i in range(0, len(prompts), config.embed_chunk)]
+    resources = task_resources()
+    return np.concatenate(ray.get([embed_prompts.options(**resources).remote(config.model, c) for c in chunks]))
+
+
+def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = print) -> CalibrationResult:
+    """Run every stage; see the module docstring."""
+    import ray
+
+    started = time.perf_counter()
+    table = validate(config)
+    work = Path(config.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, work / "data.parquet")
+    log(f"data: {table.num_rows} prompts in {len(domains_of(table))} domains -> {work / 'data.parquet'}")
+    ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=True, **config.ray_init)
+    searches = run_searches(config, table, log)
+    (work / "search.json").write_text(json.dumps(searches, indent=2))
+    calibration = table.filter(pa.compute.equal(table["split"], CALIBRATION))
+    embeddings = run_embeddings(config, calibration)
+    pq.write_table(calibration.append_column("embedding", pa.array(list(embeddings), pa.list_(pa.float32()))),
+                   work / "embeddings.parquet")
+    log(f"embed: {embeddings.shape[0]} prompts x {embeddings.shape[1]} -> {work / 'embeddings.parquet'}")
+    spec = build_bundle_spec(
+        model_id=config.model.name, model_hash=searches[0]["model_hash"], embeddings=embeddings,
+        labels=calibration["domain"].to_pylist(), policies={r["domain"]: r["policy"] for r in searches},
+        metrics={r["domain"]: r["metrics"] for r in searches}, config=config.reduce,
+        prompt_format={"chat": config.model.chat},
+        calibration={"search": asdict(config.search), "data": asdict(config.data)})
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    folder = write_bundle(spec, work / "bundles" / f"{config.bundle_name}-{stamp}")
+    log(f"reduce: {spec.anchors.shape[0]} anchors, fallback beyond distance {spec.fallback_distance:.4f} -> {folder}")
+    ref = None
+    if config.publish:
+        published = BundleRegistry(config.tracking_uri).publish(folder, config.bundle_name, params=flat_params(config))
+        ref = f"{published.name}@v{published.version}"
+        log(f"publish: {ref} (run {published.run_id}) in {BundleRegistry(config.tracking_uri).tracking_uri}")
+    return CalibrationResult(bundle_folder=folder, ref=ref, domains=tuple(searches),
+                             seconds=time.perf_counter() - started)
+
+
+def flat_params(config: CalibrationConfig) -> dict[str, Any]:
+    """The run's MLflow parameters: model, data, search budget, k and the rest, flattened."""
+    params: dict[str, Any] = {"model": config.model.name, "chat": config.model.chat,
+                              "data": config.data.path or "built-in demo prompts"}
+    for prefix, part in (("search", config.search), ("reduce", config.reduce)):
+        params.update({f"{prefix}.{k}": v for k, v in asdict(part).items()})
+    params.update({"data.held_out_fraction": config.data.held_out_fraction, "data.seed": config.data.seed,
+                   "data.domains": ",".join(config.data.domains) or "all"})
+    return params
+
+
+def summary_table(result: CalibrationResult) -> str:
+    header = f"{'domain':<16}{'policy':<12}{'skip ratio':>11}{'speedup':>9}{'mean acc':>10}{'trials':>8}"
+    lines = [header, "-" * len(header)]
+    for row in result.domains:
+        m = row["metrics"]
+        lines.append(f"{row['domain']:<16}{row['policy']['kind']:<12}{m['skip_ratio']:>11.2f}"
+                     f"{m.get('searched_speedup', m['speedup']):>9.3f}{m['mean_accepted_tokens']:>10.2f}"
+                     f"{int(m['trials']):>8}")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Calibration data: Spec-Bench JSONL, generic JSONL or Parquet, or the built-in demo prompts, as an Arrow
+table with columns domain, prompt, split ("calibration" / "held_out").
+
+The split is seeded per domain and written with the table, so evaluation reads the same held-out prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from knnssd.demo_prompts import DEMO_PROMPTS
+from knnssd.errors import KnnSsdError
+
+CALIBRATION, HELD_OUT = "calibration", "held_out"
+SPEC_BENCH_MT_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where prompts come from and how they are split.
+
+    path: None for the built-in demo set; a .jsonl (Spec-Bench rows with `category` and `turns`, or rows with
+    the domain and prompt columns) or .parquet file otherwise. columns maps our names (domain, prompt) to the
+    file's. merge: domain renames, e.g. {"coding": "chat"}; domains: keep only these (after merging).
+    """
+
+    path: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    merge: dict[str, str] = field(default_factory=dict)
+    domains: tuple[str, ...] = ()
+    held_out_fraction: float = 0.25
+    seed: int = 0
+    max_per_domain: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.columns) - {"domain", "prompt"}
+        if unknown:
+            raise KnnSsdError(f"unknown column mapping keys {sorted(unknown)}",
+                              fix="map only domain and prompt, e.g. --columns domain=category,prompt=text")
+        if not 0.0 <= self.held_out_fraction < 1.0:
+            raise KnnSsdError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}",
+                              fix="use e.g. 0.25")
+
+
+def _rows_from_jsonl(path: Path, config: DataConfig) -> list[tuple[str, str]]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KnnSsdError(f"{path} line {number} is not JSON ({exc.msg})", fix="fix or remove that line") from None
+        rows.append(_pick(record, config, f"{path} line {number}"))
+    return rows
+
+
+def _pick(record: dict, config: DataConfig, where: str) -> tuple[str, str]:
+    """(domain, prompt) of one record: mapped columns, else domain/prompt, else Spec-Bench's category/turns."""
+    domain_key = config.columns.get("domain") or ("domain" if "domain" in record else "category")
+    prompt_key = config.columns.get("prompt") or ("prompt" if "prompt" in record else "turns")
+    for key in (domain_key, prompt_key):
+        if key not in record:
+            raise KnnSsdError(f"{where} has no column {key!r} (columns: {', '.join(sorted(record))})",
+                              fix="map the columns, e.g. --columns domain=category,prompt=text")
+    prompt = record[prompt_key]
+    if isinstance(prompt, list):  # Spec-Bench: the first turn is the prompt
+        prompt = prompt[0] if prompt else ""
+    return str(record[domain_key]), str(prompt)
+
+
+def _rows_from_parquet(path: Path, config: DataConfig) -> list[tuple[str, str]]:
+    table = pq.read_table(path)
+    domain_key = config.columns.get("domain", "domain")
+    prompt_key = config.columns.get("prompt", "prompt")
+    for key in (domain_key, prompt_key):
+        if key not in table.column_names:
+            raise KnnSsdError(f"{path} has no column {key!r} (columns: {', '.join(table.column_names)})",
+                              fix="map the columns, e.g. --columns domain=category,prompt=text")
+    return list(zip(map(str, table[domain_key].to_pylist()), map(str, table[prompt_key].to_pylist())))
+
+
+def read_prompts(config: DataConfig) -> list[tuple[str, str]]:
+    """(domain, prompt) rows from the configured source, merged and filtered, empty prompts dropped."""
+    if config.path is None:
+        rows = list(DEMO_PROMPTS)
+    else:
+        path = Path(config.path)
+        if not path.is_file():
+            raise KnnSsdError(f"data file {path} does not exist", fix="pass --data PATH of a .jsonl or .parquet file")
+        if path.suffix == ".parquet":
+            rows = _rows_from_parquet(path, config)
+        else:
+            rows = _rows_from_jsonl(path, config)
+        if not rows:
+            raise KnnSsdError(f"data file {path} holds no prompts", fix="give a file with one prompt per row")
+    rows = [(config.merge.get(domain, domain), prompt) for domain, prompt in rows if prompt.strip()]
+    if config.domains:
+        present = sorted({domain for domain, _ in rows})
+        missing = [d for d in config.domains if d not in present]
+        if missing:
+            raise KnnSsdError(f"domains {missing} not in the data", fix=f"choose from: {', '.join(present)}")
+        rows = [row for row in rows if row[0] in config.domains]
+    return rows
+
+
+def split_table(rows: list[tuple[str, str]], config: DataConfig, min_calibration: int) -> pa.Table:
+    """Seeded per-domain split; every domain needs `min_calibration` calibration prompts and one held out."""
+    by_domain: dict[str, list[str]] = {}
+    for domain, prompt in rows:
+        by_domain.setdefault(domain, []).append(prompt)
+    domains, prompts, splits = [], [], []
+    for domain, texts in by_domain.items():
+        texts = texts[: config.max_per_domain] if config.max_per_domain else texts
+        order = list(range(len(texts)))
+        random.Random(f"{config.seed}-{domain}").shuffle(order)
+        held = max(1, round(len(texts) * config.held_out_fraction)) if config.held_out_fraction > 0 else 0
+        if len(texts) - held < min_calibration:
+            raise KnnSsdError(
+                f"domain {domain!r} has {len(texts)} prompts: too few for {min_calibration} calibration prompts "
+                f"plus {held} held out",
+                fix="add prompts, lower --prompts-per-trial, or leave the domain out with --domains")
+        for rank, i in enumerate(order):
+            domains.append(domain)
+            prompts.append(texts[i])
+            splits.append(HELD_OUT if rank < held else CALIBRATION)
+    return pa.table({"domain": domains, "prompt": prompts, "split": splits})
+
+
+def load_calibration_table(config: DataConfig, min_calibration: int) -> pa.Table:
+    return split_table(read_prompts(config), config, min_calibration)
+
+
+def prompts_of(table: pa.Table, domain: str, split: str) -> list[str]:
+    rows = table.filter((pa.compute.equal(table["domain"], domain)) & (pa.compute.equal(table["split"], split)))
+    return rows["prompt"].to_pylist()
+
+
+def domains_of(table: pa.Table) -> list[str]:
+    return list(dict.fromkeys(table["domain"].to_pylist()))

@@ -1,0 +1,75 @@
+"""Timed draft-acceptance measurement: one drafter on a set of prompts against plain decoding.
+
+Plain decoding is timed once per prompt in the same worker (`Baseline`), so every trial's speedup is a ratio of
+times taken on the same machine, in the same process:
+
+    speedup = sum over prompts of plain seconds / sum of drafted seconds
+    mean_accepted_tokens = (accepted + verify steps) / verify steps, pooled over prompts
+    acceptance_rate = accepted / drafted, pooled over prompts
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from knnssd.decoding import GenerationConfig, generate
+from knnssd.drafters import Drafter
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Plain decoding of each prompt: its ids (1, T), seconds, and tokens (for the losslessness check)."""
+
+    prompt_ids: tuple[torch.Tensor, ...]
+    seconds: tuple[float, ...]
+    tokens: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    speedup: float
+    mean_accepted_tokens: float
+    acceptance_rate: float
+    plain_seconds: float
+    seconds: float
+    lossless: bool
+
+    def to_dict(self) -> dict[str, float]:
+        return {"speedup": self.speedup, "mean_accepted_tokens": self.mean_accepted_tokens,
+                "acceptance_rate": self.acceptance_rate, "plain_seconds": self.plain_seconds,
+                "seconds": self.seconds, "lossless": float(self.lossless)}
+
+
+def measure_baseline(model: torch.nn.Module, prompt_ids: list[torch.Tensor], max_new_tokens: int) -> Baseline:
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    generate(model, prompt_ids[0][:, :4], GenerationConfig(max_new_tokens=2))  # warm-up, untimed
+    runs = [generate(model, ids, config) for ids in prompt_ids]
+    return Baseline(prompt_ids=tuple(prompt_ids), seconds=tuple(r.stats.total_seconds for r in runs),
+                    tokens=tuple(r.token_ids for r in runs))
+
+
+def measure(model: torch.nn.Module, drafter: Drafter | None, baseline: Baseline, max_new_tokens: int,
+            report: Callable[[int, float], bool] | None = None) -> Measurement | None:
+    """Decode every baseline prompt with `drafter`. After each prompt, `report(step, speedup so far)` may
+    return True to stop early (a pruned trial): then None is returned."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    plain = seconds = 0.0
+    accepted = drafted = steps = 0
+    lossless = True
+    for step, (ids, plain_s, tokens) in enumerate(zip(baseline.prompt_ids, baseline.seconds, baseline.tokens)):
+        result = generate(model, ids, config, drafter)
+        stats = result.stats
+        plain += plain_s
+        seconds += stats.total_seconds
+        accepted += stats.accepted_tokens
+        drafted += stats.drafted_tokens
+        steps += stats.verify_steps
+        lossless &= result.token_ids == tokens
+        if report is not None and report(step, plain / seconds):
+            return None
+    return Measurement(speedup=plain / seconds, mean_accepted_tokens=(accepted + steps) / steps,
+                       acceptance_rate=accepted / drafted if drafted else 0.0, plain_seconds=plain, seconds=seconds,
+                       lossless=lossless)

@@ -1,0 +1,148 @@
+"""Per-domain skip-set search: one Optuna study per (model, domain), every trial a timed measurement.
+
+The search space is the 2L binary choices "skip attention of layer i" / "skip MLP of layer i". Trials whose skip
+ratio falls outside [min_skip_ratio, max_skip_ratio] are pruned before any decoding. Each trial's figures are
+kept on the trial (user attributes). Studies live in storage (a journal file by default, or an RDB URL), so a
+search that is killed and run again resumes: finished trials are kept, and only the rest are run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import optuna
+
+from knnssd.drafters import DraftConfig, LayerSkipDrafter
+from knnssd.errors import KnnSsdError
+from knnssd.skipset import SkipSet
+from pipeline.measure import Baseline, measure
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    trials: int = 20
+    prompts_per_trial: int = 4
+    max_new_tokens: int = 32
+    sampler: str = "tpe"
+    seed: int = 0
+    min_skip_ratio: float = 0.05
+    max_skip_ratio: float = 0.5
+    threshold: float = 0.8
+    max_draft_tokens: int = 12
+    prune_below: float = 0.5
+    min_speedup: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise KnnSsdError(f"--trials must be >= 1, got {self.trials}", fix="run at least one trial per domain")
+        if self.prompts_per_trial < 1:
+            raise KnnSsdError("--prompts-per-trial must be >= 1", fix="use e.g. 4")
+        if self.max_new_tokens < 1:
+            raise KnnSsdError("--max-new-tokens must be >= 1", fix="use e.g. 32")
+        if self.sampler not in ("tpe", "random"):
+            raise KnnSsdError(f"unknown sampler {self.sampler!r}", fix="use tpe or random")
+        if not 0.0 <= self.min_skip_ratio <= self.max_skip_ratio < 1.0:
+            raise KnnSsdError("need 0 <= min_skip_ratio <= max_skip_ratio < 1", fix="e.g. 0.05 and 0.5")
+
+    def fingerprint(self) -> str:
+        """What makes trials comparable: measurement settings (not the trial budget)."""
+        keys = {k: v for k, v in asdict(self).items() if k not in ("trials",)}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def make_storage(storage: str) -> Any:
+    """An Optuna storage: an RDB URL as is, else a journal file at that path."""
+    if "://" in storage:
+        return storage
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    os.makedirs(os.path.dirname(os.path.abspath(storage)), exist_ok=True)
+    return JournalStorage(JournalFileBackend(storage))
+
+
+def study_name(model_hash: str, domain: str, config: SearchConfig) -> str:
+    return f"knnssd-{model_hash[:12]}-{domain}-{config.fingerprint()}"
+
+
+def open_study(storage: str, name: str, config: SearchConfig) -> optuna.Study:
+    sampler = (optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=min(10, max(2, config.trials // 3)))
+               if config.sampler == "tpe" else optuna.samplers.RandomSampler(seed=config.seed))
+    pruner = optuna.pruners.ThresholdPruner(lower=config.prune_below, n_warmup_steps=0)
+    return optuna.create_study(study_name=name, storage=make_storage(storage), sampler=sampler, pruner=pruner,
+                               direction="maximize", load_if_exists=True)
+
+
+def fail_stale_trials(study: optuna.Study) -> int:
+    """Trials left RUNNING by a killed worker are marked FAIL so they neither count nor block."""
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in stale:
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return [t for t in study.get_trials(deepcopy=False) if t.state in done]
+
+
+def suggest_skip_set(trial: optuna.Trial, num_layers: int) -> SkipSet:
+    attn = [i for i in range(num_layers) if trial.suggest_categorical(f"attn_{i}", [False, True])]
+    mlp = [i for i in range(num_layers) if trial.suggest_categorical(f"mlp_{i}", [False, True])]
+    return SkipSet.of(attn=attn, mlp=mlp)
+
+
+def make_objective(model: Any, num_layers: int, baseline: Baseline, config: SearchConfig,
+                   progress: Callable[[str], None]) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        skip_set = suggest_skip_set(trial, num_layers)
+        ratio = skip_set.skip_ratio(num_layers)
+        trial.set_user_attr("skip_set", skip_set.to_dict())
+        trial.set_user_attr("skip_ratio", ratio)
+        if not config.min_skip_ratio <= ratio <= config.max_skip_ratio:
+            progress(f"trial {trial.number}: skip ratio {ratio:.2f} outside bounds, pruned")
+            raise optuna.TrialPruned()
+        drafter = LayerSkipDrafter(skip_set.validate(num_layers),
+                                   DraftConfig(threshold=config.threshold, max_draft_tokens=config.max_draft_tokens))
+
+        def report(step: int, speedup: float) -> bool:
+            trial.report(speedup, step)
+            return trial.should_prune()
+
+        result = measure(model, drafter, baseline, config.max_new_tokens, report)
+        if result is None:
+            progress(f"trial {trial.number}: pruned (speedup below {config.prune_below})")
+            raise optuna.TrialPruned()
+        for key, value in result.to_dict().items():
+            trial.set_user_attr(key, value)
+        if not result.lossless:
+            raise RuntimeError(f"trial {trial.number}: output differed from plain decoding; this is a bug")
+        progress(f"trial {trial.number}: speedup {result.speedup:.3f}, mean accepted "
+                 f"{result.mean_accepted_tokens:.2f}, skip ratio {ratio:.2f}")
+        return result.speedup
+
+    return objective
+
+
+def best_policy(study: optuna.Study, config: SearchConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The domain's draft policy and metrics: the best completed trial's skip set, or plain decoding when no
+    trial reached `config.min_speedup` (the searched set is still reported in the metrics)."""
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not completed:
+        return {"kind": "none"}, {"speedup": 1.0, "mean_accepted_tokens": 1.0, "acceptance_rate": 0.0,
+                                  "skip_ratio": 0.0, "trials": float(len(finished_trials(study)))}
+    best = max(completed, key=lambda t: t.value)
+    attrs = best.user_attrs
+    metrics = {"speedup": float(best.value), "mean_accepted_tokens": float(attrs["mean_accepted_tokens"]),
+               "acceptance_rate": float(attrs["acceptance_rate"]), "skip_ratio": float(attrs["skip_ratio"]),
+               "trials": float(len(finished_trials(study))), "best_trial": float(best.number)}
+    policy = {"kind": "layer_skip", "skip_set": attrs["skip_set"], "threshold": config.threshold,
+              "max_draft_tokens": config.max_draft_tokens}
+    if best.value < config.min_speedup:
+        metrics["searched_skip_set"] = json.dumps(attrs["skip_set"])  # type: ignore[assignment]
+        return {"kind": "none"}, {**metrics, "speedup": 1.0, "searched_speedup": float(best.value)}
+    return policy, metrics

@@ -1,0 +1,189 @@
+"""jobs/calibrate.py end to end on a tiny model: local Ray, resume after a kill, a worker killed mid-task,
+`ray job submit` against a `ray start --head` cluster, and bad input refused before Ray starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from pipeline.search import SearchConfig, finished_trials, make_storage
+from tests.conftest import REPO_ROOT
+from tests.test_models import save_tiny
+
+JOB = str(REPO_ROOT / "jobs" / "calibrate.py")
+WORDS = {"low": range(3, 23), "high": range(100, 127)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny model and a JSONL of two word-level domains, 8 prompts each."""
+    root = tmp_path_factory.mktemp("calib")
+    save_tiny(root / "model")
+    rows = []
+    for domain, words in WORDS.items():
+        words = list(words)
+        for i in range(8):
+            rows.append({"domain": domain, "prompt": " ".join(f"t{words[(i * 5 + j) % len(words)]}" for j in range(10))})
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def job_args(tiny, work, *extra):
+    return ["--model", str(tiny / "model"), "--data", str(tiny / "data.jsonl"), "--no-chat", "--work-dir",
+            str(work), "--prompts-per-trial", "2", "--max-new-tokens", "8", "--anchors-per-domain", "3",
+            "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--no-final-demo", *extra]
+
+
+def run_job(args, timeout=300, env=None):
+    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, JOB, *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=REPO_ROOT)
+
+
+def studies(work: Path) -> dict[str, list]:
+    storage = make_storage(str(work / "optuna-journal.log"))
+    return {s.study_name: finished_trials(optuna.load_study(study_name=s.study_name, storage=storage))
+            for s in optuna.get_all_study_summaries(storage)}
+
+
+def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path):
+    proc = run_job(job_args(tiny, tmp_path / "w", "--trials", "3", "--bundle-name", "tiny"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "published as tiny@v1" in out and "skip ratio" in out
+    assert "[low] trial 0:" in out + proc.stderr and "[high] trial 2:" in out + proc.stderr
+    found = studies(tmp_path / "w")
+    assert len(found) == 2 and all(len(trials) == 3 for trials in found.values())
+    assert (tmp_path / "w" / "embeddings.parquet").is_file()
+
+
+def test_killed_job_resumes_without_redoing_trials(tiny, tmp_path):
+    work = tmp_path / "w"
+    args = job_args(tiny, work, "--trials", "8", "--no-publish", "--domains", "low")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, JOB, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=REPO_ROOT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            if (work / "optuna-journal.log").exists():
+                done = sum(len(t) for t in studies(work).values())
+                if done >= 3:
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trials finished in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env)
+    (study_name, before), = studies(work).items()
+    assert 3 <= len(before) < 8
+    kept = {t.number: t.params for t in before}
+    rerun = run_job(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{len(before)} trials done" in rerun.stdout + rerun.stderr
+    after = studies(work)[study_name]
+    assert len(after) == 8
+    assert {t.number: t.params for t in after if t.number in kept} == kept  # finished trials kept as they were
+
+
+def test_worker_killed_mid_search_is_retried(tiny, tmp_path):
+    import ray
+
+    from pipeline.calibrate import CalibrationConfig, run_searches
+    from pipeline.data import DataConfig, load_calibration_table
+    from pipeline.stages import ModelSpec
+
+    work = tmp_path / "w"
+    config = CalibrationConfig(model=ModelSpec(name=str(tiny / "model"), chat=False), bundle_name="t",
+                               data=DataConfig(path=str(tiny / "data.jsonl"), domains=("high",)),
+                               search=SearchConfig(trials=10, prompts_per_trial=2, max_new_tokens=8),
+                               work_dir=str(work))
+    table = load_calibration_table(config.data, min_calibration=2)
+    ray.init(num_cpus=2, include_dashboard=False)
+    killed = []
+
+    def kill_worker_once_trials_exist():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if (work / "optuna-journal.log").exists():
+                storage = make_storage(config.storage_url)
+                for summary in optuna.get_all_study_summaries(storage):
+                    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+                    if len(finished_trials(study)) >= 2 and "worker_pid" in study.user_attrs:
+                        os.kill(study.user_attrs["worker_pid"], signal.SIGKILL)
+                        killed.append(study.user_attrs["worker_pid"])
+                        return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_worker_once_trials_exist)
+    killer.start()
+    try:
+        results = run_searches(config, table, log=print)
+    finally:
+        killer.join()
+        ray.shutdown()
+    assert killed, "the worker was never killed"
+    (result,) = results
+    assert result["domain"] == "high" and result["metrics"]["trials"] == 10
+    storage = make_storage(config.storage_url)
+    study = optuna.load_study(study_name=result["study"], storage=storage)
+    assert study.user_attrs["worker_pid"] != killed[0]  # the retry ran in another worker
+
+
+def test_ray_job_submit_against_a_head_node(tiny, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    address = os.environ.get("KNNSSD_TEST_RAY_ADDRESS")
+    started = False
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    if not address:
+        subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--include-dashboard", "true",
+                        "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
+                        "--temp-dir", str(tmp_path / "ray")], check=True, capture_output=True, env=env, timeout=120)
+        address, started = "http://127.0.0.1:8265", True
+    try:
+        work = tmp_path / "w"
+        proc = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO_ROOT), "--",
+             sys.executable, "jobs/calibrate.py", *job_args(tiny, work, "--trials", "2", "--bundle-name", "sub")],
+            capture_output=True, text=True, timeout=400, env=env)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert "succeeded" in proc.stdout and "published as sub@v1" in proc.stdout
+    finally:
+        if started:
+            subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--trials", "0"], "--trials must be >= 1"),
+    (["--model", "/nonexistent/model"], "does not exist or holds no config.json"),
+    (["--data", "/nonexistent.jsonl"], "data file /nonexistent.jsonl does not exist"),
+    (["--columns", "domain=topic"], "has no column 'topic'"),
+    (["--prompts-per-trial", "9"], "too few"),
+    (["--bundle-name", "bad name!"], "malformed bundle reference"),
+])
+def test_bad_input_fails_before_ray_starts(tiny, tmp_path, extra, words):
+    args = job_args(tiny, tmp_path / "w", "--trials", "2")
+    for flag in ("--model", "--data", "--prompts-per-trial"):
+        if flag in extra and flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+    start = time.monotonic()
+    proc = run_job([*args, *extra], timeout=120)
+    assert proc.returncode == 2
+    assert words in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w" / "optuna-journal.log").exists()
+    assert time.monotonic() - start < 60
