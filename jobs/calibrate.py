@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -34,6 +35,12 @@ def parse_pairs(text: str | None, flag: str) -> dict[str, str]:
             raise KnnSsdError(f"{flag} item {item!r} is not KEY=VALUE", fix=f"write e.g. {flag} a=b,c=d")
         pairs[key.strip()] = value.strip()
     return pairs
+
+
+def default_bundle_name(model: str) -> str:
+    """A registry-safe name from a model id or path: its last component, odd characters replaced."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip("-.")
+    return name or "bundle"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +99,7 @@ def config_from_args(args: argparse.Namespace):
         "num_cpus": os.cpu_count(), "include_dashboard": False}
     return CalibrationConfig(
         model=ModelSpec(name=args.model, device=args.device, dtype=args.dtype, chat=not args.no_chat),
-        bundle_name=args.bundle_name or args.model.replace("/", "--"), data=data, search=search,
+        bundle_name=args.bundle_name or default_bundle_name(args.model), data=data, search=search,
         reduce=ReduceConfig(anchors_per_domain=args.anchors_per_domain, seed=args.seed),
         work_dir=args.work_dir, storage=args.storage, tracking_uri=args.tracking_uri, publish=not args.no_publish,
         ray_address=args.address, ray_init=ray_init)

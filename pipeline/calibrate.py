@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from knnssd.errors import KnnSsdError
@@ -110,7 +111,7 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=True, **config.ray_init)
     searches = run_searches(config, table, log)
     (work / "search.json").write_text(json.dumps(searches, indent=2))
-    calibration = table.filter(pa.compute.equal(table["split"], CALIBRATION))
+    calibration = table.filter(pc.equal(table["split"], CALIBRATION))
     embeddings = run_embeddings(config, calibration)
     pq.write_table(calibration.append_column("embedding", pa.array(list(embeddings), pa.list_(pa.float32()))),
                    work / "embeddings.parquet")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from knnssd.demo_prompts import DEMO_PROMPTS
@@ -138,7 +139,8 @@ def load_calibration_table(config: DataConfig, min_calibration: int) -> pa.Table
 
 
 def prompts_of(table: pa.Table, domain: str, split: str) -> list[str]:
-    rows = table.filter((pa.compute.equal(table["domain"], domain)) & (pa.compute.equal(table["split"], split)))
+    mask = pc.and_(pc.equal(table["domain"], domain), pc.equal(table["split"], split))
+    rows = table.filter(mask)
     return rows["prompt"].to_pylist()
 
 

@@ -49,7 +49,7 @@ def test_default_is_the_built_in_demo_set():
     ("empty", "holds no prompts"),
     ("unknown-column", "has no column 'topic'"),
     ("too-few", "domain 'b' has 3 prompts: too few"),
-    ("unknown-domain", "domains ['zzz'] not in the data"),
+    ("unknown-domain", r"domains \['zzz'\] not in the data"),
 ])
 def test_bad_data_is_a_clear_error(tmp_path, setup, words):
     path = tmp_path / "d.jsonl"
