@@ -1,19 +1,30 @@
-"""KNN-SSD: dynamic self-speculative decoding. The light core: no Ray, Optuna or MLflow."""
+"""KNN-SSD: dynamic self-speculative decoding. The light core: no Ray, Optuna or MLflow.
 
-from knnssd.decoding import GenerationConfig, GenerationResult, decode, generate, prefill
-from knnssd.drafters import DraftConfig, Drafter, LayerSkipDrafter
-from knnssd.errors import KnnSsdError
-from knnssd.layerskip import skip_sublayers
-from knnssd.models import LoadedModel, load_model
-from knnssd.prompts import encode_prompt
-from knnssd.sampling import SamplingConfig
-from knnssd.skipset import SkipSet
-from knnssd.stats import GenerationStats
+Names are imported lazily (PEP 562), so `import knnssd.errors` (as the registry does) does not pull in torch
+or the decoding loop.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DraftConfig", "Drafter", "GenerationConfig", "GenerationResult", "GenerationStats", "KnnSsdError",
-    "LayerSkipDrafter", "LoadedModel", "SamplingConfig", "SkipSet", "decode", "encode_prompt", "generate",
-    "load_model", "prefill", "skip_sublayers", "__version__",
-]
+_EXPORTS = {
+    "GenerationConfig": "knnssd.decoding", "GenerationResult": "knnssd.decoding", "decode": "knnssd.decoding",
+    "generate": "knnssd.decoding", "prefill": "knnssd.decoding",
+    "DraftConfig": "knnssd.drafters", "Drafter": "knnssd.drafters", "LayerSkipDrafter": "knnssd.drafters",
+    "KnnSsdError": "knnssd.errors", "skip_sublayers": "knnssd.layerskip",
+    "LoadedModel": "knnssd.models", "load_model": "knnssd.models", "encode_prompt": "knnssd.prompts",
+    "BundleRuntime": "knnssd.runtime", "load_bundle": "knnssd.runtime",
+    "SamplingConfig": "knnssd.sampling", "SkipSet": "knnssd.skipset", "GenerationStats": "knnssd.stats",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'knnssd' has no attribute {name!r}")

@@ -90,6 +90,28 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.state in done]
 
 
+def seed_skip_sets(num_layers: int, config: SearchConfig) -> list[SkipSet]:
+    """First trials of a new study: attention of the top 1, 2, 4 and 8 layers below the last (published skip
+    sets skip attention more often than MLP, mostly in upper layers), within the skip-ratio bounds. Random
+    starts over 2L coin flips skip about half of all sub-layers, which few models survive."""
+    seeds = []
+    for k in (1, 2, 4, 8):
+        if k < num_layers:
+            skip = SkipSet.of(attn=range(num_layers - 1 - k, num_layers - 1))
+            if config.min_skip_ratio <= skip.skip_ratio(num_layers) <= config.max_skip_ratio:
+                seeds.append(skip)
+    return seeds
+
+
+def enqueue_seeds(study: optuna.Study, num_layers: int, config: SearchConfig) -> None:
+    if study.get_trials(deepcopy=False):
+        return  # a resumed study already has its seeds
+    for skip in seed_skip_sets(num_layers, config)[: max(0, config.trials - 1)]:
+        params = {f"attn_{i}": i in skip.attn for i in range(num_layers)}
+        params.update({f"mlp_{i}": i in skip.mlp for i in range(num_layers)})
+        study.enqueue_trial(params)
+
+
 def suggest_skip_set(trial: optuna.Trial, num_layers: int) -> SkipSet:
     attn = [i for i in range(num_layers) if trial.suggest_categorical(f"attn_{i}", [False, True])]
     mlp = [i for i in range(num_layers) if trial.suggest_categorical(f"mlp_{i}", [False, True])]

@@ -23,8 +23,8 @@ from knnssd.models import load_model
 from knnssd.prompts import encode_prompt
 from knnssd.sampling import SamplingConfig
 from pipeline.measure import measure_baseline
-from pipeline.search import (SearchConfig, best_policy, fail_stale_trials, finished_trials, make_objective,
-                             open_study, study_name)
+from pipeline.search import (SearchConfig, best_policy, enqueue_seeds, fail_stale_trials, finished_trials,
+                             make_objective, open_study, study_name)
 
 MAX_RETRIES = 3
 
@@ -58,6 +58,7 @@ def search_domain(spec: ModelSpec, domain: str, prompts: list[str], config: Sear
     study = open_study(storage, study_name(loaded.model_hash, domain, config), config)
     study.set_user_attr("worker_pid", os.getpid())
     stale = fail_stale_trials(study)
+    enqueue_seeds(study, loaded.num_layers, config)
     done = len(finished_trials(study))
     remaining = max(0, config.trials - done)
     _log(domain, f"study {study.study_name}: {done} trials done{f', {stale} interrupted' if stale else ''}, "
