@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
+import pytest
 
 from knnssd.decoding import prefill
-from knnssd.models import LoadedModel
+from knnssd.models import LoadedModel, load_model
 from knnssd.sampling import SamplingConfig
 from pipeline.reduce import ReduceConfig, build_bundle_spec
 from registry.bundle import write_bundle
@@ -42,3 +42,13 @@ def tiny_bundle(loaded: LoadedModel, folder: Path, tag: str = "", **spec_overrid
 
         spec = replace(spec, **spec_overrides)
     return write_bundle(spec, folder)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory) -> LoadedModel:
+    """The tiny saved Llama of tests.test_models, loaded by path (module-scoped)."""
+    from tests.test_models import save_tiny
+
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    save_tiny(folder)
+    return load_model(str(folder), device="cpu")

@@ -10,18 +10,9 @@ import torch
 
 from knnssd.decoding import GenerationConfig, generate
 from knnssd.errors import KnnSsdError
-from knnssd.models import load_model
 from knnssd.runtime import load_bundle
 from registry.bundle import BundleError, read_bundle
-from tests.bundles import TINY_PROMPTS, tiny_bundle
-from tests.test_models import save_tiny
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_tiny(folder)
-    return load_model(str(folder), device="cpu")
+from tests.bundles import TINY_PROMPTS, loaded, tiny_bundle  # noqa: F401 (fixture)
 
 
 @pytest.fixture()
@@ -101,3 +92,21 @@ def test_model_hash_mismatch_is_refused_unless_overridden(loaded, tmp_path):
 def test_missing_folder_ref(tmp_path):
     with pytest.raises(KnnSsdError, match="does not exist"):
         load_bundle(str(tmp_path / "nope"))
+
+
+def test_cli_generate_with_a_bundle_and_show(loaded, bundle_dir, capsys, monkeypatch, tmp_path):
+    from knnssd.cli import main
+
+    monkeypatch.setenv("KNNSSD_CACHE", str(tmp_path / "cache"))
+    text = TINY_PROMPTS["high"][0]
+    assert main(["generate", "--bundle", str(bundle_dir), "--model", loaded.source, "--prompt", text,
+                 "--max-new-tokens", "10", "--compare-ar", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["domain"] == "high" and report["fallback"] is False and report["distance"] >= 0
+    assert report["token_ids"] == report["ar_token_ids"]
+    assert report["drafter"]["skip_set"] == {"attn": [3], "mlp": [1]}
+    assert main(["bundles", "show", str(bundle_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert "low" in shown and "high" in shown and "fallback beyond cosine distance" in shown
+    assert main(["generate", "--bundle", str(bundle_dir), "--skip-set", "{}", "--prompt", "x"]) == 2
+    assert "--bundle and --skip-set both given" in capsys.readouterr().err

@@ -10,13 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from knnssd.errors import KnnSsdError
-from knnssd.models import load_model
 from knnssd.runtime import load_bundle
 from registry.bundle import BundleError, read_bundle
 from registry.mlflow_store import BundleRef, BundleRegistry
-from tests.bundles import tiny_bundle
+from tests.bundles import loaded, tiny_bundle  # noqa: F401 (fixture)
 from tests.services import external_mlflow_uri, free_port, start_mlflow_server, stop
-from tests.test_models import save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +26,6 @@ def tracking_uri(tmp_path_factory):
     process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield uri
     stop(process)
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_tiny(folder)
-    return load_model(str(folder), device="cpu")
 
 
 @pytest.fixture()
