@@ -1,9 +1,11 @@
 """Timed draft-acceptance measurement: one drafter on a set of prompts against plain decoding.
 
-Plain decoding is timed once per prompt in the same worker (`Baseline`), so every trial's speedup is a ratio of
-times taken on the same machine, in the same process:
+Plain decoding is timed again right before the drafted run of every prompt of every trial, in the same process,
+so that machine drift (another worker starting or finishing, thermal changes) hits both sides of each ratio
+alike. A baseline timed once at start-up does not cancel it: measured here, it inflated trials run after a
+neighbouring worker finished by up to 1.4x.
 
-    speedup = sum over prompts of plain seconds / sum of drafted seconds
+    speedup = sum over prompts of plain seconds / sum of drafted seconds (adjacent runs)
     mean_accepted_tokens = (accepted + verify steps) / verify steps, pooled over prompts
     acceptance_rate = accepted / drafted, pooled over prompts
 """
@@ -21,10 +23,9 @@ from knnssd.drafters import Drafter
 
 @dataclass(frozen=True)
 class Baseline:
-    """Plain decoding of each prompt: its ids (1, T), seconds, and tokens (for the losslessness check)."""
+    """The trial prompts' ids (1, T) and their plain-decoding tokens (for the losslessness check)."""
 
     prompt_ids: tuple[torch.Tensor, ...]
-    seconds: tuple[float, ...]
     tokens: tuple[tuple[int, ...], ...]
 
 
@@ -47,8 +48,7 @@ def measure_baseline(model: torch.nn.Module, prompt_ids: list[torch.Tensor], max
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     generate(model, prompt_ids[0][:, :4], GenerationConfig(max_new_tokens=2))  # warm-up, untimed
     runs = [generate(model, ids, config) for ids in prompt_ids]
-    return Baseline(prompt_ids=tuple(prompt_ids), seconds=tuple(r.stats.total_seconds for r in runs),
-                    tokens=tuple(r.token_ids for r in runs))
+    return Baseline(prompt_ids=tuple(prompt_ids), tokens=tuple(r.token_ids for r in runs))
 
 
 def measure(model: torch.nn.Module, drafter: Drafter | None, baseline: Baseline, max_new_tokens: int,
@@ -59,10 +59,10 @@ def measure(model: torch.nn.Module, drafter: Drafter | None, baseline: Baseline,
     plain = seconds = 0.0
     accepted = drafted = steps = 0
     lossless = True
-    for step, (ids, plain_s, tokens) in enumerate(zip(baseline.prompt_ids, baseline.seconds, baseline.tokens)):
+    for step, (ids, tokens) in enumerate(zip(baseline.prompt_ids, baseline.tokens)):
+        plain += generate(model, ids, config).stats.total_seconds
         result = generate(model, ids, config, drafter)
         stats = result.stats
-        plain += plain_s
         seconds += stats.total_seconds
         accepted += stats.accepted_tokens
         drafted += stats.drafted_tokens

@@ -21,6 +21,9 @@ from knnssd.errors import KnnSsdError
 from knnssd.skipset import SkipSet
 from pipeline.measure import Baseline, measure
 
+# Bumped whenever the objective's measurement changes, so a resumed study never mixes incomparable trials.
+MEASUREMENT_VERSION = 2
+
 
 @dataclass(frozen=True)
 class SearchConfig:
@@ -49,8 +52,9 @@ class SearchConfig:
             raise KnnSsdError("need 0 <= min_skip_ratio <= max_skip_ratio < 1", fix="e.g. 0.05 and 0.5")
 
     def fingerprint(self) -> str:
-        """What makes trials comparable: measurement settings (not the trial budget)."""
+        """What makes trials comparable: measurement settings and method (not the trial budget)."""
         keys = {k: v for k, v in asdict(self).items() if k not in ("trials",)}
+        keys["measurement"] = MEASUREMENT_VERSION
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
 
 
