@@ -8,6 +8,8 @@ decoding loop crops every layer back to the committed length afterwards.
 
 No module globals: the skip set lives only on the model, only inside the block,
 and the original modules come back in a ``finally`` even after an exception.
+The model itself is the shared state, so one model object must not draft in
+two threads at once: give each thread its own model (or runtime).
 """
 
 from __future__ import annotations

@@ -83,3 +83,24 @@ def test_builtin_smollm2(smollm2):
     assert smollm2.model.config.model_type == "llama"
     assert len(smollm2.model_hash) == 64
     assert (smollm2.model.config.vocab_size, smollm2.model.config.hidden_size) == (49152, 576)
+
+
+@pytest.mark.slow
+def test_two_processes_converting_the_builtin_model_at_once(tmp_path):
+    """Both get a complete folder; the conversion happens once (file lock), nothing half-written stays."""
+    import subprocess
+    import sys
+
+    code = ("from knnssd.models import builtin_folder, builtin_model; "
+            "print(builtin_folder(builtin_model('smollm2-135m')))")
+    env = {**__import__("os").environ, "KNNSSD_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    folders = {out.strip() for out, _ in outputs}
+    assert len(folders) == 1
+    folder = tmp_path / "cache" / "models" / "smollm2-135m"
+    assert str(folder) in folders and (folder / ".knnssd-complete").is_file()
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []

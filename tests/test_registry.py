@@ -3,6 +3,7 @@ concurrent publishes."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -115,3 +116,20 @@ def test_concurrent_publishes_each_get_their_own_version(tracking_uri, loaded, t
     tags = {registry.versions(name)[v - 1]["version"]: read_bundle(registry.fetch(f"{name}@v{v}")).manifest[
         "calibration"]["tag"] for v in range(1, 5)}
     assert sorted(tags.values()) == ["c0", "c1", "c2", "c3"]  # nothing lost, nothing duplicated
+
+
+def test_cli_bundles_list(tracking_uri, loaded, tmp_path, cache, capsys):
+    from knnssd.cli import main
+
+    registry = BundleRegistry(tracking_uri)
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    publish(registry, loaded, tmp_path, name, "l1")
+    publish(registry, loaded, tmp_path, name, "l2")
+    registry.set_alias(name, "production", 1)
+    assert main(["bundles", "list", "--tracking-uri", tracking_uri]) == 0
+    assert name in capsys.readouterr().out.split()
+    assert main(["bundles", "list", name, "--tracking-uri", tracking_uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("v1") and "production" in lines[1] and lines[2].startswith("v2")
+    assert main(["bundles", "show", f"{name}@production", "--tracking-uri", tracking_uri, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibration"]["tag"] == "l1"
