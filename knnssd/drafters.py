@@ -115,6 +115,17 @@ class DraftConfig:
         }
 
 
+def check_attention(model: PreTrainedModel, skip_set: SkipSet) -> None:
+    """Skipped attention leaves cache layers of different lengths while drafting; 1-token SDPA steps need no
+    mask and cope, but eager attention builds a mask sized by layer 0 and fails on the other layers."""
+    implementation = getattr(model.config, "_attn_implementation", "sdpa")
+    if skip_set.attn and implementation != "sdpa":
+        raise KnnSsdError(
+            f"skipping attention sub-layers needs SDPA attention, but this model uses {implementation!r}",
+            fix="load it with knnssd.load_model(), or from_pretrained(..., attn_implementation='sdpa')",
+        )
+
+
 @dataclass(frozen=True)
 class LayerSkipDrafter:
     """Self-speculative drafter: the target model with `skip_set` sub-layers skipped.
@@ -149,6 +160,7 @@ class LayerSkipSession:
         1-token queries need no attention mask, so ragged cache layers are fine.
         """
         model, sampling = request.model, request.sampling
+        check_attention(model, self.drafter.skip_set)
         limit = min(self.drafter.config.max_draft_tokens, request.max_tokens)
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []

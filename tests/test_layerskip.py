@@ -65,3 +65,18 @@ def test_unsupported_architecture_named():
     with pytest.raises(KnnSsdError, match="'gpt2' is not supported.*llama, qwen2, mistral"):
         with skip_sublayers(model, SkipSet.of(attn=[0])):
             pass
+
+
+def test_eager_attention_is_refused_with_a_clear_error():
+    from knnssd.decoding import GenerationConfig, generate
+    from knnssd.drafters import LayerSkipDrafter
+
+    model = tiny_model("llama")
+    model.config._attn_implementation = "eager"
+    prompt = torch.randint(3, 128, (1, 5))
+    with pytest.raises(KnnSsdError, match="needs SDPA attention.*'eager'"):
+        generate(model, prompt, GenerationConfig(max_new_tokens=5), LayerSkipDrafter(SkipSet.of(attn=[1])))
+    # skipping MLPs only keeps cache layers aligned: eager attention works, losslessly
+    expected = model.generate(prompt, do_sample=False, max_new_tokens=8, pad_token_id=0)[0, 5:].tolist()
+    got = generate(model, prompt, GenerationConfig(max_new_tokens=8), LayerSkipDrafter(SkipSet.of(mlp=[1, 2])))
+    assert list(got.token_ids) == expected
