@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchors-per-domain", type=int, default=10)
     p.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-skip-ratio", type=float, default=0.05)
+    p.add_argument("--min-skip-ratio", type=float, default=0.01)
     p.add_argument("--max-skip-ratio", type=float, default=0.5)
     p.add_argument("--min-speedup", type=float, default=1.0,
                    help="a domain whose best trial is slower than this gets plain decoding (0 keeps every set)")

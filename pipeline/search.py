@@ -32,7 +32,7 @@ class SearchConfig:
     max_new_tokens: int = 32
     sampler: str = "tpe"
     seed: int = 0
-    min_skip_ratio: float = 0.05
+    min_skip_ratio: float = 0.01
     max_skip_ratio: float = 0.5
     threshold: float = 0.8
     max_draft_tokens: int = 12
@@ -49,7 +49,7 @@ class SearchConfig:
         if self.sampler not in ("tpe", "random"):
             raise KnnSsdError(f"unknown sampler {self.sampler!r}", fix="use tpe or random")
         if not 0.0 <= self.min_skip_ratio <= self.max_skip_ratio < 1.0:
-            raise KnnSsdError("need 0 <= min_skip_ratio <= max_skip_ratio < 1", fix="e.g. 0.05 and 0.5")
+            raise KnnSsdError("need 0 <= min_skip_ratio <= max_skip_ratio < 1", fix="e.g. 0.01 and 0.5")
 
     def fingerprint(self) -> str:
         """What makes trials comparable: measurement settings and method (not the trial budget)."""
