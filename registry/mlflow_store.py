@@ -67,7 +67,7 @@ class BundleRegistry:
     """Publish, list, resolve and fetch bundles in one MLflow tracking store."""
 
     def __init__(self, tracking_uri: str | None = None) -> None:
-        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        self.tracking_uri = absolute_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
         self._client = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -210,24 +210,27 @@ class BundleRegistry:
             mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination),
                                                 tracking_uri=self.tracking_uri)
 
-    def cache_folder(self, name: str, version: int, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-        store = hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:12]
-        return cache_root(cache_dir) / "bundles" / store / name / f"v{version}"
+    def store_key(self) -> str:
+        """A short digest naming this store in the cache."""
+        return hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:12]
+
+    def cache_folder(self, name: str, version: int, run_id: str,
+                     cache_dir: str | os.PathLike[str] | None = None) -> Path:
+        """Where version `version` of `name` is cached. The run id (a random UUID) is part of the path, so two
+        stores that reuse a name, a version number, a relative path or a port never share a cache entry."""
+        return cache_root(cache_dir) / "bundles" / self.store_key() / name / f"v{version}-{run_id}"
 
     def fetch(self, ref: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-        """A verified local copy of the bundle `ref`. A version once downloaded is served from the cache
-        (versions are immutable); the download lands under a temporary name and is renamed when verified."""
-        parsed = BundleRef.parse(ref)
-        if parsed.version is not None:
-            cached = self.cache_folder(parsed.name, parsed.version, cache_dir)
-            if (cached / "manifest.json").is_file():
-                return cached
+        """A verified local copy of the bundle `ref`. The reference is always resolved against the registry (one
+        metadata call); the files are downloaded once per version and served from the cache after that. A
+        download lands under a temporary name and is renamed only once verified."""
         name, version = self.resolve(ref)
-        target = self.cache_folder(name, version, cache_dir)
+        run_id = self.client.get_model_version(name, str(version)).run_id
+        target = self.cache_folder(name, version, run_id, cache_dir)
         if (target / "manifest.json").is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".v{version}.tmp-"))
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
         try:
             self._download_version(name, version, tmp)
             folder = tmp if (tmp / "manifest.json").is_file() else tmp / "bundle"
@@ -240,6 +243,14 @@ class BundleRegistry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+
+def absolute_uri(uri: str) -> str:
+    """`sqlite:///relative.db` made absolute: MLflow caches stores by URI text, so a relative path would make two
+    stores in different folders one store, and so would our bundle cache."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return uri
 
 
 def _split_runs_uri(uri: str) -> tuple[str, str] | None:

@@ -68,16 +68,29 @@ def test_second_load_comes_from_the_cache(tracking_uri, loaded, tmp_path, cache,
     first = registry.fetch(f"{name}@v1")
     assert first.is_relative_to(cache)
 
-    def no_server(*args, **kwargs):
-        raise AssertionError("asked the server for a cached, immutable version")
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded a version that is already cached")
 
-    monkeypatch.setattr(BundleRegistry, "resolve", no_server)
+    monkeypatch.setattr(BundleRegistry, "_download_version", no_download)
     assert registry.fetch(f"{name}@v1") == first
+    assert registry.fetch(name) == first  # the same version through another reference
     # a cached copy that was damaged is refused, not used
     (first / "policies.json").write_text("{}")
     with pytest.raises(BundleError, match="checksum"):
         load_bundle(f"{name}@v1", model=loaded, tracking_uri=tracking_uri)
-    assert not list(first.parent.glob(".v1.tmp-*"))  # no half-written download left behind
+    assert not [p for p in first.parent.iterdir() if ".tmp-" in p.name]  # no half-written download left
+
+
+def test_two_stores_with_the_same_name_and_version_do_not_share_the_cache(loaded, tmp_path, cache, monkeypatch):
+    """Relative sqlite URIs in two folders: the same text, different stores (a real bug, now fixed)."""
+    refs = {}
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        registry = BundleRegistry("sqlite:///mlflow.db")
+        publish(registry, loaded, tmp_path, "same-name", folder)
+        refs[folder] = read_bundle(registry.fetch("same-name@v1")).manifest["calibration"]["tag"]
+    assert refs == {"a": "a", "b": "b"}
 
 
 @pytest.mark.parametrize("ref, words", [
