@@ -226,6 +226,26 @@ def make_generator(device: torch.device, sampling: SamplingConfig) -> torch.Gene
     return generator
 
 
+@dataclass(frozen=True)
+class Started:
+    """A prefilled generation ready for `decode`, with the generator and clock it must keep using."""
+
+    state: Prefilled
+    generator: torch.Generator | None
+    clock: Clock
+
+
+def begin(model: PreTrainedModel, prompt_ids: torch.Tensor, config: GenerationConfig,
+          clock: Clock | None = None) -> Started:
+    """Check the prompt (1, T), move it to the model's device, seed sampling, and prefill."""
+    check_prompt(model, prompt_ids, config.max_new_tokens)
+    device = next(model.parameters()).device
+    clock = clock or device_clock(device)
+    generator = make_generator(device, config.sampling)
+    state = prefill(model, prompt_ids.to(device), config.sampling, generator, clock)
+    return Started(state=state, generator=generator, clock=clock)
+
+
 def generate(
     model: PreTrainedModel,
     prompt_ids: torch.Tensor,
@@ -246,10 +266,5 @@ def generate(
         ...                   LayerSkipDrafter(SkipSet.of(attn=[24, 25, 26])))
         >>> result.stats.mean_accepted_tokens
     """
-    check_prompt(model, prompt_ids, config.max_new_tokens)
-    device = next(model.parameters()).device
-    prompt_ids = prompt_ids.to(device)
-    clock = clock or device_clock(device)
-    generator = make_generator(device, config.sampling)
-    state = prefill(model, prompt_ids, config.sampling, generator, clock)
-    return decode(model, state, config, drafter, generator, clock)
+    started = begin(model, prompt_ids, config, clock)
+    return decode(model, started.state, config, drafter, started.generator, started.clock)

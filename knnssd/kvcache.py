@@ -27,11 +27,6 @@ def new_cache(model: PreTrainedModel) -> DynamicCache:
     return cache
 
 
-def layer_lengths(cache: DynamicCache) -> list[int]:
-    """Tokens held by each layer, in layer order."""
-    return [layer.get_seq_length() for layer in cache.layers]
-
-
 def rollback(cache: DynamicCache, length: int) -> None:
     """Crop every layer of `cache` to its first `length` tokens.
 

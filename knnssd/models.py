@@ -205,6 +205,11 @@ def _local_folder(source: str) -> Path | None:
 def check_model(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> object:
     """Resolve `name_or_path` and check its architecture without loading weights; returns its config.
     Jobs call this before starting any cluster work."""
+    return _checked_source(name_or_path, cache_dir)[1]
+
+
+def _checked_source(name_or_path: str, cache_dir: str | os.PathLike[str] | None) -> tuple[str, object]:
+    """(folder or hub id to load from, its config), the architecture checked."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise KnnSsdError("no model given", fix="pass a Hugging Face id, a local folder, or smollm2-135m")
     source = _resolve_source(name_or_path, cache_dir)
@@ -215,7 +220,7 @@ def check_model(name_or_path: str, cache_dir: str | os.PathLike[str] | None = No
             f"{', '.join(SUPPORTED_MODEL_TYPES)}",
             fix="use a Llama, Qwen2 or Mistral family model (decoder layers with self_attn and mlp)",
         )
-    return config
+    return source, config
 
 
 def load_model(
@@ -238,8 +243,7 @@ def load_model(
     """
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
-    check_model(name_or_path, cache_dir)
-    source = _resolve_source(name_or_path, cache_dir)
+    source, _ = _checked_source(name_or_path, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=resolved_dtype, attn_implementation="sdpa")
     model = model.to(resolved_device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)

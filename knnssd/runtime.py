@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from knnssd.decoding import GenerationConfig, GenerationResult, check_prompt, decode, device_clock, make_generator, \
-    prefill
+from knnssd.decoding import GenerationConfig, GenerationResult, begin, decode
 from knnssd.drafters import Drafter
 from knnssd.errors import KnnSsdError
 from knnssd.models import LoadedModel, load_model
@@ -67,17 +66,13 @@ class BundleRuntime:
         """Route `prompt` (text, or ids (1, T) already formatted) and generate with its domain's policy."""
         config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling)
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt
-        model = self.loaded.model
-        check_prompt(model, ids, config.max_new_tokens)
-        ids = ids.to(self.loaded.device)
-        clock = device_clock(self.loaded.device)
-        generator = make_generator(self.loaded.device, sampling)
-        state = prefill(model, ids, sampling, generator, clock)
+        started = begin(self.loaded.model, ids, config)
         start = time.perf_counter()
-        route = self.router.route(state.embedding)
+        route = self.router.route(started.state.embedding)
         key = self.fallback_key if route.fallback else route.domain
         routing_seconds = time.perf_counter() - start
-        result = decode(model, state, config, self.drafters[key], generator, clock)
+        result = decode(self.loaded.model, started.state, config, self.drafters[key], started.generator,
+                        started.clock)
         text = self.loaded.tokenizer.decode(list(result.token_ids), skip_special_tokens=True)
         return RoutedResult(text=text, result=result, route=route, policy=self.bundle.policies[key],
                             routing_seconds=routing_seconds)
