@@ -55,12 +55,14 @@ class Prefilled:
     """State after the prefill.
 
     cache: holds the prompt's `prompt_length` tokens.
+    prompt_tokens: the prompt's token ids (drafters that look text up read them).
     first_token: the first new token (not in the cache yet).
     embedding: (hidden,) float32 final-layer hidden state mean-pooled over the prompt.
     """
 
     cache: DynamicCache
     prompt_length: int
+    prompt_tokens: tuple[int, ...]
     first_token: int
     embedding: torch.Tensor
     seconds: float
@@ -143,8 +145,22 @@ def prefill(
     logits = model.lm_head(hidden[:, -1:, :])[0, -1]  # (vocab,)
     embedding = hidden[0].float().mean(dim=0)  # (hidden,)
     token = first_choice(logits, sampling, generator)
-    return Prefilled(cache=cache, prompt_length=length, first_token=token, embedding=embedding,
-                     seconds=clock() - start)
+    return Prefilled(cache=cache, prompt_length=length, prompt_tokens=tuple(prompt_ids[0].tolist()),
+                     first_token=token, embedding=embedding, seconds=clock() - start)
+
+
+def project_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on `hidden` (n, hidden) -> logits (n, vocab).
+
+    On CPU, for n > 1 rows, ``weight @ hidden.T`` is computed instead of ``hidden @ weight.T``: torch's CPU GEMM
+    handles a few rows against a large vocabulary poorly in the second layout (SmolLM2, 2-8 rows: 20-22 ms vs
+    7-13 ms, benchmarks/loop_profile.py), and the LM head is the largest matrix of a small model.
+    """
+    head = model.get_output_embeddings()
+    if (hidden.device.type == "cpu" and hidden.shape[0] > 1 and isinstance(head, torch.nn.Linear)
+            and head.bias is None):
+        return (head.weight @ hidden.T).T
+    return head(hidden)
 
 
 def _verify(
@@ -161,13 +177,13 @@ def _verify(
     k = draft.tokens.shape[0]
     input_ids = torch.cat([torch.tensor([last_token], device=device), draft.tokens]).unsqueeze(0)  # (1, k + 1)
     position_ids = torch.arange(position, position + k + 1, device=device).unsqueeze(0)
-    logits = model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True,
-                   logits_to_keep=k + 1).logits[0]  # (k + 1, vocab)
+    hidden = model.model(input_ids=input_ids, position_ids=position_ids, cache=cache,
+                         use_cache=True).last_hidden_state[0]  # (k + 1, hidden)
+    logits = project_logits(model, hidden)  # (k + 1, vocab)
     if sampling.greedy:
         n_accepted, next_token = verify_greedy(draft.tokens, logits)
     else:
-        draft_probs = draft.probs if draft.probs is not None else logits.new_zeros((0, logits.shape[-1]))
-        n_accepted, next_token = verify_sampling(draft.tokens, draft_probs, warp_probs(logits, sampling), generator)
+        n_accepted, next_token = verify_sampling(draft.tokens, draft.probs, warp_probs(logits, sampling), generator)
     rollback(cache, position + 1 + n_accepted)
     return n_accepted, next_token
 
@@ -189,32 +205,35 @@ def decode(
     recorder = StatsRecorder(prefill_seconds=state.seconds)
     session = drafter.start() if drafter is not None else None
     empty = Draft(tokens=torch.empty(0, dtype=torch.long, device=device), probs=None)
-    tokens = [state.first_token]
-    position = state.prompt_length  # tokens in the cache; tokens[-1] sits at this position
-    while len(tokens) < config.max_new_tokens and tokens[-1] not in eos:
-        budget = config.max_new_tokens - len(tokens)  # room for drafts plus the bonus token
+    history = list(state.prompt_tokens) + [state.first_token]  # every committed token, prompt first
+    end = state.prompt_length + config.max_new_tokens  # history length at max_new_tokens
+    position = state.prompt_length  # tokens in the cache; history[-1] sits at this position
+    while len(history) < end and history[-1] not in eos:
+        budget = end - len(history)  # room for drafts plus the bonus token
         draft = empty
         if session is not None and budget > 1:
             t0 = clock()
-            last = torch.tensor([[tokens[-1]]], device=device)
+            last = torch.tensor([[history[-1]]], device=device)
             draft = session.propose(DraftRequest(model=model, cache=state.cache, last_token=last, position=position,
-                                                 max_tokens=budget - 1, sampling=config.sampling, generator=generator))
+                                                 max_tokens=budget - 1, sampling=config.sampling, generator=generator,
+                                                 history=history))
             recorder.draft_seconds += clock() - t0
         t0 = clock()
-        n_accepted, next_token = _verify(model, state.cache, tokens[-1], draft, position, config.sampling, generator)
+        n_accepted, next_token = _verify(model, state.cache, history[-1], draft, position, config.sampling, generator)
         recorder.verify_seconds += clock() - t0
         drafted = draft.tokens.shape[0]
         if session is not None:
             session.observe(drafted, n_accepted)
         recorder.record_step(drafted, n_accepted, draft.forwards)
-        for token in draft.tokens[:n_accepted].tolist() + [next_token]:
-            tokens.append(token)
+        for token in (draft.tokens[:n_accepted].tolist() if n_accepted else []) + [next_token]:
+            history.append(token)
             if token in eos:
                 break
         position += 1 + n_accepted
+    tokens = tuple(history[state.prompt_length:])
     finish = "eos" if tokens[-1] in eos else "length"
     stats = recorder.finish(new_tokens=len(tokens), total_seconds=state.seconds + clock() - start)
-    return GenerationResult(token_ids=tuple(tokens), stats=stats, finish_reason=finish, embedding=state.embedding)
+    return GenerationResult(token_ids=tokens, stats=stats, finish_reason=finish, embedding=state.embedding)
 
 
 def make_generator(device: torch.device, sampling: SamplingConfig) -> torch.Generator | None:

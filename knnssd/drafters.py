@@ -31,6 +31,9 @@ class DraftRequest:
     The cache holds exactly `position` committed tokens; `last_token` (1, 1) is the
     newest committed token, at position `position`, not yet in the cache. A drafter
     may extend the cache while drafting but must leave it at `position` tokens.
+    `history` is every committed token id, prompt first, ending with `last_token`
+    (length `position + 1`); the loop appends to it in place, so a drafter that
+    indexes it can read only what is new since its last call. Do not modify it.
     """
 
     model: PreTrainedModel
@@ -40,13 +43,16 @@ class DraftRequest:
     max_tokens: int
     sampling: SamplingConfig
     generator: torch.Generator | None
+    history: list[int]
 
 
 @dataclass(frozen=True)
 class Draft:
     """Proposed tokens: `tokens` (k,) int64; `probs` (k, vocab) their draft
-    distributions q when sampling, None when greedy; `forwards` the draft-model
-    forward passes spent (k, or k + 1 when a low-confidence token was dropped)."""
+    distributions q when sampling, None when greedy or when the tokens were chosen
+    deterministically (prompt lookup: q is a point mass); `forwards` the draft-model
+    forward passes spent (0 for lookup; k, or k + 1 when a low-confidence token was
+    dropped, for layer skipping)."""
 
     tokens: torch.Tensor
     probs: torch.Tensor | None

@@ -99,7 +99,7 @@ def verify_greedy(drafts: torch.Tensor, target_logits: torch.Tensor) -> tuple[in
 
 def verify_sampling(
     drafts: torch.Tensor,
-    draft_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
     target_probs: torch.Tensor,
     generator: torch.Generator | None,
 ) -> tuple[int, int]:
@@ -107,7 +107,9 @@ def verify_sampling(
 
     Args:
         drafts: (k,) drafted token ids, each drawn from the matching row of `draft_probs`.
-        draft_probs: (k, vocab) the draft distributions q.
+        draft_probs: (k, vocab) the draft distributions q, or None for drafts proposed deterministically
+            (prompt lookup): q is then the point mass on each draft, so a draft x is accepted with
+            probability p(x) and a rejection draws from p with x removed.
         target_probs: (k + 1, vocab) the target distributions p.
     Returns:
         (n_accepted, next_token), with next_token drawn from the residual
@@ -117,7 +119,7 @@ def verify_sampling(
     if k:
         rows = torch.arange(k, device=drafts.device)
         p_x = target_probs[rows, drafts]
-        q_x = draft_probs[rows, drafts]
+        q_x = draft_probs[rows, drafts] if draft_probs is not None else torch.ones_like(p_x)
         u = torch.rand(k, generator=generator, device=drafts.device)
         # accept iff u * q(x) <= p(x)  <=>  u <= p(x) / q(x); no division by q(x) = 0
         accepted = (u * q_x <= p_x).to(torch.int64)
@@ -125,7 +127,11 @@ def verify_sampling(
     else:
         n_accepted = 0
     if n_accepted < k:
-        residual = (target_probs[n_accepted] - draft_probs[n_accepted]).clamp_min(0.0)
+        if draft_probs is not None:
+            residual = (target_probs[n_accepted] - draft_probs[n_accepted]).clamp_min(0.0)
+        else:  # max(p - point mass at x, 0): p without x
+            residual = target_probs[n_accepted].clone()
+            residual[drafts[n_accepted]] = 0.0
         mass = residual.sum()
         # p == q on this row (up to rounding): the residual is empty and p itself is exact
         dist = residual / mass if float(mass) > 1e-12 else target_probs[n_accepted]

@@ -9,6 +9,8 @@ import torch
 
 from knnssd.decoding import GenerationConfig, generate
 from knnssd.drafters import DraftConfig, LayerSkipDrafter
+from knnssd.hybrid import HybridDrafter
+from knnssd.lookup import PromptLookupConfig, PromptLookupDrafter
 from knnssd.prompts import encode_prompt
 from knnssd.skipset import SkipSet
 from tests.conftest import FAMILIES, spec_bench_rows, tiny_model
@@ -26,6 +28,11 @@ def drafters_under_test():
         ("mixed", LayerSkipDrafter(SkipSet.of(attn=[0, 3], mlp=[1]), DraftConfig(threshold=0.3))),
         ("extreme", LayerSkipDrafter(extreme, DraftConfig(threshold=0.0, max_draft_tokens=12))),
         ("adaptive", LayerSkipDrafter(SkipSet.of(mlp=[2, 3]), DraftConfig(threshold=0.5, adaptive=True))),
+        ("lookup", PromptLookupDrafter()),
+        ("lookup-unigram-long", PromptLookupDrafter(PromptLookupConfig(max_ngram=1, max_draft_tokens=20))),
+        ("lookup-4gram", PromptLookupDrafter(PromptLookupConfig(max_ngram=4, min_ngram=2, max_draft_tokens=3))),
+        ("hybrid", HybridDrafter(PromptLookupDrafter(PromptLookupConfig(min_ngram=2)),
+                                 LayerSkipDrafter(SkipSet.of(attn=[1, 3]), DraftConfig(threshold=0.0)))),
     ]
 
 
@@ -79,12 +86,17 @@ def test_smollm2_greedy_lossless_on_every_spec_bench_category(smollm2):
     for row in spec_bench_rows():
         first_by_category.setdefault(row["category"], row["turns"][0])
     assert len(first_by_category) == 13
-    drafter = LayerSkipDrafter(SkipSet.of(attn=[5, 9, 13, 17, 21, 25], mlp=[26, 28]))
+    layer_skip = LayerSkipDrafter(SkipSet.of(attn=[5, 9, 13, 17, 21, 25], mlp=[26, 28]))
+    drafters = {"layer_skip": layer_skip, "prompt_lookup": PromptLookupDrafter(),
+                "hybrid": HybridDrafter(PromptLookupDrafter(PromptLookupConfig(min_ngram=2)), layer_skip)}
     accepted = defaultdict(float)
     for category, text in sorted(first_by_category.items()):
         prompt = encode_prompt(smollm2.tokenizer, text, chat=True)
         expected = reference(smollm2.model, prompt, 64)
-        got = generate(smollm2.model, prompt, GenerationConfig(max_new_tokens=64), drafter)
-        assert got.token_ids == expected, category
-        accepted[category] = got.stats.mean_accepted_tokens
-    assert sum(accepted.values()) / len(accepted) > 1.0, dict(accepted)
+        for name, drafter in drafters.items():
+            got = generate(smollm2.model, prompt, GenerationConfig(max_new_tokens=64), drafter)
+            assert got.token_ids == expected, (category, name)
+            accepted[category, name] = got.stats.mean_accepted_tokens
+    for name in drafters:
+        mean = sum(v for (_, n), v in accepted.items() if n == name) / len(first_by_category)
+        assert mean > 1.0, (name, dict(accepted))

@@ -13,6 +13,8 @@ from scipy.stats import chisquare
 from knnssd.decoding import GenerationConfig, generate
 from knnssd.drafters import DraftConfig, LayerSkipDrafter
 from knnssd.errors import KnnSsdError
+from knnssd.hybrid import HybridDrafter
+from knnssd.lookup import PromptLookupConfig, PromptLookupDrafter
 from knnssd.layerskip import skip_sublayers
 from knnssd.sampling import SamplingConfig, verify_sampling, warp_probs
 from knnssd.skipset import SkipSet
@@ -77,12 +79,23 @@ def draw(model, prompt, drafter, n, length=3):
     return samples
 
 
-def test_first_tokens_follow_the_target_distribution(model):
+LAYER_SKIP = LayerSkipDrafter(SKIP, DraftConfig(threshold=0.0, max_draft_tokens=4))
+DRAFTERS = {
+    "layer_skip": LAYER_SKIP,
+    "prompt_lookup": PromptLookupDrafter(PromptLookupConfig(max_ngram=2, max_draft_tokens=4)),
+    # on the test prompt 2-grams match in about 1 generation in 10, so both sources draft
+    "hybrid": HybridDrafter(PromptLookupDrafter(PromptLookupConfig(max_ngram=2, min_ngram=2)), LAYER_SKIP),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DRAFTERS))
+def test_first_tokens_follow_the_target_distribution(model, name):
     """Joint of tokens 1-2 and marginal of token 3: token 1 comes from the prefill, tokens 2-3 from the
-    first verification of a 2-token draft (drafting forced with threshold 0)."""
-    prompt = torch.tensor([[1, 3, 4, 5, 3]])
+    first verification of a draft (layer-skip drafting forced with threshold 0; the first new token occurs
+    in the prompt in 98% of draws, so prompt lookup drafts almost always)."""
+    prompt = torch.tensor([[1, 1, 3, 5, 5, 5]])
     exact = exact_distribution(model, prompt, 3)
-    drafter = LayerSkipDrafter(SKIP, DraftConfig(threshold=0.0, max_draft_tokens=4))
+    drafter = DRAFTERS[name]
     samples = draw(model, prompt, drafter, n=1500)
     pair = {}
     third = {}
@@ -100,6 +113,20 @@ def test_the_test_detects_the_draft_distribution(model):
     with skip_sublayers(model, SKIP):
         samples = draw(model, prompt, None, n=1500, length=2)
     assert chi_square_p(samples, exact) < 1e-6
+
+
+def test_rejection_sampling_of_deterministic_drafts_is_exact():
+    """A draft proposed without a distribution (prompt lookup, q = point mass): P(next token) == p."""
+    generator = torch.Generator().manual_seed(1)
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.4, 0.4]])
+    counts = Counter()
+    for i in range(20000):
+        draft = torch.tensor([i % 4])  # any proposal rule that ignores the sampled outcome
+        n_accepted, token = verify_sampling(draft, None, p, generator)
+        counts[int(draft) if n_accepted else token] += 1
+    observed = [counts[t] for t in range(3)]
+    assert chisquare(observed, [20000 * float(x) for x in p[0, :3]]).pvalue > 1e-3
+    assert counts[3] == 0
 
 
 def test_rejection_sampling_step_is_exact():

@@ -1,0 +1,83 @@
+"""Prompt lookup's n-gram index, the hybrid's choice of source, and draft policies as JSON."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from knnssd.decoding import GenerationConfig, generate
+from knnssd.drafters import DraftConfig, LayerSkipDrafter
+from knnssd.errors import KnnSsdError
+from knnssd.hybrid import HybridDrafter
+from knnssd.lookup import NgramIndex, PromptLookupConfig, PromptLookupDrafter
+from knnssd.policy import describe_policy, drafter_from_policy, policy_of
+from knnssd.skipset import SkipSet
+from tests.conftest import tiny_model
+
+
+def test_lookup_proposes_what_followed_the_longest_latest_match():
+    index = NgramIndex(PromptLookupConfig(max_ngram=3, min_ngram=1, max_draft_tokens=4))
+    history = [7, 1, 2, 3, 9, 9, 1, 2, 3, 5, 6, 1, 2]
+    index.update(history)
+    # "1 2" last occurred at positions 6-7 (followed by 3 5 6 1); 3-gram "6 1 2" never occurred before
+    assert index.continuation(history, 4) == [3, 5, 6, 1]
+    assert index.continuation(history, 2) == [3, 5]
+    history += [8]
+    index.update(history)  # incremental: only the new n-grams are indexed
+    assert index.continuation(history, 4) == []  # 8 never occurred before
+    history += [8]
+    index.update(history)
+    assert index.continuation(history, 4) == [8]  # "8" followed by "8"; the continuation stops at the end
+
+
+def test_lookup_respects_min_ngram():
+    index = NgramIndex(PromptLookupConfig(max_ngram=2, min_ngram=2))
+    history = [1, 4, 2, 9, 4]
+    index.update(history)
+    assert index.continuation(history, 5) == []  # only the unigram "4" matches
+
+
+@pytest.mark.parametrize("kwargs", [{"min_ngram": 0}, {"max_ngram": 1, "min_ngram": 2}, {"max_draft_tokens": 0}])
+def test_bad_lookup_config(kwargs):
+    with pytest.raises(KnnSsdError, match="fix:"):
+        PromptLookupConfig(**kwargs)
+
+
+def test_lookup_spends_no_forward_and_drafts_on_repetitive_text():
+    model = tiny_model("llama", seed=0)
+    prompt = torch.tensor([[5, 6, 7, 8, 9] * 4])
+    result = generate(model, prompt, GenerationConfig(max_new_tokens=30, eos_token_ids=()), PromptLookupDrafter())
+    assert result.stats.draft_forwards == 0
+    assert result.stats.drafted_tokens > 0
+
+
+def test_hybrid_uses_layer_skip_when_lookup_has_no_match():
+    model = tiny_model("llama", seed=0)
+    never = PromptLookupDrafter(PromptLookupConfig(max_ngram=8, min_ngram=8))  # no 8-gram repeats here
+    hybrid = HybridDrafter(never, LayerSkipDrafter(SkipSet.of(attn=[3]), DraftConfig(threshold=0.0)))
+    prompt = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    stats = generate(model, prompt, GenerationConfig(max_new_tokens=12, eos_token_ids=()), hybrid).stats
+    assert stats.draft_forwards > 0 and stats.drafted_tokens > 0
+
+
+@pytest.mark.parametrize("drafter", [
+    None,
+    LayerSkipDrafter(SkipSet.of(attn=[1], mlp=[2]), DraftConfig(threshold=0.6, max_draft_tokens=5)),
+    PromptLookupDrafter(PromptLookupConfig(max_ngram=4, min_ngram=2, max_draft_tokens=7)),
+    HybridDrafter(PromptLookupDrafter(), LayerSkipDrafter(SkipSet.of(attn=[3]))),
+])
+def test_policy_round_trip(drafter):
+    policy = policy_of(drafter)
+    assert drafter_from_policy(policy, num_layers=4) == drafter
+    assert describe_policy(policy)
+
+
+@pytest.mark.parametrize("policy, words", [
+    ({"kind": "beam"}, "unknown draft policy kind"),
+    ({"kind": "hybrid", "prompt_lookup": {}}, "needs the objects"),
+    ({"kind": "layer_skip", "skip_set": {"attn": [9]}}, "layer"),
+    ({"kind": "prompt_lookup", "max_ngram": 0}, "min_ngram"),
+])
+def test_bad_policies_name_the_problem(policy, words):
+    with pytest.raises(KnnSsdError, match=words):
+        drafter_from_policy(policy, num_layers=4)
