@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-skip-ratio", type=float, default=0.5)
     p.add_argument("--min-speedup", type=float, default=1.0,
                    help="a domain whose best trial is slower than this gets plain decoding (0 keeps every set)")
+    p.add_argument("--policies", default="layer_skip,prompt_lookup,hybrid",
+                   help="drafter kinds the search may choose per domain (comma-separated)")
+    p.add_argument("--no-mix", action="store_true",
+                   help="skip the mix study (one policy searched on all domains together; evaluate.py's Self-SD(Mix))")
     p.add_argument("--work-dir", default="calibration")
     p.add_argument("--storage", default=None, help="Optuna storage: journal file path or RDB URL")
     p.add_argument("--tracking-uri", default=None)
@@ -94,7 +98,8 @@ def config_from_args(args: argparse.Namespace):
     search = SearchConfig(trials=args.trials, prompts_per_trial=args.prompts_per_trial,
                           max_new_tokens=args.max_new_tokens, sampler=args.sampler, seed=args.seed,
                           min_skip_ratio=args.min_skip_ratio, max_skip_ratio=args.max_skip_ratio,
-                          min_speedup=args.min_speedup)
+                          min_speedup=args.min_speedup,
+                          kinds=tuple(k.strip() for k in args.policies.split(",") if k.strip()))
     ray_init = {} if (args.address or os.environ.get("RAY_ADDRESS")) else {
         "num_cpus": os.cpu_count(), "include_dashboard": False}
     return CalibrationConfig(
@@ -102,7 +107,7 @@ def config_from_args(args: argparse.Namespace):
         bundle_name=args.bundle_name or default_bundle_name(args.model), data=data, search=search,
         reduce=ReduceConfig(anchors_per_domain=args.anchors_per_domain, seed=args.seed),
         work_dir=args.work_dir, storage=args.storage, tracking_uri=args.tracking_uri, publish=not args.no_publish,
-        ray_address=args.address, ray_init=ray_init)
+        ray_address=args.address, ray_init=ray_init, mix=not args.no_mix)
 
 
 def final_demo(ref: str, config, work_dir: Path) -> None:
@@ -118,7 +123,7 @@ def final_demo(ref: str, config, work_dir: Path) -> None:
     table = pq.read_table(work_dir / "data.parquet")
     print(f"\nrouting one held-out prompt per domain through {ref} (policy 'none' = plain decoding, so its")
     print("speedup is run-to-run noise around 1):")
-    print(f"{'true domain':<16}{'routed to':<16}{'distance':>9}{'policy':>12}{'speedup':>9}  identical  answer")
+    print(f"{'true domain':<16}{'routed to':<16}{'distance':>9}{'policy':>14}{'speedup':>9}  identical  answer")
     generate(runtime.loaded.model, runtime.encode("warm up"), GenerationConfig(max_new_tokens=4))
     for domain in domains_of(table):
         text = prompts_of(table, domain, HELD_OUT)[0]
@@ -127,7 +132,7 @@ def final_demo(ref: str, config, work_dir: Path) -> None:
         routed = runtime.generate(ids, max_new_tokens=48)
         answer = routed.text.strip().replace("\n", " ")[:50]
         where = routed.route.domain + (" (fallback)" if routed.route.fallback else "")
-        print(f"{domain:<16}{where:<16}{routed.route.distance:>9.4f}{routed.policy['kind']:>12}"
+        print(f"{domain:<16}{where:<16}{routed.route.distance:>9.4f}{routed.policy['kind']:>14}"
               f"{plain.stats.total_seconds / routed.result.stats.total_seconds:>9.2f}  "
               f"{str(routed.result.token_ids == plain.token_ids):<9}  {answer}")
 

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--skip-set", help='JSON {"attn": [...], "mlp": [...]} or a path to a JSON file; '
                                         "without it, plain decoding")
+    gen.add_argument("--policy", help='a whole draft policy as JSON or a file: {"kind": "prompt_lookup", '
+                     '"max_ngram": 3, "max_draft_tokens": 10}, {"kind": "hybrid", ...}; see knnssd/policy.py')
     gen.add_argument("--threshold", type=float, default=0.8, help="stop drafting below this top-1 probability")
     gen.add_argument("--max-draft-tokens", type=int, default=12)
     gen.add_argument("--adaptive", action="store_true", help="adapt the threshold to acceptance (Draft&Verify)")
@@ -73,6 +75,7 @@ def run_bundles_list(args: argparse.Namespace) -> int:
 
 
 def run_bundles_show(args: argparse.Namespace) -> int:
+    from knnssd.policy import describe_policy
     from knnssd.runtime import fetch_bundle
     from registry.bundle import read_bundle
 
@@ -84,13 +87,19 @@ def run_bundles_show(args: argparse.Namespace) -> int:
     print(f"bundle {args.ref}: model {manifest['model_id']} (hash {manifest['model_hash'][:12]}), "
           f"created {manifest['created_at']}, knnssd {manifest['package_version']}")
     print(f"fallback beyond cosine distance {manifest['routing']['fallback_distance']:.4f}: "
-          f"{json.dumps(manifest['fallback_policy'])}")
-    print(f"\n{'domain':<16}{'anchors':>8}{'speedup':>9}{'mat':>6}{'skip':>6}  policy")
-    for domain in manifest["domains"]:
-        m = domain["metrics"]
-        print(f"{domain['name']:<16}{domain['anchors']:>8}{m.get('speedup', float('nan')):>9.2f}"
-              f"{m.get('mean_accepted_tokens', float('nan')):>6.2f}{m.get('skip_ratio', float('nan')):>6.2f}  "
-              f"{json.dumps(domain['policy'])}")
+          f"{describe_policy(manifest['fallback_policy'])}")
+    print(f"\n{'domain':<16}{'anchors':>8}{'speedup':>9}{'mat':>6}{'accept':>8}{'trials':>8}  policy")
+    rows = [(d["name"], d["anchors"], d["metrics"], d["policy"]) for d in manifest["domains"]]
+    rows += [(f"({name})", 0, ref.get("metrics", {}), ref.get("policy", {}))
+             for name, ref in manifest.get("reference_policies", {}).items()]
+    for name, anchors, m, policy in rows:
+        print(f"{name:<16}{anchors:>8}{m.get('speedup', float('nan')):>9.2f}"
+              f"{m.get('mean_accepted_tokens', float('nan')):>6.2f}{m.get('acceptance_rate', float('nan')):>8.2f}"
+              f"{int(m.get('trials', 0)):>8}  {describe_policy(policy)}")
+    if manifest.get("reference_policies"):
+        print("(rows in parentheses: reference policies searched for comparison, never routed to)")
+    print("speedup, mat (mean accepted tokens per step), accept (acceptance rate): the chosen policy's calibration "
+          "trial")
     return 0
 
 
@@ -100,7 +109,7 @@ def run_generate(args: argparse.Namespace) -> int:
     request = GenerateRequest(
         model=args.model, prompt=args.prompt, bundle=args.bundle, tracking_uri=args.tracking_uri,
         allow_model_mismatch=args.allow_model_mismatch, chat=args.chat, max_new_tokens=args.max_new_tokens,
-        skip_set=args.skip_set, threshold=args.threshold, max_draft_tokens=args.max_draft_tokens,
+        skip_set=args.skip_set, policy=args.policy, threshold=args.threshold, max_draft_tokens=args.max_draft_tokens,
         adaptive=args.adaptive, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         compare_ar=args.compare_ar, device=args.device, dtype=args.dtype,
     )

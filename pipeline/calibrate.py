@@ -8,6 +8,7 @@ that fails or is killed loses no finished work: run it again and it resumes.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,12 +22,15 @@ import pyarrow.parquet as pq
 
 from knnssd.errors import KnnSsdError
 from knnssd.models import check_model
+from knnssd.policy import describe_policy
 from pipeline.data import CALIBRATION, DataConfig, domains_of, load_calibration_table, prompts_of
 from pipeline.reduce import ReduceConfig, build_bundle_spec
 from pipeline.search import SearchConfig
 from pipeline.stages import ModelSpec
 from registry.bundle import write_bundle
 from registry.mlflow_store import BundleRef, BundleRegistry
+
+MIX = "__mix__"  # the study over all domains' prompts together (the Self-SD(Mix) baseline)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class CalibrationConfig:
     publish: bool = True
     ray_address: str | None = None
     embed_chunk: int = 16
+    mix: bool = True
     ray_init: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -64,16 +69,27 @@ def validate(config: CalibrationConfig) -> pa.Table:
     return load_calibration_table(config.data, min_calibration=config.search.prompts_per_trial)
 
 
+def mixed_prompts(table: pa.Table) -> list[str]:
+    """Every domain's calibration prompts interleaved round-robin, so that any first n mix the domains."""
+    per_domain = [prompts_of(table, domain, CALIBRATION) for domain in domains_of(table)]
+    return [p for row in itertools.zip_longest(*per_domain) for p in row if p is not None]
+
+
 def run_searches(config: CalibrationConfig, table: pa.Table, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One search per domain, plus the mix study (all domains' prompts together) when `config.mix`."""
     import ray
 
     from pipeline.stages import search_domain, task_resources
 
     resources = task_resources()
-    pending = {search_domain.options(**resources).remote(
-        config.model, domain, prompts_of(table, domain, CALIBRATION), config.search, config.storage_url): domain
-        for domain in domains_of(table)}
-    log(f"search: {len(pending)} domains, {config.search.trials} trials each, on {resources}")
+    studies = {domain: prompts_of(table, domain, CALIBRATION) for domain in domains_of(table)}
+    if config.mix:
+        studies[MIX] = mixed_prompts(table)
+    pending = {search_domain.options(**resources).remote(config.model, domain, prompts, config.search,
+                                                         config.storage_url): domain
+               for domain, prompts in studies.items()}
+    log(f"search: {len(pending)} studies ({', '.join(studies)}), {config.search.trials} trials each, "
+        f"on {resources}")
     results = []
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
@@ -83,7 +99,7 @@ def run_searches(config: CalibrationConfig, table: pa.Table, log: Callable[[str]
         m = result["metrics"]
         log(f"search: domain {result['domain']} done in {result['seconds']:.0f} s: speedup {m['speedup']:.3f}, "
             f"policy {result['policy']['kind']} ({len(results)}/{len(results) + len(pending)})")
-    order = domains_of(table)
+    order = list(studies)
     return sorted(results, key=lambda r: order.index(r["domain"]))
 
 
@@ -109,8 +125,10 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
     pq.write_table(table, work / "data.parquet")
     log(f"data: {table.num_rows} prompts in {len(domains_of(table))} domains -> {work / 'data.parquet'}")
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=True, **config.ray_init)
-    searches = run_searches(config, table, log)
-    (work / "search.json").write_text(json.dumps(searches, indent=2))
+    everything = run_searches(config, table, log)
+    (work / "search.json").write_text(json.dumps(everything, indent=2))
+    searches = [r for r in everything if r["domain"] != MIX]
+    references = {"mix": {"policy": r["policy"], "metrics": r["metrics"]} for r in everything if r["domain"] == MIX}
     calibration = table.filter(pc.equal(table["split"], CALIBRATION))
     embeddings = run_embeddings(config, calibration)
     pq.write_table(calibration.append_column("embedding", pa.array(list(embeddings), pa.list_(pa.float32()))),
@@ -121,7 +139,7 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
         labels=calibration["domain"].to_pylist(), policies={r["domain"]: r["policy"] for r in searches},
         metrics={r["domain"]: r["metrics"] for r in searches}, config=config.reduce,
         prompt_format={"chat": config.model.chat},
-        calibration={"search": asdict(config.search), "data": asdict(config.data)})
+        calibration={"search": asdict(config.search), "data": asdict(config.data)}, reference_policies=references)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     folder = write_bundle(spec, work / "bundles" / f"{config.bundle_name}-{stamp}")
     log(f"reduce: {spec.anchors.shape[0]} anchors, fallback beyond distance {spec.fallback_distance:.4f} -> {folder}")
@@ -130,7 +148,7 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
         published = BundleRegistry(config.tracking_uri).publish(folder, config.bundle_name, params=flat_params(config))
         ref = f"{published.name}@v{published.version}"
         log(f"publish: {ref} (run {published.run_id}) in {BundleRegistry(config.tracking_uri).tracking_uri}")
-    return CalibrationResult(bundle_folder=folder, ref=ref, domains=tuple(searches),
+    return CalibrationResult(bundle_folder=folder, ref=ref, domains=tuple(everything),
                              seconds=time.perf_counter() - started)
 
 
@@ -146,13 +164,15 @@ def flat_params(config: CalibrationConfig) -> dict[str, Any]:
 
 
 def summary_table(result: CalibrationResult) -> str:
-    """Per domain: the policy chosen and its best trial (the searched set's figures even when a domain falls
-    back to plain decoding because that set was slower)."""
-    header = f"{'domain':<16}{'policy':<12}{'skip ratio':>11}{'best trial speedup':>20}{'mean acc':>10}{'trials':>8}"
-    lines = [header, "-" * len(header)]
+    """Per domain: the policy chosen and its best trial (the searched policy's figures even when a domain falls
+    back to plain decoding because that policy was slower)."""
+    header = f"{'domain':<16}{'best trial speedup':>19}{'mean acc':>10}{'trials':>8}  policy"
+    lines = [header, "-" * (len(header) + 40)]
     for row in result.domains:
         m = row["metrics"]
-        lines.append(f"{row['domain']:<16}{row['policy']['kind']:<12}{m['skip_ratio']:>11.2f}"
-                     f"{m.get('searched_speedup', m['speedup']):>20.3f}{m['mean_accepted_tokens']:>10.2f}"
-                     f"{int(m['trials']):>8}")
+        chosen = describe_policy(row["policy"])
+        if "searched_policy" in m:
+            chosen += f" (searched {describe_policy(json.loads(m['searched_policy']))} was slower than plain)"
+        lines.append(f"{row['domain']:<16}{m.get('searched_speedup', m['speedup']):>19.3f}"
+                     f"{m['mean_accepted_tokens']:>10.2f}{int(m['trials']):>8}  {chosen}")
     return "\n".join(lines)

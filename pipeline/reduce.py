@@ -69,17 +69,29 @@ def fallback_distance(embeddings: np.ndarray, labels: Sequence[str], domains: Se
 
 
 def conservative_policy(policies: dict[str, dict[str, Any]], config: ReduceConfig) -> dict[str, Any]:
-    """Skip only what every domain's layer-skip policy skips, drafting more cautiously; else plain decoding."""
-    skip_sets = [p["skip_set"] for p in policies.values() if p.get("kind") == "layer_skip"]
-    if len(skip_sets) != len(policies) or not skip_sets:
-        return {"kind": "none"}
-    attn = sorted(set.intersection(*(set(s.get("attn", [])) for s in skip_sets)))
-    mlp = sorted(set.intersection(*(set(s.get("mlp", [])) for s in skip_sets)))
-    if not attn and not mlp:
-        return {"kind": "none"}
-    first = next(iter(policies.values()))
-    return {**first, "skip_set": {"attn": attn, "mlp": mlp},
-            "threshold": max(float(first.get("threshold", 0.8)), config.fallback_threshold)}
+    """The policy for prompts far from every anchor, which no domain's search measured.
+
+    Every domain layer-skipping: skip only what all of them skip, drafting more cautiously. Every domain using
+    prompt lookup (alone or in a hybrid): lookup alone, needing the longest matches any of them needs and
+    drafting the fewest tokens any of them drafts (lookup costs no forward pass, so a miss costs nothing).
+    Anything else, or nothing in common: plain decoding."""
+    kinds = {p.get("kind") for p in policies.values()}
+    if kinds == {"layer_skip"}:
+        skip_sets = [p["skip_set"] for p in policies.values()]
+        attn = sorted(set.intersection(*(set(s.get("attn", [])) for s in skip_sets)))
+        mlp = sorted(set.intersection(*(set(s.get("mlp", [])) for s in skip_sets)))
+        if not attn and not mlp:
+            return {"kind": "none"}
+        first = next(iter(policies.values()))
+        return {**first, "skip_set": {"attn": attn, "mlp": mlp},
+                "threshold": max(float(first.get("threshold", 0.8)), config.fallback_threshold)}
+    if kinds and kinds <= {"prompt_lookup", "hybrid"}:
+        lookups = [p if p["kind"] == "prompt_lookup" else p["prompt_lookup"] for p in policies.values()]
+        max_ngram = max(int(p.get("max_ngram", 3)) for p in lookups)
+        return {"kind": "prompt_lookup", "max_ngram": max_ngram,
+                "min_ngram": min(max_ngram, max(int(p.get("min_ngram", 1)) for p in lookups)),
+                "max_draft_tokens": min(int(p.get("max_draft_tokens", 10)) for p in lookups)}
+    return {"kind": "none"}
 
 
 def build_bundle_spec(
@@ -92,6 +104,7 @@ def build_bundle_spec(
     config: ReduceConfig = ReduceConfig(),
     prompt_format: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
+    reference_policies: dict[str, dict[str, Any]] | None = None,
 ) -> BundleSpec:
     """Everything the bundle needs, from (n, dim) calibration embeddings with their domain labels."""
     domains = tuple(policies)
@@ -100,7 +113,7 @@ def build_bundle_spec(
         model_id=model_id, model_hash=model_hash, domains=domains, anchors=anchors, anchor_domains=owners,
         policies=policies, fallback_policy=conservative_policy(policies, config),
         fallback_distance=fallback_distance(embeddings, labels, domains, config), metrics=metrics,
-        prompt_format=prompt_format or {"chat": True},
+        prompt_format=prompt_format or {"chat": True}, reference_policies=reference_policies or {},
         calibration={**(calibration or {}), "anchors_per_domain": config.anchors_per_domain,
                      "fallback_quantile": config.fallback_quantile, "fallback_margin": config.fallback_margin},
     )

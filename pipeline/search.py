@@ -1,8 +1,13 @@
-"""Per-domain skip-set search: one Optuna study per (model, domain), every trial a timed measurement.
+"""Per-domain draft-policy search: one Optuna study per (model, domain), every trial a timed measurement.
 
-The search space is the 2L binary choices "skip attention of layer i" / "skip MLP of layer i". Trials whose skip
-ratio falls outside [min_skip_ratio, max_skip_ratio] are pruned before any decoding. Each trial's figures are
-kept on the trial (user attributes). Studies live in storage (a journal file by default, or an RDB URL), so a
+A trial first picks the drafter kind among `SearchConfig.kinds`, then that kind's parameters (conditional
+parameters, which TPE handles):
+  layer_skip     the 2L binary choices "skip attention / MLP of layer i", the confidence threshold, and the
+                 maximum draft length;
+  prompt_lookup  the largest and smallest n-gram sizes, and the maximum draft length;
+  hybrid         both sets above (lookup where the text matches, layer skipping elsewhere).
+Trials whose skip ratio falls outside [min_skip_ratio, max_skip_ratio] are pruned before any decoding. Each
+trial's policy (the JSON a bundle stores) and figures are kept on the trial (user attributes). Studies live in storage (a journal file by default, or an RDB URL), so a
 search that is killed and run again resumes: finished trials are kept, and only the rest are run.
 """
 
@@ -16,13 +21,16 @@ from typing import Any, Callable
 
 import optuna
 
-from knnssd.drafters import DraftConfig, LayerSkipDrafter
 from knnssd.errors import KnnSsdError
+from knnssd.policy import describe_policy, drafter_from_policy
 from knnssd.skipset import SkipSet
 from pipeline.measure import Baseline, measure
 
-# Bumped whenever the objective's measurement changes, so a resumed study never mixes incomparable trials.
-MEASUREMENT_VERSION = 2
+# Bumped whenever the objective's measurement or search space changes, so a resumed study never mixes
+# incomparable trials.
+MEASUREMENT_VERSION = 3
+SEARCHABLE_KINDS = ("layer_skip", "prompt_lookup", "hybrid")
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 @dataclass(frozen=True)
@@ -38,8 +46,16 @@ class SearchConfig:
     max_draft_tokens: int = 12
     prune_below: float = 0.5
     min_speedup: float = 1.0
+    kinds: tuple[str, ...] = SEARCHABLE_KINDS
+    max_ngram: int = 3
+    lookup_draft_tokens: int = 10
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        unknown = [kind for kind in self.kinds if kind not in SEARCHABLE_KINDS]
+        if unknown or not self.kinds:
+            raise KnnSsdError(f"unknown or no drafter kinds to search: {', '.join(unknown) or '(none)'}",
+                              fix=f"choose from {','.join(SEARCHABLE_KINDS)}, e.g. --policies layer_skip,prompt_lookup")
         if self.trials < 1:
             raise KnnSsdError(f"--trials must be >= 1, got {self.trials}", fix="run at least one trial per domain")
         if self.prompts_per_trial < 1:
@@ -95,9 +111,9 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def seed_skip_sets(num_layers: int, config: SearchConfig) -> list[SkipSet]:
-    """First trials of a new study: attention of the top 1, 2, 4 and 8 layers below the last (published skip
-    sets skip attention more often than MLP, mostly in upper layers), within the skip-ratio bounds. Random
-    starts over 2L coin flips skip about half of all sub-layers, which few models survive."""
+    """Attention of the top 1, 2, 4 and 8 layers below the last (published skip sets skip attention more often
+    than MLP, mostly in upper layers), within the skip-ratio bounds. Random starts over 2L coin flips skip
+    about half of all sub-layers, which few models survive."""
     seeds = []
     for k in (1, 2, 4, 8):
         if k < num_layers:
@@ -107,12 +123,32 @@ def seed_skip_sets(num_layers: int, config: SearchConfig) -> list[SkipSet]:
     return seeds
 
 
+def skip_params(skip: SkipSet, num_layers: int) -> dict[str, Any]:
+    params: dict[str, Any] = {f"attn_{i}": i in skip.attn for i in range(num_layers)}
+    params.update({f"mlp_{i}": i in skip.mlp for i in range(num_layers)})
+    return params
+
+
+def seed_trials(num_layers: int, config: SearchConfig) -> list[dict[str, Any]]:
+    """First trials of a new study, one per kind before the rest: prompt lookup with the configured n-gram
+    size and draft length, then the layer-skip seed sets, then a hybrid of the two, as far as `kinds` allow."""
+    lookup = {"max_ngram": config.max_ngram, "min_ngram": 1, "lookup_draft_tokens": config.lookup_draft_tokens}
+    layer = {"threshold": config.threshold, "max_draft_tokens": config.max_draft_tokens}
+    skips = seed_skip_sets(num_layers, config)
+    seeds: list[dict[str, Any]] = []
+    if "prompt_lookup" in config.kinds:
+        seeds.append({"kind": "prompt_lookup", **lookup})
+    if "layer_skip" in config.kinds:
+        seeds.extend({"kind": "layer_skip", **layer, **skip_params(skip, num_layers)} for skip in skips)
+    if "hybrid" in config.kinds and skips:
+        seeds.append({"kind": "hybrid", **lookup, **layer, **skip_params(skips[0], num_layers)})
+    return seeds
+
+
 def enqueue_seeds(study: optuna.Study, num_layers: int, config: SearchConfig) -> None:
     if study.get_trials(deepcopy=False):
         return  # a resumed study already has its seeds
-    for skip in seed_skip_sets(num_layers, config)[: max(0, config.trials - 1)]:
-        params = {f"attn_{i}": i in skip.attn for i in range(num_layers)}
-        params.update({f"mlp_{i}": i in skip.mlp for i in range(num_layers)})
+    for params in seed_trials(num_layers, config)[: max(0, config.trials - 1)]:
         study.enqueue_trial(params)
 
 
@@ -122,18 +158,41 @@ def suggest_skip_set(trial: optuna.Trial, num_layers: int) -> SkipSet:
     return SkipSet.of(attn=attn, mlp=mlp)
 
 
+def suggest_policy(trial: optuna.Trial, num_layers: int, config: SearchConfig) -> dict[str, Any]:
+    """A draft policy (bundle JSON form) from the trial's parameters."""
+    kind = trial.suggest_categorical("kind", list(config.kinds))
+    parts: dict[str, dict[str, Any]] = {}
+    if kind in ("prompt_lookup", "hybrid"):
+        max_ngram = trial.suggest_int("max_ngram", 1, 4)
+        parts["prompt_lookup"] = {"max_ngram": max_ngram,
+                                  "min_ngram": min(max_ngram, trial.suggest_int("min_ngram", 1, 2)),
+                                  "max_draft_tokens": trial.suggest_int("lookup_draft_tokens", 2, 16)}
+    if kind in ("layer_skip", "hybrid"):
+        parts["layer_skip"] = {"skip_set": suggest_skip_set(trial, num_layers).to_dict(),
+                               "threshold": trial.suggest_categorical("threshold", list(THRESHOLDS)),
+                               "max_draft_tokens": trial.suggest_int("max_draft_tokens", 2, 12)}
+    if kind == "hybrid":
+        return {"kind": kind, **parts}
+    return {"kind": kind, **parts[kind]}
+
+
+def policy_skip_ratio(policy: dict[str, Any], num_layers: int) -> float | None:
+    """The skip ratio of a policy's layer-skip part, None when it has none."""
+    layer = policy if policy["kind"] == "layer_skip" else policy.get("layer_skip")
+    return SkipSet.from_dict(layer["skip_set"]).skip_ratio(num_layers) if layer else None
+
+
 def make_objective(model: Any, num_layers: int, baseline: Baseline, config: SearchConfig,
                    progress: Callable[[str], None]) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
-        skip_set = suggest_skip_set(trial, num_layers)
-        ratio = skip_set.skip_ratio(num_layers)
-        trial.set_user_attr("skip_set", skip_set.to_dict())
-        trial.set_user_attr("skip_ratio", ratio)
-        if not config.min_skip_ratio <= ratio <= config.max_skip_ratio:
-            progress(f"trial {trial.number}: skip ratio {ratio:.2f} outside bounds, pruned")
+        policy = suggest_policy(trial, num_layers, config)
+        ratio = policy_skip_ratio(policy, num_layers)
+        trial.set_user_attr("policy", policy)
+        trial.set_user_attr("skip_ratio", ratio or 0.0)
+        if ratio is not None and not config.min_skip_ratio <= ratio <= config.max_skip_ratio:
+            progress(f"trial {trial.number}: {policy['kind']}, skip ratio {ratio:.2f} outside bounds, pruned")
             raise optuna.TrialPruned()
-        drafter = LayerSkipDrafter(skip_set.validate(num_layers),
-                                   DraftConfig(threshold=config.threshold, max_draft_tokens=config.max_draft_tokens))
+        drafter = drafter_from_policy(policy, num_layers)
 
         def report(step: int, speedup: float) -> bool:
             trial.report(speedup, step)
@@ -147,16 +206,16 @@ def make_objective(model: Any, num_layers: int, baseline: Baseline, config: Sear
             trial.set_user_attr(key, value)
         if not result.lossless:
             raise RuntimeError(f"trial {trial.number}: output differed from plain decoding; this is a bug")
-        progress(f"trial {trial.number}: speedup {result.speedup:.3f}, mean accepted "
-                 f"{result.mean_accepted_tokens:.2f}, skip ratio {ratio:.2f}")
+        progress(f"trial {trial.number}: {describe_policy(policy)}: speedup {result.speedup:.3f}, mean accepted "
+                 f"{result.mean_accepted_tokens:.2f}")
         return result.speedup
 
     return objective
 
 
 def best_policy(study: optuna.Study, config: SearchConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The domain's draft policy and metrics: the best completed trial's skip set, or plain decoding when no
-    trial reached `config.min_speedup` (the searched set is still reported in the metrics)."""
+    """The domain's draft policy and metrics: the best completed trial's policy, or plain decoding when no
+    trial reached `config.min_speedup` (the searched policy is still reported in the metrics)."""
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         return {"kind": "none"}, {"speedup": 1.0, "mean_accepted_tokens": 1.0, "acceptance_rate": 0.0,
@@ -166,9 +225,8 @@ def best_policy(study: optuna.Study, config: SearchConfig) -> tuple[dict[str, An
     metrics = {"speedup": float(best.value), "mean_accepted_tokens": float(attrs["mean_accepted_tokens"]),
                "acceptance_rate": float(attrs["acceptance_rate"]), "skip_ratio": float(attrs["skip_ratio"]),
                "trials": float(len(finished_trials(study))), "best_trial": float(best.number)}
-    policy = {"kind": "layer_skip", "skip_set": attrs["skip_set"], "threshold": config.threshold,
-              "max_draft_tokens": config.max_draft_tokens}
+    policy = attrs["policy"]
     if best.value < config.min_speedup:
-        metrics["searched_skip_set"] = json.dumps(attrs["skip_set"])  # type: ignore[assignment]
+        metrics["searched_policy"] = json.dumps(policy)  # type: ignore[assignment]
         return {"kind": "none"}, {**metrics, "speedup": 1.0, "searched_speedup": float(best.value)}
     return policy, metrics

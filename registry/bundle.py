@@ -6,8 +6,11 @@
     anchors.json     {"dim": D, "labels": [domain index of each anchor]}
     policies.json    {domain: draft policy}, plus "__fallback__" for prompts far from every anchor
 
-A draft policy is a JSON object: {"kind": "layer_skip", "skip_set": {"attn": [...], "mlp": [...]},
-"threshold": 0.8, "max_draft_tokens": 12, ...} or {"kind": "none"} (plain decoding).
+A draft policy is a JSON object (see knnssd.policy): {"kind": "layer_skip", "skip_set": {"attn": [...],
+"mlp": [...]}, "threshold": 0.8, "max_draft_tokens": 12, ...}, {"kind": "prompt_lookup", ...},
+{"kind": "hybrid", ...} or {"kind": "none"} (plain decoding). The manifest may also hold reference policies
+that calibration searched for comparison but the router never uses ("mix": one policy searched on all
+domains' prompts together, the Self-SD(Mix) baseline of evaluation).
 
 Reading verifies the schema version and every checksum before anything else is parsed, and never unpickles:
 FAISS reads its own binary format, everything else is JSON.
@@ -46,7 +49,8 @@ class BundleSpec:
     """Everything a bundle holds, before it is written.
 
     anchors: (n_anchors, dim) float32 embeddings (normalised on write); anchor_domains: (n_anchors,)
-    index into `domains`; policies: one per domain; metrics: per-domain calibration figures.
+    index into `domains`; policies: one per domain; metrics: per-domain calibration figures;
+    reference_policies: {name: {"policy": ..., "metrics": ...}} searched for comparison, never routed to.
     """
 
     model_id: str
@@ -60,6 +64,7 @@ class BundleSpec:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     prompt_format: dict[str, Any] = field(default_factory=lambda: {"chat": True})
     calibration: dict[str, Any] = field(default_factory=dict)
+    reference_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.anchors.ndim != 2 or self.anchors.shape[0] != len(self.anchor_domains):
@@ -152,6 +157,7 @@ def write_bundle(spec: BundleSpec, folder: str | os.PathLike[str]) -> Path:
             "domains": [{"name": name, "anchors": int(counts[i]), "policy": spec.policies[name],
                          "metrics": spec.metrics.get(name, {})} for i, name in enumerate(spec.domains)],
             "fallback_policy": spec.fallback_policy,
+            "reference_policies": spec.reference_policies,
             "calibration": spec.calibration,
             "files": {name: sha256_file(tmp / name) for name in (INDEX_FILE, ANCHORS_FILE, POLICIES_FILE)},
         }

@@ -117,6 +117,10 @@ class BundleRegistry:
                 for key in DOMAIN_METRICS:
                     if key in domain["metrics"]:
                         metrics.append(Metric(f"{key}/{domain['name']}", float(domain["metrics"][key]), 0, 0))
+            for ref_name, reference in bundle.manifest.get("reference_policies", {}).items():
+                for key in DOMAIN_METRICS:
+                    if key in reference.get("metrics", {}):
+                        metrics.append(Metric(f"{key}/{ref_name}", float(reference["metrics"][key]), 0, 0))
             client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()], metrics=metrics)
             client.log_artifacts(run_id, str(folder), artifact_path="bundle")
             with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +134,35 @@ class BundleRegistry:
             client.set_terminated(run_id, status="FAILED")
             raise
         return Published(name=name, version=int(version.version), run_id=run_id)
+
+    def log_evaluation(self, ref: str, params: dict[str, Any], metrics: dict[str, float], folder: Path,
+                       experiment: str = DEFAULT_EXPERIMENT) -> str:
+        """Log an evaluation of bundle `ref` as a run nested under the bundle's own run (same experiment,
+        `mlflow.parentRunId`, and tags naming the bundle): params, metrics, and every file of `folder` as
+        artifacts under "evaluation". Returns the run id. A bundle folder (no registry) gets a top-level run."""
+        from mlflow.entities import Metric, Param
+
+        client = self.client
+        tags = {"kind": "evaluation", "bundle_ref": ref, "mlflow.runName": f"evaluate {ref}"}
+        experiment_id = self._experiment_id(experiment)
+        if os.sep not in ref and not Path(ref).exists():
+            name, version = self.resolve(ref)
+            bundle_run = client.get_model_version(name, str(version)).run_id
+            experiment_id = client.get_run(bundle_run).info.experiment_id
+            tags.update({"mlflow.parentRunId": bundle_run, "bundle_run_id": bundle_run, "bundle_name": name,
+                         "bundle_version": str(version)})
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        try:
+            clean = [Metric(key, float(value), 0, 0) for key, value in metrics.items() if value == value]  # no NaN
+            for start in range(0, len(clean), 900):  # log_batch takes at most 1000 metrics
+                client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()] if not start
+                                 else [], metrics=clean[start:start + 900])
+            client.log_artifacts(run_id, str(folder), artifact_path="evaluation")
+            client.set_terminated(run_id)
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        return run_id
 
     def _experiment_id(self, experiment: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -261,7 +294,9 @@ def _split_runs_uri(uri: str) -> tuple[str, str] | None:
 
 def write_reports(manifest: dict[str, Any], folder: Path) -> list[Path]:
     """A per-domain CSV table and a PNG bar plot of speedup per domain, for the MLflow UI."""
-    rows = [{"domain": d["name"], "anchors": d["anchors"], "policy": d["policy"].get("kind"),
+    from knnssd.policy import describe_policy
+
+    rows = [{"domain": d["name"], "anchors": d["anchors"], "policy": describe_policy(d["policy"]),
              **{k: d["metrics"].get(k, "") for k in DOMAIN_METRICS}} for d in manifest["domains"]]
     table = folder / "domains.csv"
     with table.open("w", newline="") as handle:

@@ -61,11 +61,19 @@ def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path):
     proc = run_job(job_args(tiny, tmp_path / "w", "--trials", "3", "--bundle-name", "tiny"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "published as tiny@v1" in out and "skip ratio" in out
+    assert "published as tiny@v1" in out and "best trial speedup" in out
     assert "[low] trial 0:" in out + proc.stderr and "[high] trial 2:" in out + proc.stderr
     found = studies(tmp_path / "w")
-    assert len(found) == 2 and all(len(trials) == 3 for trials in found.values())
+    assert len(found) == 3 and all(len(trials) == 3 for trials in found.values())  # low, high and the mix
+    assert any("-__mix__-" in name for name in found)
     assert (tmp_path / "w" / "embeddings.parquet").is_file()
+    # the first trials are the seeds: prompt lookup first, then layer skipping; every kind leaves its policy
+    kinds = {t.user_attrs["policy"]["kind"] for trials in found.values() for t in trials}
+    assert {"prompt_lookup", "layer_skip"} <= kinds
+    (bundle,) = (tmp_path / "w" / "bundles").iterdir()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["reference_policies"]) == {"mix"}
+    assert [d["name"] for d in manifest["domains"]] == ["low", "high"]
 
 
 def kill_search_workers(work: Path) -> None:
@@ -80,7 +88,7 @@ def kill_search_workers(work: Path) -> None:
 
 def test_killed_job_resumes_without_redoing_trials(tiny, tmp_path):
     work = tmp_path / "w"
-    args = job_args(tiny, work, "--trials", "40", "--no-publish", "--domains", "low")
+    args = job_args(tiny, work, "--trials", "40", "--no-publish", "--domains", "low", "--no-mix")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "first-run.log", "w")  # a file, not a pipe nobody reads: that would block the job
@@ -124,7 +132,7 @@ def test_worker_killed_mid_search_is_retried(tiny, tmp_path):
     config = CalibrationConfig(model=ModelSpec(name=str(tiny / "model"), chat=False), bundle_name="t",
                                data=DataConfig(path=str(tiny / "data.jsonl"), domains=("high",)),
                                search=SearchConfig(trials=10, prompts_per_trial=2, max_new_tokens=8),
-                               work_dir=str(work))
+                               work_dir=str(work), mix=False)
     table = load_calibration_table(config.data, min_calibration=2)
     ray.init(num_cpus=2, include_dashboard=False)
     killed = []
