@@ -146,3 +146,22 @@ def test_cli_bundles_list(tracking_uri, loaded, tmp_path, cache, capsys):
     assert lines[1].startswith("v1") and "production" in lines[1] and lines[2].startswith("v2")
     assert main(["bundles", "show", f"{name}@production", "--tracking-uri", tracking_uri, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["calibration"]["tag"] == "l1"
+
+
+def test_evaluation_run_is_nested_under_the_bundle_run(tracking_uri, loaded, tmp_path):
+    registry = BundleRegistry(tracking_uri)
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    published = publish(registry, loaded, tmp_path, name, "e")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "summary.csv").write_text("stream,method,domain,speedup\ntask,knn,low,1.2\n")
+    run_id = registry.log_evaluation(f"{name}@v1", {"max_new_tokens": 64},
+                                     {"speedup/task/knn/low": 1.2, "acceptance/task/plain/low": float("nan")},
+                                     results)
+    run = registry.client.get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == published.run_id == run.data.tags["bundle_run_id"]
+    assert run.data.tags["bundle_version"] == "1" and run.data.tags["kind"] == "evaluation"
+    assert run.info.experiment_id == registry.client.get_run(published.run_id).info.experiment_id
+    assert run.data.metrics == {"speedup/task/knn/low": pytest.approx(1.2)}  # NaN figures are left out
+    assert run.data.params["max_new_tokens"] == "64"
+    assert {a.path for a in registry.client.list_artifacts(run_id, "evaluation")} == {"evaluation/summary.csv"}

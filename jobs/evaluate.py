@@ -1,0 +1,133 @@
+"""The domain-shift study of a routing bundle: KNN-SSD against Self-SD(Fix), Self-SD(Mix), an oracle, plain
+decoding and transformers' own assisted generation, on prompts held out from calibration.
+
+    python jobs/evaluate.py --bundle smollm2-135m@v3 --data ../shared/data/spec_bench/question.jsonl
+    ray job submit --working-dir . -- python jobs/evaluate.py --bundle smollm2-135m@v3 --data question.jsonl
+
+With RAY_ADDRESS (as under `ray job submit`) or --address, the measurement runs as one Ray task (on a GPU where
+the cluster has one); otherwise in this process. Without --data, the prompts come from the data the bundle was
+calibrated on (its manifest records where); the held-out split is rebuilt with the calibration's seed, so no
+calibration prompt is evaluated. Results: a folder of tables, a plot and a report, and an MLflow run nested under
+the bundle's own run (unless --no-log). See pipeline/evaluate.py for the methods and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
+
+from knnssd.errors import KnnSsdError  # noqa: E402
+from pipeline.evaluate import PEERS, STREAMS, EvalConfig  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", required=True, help="registry reference (name, name@vN, name@alias) or folder")
+    p.add_argument("--data", default=None, help="prompt file (default: the bundle's calibration data)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (default all)")
+    p.add_argument("--streams", default=",".join(STREAMS), help="task, mixed or both")
+    p.add_argument("--fix-domains", default=None, help="domains whose policy runs as Self-SD(Fix) (default all)")
+    p.add_argument("--peers", default=",".join(PEERS), help="transformers' methods to time, or 'none'")
+    p.add_argument("--lookup-tokens", type=int, default=10, help="peers' prompt_lookup_num_tokens")
+    p.add_argument("--early-exit-layer", type=int, default=None, help="peers' assistant_early_exit (default L/2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default evaluation/<bundle>-<time>)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--no-log", action="store_true", help="do not log the evaluation to MLflow")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS; none: run here)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    return p
+
+
+def split_list(text: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (text or "").split(",") if x.strip() and x.strip() != "none")
+
+
+def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | None) -> list[tuple[str, str]]:
+    """The held-out prompts of the bundle's domains, split as calibration split them."""
+    from pipeline.data import DataConfig, load_calibration_table
+    from pipeline.evaluate import held_out_prompts
+
+    recorded = dict(manifest.get("calibration", {}).get("data") or {})
+    if data_path is None and "data" not in manifest.get("calibration", {}):
+        raise KnnSsdError("the bundle does not record its calibration data", fix="pass --data PATH")
+    recorded["domains"] = tuple(recorded.get("domains") or ())
+    if data_path is not None:
+        recorded["path"] = data_path
+    config = DataConfig(**recorded)
+    min_calibration = int(manifest.get("calibration", {}).get("search", {}).get("prompts_per_trial", 1))
+    table = load_calibration_table(config, min_calibration=min_calibration)
+    return held_out_prompts(table, [d["name"] for d in manifest["domains"]], per_domain)
+
+
+def measure(bundle: str, tracking_uri: str | None, device: str | None, dtype: str | None, data: str | None,
+            config: EvalConfig):
+    """Load the bundle and its model, pick the prompts, run the study. Returns (manifest, prompts, rows)."""
+    from knnssd.runtime import load_bundle
+    from pipeline.evaluate import evaluate
+
+    runtime = load_bundle(bundle, tracking_uri=tracking_uri, device=device, dtype=dtype)
+    prompts = evaluation_prompts(runtime.bundle.manifest, data, config.prompts_per_domain)
+    return runtime.bundle.manifest, prompts, evaluate(runtime, prompts, config,
+                                                      log=lambda message: print(message, flush=True))
+
+
+def run_measure(args: argparse.Namespace, config: EvalConfig):
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    call = (args.bundle, args.tracking_uri, args.device, args.dtype, args.data, config)
+    if not address:
+        return measure(*call)
+    import ray
+
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    task = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1, max_retries=0)(measure)
+    return ray.get(task.remote(*call))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters and tests; see README
+    args = build_parser().parse_args(argv)
+    try:
+        config = EvalConfig(max_new_tokens=args.max_new_tokens, prompts_per_domain=args.prompts_per_domain,
+                            streams=split_list(args.streams), peers=split_list(args.peers),
+                            fix_domains=split_list(args.fix_domains) or None, lookup_tokens=args.lookup_tokens,
+                            early_exit_layer=args.early_exit_layer, seed=args.seed)
+        from pipeline.evaluate import metric_key, summarise, write_outputs
+
+        manifest, prompts, rows = run_measure(args, config)
+        table = summarise(rows)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        safe = "".join(c if c.isalnum() or c in "-_.@" else "-" for c in Path(args.bundle).name)
+        out = Path(args.out or Path("evaluation") / f"{safe}-{stamp}")
+        report = write_outputs(rows, table, out, f"{manifest['model_id']} ({args.bundle})")
+        print("\n" + "\n".join(report))
+        print(f"\nresults: {out}")
+        if not args.no_log:
+            from registry.mlflow_store import BundleRegistry
+
+            registry = BundleRegistry(args.tracking_uri)
+            params = {**{k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
+                         for k, v in asdict(config).items()},
+                      "bundle": args.bundle, "data": args.data or "calibration data", "prompts": len(prompts)}
+            metrics = {metric_key(r, figure): r[figure] for r in table
+                       for figure in ("speedup", "mean_accepted", "acceptance", "identical", "routing_accuracy")}
+            run_id = registry.log_evaluation(args.bundle, params, metrics, out)
+            print(f"logged to MLflow run {run_id} in {registry.tracking_uri}")
+    except KnnSsdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The domain-shift evaluation: its figures on synthetic runs, and jobs/evaluate.py end to end on a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+
+import pytest
+
+from jobs.evaluate import main as evaluate_main
+from pipeline.data import DataConfig
+from pipeline.evaluate import EvalConfig, PromptRun, stream_order, summarise, verdicts
+from tests.bundles import TINY_PROMPTS, loaded, tiny_bundle  # noqa: F401 (fixture)
+
+
+def run(method, domain, seconds, plain, stream="task", accepted=0, drafted=0, steps=1, identical=True, routed=""):
+    return PromptRun(stream=stream, order=0, domain=domain, method=method, seconds=seconds, plain_seconds=plain,
+                     new_tokens=8, accepted=accepted, drafted=drafted, steps=steps, identical=identical,
+                     routed_to=routed)
+
+
+def test_figures_are_pooled_ratios():
+    rows = [run("plain", "a", 2.0, 2.0), run("plain", "b", 4.0, 4.0),
+            run("knn", "a", 1.0, 2.0, accepted=3, drafted=4, steps=2, routed="a"),
+            run("knn", "b", 4.0, 4.0, accepted=0, drafted=2, steps=2, routed="a"),
+            run("fix-a", "a", 1.0, 2.0), run("fix-a", "b", 8.0, 4.0, identical=False)]
+    table = {(r["method"], r["domain"]): r for r in summarise(rows)}
+    assert table[("plain", "overall")]["speedup"] == 1.0
+    assert table[("knn", "a")]["speedup"] == 2.0
+    assert table[("knn", "overall")]["speedup"] == pytest.approx(6.0 / 5.0)  # pooled seconds, not mean of ratios
+    assert table[("knn", "overall")]["mean_accepted"] == pytest.approx((3 + 4) / 4)
+    assert table[("knn", "overall")]["acceptance"] == pytest.approx(3 / 6)
+    assert table[("knn", "overall")]["routing_accuracy"] == 0.5
+    assert table[("fix-a", "overall")]["identical"] == 0.5
+    lines = verdicts(summarise(rows))
+    assert any(line.startswith("task stream, b: KNN-SSD beats Self-SD(Fix)") for line in lines), lines
+    assert any(line.startswith("task stream, a: KNN-SSD does not beat Self-SD(Fix)") for line in lines), lines
+
+
+def test_streams_hold_the_same_prompts_in_different_orders():
+    prompts = [("a", "1"), ("b", "2"), ("a", "3"), ("b", "4"), ("c", "5")]
+    task = stream_order(prompts, "task", 0)
+    assert [d for d, _ in task] == ["a", "a", "b", "b", "c"]
+    mixed = stream_order(prompts, "mixed", 0)
+    assert sorted(mixed) == sorted(prompts) and mixed != task
+
+
+@pytest.mark.parametrize("kwargs, words", [({"streams": ("both",)}, "unknown stream"),
+                                           ({"peers": ("vllm",)}, "unknown peer"),
+                                           ({"max_new_tokens": 0}, ">= 1")])
+def test_bad_config(kwargs, words):
+    from knnssd.errors import KnnSsdError
+
+    with pytest.raises(KnnSsdError, match=words):
+        EvalConfig(**kwargs)
+
+
+@pytest.fixture()
+def evaluated(loaded, tmp_path):
+    """A tiny bundle (layer-skip policies per domain, a prompt-lookup 'mix') calibrated on a JSONL whose held-out
+    split the job rebuilds; the job run end to end without MLflow."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"domain": d, "prompt": t}) for d, ts in TINY_PROMPTS.items() for t in ts))
+    mix = {"policy": {"kind": "prompt_lookup", "max_ngram": 2, "min_ngram": 1, "max_draft_tokens": 5},
+           "metrics": {"speedup": 1.0}}
+    calibration = {"data": asdict(DataConfig(path=str(data), held_out_fraction=0.34)),
+                   "search": {"prompts_per_trial": 2}}
+    folder = tiny_bundle(loaded, tmp_path / "bundle", calibration=calibration, reference_policies={"mix": mix})
+    out = tmp_path / "out"
+    code = evaluate_main(["--bundle", str(folder), "--max-new-tokens", "12", "--out", str(out), "--no-log",
+                          "--early-exit-layer", "2"])
+    assert code == 0
+    return out
+
+
+def test_job_runs_every_method_on_held_out_prompts_losslessly(evaluated):
+    rows = list(csv.DictReader((evaluated / "per_prompt.csv").open()))
+    methods = {r["method"] for r in rows}
+    assert methods == {"plain", "fix-low", "fix-high", "mix", "knn", "oracle", "hf-plain", "hf-prompt-lookup",
+                       "hf-early-exit"}
+    assert {r["stream"] for r in rows} == {"task", "mixed"}
+    per_stream = [r for r in rows if r["stream"] == "task" and r["method"] == "plain"]
+    assert len(per_stream) == 4  # 2 held out of 6 per domain (fraction 0.34), 2 domains
+    held_out = {r["domain"] for r in per_stream}
+    assert held_out == {"low", "high"}
+    ours = [r for r in rows if not r["method"].startswith("hf-")]
+    assert all(r["identical"] == "True" for r in ours)
+    drafted = {r["method"]: int(r["drafted"]) for r in ours if int(r["drafted"])}
+    assert {"fix-low", "fix-high", "knn", "oracle"} <= set(drafted)  # the drafters really drafted
+    knn = [r for r in rows if r["method"] == "knn"]
+    assert sum(r["routed_to"] == r["domain"] for r in knn) == len(knn)  # two clearly different vocabularies
+    report = (evaluated / "report.txt").read_text()
+    assert "lossless: every method of ours token-identical" in report
+    assert "task stream, overall: KNN-SSD" in report and "Self-SD(Mix)" in report
+    assert (evaluated / "speedup.png").stat().st_size > 10_000
+
+
+def test_missing_data_is_refused(loaded, tmp_path, capsys):
+    folder = tiny_bundle(loaded, tmp_path / "bundle")
+    code = evaluate_main(["--bundle", str(folder), "--data", str(tmp_path / "none.jsonl"), "--no-log"])
+    assert code == 2 and "none.jsonl" in capsys.readouterr().err
