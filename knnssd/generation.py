@@ -10,7 +10,7 @@ from knnssd.decoding import GenerationConfig, GenerationResult, check_prompt, ge
 from knnssd.drafters import DraftConfig, Drafter, LayerSkipDrafter
 from knnssd.errors import KnnSsdError
 from knnssd.models import LoadedModel, load_model
-from knnssd.policy import policy_of
+from knnssd.policy import drafter_from_policy, parse_policy, policy_of
 from knnssd.prompts import encode_prompt
 from knnssd.sampling import SamplingConfig
 from knnssd.skipset import SkipSet
@@ -18,13 +18,15 @@ from knnssd.skipset import SkipSet
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """Everything `knnssd generate` takes; `skip_set` is JSON or a file path, None for plain decoding."""
+    """Everything `knnssd generate` takes; `skip_set` (layer skipping) or `policy` (any draft policy, see
+    knnssd.policy) is JSON or a file path; neither means plain decoding."""
 
     model: str | None
     prompt: str
     chat: bool = False
     max_new_tokens: int = 128
     skip_set: str | None = None
+    policy: str | None = None
     threshold: float = 0.8
     max_draft_tokens: int = 12
     adaptive: bool = False
@@ -58,8 +60,11 @@ def generate_text(request: GenerateRequest) -> dict[str, object]:
     """Run one request; the returned dict is what `--json` prints. Input is checked before the model loads."""
     if not request.prompt.strip():
         raise KnnSsdError("the prompt is empty", fix="give a prompt with some text, e.g. --prompt 'Hello'")
-    if request.bundle is not None and request.skip_set is not None:
-        raise KnnSsdError("--bundle and --skip-set both given", fix="the bundle chooses the skip set: drop one")
+    chosen = [flag for flag, value in (("--bundle", request.bundle), ("--skip-set", request.skip_set),
+                                       ("--policy", request.policy)) if value is not None]
+    if len(chosen) > 1:
+        raise KnnSsdError(f"{' and '.join(chosen)} given together",
+                          fix="each chooses the drafter: give one (--bundle routes, --policy or --skip-set fix it)")
     if request.bundle is None and not request.model:
         raise KnnSsdError("no model given", fix="pass --model NAME_OR_PATH, or --bundle NAME@vN")
     sampling = SamplingConfig(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
@@ -70,10 +75,13 @@ def generate_text(request: GenerateRequest) -> dict[str, object]:
     drafter_config = DraftConfig(threshold=request.threshold, max_draft_tokens=request.max_draft_tokens,
                                  adaptive=request.adaptive)
     skip_set = SkipSet.parse(request.skip_set) if request.skip_set is not None else None
+    policy = parse_policy(request.policy) if request.policy is not None else None
     loaded = load_model(request.model, device=request.device, dtype=request.dtype)
     drafter: Drafter | None = None
     if skip_set is not None:
         drafter = LayerSkipDrafter(skip_set.validate(loaded.num_layers), drafter_config)
+    if policy is not None:
+        drafter = drafter_from_policy(policy, loaded.num_layers)
     prompt_ids = encode_prompt(loaded.tokenizer, request.prompt, chat=request.chat)
     check_prompt(loaded.model, prompt_ids, config.max_new_tokens)
     warm_up(loaded, prompt_ids)

@@ -58,6 +58,24 @@ def drafter_from_policy(policy: dict[str, Any], num_layers: int) -> Drafter | No
                       fix=f"use one of {', '.join(POLICY_KINDS)} (a newer bundle may need a newer knnssd)")
 
 
+def parse_policy(text: str) -> dict[str, Any]:
+    """A policy from JSON text or from a JSON file at that path."""
+    import json
+    from pathlib import Path
+
+    source = text
+    if not text.lstrip().startswith("{") and Path(text).is_file():
+        source = Path(text).read_text()
+    try:
+        policy = json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise KnnSsdError(f"the draft policy is not valid JSON ({exc.msg}): {text[:80]!r}",
+                          fix='write e.g. \'{"kind": "prompt_lookup", "max_ngram": 3}\' or a path to a JSON file') from None
+    if not isinstance(policy, dict):
+        raise KnnSsdError("a draft policy must be a JSON object", fix='write e.g. {"kind": "prompt_lookup"}')
+    return policy
+
+
 def describe_policy(policy: dict[str, Any]) -> str:
     """One line for tables: e.g. 'layer_skip attn[25] mlp[] t=0.8 k<=12' or 'prompt_lookup n=1-3 k<=10'."""
     kind = policy.get("kind")

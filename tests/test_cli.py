@@ -50,7 +50,20 @@ def test_skip_set_from_file_and_sampling(capsys, tiny_folder, tmp_path):
     assert code == 0 and json.loads(out)["drafter"]["skip_set"] == {"attn": [], "mlp": [1]}
 
 
+def test_policy_flag_runs_prompt_lookup(capsys, tiny_folder):
+    code, out, _ = run(capsys, "--model", tiny_folder, "--prompt", "t5 t6 t7 t5 t6 t7 t5 t6", "--max-new-tokens", "16",
+                       "--policy", '{"kind": "prompt_lookup", "max_ngram": 2, "max_draft_tokens": 4}',
+                       "--compare-ar", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["drafter"] == {"kind": "prompt_lookup", "max_ngram": 2, "min_ngram": 1, "max_draft_tokens": 4}
+    assert report["identical_to_ar"] and report["stats"]["draft_forwards"] == 0
+
+
 @pytest.mark.parametrize("args, words", [
+    (["--policy", '{"kind": "beam"}'], "unknown draft policy kind"),
+    (["--policy", "{oops"], "not valid JSON"),
+    (["--policy", '{"kind": "none"}', "--skip-set", '{"attn": [1]}'], "given together"),
     (["--skip-set", '{"attn": [7]}'], "has 4 layers"),
     (["--skip-set", '{"attn": [0,1,2,3], "mlp": [0,1,2,3]}'], "skips every attention and MLP"),
     (["--skip-set", '{"attn": [1'], "not valid JSON"),
