@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookup-tokens", type=int, default=10, help="peers' prompt_lookup_num_tokens")
     p.add_argument("--early-exit-layer", type=int, default=None, help="peers' assistant_early_exit (default L/2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tie", type=float, default=0.02,
+                   help="relative difference below which the verdicts call two speedups a tie (default 0.02)")
+    p.add_argument("--rerender", default=None, metavar="DIR",
+                   help="measure nothing: rebuild the tables, plot and report of an earlier run's folder")
     p.add_argument("--out", default=None, help="output folder (default evaluation/<bundle>-<time>)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--no-log", action="store_true", help="do not log the evaluation to MLflow")
@@ -102,14 +106,19 @@ def main(argv: list[str] | None = None) -> int:
                             streams=split_list(args.streams), peers=split_list(args.peers),
                             fix_domains=split_list(args.fix_domains) or None, lookup_tokens=args.lookup_tokens,
                             early_exit_layer=args.early_exit_layer, seed=args.seed)
-        from pipeline.evaluate import metric_key, summarise, write_outputs
+        from pipeline.evaluate import metric_key, read_rows, summarise, write_outputs
 
+        if args.rerender:
+            rows = read_rows(Path(args.rerender) / "per_prompt.csv")
+            report = write_outputs(rows, summarise(rows), args.rerender, args.bundle, args.tie)
+            print("\n".join(report))
+            return 0
         manifest, prompts, rows = run_measure(args, config)
         table = summarise(rows)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
         safe = "".join(c if c.isalnum() or c in "-_.@" else "-" for c in Path(args.bundle).name)
         out = Path(args.out or Path("evaluation") / f"{safe}-{stamp}")
-        report = write_outputs(rows, table, out, f"{manifest['model_id']} ({args.bundle})")
+        report = write_outputs(rows, table, out, f"{manifest['model_id']} ({args.bundle})", args.tie)
         print("\n" + "\n".join(report))
         print(f"\nresults: {out}")
         if not args.no_log:

@@ -224,16 +224,23 @@ def summarise(rows: list[PromptRun]) -> list[dict[str, Any]]:
     return table
 
 
-def verdicts(table: list[dict[str, Any]]) -> list[str]:
-    """Plain statements: per stream and domain, does knn beat Self-SD(Fix) (each fixed policy, and their
-    mean) and Self-SD(Mix)? Figures included, whatever the answer."""
+def _compare(knn: float, other: float, tie: float) -> str:
+    if abs(knn - other) <= tie * other:
+        return f"ties with (within {tie:.0%})"
+    return "beats" if knn > other else "does not beat"
+
+
+def verdicts(table: list[dict[str, Any]], tie: float = 0.02) -> list[str]:
+    """Plain statements: per stream and domain (overall last), does knn beat Self-SD(Fix) (each fixed policy,
+    and their mean) and Self-SD(Mix)? Differences within `tie` (relative) are called ties: repeated runs of one
+    method on this CPU differ by a few percent. Figures included, whatever the answer."""
     lines = []
     index = {(r["stream"], r["method"], r["domain"]): r["speedup"] for r in table}
     streams = list(dict.fromkeys(r["stream"] for r in table))
     for stream in streams:
-        domains = list(dict.fromkeys(r["domain"] for r in table if r["stream"] == stream))
+        domains = [d for d in dict.fromkeys(r["domain"] for r in table if r["stream"] == stream) if d != OVERALL]
         fixes = sorted({r["method"] for r in table if r["method"].startswith("fix-")})
-        for domain in domains:
+        for domain in domains + [OVERALL]:
             knn = index.get((stream, "knn", domain))
             if knn is None:
                 continue
@@ -242,14 +249,30 @@ def verdicts(table: list[dict[str, Any]]) -> list[str]:
                 values = [index[(stream, f, domain)] for f in fixes]
                 mean = sum(values) / len(values)
                 beaten = sum(knn > v for v in values)
-                parts.append(f"{'beats' if knn > mean else 'does not beat'} Self-SD(Fix) on average "
-                             f"({knn:.3f} vs mean {mean:.3f}; above {beaten} of {len(values)} fixed policies)")
+                parts.append(f"{_compare(knn, mean, tie)} Self-SD(Fix) on average "
+                             f"({knn:.3f} vs mean {mean:.3f}; above {beaten} of {len(values)} fixed policies, "
+                             f"best fixed {max(values):.3f})")
             if (stream, "mix", domain) in index:
                 mix = index[(stream, "mix", domain)]
-                parts.append(f"{'beats' if knn > mix else 'does not beat'} Self-SD(Mix) ({knn:.3f} vs {mix:.3f})")
+                parts.append(f"{_compare(knn, mix, tie)} Self-SD(Mix) ({knn:.3f} vs {mix:.3f})")
             lines.append(f"{stream} stream, {domain}: KNN-SSD " + "; ".join(parts) if parts else
                          f"{stream} stream, {domain}: KNN-SSD {knn:.3f} (no Fix or Mix to compare)")
     return lines
+
+
+def read_rows(path: Any) -> list[PromptRun]:
+    """The rows of a per_prompt.csv written by `write_outputs`."""
+    import csv
+
+    rows = []
+    with open(path, newline="") as handle:
+        for r in csv.DictReader(handle):
+            rows.append(PromptRun(
+                stream=r["stream"], order=int(r["order"]), domain=r["domain"], method=r["method"],
+                seconds=float(r["seconds"]), plain_seconds=float(r["plain_seconds"]), new_tokens=int(r["new_tokens"]),
+                accepted=int(r["accepted"]), drafted=int(r["drafted"]), steps=int(r["steps"]),
+                identical=r["identical"] == "True", routed_to=r["routed_to"]))
+    return rows
 
 
 def format_table(table: list[dict[str, Any]], stream: str) -> str:
@@ -279,10 +302,10 @@ def plot(table: list[dict[str, Any]], path: Any, title: str) -> None:
     import matplotlib.pyplot as plt
 
     streams = list(dict.fromkeys(r["stream"] for r in table))
-    fig, axes = plt.subplots(len(streams), 1, figsize=(12, 3.6 * len(streams)), squeeze=False)
+    fig, axes = plt.subplots(len(streams), 1, figsize=(13, 3.6 * len(streams)), squeeze=False)
     for ax, stream in zip(axes[:, 0], streams):
         rows = [r for r in table if r["stream"] == stream and r["method"] != "plain"]
-        domains = list(dict.fromkeys(r["domain"] for r in rows))
+        domains = [d for d in dict.fromkeys(r["domain"] for r in rows) if d != OVERALL] + [OVERALL]
         methods = list(dict.fromkeys(r["method"] for r in rows))
         cell = {(r["method"], r["domain"]): r["speedup"] for r in rows}
         width = 0.8 / len(methods)
@@ -295,7 +318,7 @@ def plot(table: list[dict[str, Any]], path: Any, title: str) -> None:
         ax.set_xticks(range(len(domains)), domains, rotation=20)
         ax.set_ylabel("speedup over plain")
         ax.set_title(f"{title}: {stream} stream")
-        ax.legend(fontsize=7, ncol=min(6, len(methods)), loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -341,7 +364,8 @@ def metric_key(row: dict[str, Any], figure: str) -> str:
     return f"{figure}/{row['stream']}/{row['method']}/{row['domain']}"
 
 
-def write_outputs(rows: list[PromptRun], table: list[dict[str, Any]], folder: Any, title: str) -> list[str]:
+def write_outputs(rows: list[PromptRun], table: list[dict[str, Any]], folder: Any, title: str,
+                  tie: float = 0.02) -> list[str]:
     """per_prompt.csv, summary.csv, summary.json, speedup.png and report.txt in `folder`; returns the report."""
     import csv
     import json
@@ -360,7 +384,7 @@ def write_outputs(rows: list[PromptRun], table: list[dict[str, Any]], folder: An
     report = []
     for stream in dict.fromkeys(r["stream"] for r in table):
         report += [f"speedup over plain decoding, {stream} stream:", format_table(table, stream), ""]
-    report += verdicts(table)
+    report += verdicts(table, tie)
     mismatched = sorted({(r.method, r.domain) for r in rows if not r.identical and not r.method.startswith("hf-")})
     report.append("lossless: every method of ours token-identical to plain decoding on every prompt" if not mismatched
                   else f"NOT LOSSLESS: {mismatched}")

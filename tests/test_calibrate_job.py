@@ -185,6 +185,16 @@ def test_ray_job_submit_against_a_head_node(tiny, tmp_path):
             capture_output=True, text=True, timeout=400, env=env)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         assert "succeeded" in proc.stdout and "published as sub@v1" in proc.stdout
+        # the evaluation of that bundle, submitted the same way: its measurement runs as a Ray task
+        proc = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO_ROOT), "--",
+             sys.executable, "jobs/evaluate.py", "--bundle", "sub@v1", "--tracking-uri", f"sqlite:///{work}/mlflow.db",
+             "--max-new-tokens", "6", "--prompts-per-domain", "1", "--streams", "task", "--peers", "hf-prompt-lookup",
+             "--out", str(work / "eval")],
+            capture_output=True, text=True, timeout=400, env=env)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert "succeeded" in proc.stdout and "logged to MLflow run" in proc.stdout
+        assert "task stream, overall: KNN-SSD" in proc.stdout and (work / "eval" / "speedup.png").is_file()
     finally:
         if started:
             subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
