@@ -102,9 +102,9 @@ Runner = Callable[[torch.Tensor, str], Outcome]
 
 def _ours(model: Any, drafter: Any, max_new_tokens: int) -> Runner:
     def run(ids: torch.Tensor, domain: str) -> Outcome:
-        stats_result = generate(model, ids, GenerationConfig(max_new_tokens=max_new_tokens), drafter)
-        s = stats_result.stats
-        return Outcome(stats_result.token_ids, s.total_seconds, s.accepted_tokens, s.drafted_tokens, s.verify_steps)
+        result = generate(model, ids, GenerationConfig(max_new_tokens=max_new_tokens), drafter)
+        s = result.stats
+        return Outcome(result.token_ids, s.total_seconds, s.accepted_tokens, s.drafted_tokens, s.verify_steps)
     return run
 
 
