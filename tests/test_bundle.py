@@ -108,5 +108,6 @@ def test_cli_generate_with_a_bundle_and_show(loaded, bundle_dir, capsys, monkeyp
     assert main(["bundles", "show", str(bundle_dir)]) == 0
     shown = capsys.readouterr().out
     assert "low" in shown and "high" in shown and "fallback beyond cosine distance" in shown
+    assert "layer_skip attn[3] mlp[1] t=0.0 k<=3" in shown  # each domain's policy, described
     assert main(["generate", "--bundle", str(bundle_dir), "--skip-set", "{}", "--prompt", "x"]) == 2
-    assert "--bundle and --skip-set both given" in capsys.readouterr().err
+    assert "--bundle and --skip-set given together" in capsys.readouterr().err
