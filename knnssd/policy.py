@@ -59,18 +59,21 @@ def drafter_from_policy(policy: dict[str, Any], num_layers: int) -> Drafter | No
 
 
 def parse_policy(text: str) -> dict[str, Any]:
-    """A policy from JSON text or from a JSON file at that path."""
+    """A policy from inline JSON or from the path of a JSON file (as `--policy` takes it, like `--skip-set`)."""
     import json
     from pathlib import Path
 
-    source = text
-    if not text.lstrip().startswith("{") and Path(text).is_file():
+    source = text.strip()
+    if not source.startswith("{"):
+        if not Path(text).is_file():
+            raise KnnSsdError(f"--policy {text!r} is neither inline JSON nor an existing file",
+                              fix='pass JSON such as \'{"kind": "prompt_lookup", "max_ngram": 3}\' or a path to a .json file')
         source = Path(text).read_text()
     try:
         policy = json.loads(source)
     except json.JSONDecodeError as exc:
         raise KnnSsdError(f"the draft policy is not valid JSON ({exc.msg}): {text[:80]!r}",
-                          fix='write e.g. \'{"kind": "prompt_lookup", "max_ngram": 3}\' or a path to a JSON file') from None
+                          fix='write e.g. \'{"kind": "prompt_lookup", "max_ngram": 3}\'') from None
     if not isinstance(policy, dict):
         raise KnnSsdError("a draft policy must be a JSON object", fix='write e.g. {"kind": "prompt_lookup"}')
     return policy

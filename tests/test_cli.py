@@ -63,6 +63,7 @@ def test_policy_flag_runs_prompt_lookup(capsys, tiny_folder):
 @pytest.mark.parametrize("args, words", [
     (["--policy", '{"kind": "beam"}'], "unknown draft policy kind"),
     (["--policy", "{oops"], "not valid JSON"),
+    (["--policy", "lookup"], "neither inline JSON nor an existing file"),
     (["--policy", '{"kind": "none"}', "--skip-set", '{"attn": [1]}'], "given together"),
     (["--skip-set", '{"attn": [7]}'], "has 4 layers"),
     (["--skip-set", '{"attn": [0,1,2,3], "mlp": [0,1,2,3]}'], "skips every attention and MLP"),
