@@ -67,7 +67,8 @@ def parse_policy(text: str) -> dict[str, Any]:
     if not source.startswith("{"):
         if not Path(text).is_file():
             raise KnnSsdError(f"--policy {text!r} is neither inline JSON nor an existing file",
-                              fix='pass JSON such as \'{"kind": "prompt_lookup", "max_ngram": 3}\' or a path to a .json file')
+                              fix='pass JSON such as \'{"kind": "prompt_lookup", "max_ngram": 3}\' '
+                                  "or a path to a .json file")
         source = Path(text).read_text()
     try:
         policy = json.loads(source)

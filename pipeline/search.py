@@ -7,8 +7,9 @@ parameters, which TPE handles):
   prompt_lookup  the largest and smallest n-gram sizes, and the maximum draft length;
   hybrid         both sets above (lookup where the text matches, layer skipping elsewhere).
 Trials whose skip ratio falls outside [min_skip_ratio, max_skip_ratio] are pruned before any decoding. Each
-trial's policy (the JSON a bundle stores) and figures are kept on the trial (user attributes). Studies live in storage (a journal file by default, or an RDB URL), so a
-search that is killed and run again resumes: finished trials are kept, and only the rest are run.
+trial's policy (the JSON a bundle stores) and figures are kept on the trial (user attributes). Studies live in
+storage (a journal file by default, or an RDB URL), so a search that is killed and run again resumes: finished
+trials are kept, and only the rest are run.
 """
 
 from __future__ import annotations
