@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", default=",".join(PEERS), help="transformers' methods to time, or 'none'")
     p.add_argument("--lookup-tokens", type=int, default=10, help="peers' prompt_lookup_num_tokens")
     p.add_argument("--early-exit-layer", type=int, default=None, help="peers' assistant_early_exit (default L/2)")
+    p.add_argument("--policy", action="append", default=[], metavar="NAME=JSON",
+                   help="also run this draft policy for every prompt, as method NAME (repeatable), e.g. "
+                        "--policy lookup='{\"kind\": \"prompt_lookup\"}'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tie", type=float, default=0.02,
                    help="relative difference below which the verdicts call two speedups a tie (default 0.02)")
@@ -54,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def split_list(text: str | None) -> tuple[str, ...]:
     return tuple(x.strip() for x in (text or "").split(",") if x.strip() and x.strip() != "none")
+
+
+def named_policies(items: list[str]) -> tuple[tuple[str, dict], ...]:
+    from knnssd.policy import parse_policy
+
+    pairs = []
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise KnnSsdError(f"--policy {item!r} is not NAME=JSON",
+                              fix="""write e.g. --policy lookup='{"kind": "prompt_lookup"}'""")
+        pairs.append((name.strip(), parse_policy(text)))
+    return tuple(pairs)
 
 
 def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | None) -> list[tuple[str, str]]:
@@ -105,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         config = EvalConfig(max_new_tokens=args.max_new_tokens, prompts_per_domain=args.prompts_per_domain,
                             streams=split_list(args.streams), peers=split_list(args.peers),
                             fix_domains=split_list(args.fix_domains) or None, lookup_tokens=args.lookup_tokens,
-                            early_exit_layer=args.early_exit_layer, seed=args.seed)
+                            early_exit_layer=args.early_exit_layer, seed=args.seed,
+                            policies=named_policies(args.policy))
         from pipeline.evaluate import metric_key, read_rows, summarise, write_outputs
 
         if args.rerender:

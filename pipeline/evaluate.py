@@ -9,6 +9,8 @@ method back to back, in an order rotated from prompt to prompt, so machine drift
                      (the bundle's reference policy "mix"; absent if calibration ran with --no-mix)
     knn              KNN-SSD: the bundle routes each prompt from its own prefill embedding (routing time counted)
     oracle           each prompt gets its true domain's policy
+    <name>           any extra policy given by name (`EvalConfig.policies`), for every prompt: e.g. each
+                     drafter kind alone
     hf-plain         transformers' own greedy `generate` (the peers' own baseline)
     hf-prompt-lookup transformers' assisted generation with prompt lookup (`prompt_lookup_num_tokens`)
     hf-early-exit    transformers' assisted generation with its early-exit assistant (`assistant_early_exit`)
@@ -26,6 +28,7 @@ Figures per stream, method and domain (and "overall", pooled over every prompt o
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -45,7 +48,7 @@ class EvalConfig:
     """max_new_tokens per generation; prompts_per_domain held-out prompts used per domain (None: all);
     fix_domains: whose policies run as Self-SD(Fix) (None: every domain's); peers: transformers' methods to
     time; lookup_tokens: their `prompt_lookup_num_tokens`; early_exit_layer: their `assistant_early_exit`
-    (None: half the model's layers)."""
+    (None: half the model's layers); policies: extra (name, draft policy) methods."""
 
     max_new_tokens: int = 64
     prompts_per_domain: int | None = None
@@ -55,8 +58,15 @@ class EvalConfig:
     lookup_tokens: int = 10
     early_exit_layer: int | None = None
     seed: int = 0
+    policies: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     def __post_init__(self) -> None:
+        reserved = {"plain", "mix", "knn", "oracle", "hf-plain", *PEERS}
+        for name, _ in self.policies:
+            if name in reserved or name.startswith("fix-") or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise KnnSsdError(f"extra policy name {name!r} is taken by a built-in method or has characters "
+                                  "other than letters, digits, '_', '.', '-'",
+                                  fix="name it otherwise, e.g. --policy lookup-only='{\"kind\": \"prompt_lookup\"}'")
         for name, given, known in (("stream", self.streams, STREAMS), ("peer", self.peers, PEERS)):
             unknown = [x for x in given if x not in known]
             if unknown:
@@ -158,6 +168,7 @@ def build_methods(runtime: Any, config: EvalConfig) -> dict[str, Runner]:
         methods["mix"] = _ours(model, drafter_from_policy(mix["policy"], layers), n)
     methods["knn"] = _routed(runtime, n)
     methods["oracle"] = _oracle(model, drafters, n)
+    methods.update({name: _ours(model, drafter_from_policy(policy, layers), n) for name, policy in config.policies})
     if config.peers:
         methods["hf-plain"] = _hf(model, n)
     if "hf-prompt-lookup" in config.peers:

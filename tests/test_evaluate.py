@@ -49,7 +49,9 @@ def test_streams_hold_the_same_prompts_in_different_orders():
 
 @pytest.mark.parametrize("kwargs, words", [({"streams": ("both",)}, "unknown stream"),
                                            ({"peers": ("vllm",)}, "unknown peer"),
-                                           ({"max_new_tokens": 0}, ">= 1")])
+                                           ({"max_new_tokens": 0}, ">= 1"),
+                                           ({"policies": (("knn", {"kind": "none"}),)}, "taken by a built-in"),
+                                           ({"policies": (("a b", {"kind": "none"}),)}, "characters")])
 def test_bad_config(kwargs, words):
     from knnssd.errors import KnnSsdError
 
@@ -70,7 +72,7 @@ def evaluated(loaded, tmp_path):
     folder = tiny_bundle(loaded, tmp_path / "bundle", calibration=calibration, reference_policies={"mix": mix})
     out = tmp_path / "out"
     code = evaluate_main(["--bundle", str(folder), "--max-new-tokens", "12", "--out", str(out), "--no-log",
-                          "--early-exit-layer", "2"])
+                          "--early-exit-layer", "2", "--policy", 'lookup-alone={"kind": "prompt_lookup"}'])
     assert code == 0
     return out
 
@@ -78,8 +80,8 @@ def evaluated(loaded, tmp_path):
 def test_job_runs_every_method_on_held_out_prompts_losslessly(evaluated):
     rows = list(csv.DictReader((evaluated / "per_prompt.csv").open()))
     methods = {r["method"] for r in rows}
-    assert methods == {"plain", "fix-low", "fix-high", "mix", "knn", "oracle", "hf-plain", "hf-prompt-lookup",
-                       "hf-early-exit"}
+    assert methods == {"plain", "fix-low", "fix-high", "mix", "knn", "oracle", "lookup-alone", "hf-plain",
+                       "hf-prompt-lookup", "hf-early-exit"}
     assert {r["stream"] for r in rows} == {"task", "mixed"}
     per_stream = [r for r in rows if r["stream"] == "task" and r["method"] == "plain"]
     assert len(per_stream) == 4  # 2 held out of 6 per domain (fraction 0.34), 2 domains
