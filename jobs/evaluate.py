@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (default all)")
     p.add_argument("--streams", default=",".join(STREAMS), help="task, mixed or both")
-    p.add_argument("--fix-domains", default=None, help="domains whose policy runs as Self-SD(Fix) (default all)")
+    p.add_argument("--fix-domains", default=None, help="domains whose policy runs as Self-SD(Fix) (default all; 'none' for none)")
     p.add_argument("--peers", default=",".join(PEERS), help="transformers' methods to time, or 'none'")
     p.add_argument("--lookup-tokens", type=int, default=10, help="peers' prompt_lookup_num_tokens")
     p.add_argument("--early-exit-layer", type=int, default=None, help="peers' assistant_early_exit (default L/2)")
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EvalConfig(max_new_tokens=args.max_new_tokens, prompts_per_domain=args.prompts_per_domain,
                             streams=split_list(args.streams), peers=split_list(args.peers),
-                            fix_domains=split_list(args.fix_domains) or None, lookup_tokens=args.lookup_tokens,
+                            fix_domains=None if args.fix_domains is None else split_list(args.fix_domains),
+                            lookup_tokens=args.lookup_tokens,
                             early_exit_layer=args.early_exit_layer, seed=args.seed,
                             policies=named_policies(args.policy))
         from pipeline.evaluate import metric_key, read_rows, summarise, write_outputs
