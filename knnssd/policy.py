@@ -16,6 +16,7 @@ from typing import Any
 from knnssd.drafters import DraftConfig, Drafter, LayerSkipDrafter
 from knnssd.errors import KnnSsdError
 from knnssd.hybrid import HybridDrafter
+from knnssd.jsonarg import json_source
 from knnssd.lookup import PromptLookupConfig, PromptLookupDrafter
 from knnssd.skipset import SkipSet
 
@@ -61,15 +62,8 @@ def drafter_from_policy(policy: dict[str, Any], num_layers: int) -> Drafter | No
 def parse_policy(text: str) -> dict[str, Any]:
     """A policy from inline JSON or from the path of a JSON file (as `--policy` takes it, like `--skip-set`)."""
     import json
-    from pathlib import Path
 
-    source = text.strip()
-    if not source.startswith("{"):
-        if not Path(text).is_file():
-            raise KnnSsdError(f"--policy {text!r} is neither inline JSON nor an existing file",
-                              fix='pass JSON such as \'{"kind": "prompt_lookup", "max_ngram": 3}\' '
-                                  "or a path to a .json file")
-        source = Path(text).read_text()
+    source = json_source(text, "--policy", '{"kind": "prompt_lookup", "max_ngram": 3}')
     try:
         policy = json.loads(source)
     except json.JSONDecodeError as exc:

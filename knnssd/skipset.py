@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 from knnssd.errors import KnnSsdError
+from knnssd.jsonarg import json_source
 
 
 @dataclass(frozen=True)
@@ -124,16 +124,7 @@ class SkipSet:
     @classmethod
     def parse(cls, json_or_path: str) -> "SkipSet":
         """Read a skip set from inline JSON or from the path of a JSON file (as the CLI does)."""
-        text = json_or_path.strip()
-        if text.startswith("{"):
-            return cls.from_json(text)
-        path = Path(json_or_path)
-        if not path.is_file():
-            raise KnnSsdError(
-                f"--skip-set {json_or_path!r} is neither inline JSON nor an existing file",
-                fix='pass JSON such as \'{"attn": [20], "mlp": []}\' or a path to a .json file',
-            )
-        return cls.from_json(path.read_text())
+        return cls.from_json(json_source(json_or_path, "--skip-set", '{"attn": [20], "mlp": []}'))
 
     @classmethod
     def of(cls, attn: Iterable[int] = (), mlp: Iterable[int] = ()) -> "SkipSet":
