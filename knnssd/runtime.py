@@ -81,8 +81,10 @@ class BundleRuntime:
 def fetch_bundle(ref: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """A local folder holding the bundle `ref`: a folder path as is, else a registry reference downloaded
     (once) into the cache."""
+    from registry.bundle import is_folder_reference
+
     path = Path(ref).expanduser()
-    if (path / "manifest.json").is_file() or os.sep in ref:
+    if is_folder_reference(ref):
         if not path.is_dir():
             raise KnnSsdError(f"bundle folder {ref!r} does not exist",
                               fix="pass an existing bundle folder or a registry reference such as name@v1")

@@ -169,6 +169,12 @@ def write_bundle(spec: BundleSpec, folder: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def is_folder_reference(ref: str) -> bool:
+    """Whether `ref` names a bundle folder (it holds a manifest, or it is a path with a separator) rather than a
+    registry reference such as name@v3."""
+    return (Path(ref).expanduser() / MANIFEST).is_file() or os.sep in ref
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():

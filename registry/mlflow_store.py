@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from knnssd.cachedir import cache_root
-from registry.bundle import BundleError, read_bundle, read_manifest, verify_files
+from registry.bundle import BundleError, is_folder_reference, read_bundle, read_manifest, verify_files
 
 REF_PATTERN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<selector>[A-Za-z0-9._-]+))?$")
 DEFAULT_EXPERIMENT = "knnssd-calibration"
@@ -145,7 +145,7 @@ class BundleRegistry:
         client = self.client
         tags = {"kind": "evaluation", "bundle_ref": ref, "mlflow.runName": f"evaluate {ref}"}
         experiment_id = self._experiment_id(experiment)
-        if os.sep not in ref and not Path(ref).exists():
+        if not is_folder_reference(ref):
             name, version = self.resolve(ref)
             bundle_run = client.get_model_version(name, str(version)).run_id
             experiment_id = client.get_run(bundle_run).info.experiment_id
