@@ -27,9 +27,12 @@ Figures per stream, method and domain (and "overall", pooled over every prompt o
 
 from __future__ import annotations
 
+import csv
+import json
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -273,8 +276,6 @@ def verdicts(table: list[dict[str, Any]], tie: float = 0.02) -> list[str]:
 
 def read_rows(path: Any) -> list[PromptRun]:
     """The rows of a per_prompt.csv written by `write_outputs`."""
-    import csv
-
     rows = []
     with open(path, newline="") as handle:
         for r in csv.DictReader(handle):
@@ -378,11 +379,6 @@ def metric_key(row: dict[str, Any], figure: str) -> str:
 def write_outputs(rows: list[PromptRun], table: list[dict[str, Any]], folder: Any, title: str,
                   tie: float = 0.02) -> list[str]:
     """per_prompt.csv, summary.csv, summary.json, speedup.png and report.txt in `folder`; returns the report."""
-    import csv
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in (("per_prompt.csv", [asdict(r) for r in rows]), ("summary.csv", table)):
