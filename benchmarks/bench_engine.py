@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import load_spec_bench, machine_description, pick_prompts  # noqa: E402
 from knnssd.decoding import GenerationConfig, generate  # noqa: E402
-from knnssd.drafters import DraftConfig, LayerSkipDrafter  # noqa: E402
+from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter  # noqa: E402
 from knnssd.models import load_model  # noqa: E402
 from knnssd.prompts import encode_prompt  # noqa: E402
 from knnssd.skipset import SkipSet  # noqa: E402
@@ -94,7 +94,7 @@ def main() -> None:
     skip_sets = json.loads(Path(args.skip_sets).read_text()) if args.skip_sets else DEFAULT_SKIP_SETS
     loaded = load_model(args.model, device="cpu", dtype="float32")
     drafters = {name: LayerSkipDrafter(SkipSet.from_dict(s).validate(loaded.num_layers),
-                                       DraftConfig(threshold=args.threshold, max_draft_tokens=args.max_draft_tokens,
+                                       LayerSkipConfig(threshold=args.threshold, max_draft_tokens=args.max_draft_tokens,
                                                    keep_unconfident=not args.drop_unconfident))
                 for name, s in skip_sets.items()}
     prompts = pick_prompts(load_spec_bench(args.data), args.categories.split(","), args.per_category)

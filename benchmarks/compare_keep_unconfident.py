@@ -11,10 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import load_spec_bench, pick_prompts  # noqa: E402
-from knnssd import DraftConfig, GenerationConfig, LayerSkipDrafter, SkipSet, encode_prompt, generate, load_model  # noqa: E402
+from knnssd import LayerSkipConfig, GenerationConfig, LayerSkipDrafter, SkipSet, encode_prompt, generate, load_model  # noqa: E402
 
-VARIANTS = {"drop": DraftConfig(keep_unconfident=False), "keep": DraftConfig(),
-            "keep-t0.6": DraftConfig(threshold=0.6), "keep-t0.9": DraftConfig(threshold=0.9)}
+VARIANTS = {"drop": LayerSkipConfig(keep_unconfident=False), "keep": LayerSkipConfig(),
+            "keep-t0.6": LayerSkipConfig(threshold=0.6), "keep-t0.9": LayerSkipConfig(threshold=0.9)}
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from knnssd.decoding import GenerationConfig, _verify, device_clock, generate  # noqa: E402
-from knnssd.drafters import Draft, DraftConfig, DraftRequest, LayerSkipDrafter  # noqa: E402
+from knnssd.drafters import Draft, LayerSkipConfig, DraftRequest, LayerSkipDrafter  # noqa: E402
 from knnssd.kvcache import new_cache, rollback  # noqa: E402
 from knnssd.sampling import SamplingConfig  # noqa: E402
 from knnssd.skipset import SkipSet  # noqa: E402
@@ -88,7 +88,7 @@ def step_costs(device: str, dtype: torch.dtype, steps: int, context: int = 200) 
     for name, skip in (("draft step, attn 25 skipped", SkipSet.of(attn=[25])),
                        ("draft step, 15 attn skipped", SkipSet.of(attn=range(15, 30))),
                        ("draft step, half of all skipped", SkipSet.of(attn=range(0, 30, 2), mlp=range(1, 30, 2)))):
-        session = LayerSkipDrafter(skip, DraftConfig(threshold=0.0, max_draft_tokens=1)).start()
+        session = LayerSkipDrafter(skip, LayerSkipConfig(threshold=0.0, max_draft_tokens=1)).start()
         request = DraftRequest(model=model, cache=cache, last_token=prompt[:, -1:], position=context, max_tokens=1,
                                sampling=SamplingConfig(), generator=None, history=history)
         results[name] = median_ms(lambda: session.propose(request))

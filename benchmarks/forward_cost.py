@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from knnssd.kvcache import new_cache  # noqa: E402
-from knnssd.layerskip import skip_sublayers  # noqa: E402
+from knnssd.sublayers import skip_sublayers  # noqa: E402
 from knnssd.models import load_model  # noqa: E402
 from knnssd.skipset import SkipSet  # noqa: E402
 

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_description  # noqa: E402
 from knnssd.decoding import GenerationConfig, _verify, generate  # noqa: E402
-from knnssd.drafters import Draft, DraftConfig, LayerSkipDrafter  # noqa: E402
+from knnssd.drafters import Draft, LayerSkipConfig, LayerSkipDrafter  # noqa: E402
 from knnssd.kvcache import new_cache, rollback  # noqa: E402
 from knnssd.models import load_model  # noqa: E402
 from knnssd.sampling import SamplingConfig  # noqa: E402
@@ -59,7 +59,7 @@ def verify_costs_ms(model, cache, context: int, width: int, steps: int) -> tuple
 
 
 def profile_generation(model, prompt: torch.Tensor, top: int = 25) -> str:
-    drafter = LayerSkipDrafter(SkipSet.of(attn=[25]), DraftConfig())
+    drafter = LayerSkipDrafter(SkipSet.of(attn=[25]), LayerSkipConfig())
     config = GenerationConfig(max_new_tokens=64, eos_token_ids=())
     generate(model, prompt, GenerationConfig(max_new_tokens=4), drafter)
     profiler = cProfile.Profile()

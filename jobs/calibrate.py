@@ -11,18 +11,18 @@ on the built-in demo prompts. Progress per domain and trial while it runs; a sum
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
+from knnssd.entry import ArgumentParser, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
 from pipeline.data import SPEC_BENCH_MT_CATEGORIES, DataConfig  # noqa: E402
 from pipeline.reduce import ReduceConfig  # noqa: E402
-from pipeline.search import SearchConfig  # noqa: E402
-from pipeline.stages import ModelSpec  # noqa: E402
+from pipeline.search import SEARCHABLE_KINDS, SearchConfig  # noqa: E402
+from pipeline.tasks import ModelSpec  # noqa: E402
 
 SMOKE = {"trials": 2, "prompts_per_trial": 2, "max_new_tokens": 12, "max_per_domain": 6}
 
@@ -44,40 +44,48 @@ def default_bundle_name(model: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m",
+                   help="Hugging Face id, local folder, or the built-in smollm2-135m")
     p.add_argument("--data", default=None, help="Spec-Bench/JSONL/Parquet file; default: built-in demo prompts")
     p.add_argument("--columns", default=None, help="column mapping, e.g. domain=category,prompt=text")
     p.add_argument("--merge", default=None, help="rename domains, e.g. writing=chat,roleplay=chat")
     p.add_argument("--merge-mt-bench", action="store_true", help="merge Spec-Bench's 8 MT-bench categories as 'chat'")
     p.add_argument("--domains", default=None, help="comma-separated domains to calibrate (after merging)")
     p.add_argument("--bundle-name", default=None, help="registered bundle name (default: the model name)")
-    p.add_argument("--trials", type=int, default=12)
-    p.add_argument("--prompts-per-trial", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--trials", type=int, default=12, help="finished trials per domain study")
+    p.add_argument("--prompts-per-trial", type=int, default=4, help="calibration prompts each trial decodes")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens each trial generates per prompt")
     p.add_argument("--max-per-domain", type=int, default=None, help="use at most N prompts per domain")
-    p.add_argument("--held-out-fraction", type=float, default=0.25)
-    p.add_argument("--anchors-per-domain", type=int, default=10)
-    p.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-skip-ratio", type=float, default=0.01)
-    p.add_argument("--max-skip-ratio", type=float, default=0.5)
-    p.add_argument("--min-speedup", type=float, default=1.0,
-                   help="a domain whose best trial is slower than this gets plain decoding (0 keeps every set)")
-    p.add_argument("--policies", default="layer_skip,prompt_lookup,hybrid",
+    p.add_argument("--held-out-fraction", type=float, default=0.25,
+                   help="share of each domain's prompts held out for the final check and evaluation")
+    p.add_argument("--anchors-per-domain", type=int, default=ReduceConfig.anchors_per_domain,
+                   help="k-means anchors per domain")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "random"], help="Optuna sampler")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the sampler and k-means")
+    p.add_argument("--min-skip-ratio", type=float, default=SearchConfig.min_skip_ratio,
+                   help="layer-skip trials skipping a smaller share of sub-layers are pruned")
+    p.add_argument("--max-skip-ratio", type=float, default=SearchConfig.max_skip_ratio,
+                   help="layer-skip trials skipping a larger share of sub-layers are pruned")
+    p.add_argument("--min-speedup", type=float, default=SearchConfig.min_speedup,
+                   help="a domain whose best trial is slower than this gets plain decoding (0 keeps every policy)")
+    p.add_argument("--policies", default=",".join(SEARCHABLE_KINDS),
                    help="drafter kinds the search may choose per domain (comma-separated)")
     p.add_argument("--no-mix", action="store_true",
                    help="skip the mix study (one policy searched on all domains together; evaluate.py's Self-SD(Mix))")
-    p.add_argument("--work-dir", default="calibration")
-    p.add_argument("--storage", default=None, help="Optuna storage: journal file path or RDB URL")
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--work-dir", default="calibration", help="stage outputs, the Optuna journal and bundle folders")
+    p.add_argument("--storage", default=None, help="Optuna storage: journal file path or RDB URL "
+                                                   "(default: WORK_DIR/optuna-journal.log)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-publish", action="store_true", help="write the bundle folder only")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template to prompts")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda where the worker has one)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--smoke", action="store_true", help="a tiny search (about two minutes on 2 CPU cores)")
-    p.add_argument("--no-final-demo", action="store_true")
+    p.add_argument("--no-final-demo", action="store_true",
+                   help="do not answer a held-out prompt per domain through the published bundle")
     return p
 
 
@@ -100,21 +108,33 @@ def config_from_args(args: argparse.Namespace):
                           min_skip_ratio=args.min_skip_ratio, max_skip_ratio=args.max_skip_ratio,
                           min_speedup=args.min_speedup,
                           kinds=tuple(k.strip() for k in args.policies.split(",") if k.strip()))
-    ray_init = {} if (args.address or os.environ.get("RAY_ADDRESS")) else {
-        "num_cpus": os.cpu_count(), "include_dashboard": False}
     return CalibrationConfig(
         model=ModelSpec(name=args.model, device=args.device, dtype=args.dtype, chat=not args.no_chat),
         bundle_name=args.bundle_name or default_bundle_name(args.model), data=data, search=search,
         reduce=ReduceConfig(anchors_per_domain=args.anchors_per_domain, seed=args.seed),
         work_dir=args.work_dir, storage=args.storage, tracking_uri=args.tracking_uri, publish=not args.no_publish,
-        ray_address=args.address, ray_init=ray_init, mix=not args.no_mix)
+        ray_address=args.address, mix=not args.no_mix)
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    """Run the calibration the arguments describe, print its summary, then the final demo."""
+    config = config_from_args(args)
+    from pipeline.calibrate import run_calibration, summary_table
+
+    result = run_calibration(config)
+    print("\n" + summary_table(result))
+    print(f"\nbundle: {result.bundle_folder}" + (f"  published as {result.ref}" if result.ref else ""))
+    print(f"calibration took {result.seconds:.0f} s")
+    if result.ref and not args.no_final_demo:
+        final_demo(result.ref, config, Path(config.work_dir))
+    return 0
 
 
 def final_demo(ref: str, config, work_dir: Path) -> None:
     """Load the published bundle and answer one held-out prompt per domain through it."""
     import pyarrow.parquet as pq
 
-    from knnssd.decoding import GenerationConfig, generate
+    from knnssd.decoding import GenerationConfig, generate, warm_up
     from knnssd.runtime import load_bundle
     from pipeline.data import HELD_OUT, domains_of, prompts_of
 
@@ -124,7 +144,7 @@ def final_demo(ref: str, config, work_dir: Path) -> None:
     print(f"\nrouting one held-out prompt per domain through {ref} (policy 'none' = plain decoding, so its")
     print("speedup is run-to-run noise around 1):")
     print(f"{'true domain':<16}{'routed to':<16}{'distance':>9}{'policy':>14}{'speedup':>9}  identical  answer")
-    generate(runtime.loaded.model, runtime.encode("warm up"), GenerationConfig(max_new_tokens=4))
+    warm_up(runtime.loaded.model, runtime.encode("warm up"))
     for domain in domains_of(table):
         text = prompts_of(table, domain, HELD_OUT)[0]
         ids = runtime.encode(text)
@@ -138,22 +158,8 @@ def final_demo(ref: str, config, work_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters and tests; see README
     args = build_parser().parse_args(argv)
-    try:
-        config = config_from_args(args)
-        from pipeline.calibrate import run_calibration, summary_table
-
-        result = run_calibration(config)
-        print("\n" + summary_table(result))
-        print(f"\nbundle: {result.bundle_folder}" + (f"  published as {result.ref}" if result.ref else ""))
-        print(f"calibration took {result.seconds:.0f} s")
-        if result.ref and not args.no_final_demo:
-            final_demo(result.ref, config, Path(config.work_dir))
-    except KnnSsdError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: calibrate_command(args))
 
 
 if __name__ == "__main__":

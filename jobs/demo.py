@@ -11,27 +11,33 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
+from pathlib import Path
 
-from knnssd.decoding import GenerationConfig, generate
-from knnssd.demo_prompts import DEMO_PROMPTS, demo_domains
-from knnssd.drafters import DraftConfig, LayerSkipDrafter
-from knnssd.errors import KnnSsdError
-from knnssd.models import load_model
-from knnssd.prompts import encode_prompt
-from knnssd.skipset import SkipSet
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
+
+from knnssd.decoding import GenerationConfig, generate, warm_up  # noqa: E402
+from knnssd.demo_prompts import DEMO_PROMPTS, demo_domains  # noqa: E402
+from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter  # noqa: E402
+from knnssd.entry import ArgumentParser, run_main  # noqa: E402
+from knnssd.errors import KnnSsdError  # noqa: E402
+from knnssd.models import load_model  # noqa: E402
+from knnssd.prompts import encode_prompt  # noqa: E402
+from knnssd.skipset import SkipSet  # noqa: E402
 
 # Found by benchmarks/proxy_skip_search.py on Spec-Bench for SmolLM2-135M (see BENCHMARKS.md).
 SMOLLM2_SKIP_SET = '{"attn": [4, 6, 25], "mlp": []}'
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.per_domain < 1:
+        raise KnnSsdError(f"--per-domain must be >= 1, got {args.per_domain}", fix="e.g. --per-domain 2")
     loaded = load_model(args.model, device=args.device)
     skip_set = SkipSet.parse(args.skip_set).validate(loaded.num_layers)
-    drafter = LayerSkipDrafter(skip_set, DraftConfig())
+    drafter = LayerSkipDrafter(skip_set, LayerSkipConfig())
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)
     print(f"model {loaded.name} ({loaded.num_layers} layers, hash {loaded.model_hash[:12]}) on {loaded.device}")
     print(f"skip set {skip_set.to_json()} ({skip_set.skip_ratio(loaded.num_layers):.0%} of sub-layers)\n")
-    generate(loaded.model, encode_prompt(loaded.tokenizer, "warm up", chat=True), GenerationConfig(max_new_tokens=4))
+    warm_up(loaded.model, encode_prompt(loaded.tokenizer, "warm up", chat=True))
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     for domain in demo_domains():
         texts = [text for d, text in DEMO_PROMPTS if d == domain][: args.per_domain]
@@ -52,25 +58,22 @@ def run(args: argparse.Namespace) -> None:
             t[2] += ssd.stats.accepted_tokens + ssd.stats.verify_steps
             t[3] += ssd.stats.verify_steps
             if same != "identical":
-                raise SystemExit("error: self-speculative output differed from plain decoding")
+                raise RuntimeError("self-speculative output differed from plain decoding: this is a bug")
     print(f"\n{'domain':<14}{'speedup':>9}{'mean accepted':>15}")
     for domain, (plain_s, ssd_s, committed, steps) in totals.items():
         print(f"{domain:<14}{plain_s / ssd_s:>8.2f}x{committed / steps:>15.2f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--skip-set", default=SMOLLM2_SKIP_SET)
-    parser.add_argument("--per-domain", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--device", default=None)
-    try:
-        run(parser.parse_args())
-    except KnnSsdError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="Hugging Face id, local folder, or built-in name")
+    parser.add_argument("--skip-set", default=SMOLLM2_SKIP_SET, help="the layer-skip drafter's skip set (JSON)")
+    parser.add_argument("--per-domain", type=int, default=2, help="built-in prompts per domain")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    args = parser.parse_args(argv)
+    return run_main(lambda: run(args))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

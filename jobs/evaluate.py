@@ -8,7 +8,8 @@ With RAY_ADDRESS (as under `ray job submit`) or --address, the measurement runs 
 the cluster has one); otherwise in this process. Without --data, the prompts come from the data the bundle was
 calibrated on (its manifest records where); the held-out split is rebuilt with the calibration's seed, so no
 calibration prompt is evaluated. Results: a folder of tables, a plot and a report, and an MLflow run nested under
-the bundle's own run (unless --no-log). See pipeline/evaluate.py for the methods and figures.
+the bundle's own run (unless --no-log). See pipeline/study.py (the methods and the run) and
+pipeline/report.py (the figures).
 """
 
 from __future__ import annotations
@@ -23,35 +24,38 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
+from knnssd.entry import ArgumentParser, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
-from pipeline.evaluate import PEERS, STREAMS, EvalConfig  # noqa: E402
+from pipeline.study import PEERS, STREAMS, EvalConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True, help="registry reference (name, name@vN, name@alias) or folder")
     p.add_argument("--data", default=None, help="prompt file (default: the bundle's calibration data)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens,
+                   help="tokens each method generates per prompt")
     p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (default all)")
     p.add_argument("--streams", default=",".join(STREAMS), help="task, mixed or both")
     p.add_argument("--fix-domains", default=None, help="domains whose policy runs as Self-SD(Fix) (default all; 'none' for none)")
     p.add_argument("--peers", default=",".join(PEERS), help="transformers' methods to time, or 'none'")
-    p.add_argument("--lookup-tokens", type=int, default=10, help="peers' prompt_lookup_num_tokens")
+    p.add_argument("--lookup-tokens", type=int, default=EvalConfig.lookup_tokens, help="peers' prompt_lookup_num_tokens")
     p.add_argument("--early-exit-layer", type=int, default=None, help="peers' assistant_early_exit (default L/2)")
     p.add_argument("--policy", action="append", default=[], metavar="NAME=JSON",
                    help="also run this draft policy for every prompt, as method NAME (repeatable), e.g. "
                         "--policy lookup='{\"kind\": \"prompt_lookup\"}'")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=EvalConfig.seed, help="seed of the mixed stream's shuffle")
     p.add_argument("--tie", type=float, default=0.02,
                    help="relative difference below which the verdicts call two speedups a tie (default 0.02)")
     p.add_argument("--rerender", default=None, metavar="DIR",
                    help="measure nothing: rebuild the tables, plot and report of an earlier run's folder")
     p.add_argument("--out", default=None, help="output folder (default evaluation/<bundle>-<time>)")
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--no-log", action="store_true", help="do not log the evaluation to MLflow")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS; none: run here)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda where there is one)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
     return p
 
 
@@ -60,7 +64,7 @@ def split_list(text: str | None) -> tuple[str, ...]:
 
 
 def named_policies(items: list[str]) -> tuple[tuple[str, dict], ...]:
-    from knnssd.policy import parse_policy
+    from knnssd.policy import describe_policy, parse_policy
 
     pairs = []
     for item in items:
@@ -68,14 +72,16 @@ def named_policies(items: list[str]) -> tuple[tuple[str, dict], ...]:
         if not sep or not name.strip():
             raise KnnSsdError(f"--policy {item!r} is not NAME=JSON",
                               fix="""write e.g. --policy lookup='{"kind": "prompt_lookup"}'""")
-        pairs.append((name.strip(), parse_policy(text)))
+        policy = parse_policy(text)
+        describe_policy(policy)  # checks every field's name and type now, before any model loads
+        pairs.append((name.strip(), policy))
     return tuple(pairs)
 
 
 def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | None) -> list[tuple[str, str]]:
     """The held-out prompts of the bundle's domains, split as calibration split them."""
     from pipeline.data import DataConfig, load_calibration_table
-    from pipeline.evaluate import held_out_prompts
+    from pipeline.study import held_out_prompts
 
     recorded = dict(manifest.get("calibration", {}).get("data") or {})
     if data_path is None and "data" not in manifest.get("calibration", {}):
@@ -89,11 +95,11 @@ def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | 
     return held_out_prompts(table, [d["name"] for d in manifest["domains"]], per_domain)
 
 
-def measure(bundle: str, tracking_uri: str | None, device: str | None, dtype: str | None, data: str | None,
-            config: EvalConfig):
+def run_study(bundle: str, tracking_uri: str | None, device: str | None, dtype: str | None, data: str | None,
+              config: EvalConfig):
     """Load the bundle and its model, pick the prompts, run the study. Returns (manifest, prompts, rows)."""
     from knnssd.runtime import load_bundle
-    from pipeline.evaluate import evaluate
+    from pipeline.study import evaluate
 
     runtime = load_bundle(bundle, tracking_uri=tracking_uri, device=device, dtype=dtype)
     prompts = evaluation_prompts(runtime.bundle.manifest, data, config.prompts_per_domain)
@@ -101,59 +107,58 @@ def measure(bundle: str, tracking_uri: str | None, device: str | None, dtype: st
                                                       log=lambda message: print(message, flush=True))
 
 
-def run_measure(args: argparse.Namespace, config: EvalConfig):
-    address = args.address or os.environ.get("RAY_ADDRESS")
+def run_study_where_asked(args: argparse.Namespace, config: EvalConfig):
+    """The study in this process, or as one Ray task (a GPU where the cluster has one) given an address."""
     call = (args.bundle, args.tracking_uri, args.device, args.dtype, args.data, config)
-    if not address:
-        return measure(*call)
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        return run_study(*call)
     import ray
 
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    task = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1, max_retries=0)(measure)
+    from pipeline.cluster import connect, task_resources
+
+    connect(args.address)
+    task = ray.remote(max_retries=0)(run_study).options(**task_resources())
     return ray.get(task.remote(*call))
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters and tests; see README
-    args = build_parser().parse_args(argv)
-    try:
-        config = EvalConfig(max_new_tokens=args.max_new_tokens, prompts_per_domain=args.prompts_per_domain,
-                            streams=split_list(args.streams), peers=split_list(args.peers),
-                            fix_domains=None if args.fix_domains is None else split_list(args.fix_domains),
-                            lookup_tokens=args.lookup_tokens,
-                            early_exit_layer=args.early_exit_layer, seed=args.seed,
-                            policies=named_policies(args.policy))
-        from pipeline.evaluate import metric_key, read_rows, summarise, write_outputs
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Measure (or, with --rerender, only re-report), write the outputs, log them to MLflow."""
+    config = EvalConfig(max_new_tokens=args.max_new_tokens, prompts_per_domain=args.prompts_per_domain,
+                        streams=split_list(args.streams), peers=split_list(args.peers),
+                        fix_domains=None if args.fix_domains is None else split_list(args.fix_domains),
+                        lookup_tokens=args.lookup_tokens, early_exit_layer=args.early_exit_layer, seed=args.seed,
+                        policies=named_policies(args.policy))
+    from pipeline.report import metric_key, read_rows, summarise, write_outputs
 
-        if args.rerender:
-            rows = read_rows(Path(args.rerender) / "per_prompt.csv")
-            report = write_outputs(rows, summarise(rows), args.rerender, args.bundle, args.tie)
-            print("\n".join(report))
-            return 0
-        manifest, prompts, rows = run_measure(args, config)
-        table = summarise(rows)
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        safe = "".join(c if c.isalnum() or c in "-_.@" else "-" for c in Path(args.bundle).name)
-        out = Path(args.out or Path("evaluation") / f"{safe}-{stamp}")
-        report = write_outputs(rows, table, out, f"{manifest['model_id']} ({args.bundle})", args.tie)
-        print("\n" + "\n".join(report))
-        print(f"\nresults: {out}")
-        if not args.no_log:
-            from registry.mlflow_store import BundleRegistry
+    if args.rerender:
+        rows = read_rows(Path(args.rerender) / "per_prompt.csv")
+        print("\n".join(write_outputs(rows, summarise(rows), args.rerender, args.bundle, args.tie)))
+        return 0
+    manifest, prompts, rows = run_study_where_asked(args, config)
+    table = summarise(rows)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_.@" else "-" for c in Path(args.bundle).name)
+    out = Path(args.out or Path("evaluation") / f"{safe}-{stamp}")
+    report = write_outputs(rows, table, out, f"{manifest['model_id']} ({args.bundle})", args.tie)
+    print("\n" + "\n".join(report))
+    print(f"\nresults: {out}")
+    if not args.no_log:
+        from registry.mlflow_store import BundleRegistry
 
-            registry = BundleRegistry(args.tracking_uri)
-            params = {**{k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
-                         for k, v in asdict(config).items()},
-                      "bundle": args.bundle, "data": args.data or "calibration data", "prompts": len(prompts)}
-            metrics = {metric_key(r, figure): r[figure] for r in table
-                       for figure in ("speedup", "mean_accepted", "acceptance", "identical", "routing_accuracy")}
-            run_id = registry.log_evaluation(args.bundle, params, metrics, out)
-            print(f"logged to MLflow run {run_id} in {registry.tracking_uri}")
-    except KnnSsdError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        registry = BundleRegistry(args.tracking_uri)
+        params = {**{k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
+                     for k, v in asdict(config).items()},
+                  "bundle": args.bundle, "data": args.data or "calibration data", "prompts": len(prompts)}
+        metrics = {metric_key(r, figure): r[figure] for r in table
+                   for figure in ("speedup", "mean_accepted", "acceptance", "identical", "routing_accuracy")}
+        run_id = registry.log_evaluation(args.bundle, params, metrics, out)
+        print(f"logged to MLflow run {run_id} in {registry.tracking_uri}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: evaluate_command(args))
 
 
 if __name__ == "__main__":

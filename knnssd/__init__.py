@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "GenerationConfig": "knnssd.decoding", "GenerationResult": "knnssd.decoding", "decode": "knnssd.decoding",
     "generate": "knnssd.decoding", "prefill": "knnssd.decoding",
-    "DraftConfig": "knnssd.drafters", "Drafter": "knnssd.drafters", "LayerSkipDrafter": "knnssd.drafters",
-    "KnnSsdError": "knnssd.errors", "skip_sublayers": "knnssd.layerskip", "HybridDrafter": "knnssd.hybrid",
-    "PromptLookupConfig": "knnssd.lookup", "PromptLookupDrafter": "knnssd.lookup",
+    "LayerSkipConfig": "knnssd.drafters", "Drafter": "knnssd.drafters", "LayerSkipDrafter": "knnssd.drafters",
+    "KnnSsdError": "knnssd.errors", "skip_sublayers": "knnssd.sublayers", "HybridDrafter": "knnssd.drafters",
+    "PromptLookupConfig": "knnssd.drafters", "PromptLookupDrafter": "knnssd.drafters",
     "LoadedModel": "knnssd.models", "load_model": "knnssd.models", "encode_prompt": "knnssd.prompts",
     "BundleRuntime": "knnssd.runtime", "load_bundle": "knnssd.runtime",
     "SamplingConfig": "knnssd.sampling", "SkipSet": "knnssd.skipset", "GenerationStats": "knnssd.stats",

@@ -26,6 +26,7 @@ from knnssd.errors import KnnSsdError
 from knnssd.kvcache import new_cache, rollback
 from knnssd.sampling import SamplingConfig, sample, verify_greedy, verify_sampling, warp_probs
 from knnssd.stats import GenerationStats, StatsRecorder
+from knnssd.sublayers import model_lock
 
 Clock = Callable[[], float]
 
@@ -141,7 +142,9 @@ def prefill(
     cache = new_cache(model)
     length = prompt_ids.shape[1]
     position_ids = torch.arange(length, device=prompt_ids.device).unsqueeze(0)
-    hidden = model.model(input_ids=prompt_ids, position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
+    with model_lock(model):
+        hidden = model.model(input_ids=prompt_ids, position_ids=position_ids, cache=cache,
+                             use_cache=True).last_hidden_state
     logits = model.lm_head(hidden[:, -1:, :])[0, -1]  # (vocab,)
     embedding = hidden[0].float().mean(dim=0)  # (hidden,)
     token = first_choice(logits, sampling, generator)
@@ -188,6 +191,24 @@ def _verify(
     return n_accepted, next_token
 
 
+def within_contract(draft: Draft, max_tokens: int, cache: DynamicCache, position: int, drafter: Drafter) -> Draft:
+    """Hold any drafter, a user's own included, to the loop's contract: a draft longer than `max_tokens` is cut
+    (so `max_new_tokens` is never overshot), and the cache is cropped back to the `position` committed tokens
+    (a drafter that removed committed state is refused)."""
+    for index, layer in enumerate(cache.layers):
+        held = layer.get_seq_length()
+        if held < position and getattr(layer, "is_initialized", True):
+            raise KnnSsdError(
+                f"drafter {type(drafter).__name__} left cache layer {index} with {held} tokens, fewer than the "
+                f"{position} committed",
+                fix="a drafter must leave the cache at request.position tokens (knnssd.kvcache.rollback does that)")
+    rollback(cache, position)
+    if draft.tokens.shape[0] <= max_tokens:
+        return draft
+    probs = draft.probs[:max_tokens] if draft.probs is not None else None
+    return Draft(tokens=draft.tokens[:max_tokens], probs=probs, forwards=draft.forwards)
+
+
 @torch.inference_mode()
 def decode(
     model: PreTrainedModel,
@@ -197,7 +218,15 @@ def decode(
     generator: torch.Generator | None = None,
     clock: Clock | None = None,
 ) -> GenerationResult:
-    """Steps 2-6 after `prefill`: generate until EOS or `config.max_new_tokens`."""
+    """Steps 2-6 after `prefill`: generate until EOS or `config.max_new_tokens`.
+
+    Holds `model_lock(model)` throughout: one model serves one generation at a time."""
+    with model_lock(model):
+        return _decode(model, state, config, drafter, generator, clock)
+
+
+def _decode(model: PreTrainedModel, state: Prefilled, config: GenerationConfig, drafter: Drafter | None,
+            generator: torch.Generator | None, clock: Clock | None) -> GenerationResult:
     device = next(model.parameters()).device
     clock = clock or device_clock(device)
     start = clock()
@@ -217,6 +246,7 @@ def decode(
             draft = session.propose(DraftRequest(model=model, cache=state.cache, last_token=last, position=position,
                                                  max_tokens=budget - 1, sampling=config.sampling, generator=generator,
                                                  history=history))
+            draft = within_contract(draft, budget - 1, state.cache, position, drafter)
             recorder.draft_seconds += clock() - t0
         t0 = clock()
         n_accepted, next_token = _verify(model, state.cache, history[-1], draft, position, config.sampling, generator)
@@ -285,5 +315,12 @@ def generate(
         ...                   LayerSkipDrafter(SkipSet.of(attn=[24, 25, 26])))
         >>> result.stats.mean_accepted_tokens
     """
-    started = begin(model, prompt_ids, config, clock)
-    return decode(model, started.state, config, drafter, started.generator, started.clock)
+    with model_lock(model):
+        started = begin(model, prompt_ids, config, clock)
+        return decode(model, started.state, config, drafter, started.generator, started.clock)
+
+
+def warm_up(model: PreTrainedModel, prompt_ids: torch.Tensor, drafter: Drafter | None = None) -> None:
+    """One tiny untimed generation (the first 8 prompt tokens, 2 new ones), so that one-off costs (allocations,
+    lazy imports, first kernel calls) do not land on the first timed run."""
+    generate(model, prompt_ids[:, :8], GenerationConfig(max_new_tokens=2, eos_token_ids=()), drafter)

@@ -1,6 +1,6 @@
 """KV-cache handling for draft-then-verify decoding on transformers 5 caches.
 
-Two facts shape this module (see STACK.md):
+Two facts of transformers 5's `DynamicCache` shape this module:
 - a sub-layer skipped while drafting writes nothing to its cache layer, so after
   drafting the layers hold different numbers of tokens;
 - `DynamicLayer.crop(n)` only accepts ``n <= 0`` (tokens to remove).

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from knnssd.cachedir import cache_root
 from knnssd.errors import KnnSsdError
-from knnssd.layerskip import SUPPORTED_MODEL_TYPES, num_decoder_layers
+from knnssd.sublayers import SUPPORTED_MODEL_TYPES, num_decoder_layers
 from knnssd.modelhash import cached_model_hash
 
 LOG = logging.getLogger("knnssd")

@@ -2,27 +2,28 @@
 
     {"kind": "none"}                                                 plain decoding
     {"kind": "layer_skip", "skip_set": {"attn": [...], "mlp": [...]},
-     "threshold": 0.8, "max_draft_tokens": 12, "adaptive": false}       layer-skip drafting
+     "threshold": 0.8, "max_draft_tokens": 12, "adaptive": false}       layer-skip drafting (LayerSkipConfig)
     {"kind": "prompt_lookup", "max_ngram": 3, "min_ngram": 1,
-     "max_draft_tokens": 10}                                          n-gram lookup in prompt + output
+     "max_draft_tokens": 10}                                          n-gram lookup (PromptLookupConfig)
     {"kind": "hybrid", "prompt_lookup": {...}, "layer_skip": {...}}   lookup, else layer skipping
                                                                       (the two objects without "kind")
+
+Field names and defaults are those of the config classes; a field a policy leaves out takes its class default,
+and a field the class does not have, or of the wrong JSON type, is refused.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from knnssd.drafters import DraftConfig, Drafter, LayerSkipDrafter
+from knnssd.checks import config_from_json
+from knnssd.drafters import (Drafter, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
+                             PromptLookupDrafter)
 from knnssd.errors import KnnSsdError
-from knnssd.hybrid import HybridDrafter
 from knnssd.jsonarg import json_source
-from knnssd.lookup import PromptLookupConfig, PromptLookupDrafter
 from knnssd.skipset import SkipSet
 
-DRAFT_CONFIG_KEYS = ("threshold", "max_draft_tokens", "keep_unconfident", "adaptive", "adapt_step", "min_threshold",
-                     "max_threshold")
-LOOKUP_CONFIG_KEYS = ("max_ngram", "min_ngram", "max_draft_tokens")
 POLICY_KINDS = ("none", "layer_skip", "prompt_lookup", "hybrid")
 
 
@@ -31,38 +32,66 @@ def policy_of(drafter: Drafter | None) -> dict[str, Any]:
     return {"kind": "none"} if drafter is None else drafter.describe()
 
 
+def _fields(policy: dict[str, Any], kind: str) -> dict[str, Any]:
+    if not isinstance(policy, dict):
+        raise KnnSsdError(f"the {kind} part of a draft policy must be a JSON object, got {policy!r}",
+                          fix=f'write e.g. "{kind}": {{}} for its defaults')
+    return {k: v for k, v in policy.items() if k != "kind"}
+
+
+def layer_skip_parts(policy: dict[str, Any]) -> tuple[SkipSet, LayerSkipConfig]:
+    """The skip set (not yet checked against a model) and drafting config of a layer-skip policy (or part)."""
+    data = _fields(policy, "layer_skip")
+    skip_set = SkipSet.from_dict(data.pop("skip_set", {}))
+    return skip_set, config_from_json(LayerSkipConfig, data, "the layer_skip policy")
+
+
+def lookup_config(policy: dict[str, Any]) -> PromptLookupConfig:
+    """The config of a prompt-lookup policy (or the prompt_lookup part of a hybrid)."""
+    return config_from_json(PromptLookupConfig, _fields(policy, "prompt_lookup"), "the prompt_lookup policy")
+
+
 def _layer_skip(policy: dict[str, Any], num_layers: int) -> LayerSkipDrafter:
-    skip_set = SkipSet.from_dict(policy.get("skip_set", {})).validate(num_layers)
-    return LayerSkipDrafter(skip_set, DraftConfig(**{key: policy[key] for key in DRAFT_CONFIG_KEYS if key in policy}))
+    skip_set, config = layer_skip_parts(policy)
+    return LayerSkipDrafter(skip_set.validate(num_layers), config)
 
 
-def _lookup(policy: dict[str, Any]) -> PromptLookupDrafter:
-    return PromptLookupDrafter(PromptLookupConfig(**{key: policy[key] for key in LOOKUP_CONFIG_KEYS if key in policy}))
+def _hybrid_parts(policy: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    parts = policy.get("prompt_lookup"), policy.get("layer_skip")
+    extra = sorted(set(policy) - {"kind", "prompt_lookup", "layer_skip"})
+    if not all(isinstance(part, dict) for part in parts) or extra:
+        raise KnnSsdError("a hybrid policy needs the objects 'prompt_lookup' and 'layer_skip', and nothing else"
+                          + (f" (it has {extra})" if extra else ""),
+                          fix='write {"kind": "hybrid", "prompt_lookup": {...}, "layer_skip": {"skip_set": ...}}')
+    return parts[0], parts[1]
+
+
+def _kind(policy: Any) -> str:
+    kind = policy.get("kind") if isinstance(policy, dict) else None
+    if kind not in POLICY_KINDS:
+        raise KnnSsdError(f"unknown draft policy kind {kind!r}",
+                          fix=f"use one of {', '.join(POLICY_KINDS)} (a newer bundle may need a newer knnssd)")
+    return kind
 
 
 def drafter_from_policy(policy: dict[str, Any], num_layers: int) -> Drafter | None:
     """The drafter a policy describes, validated against a model of `num_layers` layers."""
-    kind = policy.get("kind") if isinstance(policy, dict) else None
+    kind = _kind(policy)
     if kind == "none":
+        if set(policy) != {"kind"}:
+            raise KnnSsdError(f"a 'none' policy has no fields, got {sorted(set(policy) - {'kind'})}",
+                              fix='write {"kind": "none"}')
         return None
     if kind == "layer_skip":
         return _layer_skip(policy, num_layers)
     if kind == "prompt_lookup":
-        return _lookup(policy)
-    if kind == "hybrid":
-        parts = [policy.get("prompt_lookup"), policy.get("layer_skip")]
-        if not all(isinstance(part, dict) for part in parts):
-            raise KnnSsdError("a hybrid policy needs the objects 'prompt_lookup' and 'layer_skip'",
-                              fix='write {"kind": "hybrid", "prompt_lookup": {...}, "layer_skip": {"skip_set": ...}}')
-        return HybridDrafter(_lookup(parts[0]), _layer_skip(parts[1], num_layers))
-    raise KnnSsdError(f"unknown draft policy kind {kind!r}",
-                      fix=f"use one of {', '.join(POLICY_KINDS)} (a newer bundle may need a newer knnssd)")
+        return PromptLookupDrafter(lookup_config(policy))
+    lookup, layer_skip = _hybrid_parts(policy)
+    return HybridDrafter(PromptLookupDrafter(lookup_config(lookup)), _layer_skip(layer_skip, num_layers))
 
 
 def parse_policy(text: str) -> dict[str, Any]:
     """A policy from inline JSON or from the path of a JSON file (as `--policy` takes it, like `--skip-set`)."""
-    import json
-
     source = json_source(text, "--policy", '{"kind": "prompt_lookup", "max_ngram": 3}')
     try:
         policy = json.loads(source)
@@ -75,17 +104,18 @@ def parse_policy(text: str) -> dict[str, Any]:
 
 
 def describe_policy(policy: dict[str, Any]) -> str:
-    """One line for tables: e.g. 'layer_skip attn[25] mlp[] t=0.8 k<=12' or 'prompt_lookup n=1-3 k<=10'."""
-    kind = policy.get("kind")
+    """One line for tables: e.g. 'layer_skip attn[25] mlp[] t=0.8 k<=12' or 'prompt_lookup n=1-3 k<=10'.
+    Fields the policy leaves out show their defaults."""
+    kind = _kind(policy)
     if kind == "layer_skip":
-        skip = policy.get("skip_set", {})
-        return (f"layer_skip attn{skip.get('attn', [])} mlp{skip.get('mlp', [])} "
-                f"t={policy.get('threshold', DraftConfig.threshold)} k<={policy.get('max_draft_tokens', 12)}")
+        skip, config = layer_skip_parts(policy)
+        return (f"layer_skip attn{list(skip.attn)} mlp{list(skip.mlp)} "
+                f"t={config.threshold} k<={config.max_draft_tokens}")
     if kind == "prompt_lookup":
-        return (f"prompt_lookup n={policy.get('min_ngram', 1)}-{policy.get('max_ngram', 3)} "
-                f"k<={policy.get('max_draft_tokens', 10)}")
+        config = lookup_config(policy)
+        return f"prompt_lookup n={config.min_ngram}-{config.max_ngram} k<={config.max_draft_tokens}"
     if kind == "hybrid":
-        lookup = describe_policy({"kind": "prompt_lookup", **policy.get("prompt_lookup", {})})
-        layer_skip = describe_policy({"kind": "layer_skip", **policy.get("layer_skip", {})})
-        return f"hybrid({lookup}; else {layer_skip})"
-    return str(kind)
+        lookup, layer_skip = _hybrid_parts(policy)
+        return (f"hybrid({describe_policy({'kind': 'prompt_lookup', **lookup})}; "
+                f"else {describe_policy({'kind': 'layer_skip', **layer_skip})})")
+    return kind

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from knnssd.errors import KnnSsdError
+
 
 @dataclass(frozen=True)
 class Route:
@@ -36,6 +38,10 @@ class Router:
     def route(self, embedding: torch.Tensor) -> Route:
         """Route one prompt embedding (hidden,), any dtype or device."""
         vector = embedding.detach().float().cpu().numpy().reshape(1, -1)
+        if vector.shape[1] != self.index.d:
+            raise KnnSsdError(f"the prompt embedding has {vector.shape[1]} dimensions but the bundle's anchors "
+                              f"have {self.index.d}",
+                              fix="use the model the bundle was calibrated on, or recalibrate for this model")
         vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         similarity, anchor = self.index.search(np.ascontiguousarray(vector, dtype=np.float32), 1)
         distance = 1.0 - float(similarity[0, 0])

@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from knnssd.bundle import FALLBACK_KEY, Bundle, read_bundle
 from knnssd.decoding import GenerationConfig, GenerationResult, begin, decode
 from knnssd.drafters import Drafter
 from knnssd.errors import KnnSsdError
@@ -27,6 +27,8 @@ from knnssd.policy import drafter_from_policy
 from knnssd.prompts import encode_prompt
 from knnssd.routing import Route, Router
 from knnssd.sampling import SamplingConfig
+from knnssd.sources import fetch_bundle
+from knnssd.sublayers import model_lock
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,13 @@ class RoutedResult:
 
 
 class BundleRuntime:
-    """A loaded model plus a verified routing bundle; `generate` routes each prompt."""
+    """A loaded model plus a verified routing bundle; `generate` routes each prompt.
 
-    def __init__(self, bundle: Any, loaded: LoadedModel) -> None:
+    Safe to call from several threads: generation on one model is serialised by `model_lock(model)` (a
+    re-entrant lock per model object), so concurrent calls give exactly the outputs of sequential ones and
+    never see another call's skipped sub-layers. For parallel throughput, give each thread its own model."""
+
+    def __init__(self, bundle: Bundle, loaded: LoadedModel) -> None:
         self.bundle = bundle
         self.loaded = loaded
         self.router = Router(index=bundle.index, anchor_domains=bundle.anchor_domains, domains=bundle.domains,
@@ -52,9 +58,6 @@ class BundleRuntime:
         layers = loaded.num_layers
         self.drafters: dict[str, Drafter | None] = {
             name: drafter_from_policy(policy, layers) for name, policy in bundle.policies.items()}
-        from registry.bundle import FALLBACK_KEY
-
-        self.fallback_key = FALLBACK_KEY
         self.chat = bool(bundle.manifest.get("prompt_format", {}).get("chat", True))
 
     def encode(self, prompt: str) -> torch.Tensor:
@@ -66,35 +69,17 @@ class BundleRuntime:
         """Route `prompt` (text, or ids (1, T) already formatted) and generate with its domain's policy."""
         config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling)
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt
-        started = begin(self.loaded.model, ids, config)
-        start = time.perf_counter()
-        route = self.router.route(started.state.embedding)
-        key = self.fallback_key if route.fallback else route.domain
-        routing_seconds = time.perf_counter() - start
-        result = decode(self.loaded.model, started.state, config, self.drafters[key], started.generator,
-                        started.clock)
+        with model_lock(self.loaded.model):  # one generation at a time on this model, whatever the thread
+            started = begin(self.loaded.model, ids, config)
+            start = time.perf_counter()
+            route = self.router.route(started.state.embedding)
+            key = FALLBACK_KEY if route.fallback else route.domain
+            routing_seconds = time.perf_counter() - start
+            result = decode(self.loaded.model, started.state, config, self.drafters[key], started.generator,
+                            started.clock)
         text = self.loaded.tokenizer.decode(list(result.token_ids), skip_special_tokens=True)
         return RoutedResult(text=text, result=result, route=route, policy=self.bundle.policies[key],
                             routing_seconds=routing_seconds)
-
-
-def fetch_bundle(ref: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """A local folder holding the bundle `ref`: a folder path as is, else a registry reference downloaded
-    (once) into the cache."""
-    from registry.bundle import is_folder_reference
-
-    path = Path(ref).expanduser()
-    if is_folder_reference(ref):
-        if not path.is_dir():
-            raise KnnSsdError(f"bundle folder {ref!r} does not exist",
-                              fix="pass an existing bundle folder or a registry reference such as name@v1")
-        return path  # read_bundle says what is wrong with a folder that is not a bundle
-    try:
-        from registry.mlflow_store import BundleRegistry
-    except ImportError as exc:
-        raise KnnSsdError(f"fetching bundle {ref!r} from MLflow needs the mlflow package ({exc})",
-                          fix='pip install "knnssd[calibrate]", or pass a bundle folder') from None
-    return BundleRegistry(tracking_uri).fetch(ref, cache_dir=cache_dir)
 
 
 def load_bundle(
@@ -113,8 +98,6 @@ def load_bundle(
         model: a model already loaded with `load_model`; default: the bundle's own model id.
         allow_model_mismatch: use the bundle although the model's hash differs from the bundle's.
     """
-    from registry.bundle import read_bundle
-
     bundle = read_bundle(fetch_bundle(ref, tracking_uri, cache_dir))
     loaded = model if model is not None else load_model(bundle.model_id, device=device, dtype=dtype)
     if loaded.model_hash != bundle.model_hash and not allow_model_mismatch:
@@ -124,4 +107,9 @@ def load_bundle(
             fix="use the bundle's own model, recalibrate for this one, or pass allow_model_mismatch=True "
                 "(--allow-model-mismatch) to accept possibly lower speedups",
         )
+    hidden = getattr(loaded.model.config, "hidden_size", None)
+    if hidden != bundle.index.d:
+        raise KnnSsdError(f"bundle {ref!r} routes {bundle.index.d}-dimensional embeddings, but the model given "
+                          f"({loaded.name}) has hidden size {hidden}",
+                          fix="use the bundle's own model, or recalibrate for this one")
     return BundleRuntime(bundle, loaded)

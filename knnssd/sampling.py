@@ -121,8 +121,9 @@ def verify_sampling(
         p_x = target_probs[rows, drafts]
         q_x = draft_probs[rows, drafts] if draft_probs is not None else torch.ones_like(p_x)
         u = torch.rand(k, generator=generator, device=drafts.device)
-        # accept iff u * q(x) <= p(x)  <=>  u <= p(x) / q(x); no division by q(x) = 0
-        accepted = (u * q_x <= p_x).to(torch.int64)
+        # accept iff u * q(x) < p(x)  <=>  u < p(x) / q(x), with u in [0, 1): probability min(1, p/q) exactly,
+        # no division by q(x) = 0, and never a token the target gives p(x) = 0 (u = 0 would pass a "<=")
+        accepted = (u * q_x < p_x).to(torch.int64)
         n_accepted = int(accepted.cumprod(dim=0).sum())
     else:
         n_accepted = 0

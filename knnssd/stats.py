@@ -8,11 +8,14 @@ committed token plus k >= 0 drafts; plain decoding is the case k = 0):
 - accepted_tokens       = sum over steps of drafts accepted (the bonus token not counted)
 - verify_steps          = number of verification steps
 - draft_forwards        = forward passes of the draft model (a dropped low-confidence token costs one)
-- acceptance_rate       = accepted_tokens / drafted_tokens            (0 when nothing was drafted)
+- acceptance_rate       = accepted_tokens / drafted_tokens
 - mean_accepted_tokens  = (accepted_tokens + verify_steps) / verify_steps
                           tokens committed per verification step, the bonus token counted
                           (1.0 for plain decoding); the last step may be cut short by EOS or
                           max_new_tokens, which this formula ignores
+  Both are computed in one place, `Tally`, which also pools them over many generations (sum the counts,
+  then divide). The one rule for an empty denominator: the figure is 0.0 (nothing drafted; no verification
+  step at all, as when max_new_tokens is 1 and the prefill alone gives the token).
 - acceptance_by_position[i] = accepted drafts at position i / drafts made at position i (0-based)
 - prefill_seconds, draft_seconds, verify_seconds: wall time in each phase
   (CUDA work synchronised before each reading)
@@ -23,6 +26,35 @@ committed token plus k >= 0 drafts; plain decoding is the case k = 0):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Counts that pool over generations; the ratios of the module docstring, with its one empty-case rule.
+
+    Example:
+        >>> total = sum((Tally.of(r.stats) for r in results), Tally())
+        >>> total.mean_accepted_tokens, total.acceptance_rate
+    """
+
+    accepted: int = 0
+    drafted: int = 0
+    steps: int = 0
+
+    @classmethod
+    def of(cls, stats: "GenerationStats") -> "Tally":
+        return cls(accepted=stats.accepted_tokens, drafted=stats.drafted_tokens, steps=stats.verify_steps)
+
+    def __add__(self, other: "Tally") -> "Tally":
+        return Tally(self.accepted + other.accepted, self.drafted + other.drafted, self.steps + other.steps)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
 
 
 @dataclass(frozen=True)
@@ -43,11 +75,11 @@ class GenerationStats:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+        return Tally.of(self).acceptance_rate
 
     @property
     def mean_accepted_tokens(self) -> float:
-        return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+        return Tally.of(self).mean_accepted_tokens
 
     @property
     def acceptance_by_position(self) -> tuple[float, ...]:

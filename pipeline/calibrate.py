@@ -8,10 +8,11 @@ that fails or is killed loses no finished work: run it again and it resumes.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import itertools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,11 +27,11 @@ from knnssd.policy import describe_policy
 from pipeline.data import CALIBRATION, DataConfig, domains_of, load_calibration_table, prompts_of
 from pipeline.reduce import ReduceConfig, build_bundle_spec
 from pipeline.search import SearchConfig
-from pipeline.stages import ModelSpec
-from registry.bundle import write_bundle
-from registry.mlflow_store import BundleRef, BundleRegistry
+from pipeline.tasks import ModelSpec
+from knnssd.bundle import write_bundle
+from registry.mlflow_store import BundleRegistry, check_bundle_name
 
-MIX = "__mix__"  # the study over all domains' prompts together (the Self-SD(Mix) baseline)
+MIX = "mix"  # the study over all domains' prompts together, kept in the bundle as reference policy "mix"
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,6 @@ class CalibrationConfig:
     ray_address: str | None = None
     embed_chunk: int = 16
     mix: bool = True
-    ray_init: dict[str, Any] = field(default_factory=dict)
 
     @property
     def storage_url(self) -> str:
@@ -64,9 +64,13 @@ class CalibrationResult:
 
 def validate(config: CalibrationConfig) -> pa.Table:
     """Every check that needs no cluster: bundle name, model, data. Returns the split calibration table."""
-    BundleRef.parse(config.bundle_name)
+    check_bundle_name(config.bundle_name)
     check_model(config.model.name)
-    return load_calibration_table(config.data, min_calibration=config.search.prompts_per_trial)
+    table = load_calibration_table(config.data, min_calibration=config.search.prompts_per_trial)
+    if config.mix and MIX in domains_of(table):
+        raise KnnSsdError(f"the data has a domain named {MIX!r}, the name of the study over all domains together",
+                          fix=f"rename that domain (--merge {MIX}=other) or pass --no-mix")
+    return table
 
 
 def mixed_prompts(table: pa.Table) -> list[str]:
@@ -79,7 +83,8 @@ def run_searches(config: CalibrationConfig, table: pa.Table, log: Callable[[str]
     """One search per domain, plus the mix study (all domains' prompts together) when `config.mix`."""
     import ray
 
-    from pipeline.stages import search_domain, task_resources
+    from pipeline.cluster import task_resources
+    from pipeline.tasks import search_domain
 
     resources = task_resources()
     studies = {domain: prompts_of(table, domain, CALIBRATION) for domain in domains_of(table)}
@@ -106,7 +111,8 @@ def run_searches(config: CalibrationConfig, table: pa.Table, log: Callable[[str]
 def run_embeddings(config: CalibrationConfig, table: pa.Table) -> np.ndarray:
     import ray
 
-    from pipeline.stages import embed_prompts, task_resources
+    from pipeline.cluster import task_resources
+    from pipeline.tasks import embed_prompts
 
     prompts = table["prompt"].to_pylist()
     chunks = [prompts[i:i + config.embed_chunk] for i in range(0, len(prompts), config.embed_chunk)]
@@ -116,7 +122,7 @@ def run_embeddings(config: CalibrationConfig, table: pa.Table) -> np.ndarray:
 
 def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = print) -> CalibrationResult:
     """Run every stage; see the module docstring."""
-    import ray
+    from pipeline.cluster import connect
 
     started = time.perf_counter()
     table = validate(config)
@@ -124,11 +130,11 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
     work.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, work / "data.parquet")
     log(f"data: {table.num_rows} prompts in {len(domains_of(table))} domains -> {work / 'data.parquet'}")
-    ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=True, **config.ray_init)
+    connect(config.ray_address)
     everything = run_searches(config, table, log)
     (work / "search.json").write_text(json.dumps(everything, indent=2))
     searches = [r for r in everything if r["domain"] != MIX]
-    references = {"mix": {"policy": r["policy"], "metrics": r["metrics"]} for r in everything if r["domain"] == MIX}
+    references = {MIX: {"policy": r["policy"], "metrics": r["metrics"]} for r in everything if r["domain"] == MIX}
     calibration = table.filter(pc.equal(table["split"], CALIBRATION))
     embeddings = run_embeddings(config, calibration)
     pq.write_table(calibration.append_column("embedding", pa.array(list(embeddings), pa.list_(pa.float32()))),
@@ -139,17 +145,46 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
         labels=calibration["domain"].to_pylist(), policies={r["domain"]: r["policy"] for r in searches},
         metrics={r["domain"]: r["metrics"] for r in searches}, config=config.reduce,
         prompt_format={"chat": config.model.chat},
-        calibration={"search": asdict(config.search), "data": asdict(config.data)}, reference_policies=references)
+        calibration={"search": asdict(config.search), "data": asdict(config.data),
+                     "provenance": provenance(table, searches)}, reference_policies=references)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     folder = write_bundle(spec, work / "bundles" / f"{config.bundle_name}-{stamp}")
     log(f"reduce: {spec.anchors.shape[0]} anchors, fallback beyond distance {spec.fallback_distance:.4f} -> {folder}")
     ref = None
     if config.publish:
-        published = BundleRegistry(config.tracking_uri).publish(folder, config.bundle_name, params=flat_params(config))
+        params = {**flat_params(config), **spec.calibration["provenance"]}
+        published = BundleRegistry(config.tracking_uri).publish(folder, config.bundle_name, params=params)
         ref = f"{published.name}@v{published.version}"
         log(f"publish: {ref} (run {published.run_id}) in {BundleRegistry(config.tracking_uri).tracking_uri}")
     return CalibrationResult(bundle_folder=folder, ref=ref, domains=tuple(everything),
                              seconds=time.perf_counter() - started)
+
+
+def data_fingerprint(table: pa.Table) -> str:
+    """sha256 (16 hex digits) over every (domain, prompt, split) row: which prompts calibrated, and how split."""
+    digest = hashlib.sha256()
+    for row in zip(*(table[c].to_pylist() for c in ("domain", "prompt", "split"))):
+        digest.update(json.dumps(row).encode())
+    return digest.hexdigest()[:16]
+
+
+def provenance(table: pa.Table, searches: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a comparison of bundles needs besides the settings: the data's fingerprint, where the trials ran
+    (device, dtype, torch threads per worker) and the package versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    first = searches[0]
+    return {"data.fingerprint": data_fingerprint(table), "data.prompts": table.num_rows,
+            "worker.device": first.get("device"), "worker.dtype": first.get("dtype"),
+            "worker.torch_threads": first.get("threads"),
+            **{f"version.{p}": installed(p) for p in ("knnssd", "torch", "transformers", "optuna", "ray", "mlflow",
+                                                     "faiss-cpu")}}
 
 
 def flat_params(config: CalibrationConfig) -> dict[str, Any]:
@@ -157,7 +192,11 @@ def flat_params(config: CalibrationConfig) -> dict[str, Any]:
     params: dict[str, Any] = {"model": config.model.name, "chat": config.model.chat,
                               "data": config.data.path or "built-in demo prompts"}
     for prefix, part in (("search", config.search), ("reduce", config.reduce)):
-        params.update({f"{prefix}.{k}": v for k, v in asdict(part).items()})
+        for key, value in asdict(part).items():
+            if isinstance(value, dict):  # the search's seed configs: one parameter per field
+                params.update({f"{prefix}.{key}.{k}": v for k, v in value.items()})
+            else:
+                params[f"{prefix}.{key}"] = value
     params.update({"data.held_out_fraction": config.data.held_out_fraction, "data.seed": config.data.seed,
                    "data.domains": ",".join(config.data.domains) or "all"})
     return params

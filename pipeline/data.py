@@ -44,9 +44,13 @@ class DataConfig:
         if unknown:
             raise KnnSsdError(f"unknown column mapping keys {sorted(unknown)}",
                               fix="map only domain and prompt, e.g. --columns domain=category,prompt=text")
-        if not 0.0 <= self.held_out_fraction < 1.0:
-            raise KnnSsdError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}",
-                              fix="use e.g. 0.25")
+        if not 0.0 < self.held_out_fraction < 1.0:
+            raise KnnSsdError(f"the held-out fraction must be in (0, 1), got {self.held_out_fraction}",
+                              fix="use e.g. --held-out-fraction 0.25: every domain keeps at least one prompt "
+                                  "out of calibration for the final check and the evaluation")
+        if self.max_per_domain is not None and self.max_per_domain < 2:
+            raise KnnSsdError(f"--max-per-domain must be >= 2, got {self.max_per_domain}",
+                              fix="keep at least one calibration and one held-out prompt per domain")
 
 
 def _rows_from_jsonl(path: Path, config: DataConfig) -> list[tuple[str, str]]:
@@ -121,7 +125,7 @@ def split_table(rows: list[tuple[str, str]], config: DataConfig, min_calibration
         texts = texts[: config.max_per_domain] if config.max_per_domain else texts
         order = list(range(len(texts)))
         random.Random(f"{config.seed}-{domain}").shuffle(order)
-        held = max(1, round(len(texts) * config.held_out_fraction)) if config.held_out_fraction > 0 else 0
+        held = max(1, round(len(texts) * config.held_out_fraction))
         if len(texts) - held < min_calibration:
             raise KnnSsdError(
                 f"domain {domain!r} has {len(texts)} prompts: too few for {min_calibration} calibration prompts "

@@ -6,8 +6,7 @@ alike. A baseline timed once at start-up does not cancel it: measured here, it i
 neighbouring worker finished by up to 1.4x.
 
     speedup = sum over prompts of plain seconds / sum of drafted seconds (adjacent runs)
-    mean_accepted_tokens = (accepted + verify steps) / verify steps, pooled over prompts
-    acceptance_rate = accepted / drafted, pooled over prompts
+    mean_accepted_tokens, acceptance_rate: pooled over prompts by knnssd.stats.Tally
 """
 
 from __future__ import annotations
@@ -17,8 +16,9 @@ from typing import Callable
 
 import torch
 
-from knnssd.decoding import GenerationConfig, generate
+from knnssd.decoding import GenerationConfig, generate, warm_up
 from knnssd.drafters import Drafter
+from knnssd.stats import Tally
 
 
 @dataclass(frozen=True)
@@ -45,31 +45,29 @@ class Measurement:
 
 
 def measure_baseline(model: torch.nn.Module, prompt_ids: list[torch.Tensor], max_new_tokens: int) -> Baseline:
+    """Plain decoding of every trial prompt once (its tokens judge every trial's output)."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
-    generate(model, prompt_ids[0][:, :4], GenerationConfig(max_new_tokens=2))  # warm-up, untimed
+    warm_up(model, prompt_ids[0])
     runs = [generate(model, ids, config) for ids in prompt_ids]
     return Baseline(prompt_ids=tuple(prompt_ids), tokens=tuple(r.token_ids for r in runs))
 
 
-def measure(model: torch.nn.Module, drafter: Drafter | None, baseline: Baseline, max_new_tokens: int,
-            report: Callable[[int, float], bool] | None = None) -> Measurement | None:
-    """Decode every baseline prompt with `drafter`. After each prompt, `report(step, speedup so far)` may
-    return True to stop early (a pruned trial): then None is returned."""
+def measure_policy(model: torch.nn.Module, drafter: Drafter | None, baseline: Baseline, max_new_tokens: int,
+                   report: Callable[[int, float], bool] | None = None) -> Measurement | None:
+    """Decode every baseline prompt with `drafter`, each right after plain decoding of it. After each prompt,
+    `report(step, speedup so far)` may return True to stop early (a pruned trial): then None is returned."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     plain = seconds = 0.0
-    accepted = drafted = steps = 0
+    tally = Tally()
     lossless = True
     for step, (ids, tokens) in enumerate(zip(baseline.prompt_ids, baseline.tokens)):
         plain += generate(model, ids, config).stats.total_seconds
         result = generate(model, ids, config, drafter)
-        stats = result.stats
-        seconds += stats.total_seconds
-        accepted += stats.accepted_tokens
-        drafted += stats.drafted_tokens
-        steps += stats.verify_steps
+        seconds += result.stats.total_seconds
+        tally += Tally.of(result.stats)
         lossless &= result.token_ids == tokens
         if report is not None and report(step, plain / seconds):
             return None
-    return Measurement(speedup=plain / seconds, mean_accepted_tokens=(accepted + steps) / steps,
-                       acceptance_rate=accepted / drafted if drafted else 0.0, plain_seconds=plain, seconds=seconds,
+    return Measurement(speedup=plain / seconds, mean_accepted_tokens=tally.mean_accepted_tokens,
+                       acceptance_rate=tally.acceptance_rate, plain_seconds=plain, seconds=seconds,
                        lossless=lossless)

@@ -9,12 +9,15 @@ threshold, or plain decoding when the domains share none.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 
-from registry.bundle import BundleSpec, normalise
+from knnssd.bundle import BundleSpec, normalise
+from knnssd.drafters import PromptLookupConfig
+from knnssd.errors import KnnSsdError
+from knnssd.policy import layer_skip_parts, lookup_config
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,15 @@ class ReduceConfig:
     fallback_quantile: float = 0.99
     fallback_margin: float = 1.5
     fallback_threshold: float = 0.9
+
+    def __post_init__(self) -> None:
+        if isinstance(self.anchors_per_domain, bool) or not isinstance(self.anchors_per_domain, int) \
+                or self.anchors_per_domain < 1:
+            raise KnnSsdError(f"anchors per domain must be an integer >= 1, got {self.anchors_per_domain!r}",
+                              fix="use e.g. --anchors-per-domain 10 (the paper's k)")
+        if self.kmeans_iterations < 1 or not 0.0 < self.fallback_quantile <= 1.0 or self.fallback_margin <= 0:
+            raise KnnSsdError("need kmeans_iterations >= 1, 0 < fallback_quantile <= 1 and fallback_margin > 0",
+                              fix="use the defaults 25, 0.99 and 1.5")
 
 
 def domain_anchors(embeddings: np.ndarray, k: int, config: ReduceConfig) -> np.ndarray:
@@ -77,20 +89,20 @@ def conservative_policy(policies: dict[str, dict[str, Any]], config: ReduceConfi
     Anything else, or nothing in common: plain decoding."""
     kinds = {p.get("kind") for p in policies.values()}
     if kinds == {"layer_skip"}:
-        skip_sets = [p["skip_set"] for p in policies.values()]
-        attn = sorted(set.intersection(*(set(s.get("attn", [])) for s in skip_sets)))
-        mlp = sorted(set.intersection(*(set(s.get("mlp", [])) for s in skip_sets)))
+        parts = [layer_skip_parts(p) for p in policies.values()]
+        attn = sorted(set.intersection(*(set(skip.attn) for skip, _ in parts)))
+        mlp = sorted(set.intersection(*(set(skip.mlp) for skip, _ in parts)))
         if not attn and not mlp:
             return {"kind": "none"}
-        first = next(iter(policies.values()))
-        return {**first, "skip_set": {"attn": attn, "mlp": mlp},
-                "threshold": max(float(first.get("threshold", 0.8)), config.fallback_threshold)}
+        first = parts[0][1]
+        return {"kind": "layer_skip", "skip_set": {"attn": attn, "mlp": mlp},
+                **replace(first, threshold=max(first.threshold, config.fallback_threshold)).to_dict()}
     if kinds and kinds <= {"prompt_lookup", "hybrid"}:
-        lookups = [p if p["kind"] == "prompt_lookup" else p["prompt_lookup"] for p in policies.values()]
-        max_ngram = max(int(p.get("max_ngram", 3)) for p in lookups)
-        return {"kind": "prompt_lookup", "max_ngram": max_ngram,
-                "min_ngram": min(max_ngram, max(int(p.get("min_ngram", 1)) for p in lookups)),
-                "max_draft_tokens": min(int(p.get("max_draft_tokens", 10)) for p in lookups)}
+        lookups = [lookup_config(p if p["kind"] == "prompt_lookup" else p["prompt_lookup"]) for p in policies.values()]
+        max_ngram = max(c.max_ngram for c in lookups)
+        return {"kind": "prompt_lookup", **PromptLookupConfig(
+            max_ngram=max_ngram, min_ngram=min(max_ngram, max(c.min_ngram for c in lookups)),
+            max_draft_tokens=min(c.max_draft_tokens for c in lookups)).to_dict()}
     return {"kind": "none"}
 
 

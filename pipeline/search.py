@@ -22,16 +22,21 @@ from typing import Any, Callable
 
 import optuna
 
+from knnssd.drafters import LayerSkipConfig, PromptLookupConfig
 from knnssd.errors import KnnSsdError
 from knnssd.policy import describe_policy, drafter_from_policy
 from knnssd.skipset import SkipSet
-from pipeline.measure import Baseline, measure
+from pipeline.measure import Baseline, measure_policy
 
 # Bumped whenever the objective's measurement or search space changes, so a resumed study never mixes
 # incomparable trials.
-MEASUREMENT_VERSION = 3
+MEASUREMENT_VERSION = 4
 SEARCHABLE_KINDS = ("layer_skip", "prompt_lookup", "hybrid")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+LAYER_SKIP_DRAFT_RANGE = (2, 12)  # max_draft_tokens searched for layer skipping
+LOOKUP_DRAFT_RANGE = (2, 16)  # max_draft_tokens searched for prompt lookup
+NGRAM_RANGE = (1, 4)  # max_ngram
+MIN_NGRAM_RANGE = (1, 2)  # min_ngram (at most max_ngram)
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,11 @@ class SearchConfig:
     seed: int = 0
     min_skip_ratio: float = 0.01
     max_skip_ratio: float = 0.5
-    threshold: float = 0.8
-    max_draft_tokens: int = 12
     prune_below: float = 0.5
     min_speedup: float = 1.0
     kinds: tuple[str, ...] = SEARCHABLE_KINDS
-    max_ngram: int = 3
-    lookup_draft_tokens: int = 10
+    seed_layer_skip: LayerSkipConfig = LayerSkipConfig()
+    seed_lookup: PromptLookupConfig = PromptLookupConfig()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))
@@ -67,6 +70,17 @@ class SearchConfig:
             raise KnnSsdError(f"unknown sampler {self.sampler!r}", fix="use tpe or random")
         if not 0.0 <= self.min_skip_ratio <= self.max_skip_ratio < 1.0:
             raise KnnSsdError("need 0 <= min_skip_ratio <= max_skip_ratio < 1", fix="e.g. 0.01 and 0.5")
+        if self.seed_layer_skip.threshold not in THRESHOLDS:
+            raise KnnSsdError(f"the seed threshold {self.seed_layer_skip.threshold} is not on the search grid",
+                              fix=f"choose one of {', '.join(map(str, THRESHOLDS))}")
+        for name, value, (low, high) in (
+                ("layer-skip max_draft_tokens", self.seed_layer_skip.max_draft_tokens, LAYER_SKIP_DRAFT_RANGE),
+                ("prompt-lookup max_draft_tokens", self.seed_lookup.max_draft_tokens, LOOKUP_DRAFT_RANGE),
+                ("prompt-lookup max_ngram", self.seed_lookup.max_ngram, NGRAM_RANGE),
+                ("prompt-lookup min_ngram", self.seed_lookup.min_ngram, MIN_NGRAM_RANGE)):
+            if not low <= value <= high:
+                raise KnnSsdError(f"the seed {name} {value} is outside the searched range {low}..{high}",
+                                  fix=f"choose a value in {low}..{high}")
 
     def fingerprint(self) -> str:
         """What makes trials comparable: measurement settings and method (not the trial budget)."""
@@ -99,10 +113,13 @@ def open_study(storage: str, name: str, config: SearchConfig) -> optuna.Study:
 
 
 def fail_stale_trials(study: optuna.Study) -> int:
-    """Trials left RUNNING by a killed worker are marked FAIL so they neither count nor block."""
+    """Trials left RUNNING by a killed worker are marked FAIL so they neither count nor block.
+
+    Only safe while one worker runs a study (one Ray task per domain): the task calls this before its own
+    first trial, so every RUNNING trial it sees belongs to a worker that died."""
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     for trial in stale:
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return len(stale)
 
 
@@ -133,8 +150,11 @@ def skip_params(skip: SkipSet, num_layers: int) -> dict[str, Any]:
 def seed_trials(num_layers: int, config: SearchConfig) -> list[dict[str, Any]]:
     """First trials of a new study, one per kind before the rest: prompt lookup with the configured n-gram
     size and draft length, then the layer-skip seed sets, then a hybrid of the two, as far as `kinds` allow."""
-    lookup = {"max_ngram": config.max_ngram, "min_ngram": 1, "lookup_draft_tokens": config.lookup_draft_tokens}
-    layer = {"threshold": config.threshold, "max_draft_tokens": config.max_draft_tokens}
+    lookup = {"prompt_lookup.max_ngram": config.seed_lookup.max_ngram,
+              "prompt_lookup.min_ngram": config.seed_lookup.min_ngram,
+              "prompt_lookup.max_draft_tokens": config.seed_lookup.max_draft_tokens}
+    layer = {"layer_skip.threshold": config.seed_layer_skip.threshold,
+             "layer_skip.max_draft_tokens": config.seed_layer_skip.max_draft_tokens}
     skips = seed_skip_sets(num_layers, config)
     seeds: list[dict[str, Any]] = []
     if "prompt_lookup" in config.kinds:
@@ -164,14 +184,16 @@ def suggest_policy(trial: optuna.Trial, num_layers: int, config: SearchConfig) -
     kind = trial.suggest_categorical("kind", list(config.kinds))
     parts: dict[str, dict[str, Any]] = {}
     if kind in ("prompt_lookup", "hybrid"):
-        max_ngram = trial.suggest_int("max_ngram", 1, 4)
-        parts["prompt_lookup"] = {"max_ngram": max_ngram,
-                                  "min_ngram": min(max_ngram, trial.suggest_int("min_ngram", 1, 2)),
-                                  "max_draft_tokens": trial.suggest_int("lookup_draft_tokens", 2, 16)}
+        max_ngram = trial.suggest_int("prompt_lookup.max_ngram", *NGRAM_RANGE)
+        parts["prompt_lookup"] = {
+            "max_ngram": max_ngram,
+            "min_ngram": min(max_ngram, trial.suggest_int("prompt_lookup.min_ngram", *MIN_NGRAM_RANGE)),
+            "max_draft_tokens": trial.suggest_int("prompt_lookup.max_draft_tokens", *LOOKUP_DRAFT_RANGE)}
     if kind in ("layer_skip", "hybrid"):
-        parts["layer_skip"] = {"skip_set": suggest_skip_set(trial, num_layers).to_dict(),
-                               "threshold": trial.suggest_categorical("threshold", list(THRESHOLDS)),
-                               "max_draft_tokens": trial.suggest_int("max_draft_tokens", 2, 12)}
+        parts["layer_skip"] = {
+            "skip_set": suggest_skip_set(trial, num_layers).to_dict(),
+            "threshold": trial.suggest_categorical("layer_skip.threshold", list(THRESHOLDS)),
+            "max_draft_tokens": trial.suggest_int("layer_skip.max_draft_tokens", *LAYER_SKIP_DRAFT_RANGE)}
     if kind == "hybrid":
         return {"kind": kind, **parts}
     return {"kind": kind, **parts[kind]}
@@ -199,7 +221,7 @@ def make_objective(model: Any, num_layers: int, baseline: Baseline, config: Sear
             trial.report(speedup, step)
             return trial.should_prune()
 
-        result = measure(model, drafter, baseline, config.max_new_tokens, report)
+        result = measure_policy(model, drafter, baseline, config.max_new_tokens, report)
         if result is None:
             progress(f"trial {trial.number}: pruned (speedup below {config.prune_below})")
             raise optuna.TrialPruned()

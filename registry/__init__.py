@@ -1,2 +1,2 @@
-"""Routing bundles: the on-disk format (`registry.bundle`) and versioned publication to MLflow
-(`registry.mlflow_store`). Knows the bundle format, not the decoding loop."""
+"""Versioned publication of routing bundles to MLflow (`registry.mlflow_store`): publish, list, resolve, fetch.
+The bundle format itself is the core's (`knnssd.bundle`); this package is the MLflow side only."""

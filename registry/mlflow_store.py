@@ -13,7 +13,6 @@ The client is created lazily, so a `BundleRegistry` pickles into Ray workers.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import re
@@ -26,12 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from knnssd.cachedir import cache_root
-from registry.bundle import BundleError, is_folder_reference, read_bundle, read_manifest, verify_files
+from knnssd.reports import DOMAIN_METRICS, write_bundle_reports
+from registry.pages import MAX_PARAM_CHARS, policy_params, summary_markdown
+from knnssd.bundle import (BundleError, is_folder_reference, manifest_digest, read_bundle, read_manifest,
+                           verify_files)
 
 REF_PATTERN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<selector>[A-Za-z0-9._-]+))?$")
+RUN_ID_PATTERN = re.compile(r"[0-9a-fA-F]{8,64}")  # MLflow run ids: 32 hex digits; a path component as is
+MANIFEST_TAG = "manifest_sha256"  # on each registered version: the digest that authenticates its bundle
 DEFAULT_EXPERIMENT = "knnssd-calibration"
+# MLflow 3 opens an experiment on its GenAI "Overview" (traces) page unless the experiment says it holds model
+# development runs: then the runs table comes first, where bundles are compared.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
+                   "mlflow.note.content": "KNN-SSD calibration runs: one run per published bundle version "
+                                          "(named NAME@vN), evaluations nested under it."}
 HEALTH_TIMEOUT_S = 5.0
-DOMAIN_METRICS = ("speedup", "mean_accepted_tokens", "acceptance_rate", "skip_ratio")
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,16 @@ class BundleRef:
         if re.fullmatch(r"v\d+", selector):
             return cls(match.group("name"), version=int(selector[1:]))
         return cls(match.group("name"), alias=selector)
+
+
+def check_bundle_name(name: str) -> str:
+    """A name to publish under: a reference without '@' (name@v3 names a version, not a bundle)."""
+    parsed = BundleRef.parse(name)
+    if parsed.name != name.strip():
+        raise BundleError(f"bundle name {name!r} names a version or alias, not a bundle",
+                          fix=f"publish under the bare name, e.g. --bundle-name {parsed.name}; "
+                              "the registry numbers the versions itself")
+    return parsed.name
 
 
 @dataclass(frozen=True)
@@ -102,16 +120,18 @@ class BundleRegistry:
         """Log `folder` (a verified bundle) as a run and register it as the next version of `name`."""
         from mlflow.entities import Metric, Param
 
-        BundleRef.parse(name)  # the name alone must be a valid reference
+        check_bundle_name(name)
         folder = Path(folder)
         bundle = read_bundle(folder)
         client = self.client
         experiment_id = self._experiment_id(experiment)
         run = client.create_run(experiment_id, tags={"model_hash": bundle.model_hash, "bundle_name": name,
-                                                      "model_id": bundle.model_id, "mlflow.runName": name})
+                                                      "model_id": bundle.model_id, "mlflow.runName": name,
+                                                      MANIFEST_TAG: manifest_digest(folder)})
         run_id = run.info.run_id
         try:
-            flat = {"model_id": bundle.model_id, "domains": ",".join(bundle.domains), **(params or {})}
+            flat = {"model_id": bundle.model_id, "domains": ",".join(bundle.domains), **(params or {}),
+                    **policy_params(bundle.manifest)}
             metrics = []
             for domain in bundle.manifest["domains"]:
                 for key in DOMAIN_METRICS:
@@ -121,14 +141,23 @@ class BundleRegistry:
                 for key in DOMAIN_METRICS:
                     if key in reference.get("metrics", {}):
                         metrics.append(Metric(f"{key}/{ref_name}", float(reference["metrics"][key]), 0, 0))
-            client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()], metrics=metrics)
+            param_list = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flat.items()]
+            for start in range(0, max(len(param_list), len(metrics)), 90):  # log_batch: at most 100 params
+                client.log_batch(run_id, params=param_list[start:start + 90], metrics=metrics[start:start + 90])
             client.log_artifacts(run_id, str(folder), artifact_path="bundle")
             with tempfile.TemporaryDirectory() as tmp:
-                for path in write_reports(bundle.manifest, Path(tmp)):
+                for path in write_bundle_reports(bundle.manifest, Path(tmp)):
                     client.log_artifact(run_id, str(path), artifact_path="reports")
             self._ensure_registered_model(name)
             version = client.create_model_version(name, source=f"runs:/{run_id}/bundle", run_id=run_id,
-                                                  tags={"model_hash": bundle.model_hash})
+                                                  tags={"model_hash": bundle.model_hash,
+                                                        MANIFEST_TAG: manifest_digest(folder)})
+            ref = f"{name}@v{version.version}"
+            description = summary_markdown(bundle.manifest, ref)
+            client.update_model_version(name, version.version, description=description)
+            for key, value in (("mlflow.runName", ref), ("bundle_version", str(version.version)),
+                               ("mlflow.note.content", description)):
+                client.set_tag(run_id, key, value)
             client.set_terminated(run_id)
         except BaseException:
             client.set_terminated(run_id, status="FAILED")
@@ -155,7 +184,7 @@ class BundleRegistry:
         try:
             clean = [Metric(key, float(value), 0, 0) for key, value in metrics.items() if value == value]  # no NaN
             for start in range(0, len(clean), 900):  # log_batch takes at most 1000 metrics
-                client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()] if not start
+                client.log_batch(run_id, params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()] if not start
                                  else [], metrics=clean[start:start + 900])
             client.log_artifacts(run_id, str(folder), artifact_path="evaluation")
             client.set_terminated(run_id)
@@ -168,12 +197,15 @@ class BundleRegistry:
         from mlflow.exceptions import MlflowException
 
         found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(experiment)
-        except MlflowException:  # created by a concurrent publisher
-            return self.client.get_experiment_by_name(experiment).experiment_id
+        if found is None:
+            try:
+                return self.client.create_experiment(experiment, tags=EXPERIMENT_TAGS)
+            except MlflowException:  # created by a concurrent publisher
+                found = self.client.get_experiment_by_name(experiment)
+        kind = "mlflow.experimentKind"
+        if found.tags.get(kind) != EXPERIMENT_TAGS[kind]:  # made by an older knnssd, or by hand
+            self.client.set_experiment_tag(found.experiment_id, kind, EXPERIMENT_TAGS[kind])
+        return found.experiment_id
 
     def _ensure_registered_model(self, name: str) -> None:
         from mlflow.exceptions import MlflowException
@@ -251,31 +283,63 @@ class BundleRegistry:
                      cache_dir: str | os.PathLike[str] | None = None) -> Path:
         """Where version `version` of `name` is cached. The run id (a random UUID) is part of the path, so two
         stores that reuse a name, a version number, a relative path or a port never share a cache entry."""
+        if not RUN_ID_PATTERN.fullmatch(str(run_id)):
+            raise BundleError(f"the registry gives bundle {name}@v{version} the run id {run_id!r}, which is not a "
+                              "run id", fix="check the tracking server; run ids are hexadecimal")
         return cache_root(cache_dir) / "bundles" / self.store_key() / name / f"v{version}-{run_id}"
 
     def fetch(self, ref: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
         """A verified local copy of the bundle `ref`. The reference is always resolved against the registry (one
-        metadata call); the files are downloaded once per version and served from the cache after that. A
-        download lands under a temporary name and is renamed only once verified."""
+        metadata call); the files are downloaded once per version and served from the cache after that.
+
+        Verified every time, cached or not: the manifest's sha256 must equal the digest the registry recorded
+        on the version at publish time (the artifact store alone cannot change that tag), and every file must
+        match the manifest's checksums. A cache entry that fails is downloaded again; a download that fails is
+        refused: the bundle was changed in the artifact store after it was published. A download lands under a
+        temporary name and is renamed only once verified."""
         name, version = self.resolve(ref)
-        run_id = self.client.get_model_version(name, str(version)).run_id
-        target = self.cache_folder(name, version, run_id, cache_dir)
-        if (target / "manifest.json").is_file():
-            return target
+        record = self.client.get_model_version(name, str(version))
+        expected = (record.tags or {}).get(MANIFEST_TAG)
+        if not expected:
+            raise BundleError(f"bundle {name}@v{version} has no recorded manifest digest ({MANIFEST_TAG}): it was "
+                              "published by an older knnssd, or its tags were removed, so it cannot be verified",
+                              fix="publish the bundle again with this knnssd (jobs/calibrate.py, or "
+                                  "BundleRegistry.publish on its folder)")
+        target = self.cache_folder(name, version, record.run_id, cache_dir)
+        if target.is_dir():
+            if _verified(target, expected):
+                return target
+            shutil.rmtree(target, ignore_errors=True)  # corrupt or tampered cache entry: fetch it again
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
         try:
             self._download_version(name, version, tmp)
             folder = tmp if (tmp / "manifest.json").is_file() else tmp / "bundle"
-            verify_files(folder, read_manifest(folder))
+            if not _verified(folder, expected):
+                raise BundleError(
+                    f"bundle {name}@v{version} in the artifact store does not match what was published: its "
+                    f"manifest's sha256 differs from the digest recorded on the registry version, or a file "
+                    f"differs from the manifest's checksum (tampered with, or damaged)",
+                    fix="do not use it; publish the bundle again from a trusted calibration folder")
             try:
                 os.rename(folder, target)
             except OSError:
-                if not (target / "manifest.json").is_file():  # not a concurrent fetch that won: a real failure
+                if not _verified(target, expected):  # not a concurrent fetch that won: a real failure
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+
+def _verified(folder: Path, expected_manifest_digest: str) -> bool:
+    """Whether `folder` holds the published bundle: manifest digest as recorded, files as the manifest says."""
+    if not (folder / "manifest.json").is_file() or manifest_digest(folder) != expected_manifest_digest:
+        return False
+    try:
+        verify_files(folder, read_manifest(folder))
+    except BundleError:
+        return False
+    return True
 
 
 def absolute_uri(uri: str) -> str:
@@ -290,31 +354,3 @@ def _split_runs_uri(uri: str) -> tuple[str, str] | None:
     """("run id", "artifact path") of a runs:/<id>/<path> URI, else None."""
     match = re.fullmatch(r"runs:/([^/]+)/(.+)", uri)
     return (match.group(1), match.group(2)) if match else None
-
-
-def write_reports(manifest: dict[str, Any], folder: Path) -> list[Path]:
-    """A per-domain CSV table and a PNG bar plot of speedup per domain, for the MLflow UI."""
-    from knnssd.policy import describe_policy
-
-    rows = [{"domain": d["name"], "anchors": d["anchors"], "policy": describe_policy(d["policy"]),
-             **{k: d["metrics"].get(k, "") for k in DOMAIN_METRICS}} for d in manifest["domains"]]
-    table = folder / "domains.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4, len(rows)), 3))
-    ax.bar([r["domain"] for r in rows], [float(r["speedup"] or 0) for r in rows], color="#4c72b0")
-    ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
-    ax.set_ylabel("speedup over plain decoding")
-    ax.set_title(f"{manifest['model_id']}: calibrated speedup per domain")
-    fig.tight_layout()
-    plot = folder / "speedup.png"
-    fig.savefig(plot, dpi=100)
-    plt.close(fig)
-    return [table, plot]

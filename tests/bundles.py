@@ -11,7 +11,7 @@ from knnssd.decoding import prefill
 from knnssd.models import LoadedModel, load_model
 from knnssd.sampling import SamplingConfig
 from pipeline.reduce import ReduceConfig, build_bundle_spec
-from registry.bundle import write_bundle
+from knnssd.bundle import write_bundle
 
 # Word-level prompts for the tiny test tokenizer (tokens t0..t127): two clearly different "domains".
 TINY_PROMPTS = {

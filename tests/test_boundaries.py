@@ -1,23 +1,76 @@
-"""The light core stays light: importing knnssd (and using it) pulls in no Ray, Optuna or MLflow, and the
-registry does not import the decoding loop."""
+"""Dependencies point one way, jobs -> pipeline -> registry -> knnssd, and the core stays light.
+
+Read from the source (every import statement, top-level or inside a function), so a lazy import cannot hide a
+wrong-way dependency; and checked at run time, so the light core really imports no Ray, Optuna or MLflow.
+"""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+
+# The core's one seam to the registry (see its docstring).
+CORE_REGISTRY_SEAM = "knnssd/sources.py"
 
 
 def imported_after(code: str) -> set[str]:
     probe = f"{code}\nimport sys\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=REPO_ROOT).stdout
     return set(out.split())
 
 
-def test_core_imports_no_ray_optuna_mlflow():
-    modules = imported_after("import knnssd, knnssd.cli, knnssd.runtime, knnssd.generation")
-    assert not modules & {"ray", "optuna", "mlflow"}
+def top_level_imports(path: Path) -> set[str]:
+    """The first component of every module `path` imports, wherever the import statement stands."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
 
 
-def test_registry_bundle_does_not_import_the_decoding_loop():
-    modules = imported_after("import registry.bundle, sys; assert 'knnssd.decoding' not in sys.modules")
-    assert "ray" not in modules and "optuna" not in modules
+def package_imports(package: str) -> dict[str, set[str]]:
+    return {str(path.relative_to(REPO_ROOT)): top_level_imports(path)
+            for path in sorted((REPO_ROOT / package).rglob("*.py"))}
+
+
+def test_core_imports_no_pipeline_or_jobs_and_registry_only_at_its_seam():
+    for module, imports in package_imports("knnssd").items():
+        assert not imports & {"pipeline", "jobs"}, module
+        assert not imports & {"ray", "optuna", "mlflow"}, module
+        if module != CORE_REGISTRY_SEAM:
+            assert "registry" not in imports, f"{module} imports registry; go through {CORE_REGISTRY_SEAM}"
+    assert "registry" in top_level_imports(REPO_ROOT / CORE_REGISTRY_SEAM)  # the seam is where it says
+
+
+def test_registry_imports_no_pipeline_or_jobs():
+    for module, imports in package_imports("registry").items():
+        assert not imports & {"pipeline", "jobs"}, module
+        assert not imports & {"ray", "optuna"}, module
+
+
+def test_pipeline_imports_no_jobs():
+    for module, imports in package_imports("pipeline").items():
+        assert "jobs" not in imports, module
+
+
+def test_core_imports_no_ray_optuna_mlflow_at_run_time():
+    modules = imported_after("import knnssd, knnssd.cli, knnssd.runtime, knnssd.generate_command, knnssd.bundle")
+    assert not modules & {"ray", "optuna", "mlflow", "registry", "pipeline"}
+
+
+def test_registry_does_not_import_the_decoding_loop():
+    modules = imported_after("import registry.mlflow_store, sys; assert 'knnssd.decoding' not in sys.modules")
+    assert not modules & {"ray", "optuna", "torch"}
+
+
+def test_evaluation_report_needs_no_torch():
+    """`jobs/evaluate.py --rerender` re-reports a run from its CSV alone."""
+    modules = imported_after("import jobs.evaluate, pipeline.report")
+    assert "torch" not in modules

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 from knnssd.decoding import GenerationConfig, generate
 from knnssd.errors import KnnSsdError
 from knnssd.runtime import load_bundle
-from registry.bundle import BundleError, read_bundle
+from knnssd.bundle import BundleError, read_bundle
 from tests.bundles import TINY_PROMPTS, loaded, tiny_bundle  # noqa: F401 (fixture)
 
 
@@ -25,8 +27,8 @@ def test_round_trip(bundle_dir):
     assert bundle.domains == ("low", "high")
     assert bundle.index.ntotal == 4 and len(bundle.anchor_domains) == 4
     assert {d["name"]: d["anchors"] for d in bundle.manifest["domains"]} == {"low": 2, "high": 2}
-    assert set(bundle.manifest["files"]) == {"anchors.faiss", "anchors.json", "policies.json"}
-    assert bundle.manifest["schema_version"] == 1 and bundle.manifest["fallback_policy"]["kind"] == "layer_skip"
+    assert set(bundle.manifest["files"]) == {"anchors.npy", "anchors.json", "policies.json"}
+    assert bundle.manifest["schema_version"] == 2 and bundle.manifest["fallback_policy"]["kind"] == "layer_skip"
     assert bundle.manifest["fallback_policy"]["skip_set"] == {"attn": [3], "mlp": []}  # what both domains skip
 
 
@@ -39,14 +41,14 @@ def test_reading_never_unpickles(bundle_dir, monkeypatch):
     read_bundle(bundle_dir)
 
 
-@pytest.mark.parametrize("damage", ["tamper-policies", "truncate-index", "delete-labels", "schema", "no-manifest"])
+@pytest.mark.parametrize("damage", ["tamper-policies", "truncate-anchors", "delete-labels", "schema", "no-manifest"])
 def test_damaged_bundles_are_refused(bundle_dir, damage):
     if damage == "tamper-policies":
         path = bundle_dir / "policies.json"
         path.write_text(path.read_text().replace('"threshold": 0.0', '"threshold": 0.1', 1))
         words = "does not match its checksum"
-    elif damage == "truncate-index":
-        path = bundle_dir / "anchors.faiss"
+    elif damage == "truncate-anchors":
+        path = bundle_dir / "anchors.npy"
         path.write_bytes(path.read_bytes()[:-16])
         words = "does not match its checksum"
     elif damage == "delete-labels":
@@ -111,3 +113,79 @@ def test_cli_generate_with_a_bundle_and_show(loaded, bundle_dir, capsys, monkeyp
     assert "layer_skip attn[3] mlp[1] t=0.0 k<=3" in shown  # each domain's policy, described
     assert main(["generate", "--bundle", str(bundle_dir), "--skip-set", "{}", "--prompt", "x"]) == 2
     assert "--bundle and --skip-set given together" in capsys.readouterr().err
+
+
+def rewrite_consistently(folder, name: str, data: bytes) -> None:
+    """Replace one bundle file and update the manifest's checksum to match, as an attacker with write access
+    to the files would: the checksums alone no longer catch it, so the values themselves must be checked."""
+    from knnssd.bundle import sha256_file
+
+    (folder / name).write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = sha256_file(folder / name)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("labels, words", [([0, 1, -1, 1], "not a domain index"), ([0, 1, 5, 1], "not a domain index"),
+                                           ([0, 1, True, 1], "not a domain index"), ([0, 1], r"expected float32 \(2,")])
+def test_anchor_labels_are_range_checked_even_with_matching_checksums(bundle_dir, labels, words):
+    meta = json.loads((bundle_dir / "anchors.json").read_text())
+    rewrite_consistently(bundle_dir, "anchors.json", json.dumps({**meta, "labels": labels}).encode())
+    with pytest.raises(BundleError, match=words):
+        read_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("array, words", [
+    (lambda a: a.astype(np.float64), "expected float32"),
+    (lambda a: a[:, :-1], "expected float32"),
+    (lambda a: a * 3.0, "non-unit"),
+    (lambda a: np.full_like(a, np.nan), "non-finite"),
+    (lambda a: np.array([{"evil": 1}], dtype=object), "not a plain .npy array"),
+])
+def test_anchors_are_checked_and_never_unpickled(bundle_dir, monkeypatch, array, words):
+    anchors = np.load(bundle_dir / "anchors.npy")
+    buffer = io.BytesIO()
+    np.save(buffer, array(anchors), allow_pickle=True)
+    rewrite_consistently(bundle_dir, "anchors.npy", buffer.getvalue())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("bundle loading unpickled something")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    with pytest.raises(BundleError, match=words):
+        read_bundle(bundle_dir)
+
+
+def test_a_model_of_another_width_is_refused_at_load(loaded, bundle_dir, tmp_path):
+    from knnssd.models import load_model
+    from tests.test_models import save_tiny
+
+    save_tiny(tmp_path / "wide", hidden_size=96)
+    wide = load_model(str(tmp_path / "wide"), device="cpu")
+    with pytest.raises(KnnSsdError, match="routes 64-dimensional embeddings"):
+        load_bundle(str(bundle_dir), model=wide, allow_model_mismatch=True)
+
+
+def test_router_refuses_an_embedding_of_the_wrong_size(bundle_dir):
+    from knnssd.routing import Router
+
+    bundle = read_bundle(bundle_dir)
+    router = Router(index=bundle.index, anchor_domains=bundle.anchor_domains, domains=bundle.domains,
+                    fallback_distance=bundle.fallback_distance)
+    with pytest.raises(KnnSsdError, match="has 65 dimensions but the bundle's anchors have 64"):
+        router.route(torch.ones(65))
+
+
+def test_concurrent_generate_calls_equal_sequential_ones(loaded, bundle_dir):
+    """The runtime serialises generation on its model: threads never see each other's skipped sub-layers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runtime = load_bundle(str(bundle_dir), model=loaded)
+    prompts = [t for texts in TINY_PROMPTS.values() for t in texts[:3]] * 2
+    sequential = [runtime.generate(p, max_new_tokens=10).result.token_ids for p in prompts]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda p: runtime.generate(p, max_new_tokens=10).result.token_ids, prompts))
+    assert concurrent == sequential
+    plain = [generate(loaded.model, runtime.encode(p), GenerationConfig(max_new_tokens=10)).token_ids for p in prompts]
+    assert sequential == plain

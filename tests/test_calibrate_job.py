@@ -65,7 +65,7 @@ def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path):
     assert "[low] trial 0:" in out + proc.stderr and "[high] trial 2:" in out + proc.stderr
     found = studies(tmp_path / "w")
     assert len(found) == 3 and all(len(trials) == 3 for trials in found.values())  # low, high and the mix
-    assert any("-__mix__-" in name for name in found)
+    assert any("-mix-" in name for name in found)
     assert (tmp_path / "w" / "embeddings.parquet").is_file()
     # the first trials are the seeds: prompt lookup first, then layer skipping; every kind leaves its policy
     kinds = {t.user_attrs["policy"]["kind"] for trials in found.values() for t in trials}
@@ -126,7 +126,7 @@ def test_worker_killed_mid_search_is_retried(tiny, tmp_path):
 
     from pipeline.calibrate import CalibrationConfig, run_searches
     from pipeline.data import DataConfig, load_calibration_table
-    from pipeline.stages import ModelSpec
+    from pipeline.tasks import ModelSpec
 
     work = tmp_path / "w"
     config = CalibrationConfig(model=ModelSpec(name=str(tiny / "model"), chat=False), bundle_name="t",

@@ -10,7 +10,8 @@ import pytest
 
 from jobs.evaluate import main as evaluate_main
 from pipeline.data import DataConfig
-from pipeline.evaluate import EvalConfig, PromptRun, stream_order, summarise, verdicts
+from pipeline.report import PromptRun, summarise, verdicts
+from pipeline.study import EvalConfig, stream_order
 from tests.bundles import TINY_PROMPTS, loaded, tiny_bundle  # noqa: F401 (fixture)
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters import DraftConfig, LayerSkipDrafter
-from knnssd.hybrid import HybridDrafter
-from knnssd.lookup import PromptLookupConfig, PromptLookupDrafter
+from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter
+from knnssd.drafters import HybridDrafter
+from knnssd.drafters import PromptLookupConfig, PromptLookupDrafter
 from knnssd.prompts import encode_prompt
 from knnssd.skipset import SkipSet
 from tests.conftest import FAMILIES, spec_bench_rows, tiny_model
@@ -23,16 +23,16 @@ def drafters_under_test():
     extreme = SkipSet.of(attn=range(NUM_LAYERS), mlp=range(NUM_LAYERS - 1))  # all but one sub-layer
     return [
         ("plain", None),
-        ("empty-skip", LayerSkipDrafter(SkipSet(), DraftConfig(threshold=0.0))),
-        ("upper-attn", LayerSkipDrafter(SkipSet.of(attn=[2, 3]), DraftConfig(threshold=0.0, max_draft_tokens=5))),
-        ("mixed", LayerSkipDrafter(SkipSet.of(attn=[0, 3], mlp=[1]), DraftConfig(threshold=0.3))),
-        ("extreme", LayerSkipDrafter(extreme, DraftConfig(threshold=0.0, max_draft_tokens=12))),
-        ("adaptive", LayerSkipDrafter(SkipSet.of(mlp=[2, 3]), DraftConfig(threshold=0.5, adaptive=True))),
+        ("empty-skip", LayerSkipDrafter(SkipSet(), LayerSkipConfig(threshold=0.0))),
+        ("upper-attn", LayerSkipDrafter(SkipSet.of(attn=[2, 3]), LayerSkipConfig(threshold=0.0, max_draft_tokens=5))),
+        ("mixed", LayerSkipDrafter(SkipSet.of(attn=[0, 3], mlp=[1]), LayerSkipConfig(threshold=0.3))),
+        ("extreme", LayerSkipDrafter(extreme, LayerSkipConfig(threshold=0.0, max_draft_tokens=12))),
+        ("adaptive", LayerSkipDrafter(SkipSet.of(mlp=[2, 3]), LayerSkipConfig(threshold=0.5, adaptive=True))),
         ("lookup", PromptLookupDrafter()),
         ("lookup-unigram-long", PromptLookupDrafter(PromptLookupConfig(max_ngram=1, max_draft_tokens=20))),
         ("lookup-4gram", PromptLookupDrafter(PromptLookupConfig(max_ngram=4, min_ngram=2, max_draft_tokens=3))),
         ("hybrid", HybridDrafter(PromptLookupDrafter(PromptLookupConfig(min_ngram=2)),
-                                 LayerSkipDrafter(SkipSet.of(attn=[1, 3]), DraftConfig(threshold=0.0)))),
+                                 LayerSkipDrafter(SkipSet.of(attn=[1, 3]), LayerSkipConfig(threshold=0.0)))),
     ]
 
 
@@ -73,7 +73,7 @@ def test_eos_stops_like_generate():
 def test_max_new_tokens_is_exact_with_long_drafts():
     model = tiny_model("qwen2", seed=4)
     prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
-    drafter = LayerSkipDrafter(SkipSet(), DraftConfig(threshold=0.0, max_draft_tokens=12))
+    drafter = LayerSkipDrafter(SkipSet(), LayerSkipConfig(threshold=0.0, max_draft_tokens=12))
     for n in (1, 2, 3, 13, 14):
         got = generate(model, prompt, GenerationConfig(max_new_tokens=n, eos_token_ids=()), drafter)
         assert len(got.token_ids) == n and got.finish_reason == "length"

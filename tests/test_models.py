@@ -17,11 +17,11 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def save_tiny(folder, family="llama", seed=0):
+def save_tiny(folder, family="llama", seed=0, **overrides):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = tiny_model(family, seed=seed)
+    model = tiny_model(family, seed=seed, **overrides)
     model.save_pretrained(folder)
     vocab = {f"t{i}": i for i in range(128)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="t0"))

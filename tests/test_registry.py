@@ -12,7 +12,7 @@ import pytest
 
 from knnssd.errors import KnnSsdError
 from knnssd.runtime import load_bundle
-from registry.bundle import BundleError, read_bundle
+from knnssd.bundle import BundleError, read_bundle
 from registry.mlflow_store import BundleRef, BundleRegistry
 from tests.bundles import loaded, tiny_bundle  # noqa: F401 (fixture)
 from tests.services import external_mlflow_uri, free_port, start_mlflow_server, stop
@@ -71,14 +71,58 @@ def test_second_load_comes_from_the_cache(tracking_uri, loaded, tmp_path, cache,
     def no_download(*args, **kwargs):
         raise AssertionError("downloaded a version that is already cached")
 
+    download = BundleRegistry._download_version
     monkeypatch.setattr(BundleRegistry, "_download_version", no_download)
     assert registry.fetch(f"{name}@v1") == first
     assert registry.fetch(name) == first  # the same version through another reference
-    # a cached copy that was damaged is refused, not used
-    (first / "policies.json").write_text("{}")
-    with pytest.raises(BundleError, match="checksum"):
-        load_bundle(f"{name}@v1", model=loaded, tracking_uri=tracking_uri)
+    # a cached copy that was damaged is not used: it is downloaded again, and verified
+    monkeypatch.setattr(BundleRegistry, "_download_version", download)
+    original = (first / "policies.json").read_text()
+    for damage in ("policies.json", "manifest.json"):
+        (first / damage).write_text("{}")
+        with monkeypatch.context() as patch:
+            patch.setattr(BundleRegistry, "_download_version", no_download)
+            with pytest.raises(AssertionError, match="already cached"):  # it tries to download again
+                registry.fetch(f"{name}@v1")
+        assert registry.fetch(f"{name}@v1") == first and (first / "policies.json").read_text() == original
+    runtime = load_bundle(f"{name}@v1", model=loaded, tracking_uri=tracking_uri)
+    assert runtime.bundle.folder == first
     assert not [p for p in first.parent.iterdir() if ".tmp-" in p.name]  # no half-written download left
+
+
+def test_a_bundle_rewritten_consistently_in_the_artifact_store_is_refused(tracking_uri, loaded, tmp_path, cache):
+    """Whoever can write the artifact store can change a policy and update the manifest's checksum to match;
+    the digest recorded on the registry version at publish time still catches it."""
+    from knnssd.bundle import sha256_file
+
+    registry = BundleRegistry(tracking_uri)
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    published = publish(registry, loaded, tmp_path, name, "honest")
+    version = registry.client.get_model_version(name, "1")
+    assert len(version.tags["manifest_sha256"]) == 64
+    forged = tmp_path / "forged"
+    registry.client.download_artifacts(published.run_id, "bundle", str(tmp_path / "dl"))
+    (tmp_path / "dl" / "bundle").rename(forged)
+    policies = json.loads((forged / "policies.json").read_text())
+    policies["low"]["skip_set"] = {"attn": [0, 1, 2, 3], "mlp": [0, 1, 2]}
+    (forged / "policies.json").write_text(json.dumps(policies))
+    manifest = json.loads((forged / "manifest.json").read_text())
+    manifest["files"]["policies.json"] = sha256_file(forged / "policies.json")
+    (forged / "manifest.json").write_text(json.dumps(manifest))
+    read_bundle(forged)  # consistent: the checksums alone accept it
+    registry.client.log_artifacts(published.run_id, str(forged), artifact_path="bundle")  # overwrite in the store
+    with pytest.raises(BundleError, match="does not match what was published"):
+        load_bundle(f"{name}@v1", model=loaded, tracking_uri=tracking_uri)
+    from knnssd.cli import main
+
+    assert main(["bundles", "show", f"{name}@v1", "--tracking-uri", tracking_uri]) == 2
+
+
+def test_a_run_id_that_is_not_one_never_becomes_a_path(cache):
+    registry = BundleRegistry("sqlite:///unused.db")
+    with pytest.raises(BundleError, match="is not a run id"):
+        registry.cache_folder("name", 1, "../../etc", cache)
+    assert registry.cache_folder("name", 1, "0123abcd" * 4, cache).parent == cache / "bundles" / registry.store_key() / "name"
 
 
 def test_two_stores_with_the_same_name_and_version_do_not_share_the_cache(loaded, tmp_path, cache, monkeypatch):

@@ -11,11 +11,10 @@ import torch
 from scipy.stats import chisquare
 
 from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters import DraftConfig, LayerSkipDrafter
+from knnssd.drafters import (HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
+                             PromptLookupDrafter)
 from knnssd.errors import KnnSsdError
-from knnssd.hybrid import HybridDrafter
-from knnssd.lookup import PromptLookupConfig, PromptLookupDrafter
-from knnssd.layerskip import skip_sublayers
+from knnssd.sublayers import skip_sublayers
 from knnssd.sampling import SamplingConfig, verify_sampling, warp_probs
 from knnssd.skipset import SkipSet
 from tests.conftest import tiny_model
@@ -79,7 +78,7 @@ def draw(model, prompt, drafter, n, length=3):
     return samples
 
 
-LAYER_SKIP = LayerSkipDrafter(SKIP, DraftConfig(threshold=0.0, max_draft_tokens=4))
+LAYER_SKIP = LayerSkipDrafter(SKIP, LayerSkipConfig(threshold=0.0, max_draft_tokens=4))
 DRAFTERS = {
     "layer_skip": LAYER_SKIP,
     "prompt_lookup": PromptLookupDrafter(PromptLookupConfig(max_ngram=2, max_draft_tokens=4)),
@@ -161,3 +160,16 @@ def test_warping_matches_transformers():
 def test_bad_sampling_settings(kwargs, words):
     with pytest.raises(KnnSsdError, match=words):
         SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("draft_probs", [None, "q"])
+def test_a_token_the_target_gives_zero_probability_is_never_accepted(monkeypatch, draft_probs):
+    """u is drawn from [0, 1): at u == 0 exactly, "accept iff u * q <= p" would accept a draft with p(x) = 0.
+    u == 0 cannot be produced on purpose, so torch.rand is replaced by zeros for this one call."""
+    import knnssd.sampling as sampling
+
+    monkeypatch.setattr(sampling.torch, "rand", lambda *args, **kwargs: torch.zeros(args[0]))
+    target = torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.4, 0.4]])  # p(token 0) = 0 at the first position
+    q = torch.tensor([[1.0, 0.0, 0.0]]) if draft_probs else None
+    n_accepted, token = verify_sampling(torch.tensor([0]), q, target, None)
+    assert n_accepted == 0 and token != 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters import DraftConfig, LayerSkipDrafter
+from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter, PromptLookupDrafter
 from knnssd.skipset import SkipSet
 from knnssd.stats import StatsRecorder
 from tests.conftest import tiny_model
@@ -32,7 +32,7 @@ def test_stats_of_a_real_generation_are_consistent():
     prompt = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
     ticks = itertools.count()
     clock = lambda: float(next(ticks))  # noqa: E731  every reading advances one "second"
-    drafter = LayerSkipDrafter(SkipSet.of(attn=[3]), DraftConfig(threshold=0.0, max_draft_tokens=3))
+    drafter = LayerSkipDrafter(SkipSet.of(attn=[3]), LayerSkipConfig(threshold=0.0, max_draft_tokens=3))
     result = generate(model, prompt, GenerationConfig(max_new_tokens=20, eos_token_ids=()), drafter, clock=clock)
     stats = result.stats
     assert stats.new_tokens == 20
@@ -56,3 +56,23 @@ def test_plain_decoding_stats():
     stats = generate(model, prompt, GenerationConfig(max_new_tokens=10, eos_token_ids=())).stats
     assert (stats.drafted_tokens, stats.verify_steps, stats.mean_accepted_tokens) == (0, 9, 1.0)
     assert stats.acceptance_rate == 0.0 and stats.draft_seconds == 0.0
+
+
+def test_tally_pools_counts_and_has_one_empty_rule():
+    from knnssd.stats import Tally
+
+    assert Tally().mean_accepted_tokens == 0.0 and Tally().acceptance_rate == 0.0
+    total = Tally(accepted=3, drafted=4, steps=2) + Tally(accepted=1, drafted=4, steps=2)
+    assert total == Tally(accepted=4, drafted=8, steps=4)
+    assert total.mean_accepted_tokens == 2.0 and total.acceptance_rate == 0.5
+
+
+def test_a_one_token_measurement_has_no_verify_step_and_no_division_by_zero():
+    """--max-new-tokens 1: the prefill alone gives the token, so no step is verified."""
+    from pipeline.measure import measure_baseline, measure_policy
+
+    model = tiny_model("llama")
+    ids = [torch.tensor([[5, 6, 7, 8]])]
+    baseline = measure_baseline(model, ids, max_new_tokens=1)
+    result = measure_policy(model, PromptLookupDrafter(), baseline, max_new_tokens=1)
+    assert result.lossless and result.mean_accepted_tokens == 0.0 and result.acceptance_rate == 0.0

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from knnssd.errors import KnnSsdError
-from knnssd.layerskip import SkippedAttention, SkippedMLP, decoder_layers, skip_sublayers
+from knnssd.sublayers import SkippedAttention, SkippedMLP, decoder_layers, skip_sublayers
 from knnssd.skipset import SkipSet
 from tests.conftest import FAMILIES, tiny_model
 
@@ -80,3 +80,38 @@ def test_eager_attention_is_refused_with_a_clear_error():
     expected = model.generate(prompt, do_sample=False, max_new_tokens=8, pad_token_id=0)[0, 5:].tolist()
     got = generate(model, prompt, GenerationConfig(max_new_tokens=8), LayerSkipDrafter(SkipSet.of(mlp=[1, 2])))
     assert list(got.token_ids) == expected
+
+
+def test_nested_skip_is_refused_and_the_model_stays_intact():
+    model = tiny_model("llama")
+    originals = [(layer.self_attn, layer.mlp) for layer in decoder_layers(model)]
+    with skip_sublayers(model, SkipSet.of(attn=[1])):
+        with pytest.raises(KnnSsdError, match="already skipping sub-layers"):
+            with skip_sublayers(model, SkipSet.of(attn=[2], mlp=[1])):
+                pass
+    assert [(layer.self_attn, layer.mlp) for layer in decoder_layers(model)] == originals
+    with skip_sublayers(model, SkipSet.of(attn=[2])):  # usable again once the first block is left
+        pass
+
+
+def test_overlapping_skip_from_another_thread_is_refused():
+    """Enter A, enter B (another thread), exit A, exit B used to leave a stub in place for good."""
+    import threading
+
+    model = tiny_model("llama")
+    originals = [(layer.self_attn, layer.mlp) for layer in decoder_layers(model)]
+    errors = []
+
+    def other_thread():
+        try:
+            with skip_sublayers(model, SkipSet.of(mlp=[0])):
+                pass
+        except KnnSsdError as exc:
+            errors.append(exc)
+
+    with skip_sublayers(model, SkipSet.of(attn=[1])):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and "another thread" in str(errors[0])
+    assert [(layer.self_attn, layer.mlp) for layer in decoder_layers(model)] == originals

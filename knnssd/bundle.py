@@ -2,7 +2,7 @@
 
     manifest.json    schema version, model id and hash, domains (anchors, policy, metrics per domain),
                      routing settings, creation time, package version, sha256 of every other file
-    anchors.faiss    FAISS IndexFlatIP over the L2-normalised anchors (inner product = cosine similarity)
+    anchors.npy      (n_anchors, dim) little-endian float32, L2-normalised rows (plain .npy, no pickles)
     anchors.json     {"dim": D, "labels": [domain index of each anchor]}
     policies.json    {domain: draft policy}, plus "__fallback__" for prompts far from every anchor
 
@@ -12,8 +12,14 @@ A draft policy is a JSON object (see knnssd.policy): {"kind": "layer_skip", "ski
 that calibration searched for comparison but the router never uses ("mix": one policy searched on all
 domains' prompts together, the Self-SD(Mix) baseline of evaluation).
 
-Reading verifies the schema version and every checksum before anything else is parsed, and never unpickles:
-FAISS reads its own binary format, everything else is JSON.
+Reading verifies the schema version and every checksum before anything else is parsed, and trusts nothing it
+reads: the anchors are read with `numpy.load(allow_pickle=False)` and checked for dtype, shape, finiteness and
+unit norm; labels are checked to be domain indices; every policy is checked when the runtime builds its drafter
+(at load, before any prompt). The FAISS
+index (an exact inner-product index, so "distance" is 1 - cosine) is built from the anchors at load time: no
+FAISS file is ever parsed. The checksums catch corruption; authenticity (that the manifest is the one that was
+published) is the registry's: it records the manifest's sha256 on the registered version, and
+`registry.mlflow_store.BundleRegistry.fetch` checks it (see `manifest_digest`).
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ import numpy as np
 
 from knnssd.errors import KnnSsdError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1 stored a FAISS index file; 2 stores plain float32 anchors
 MANIFEST = "manifest.json"
-INDEX_FILE = "anchors.faiss"
+VECTORS_FILE = "anchors.npy"
 ANCHORS_FILE = "anchors.json"
 POLICIES_FILE = "policies.json"
+BUNDLE_FILES = (VECTORS_FILE, ANCHORS_FILE, POLICIES_FILE)
 FALLBACK_KEY = "__fallback__"
 
 
@@ -77,7 +84,8 @@ class BundleSpec:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle read from `folder`; `index` is the FAISS index of normalised anchors."""
+    """A verified bundle read from `folder`; `index` is the FAISS inner-product index of its unit-norm anchors,
+    built at load time."""
 
     folder: Path
     manifest: dict[str, Any]
@@ -128,8 +136,6 @@ def package_version() -> str:
 
 def write_bundle(spec: BundleSpec, folder: str | os.PathLike[str]) -> Path:
     """Write `spec` as a bundle at `folder` (which must not exist), atomically: a crash leaves nothing there."""
-    import faiss
-
     folder = Path(folder)
     if folder.exists():
         raise BundleError(f"{folder} already exists", fix="write each bundle to a new folder")
@@ -137,9 +143,7 @@ def write_bundle(spec: BundleSpec, folder: str | os.PathLike[str]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
         anchors = normalise(spec.anchors)
-        index = faiss.IndexFlatIP(anchors.shape[1])
-        index.add(anchors)
-        faiss.write_index(index, str(tmp / INDEX_FILE))
+        np.save(tmp / VECTORS_FILE, anchors.astype("<f4"), allow_pickle=False)
         (tmp / ANCHORS_FILE).write_text(json.dumps({"dim": int(anchors.shape[1]),
                                                     "labels": [int(x) for x in spec.anchor_domains]}))
         (tmp / POLICIES_FILE).write_text(json.dumps({**spec.policies, FALLBACK_KEY: spec.fallback_policy},
@@ -159,7 +163,7 @@ def write_bundle(spec: BundleSpec, folder: str | os.PathLike[str]) -> Path:
             "fallback_policy": spec.fallback_policy,
             "reference_policies": spec.reference_policies,
             "calibration": spec.calibration,
-            "files": {name: sha256_file(tmp / name) for name in (INDEX_FILE, ANCHORS_FILE, POLICIES_FILE)},
+            "files": {name: sha256_file(tmp / name) for name in BUNDLE_FILES},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.rename(tmp, folder)
@@ -194,7 +198,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
     """Check that every file named in the manifest exists with its recorded sha256, and no other is needed."""
     files = manifest.get("files", {})
-    for name in (INDEX_FILE, ANCHORS_FILE, POLICIES_FILE):
+    for name in BUNDLE_FILES:
         if name not in files:
             raise BundleError(f"the manifest of {folder} lists no checksum for {name}", fix="rebuild the bundle")
         path = folder / name
@@ -205,22 +209,63 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
                               fix="download or publish the bundle again; never edit a bundle in place")
 
 
+def manifest_digest(folder: str | os.PathLike[str]) -> str:
+    """sha256 of the bundle's manifest.json bytes. The manifest holds the checksum of every other file, so this
+    one digest, recorded where the artifact store cannot change it (the registry version), authenticates the
+    whole bundle."""
+    return sha256_file(Path(folder) / MANIFEST)
+
+
+def _bad(folder: Path, what: str) -> BundleError:
+    return BundleError(f"bundle {folder} is inconsistent: {what}", fix="rebuild or re-publish the bundle")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc})", fix="rebuild or re-publish the bundle") from None
+
+
+def read_anchors(folder: Path, dim: int, count: int) -> np.ndarray:
+    """The (count, dim) float32 anchors, read without pickles and checked before use."""
+    try:
+        anchors = np.load(folder / VECTORS_FILE, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise _bad(folder, f"{VECTORS_FILE} is not a plain .npy array ({exc})") from None
+    if anchors.dtype != np.dtype("<f4") or anchors.shape != (count, dim):
+        raise _bad(folder, f"{VECTORS_FILE} holds {anchors.dtype} {anchors.shape}, expected float32 ({count}, {dim})")
+    norms = np.linalg.norm(anchors, axis=1) if count else np.ones(0)
+    if not np.all(np.isfinite(anchors)) or not np.allclose(norms, 1.0, atol=1e-3):
+        raise _bad(folder, f"{VECTORS_FILE} holds non-finite or non-unit anchors")
+    return np.ascontiguousarray(anchors, dtype=np.float32)
+
+
 def read_bundle(folder: str | os.PathLike[str]) -> Bundle:
-    """Read and verify the bundle at `folder` (schema, checksums, consistency); never unpickles."""
+    """Read and verify the bundle at `folder` (schema, checksums, then every value); never unpickles."""
     import faiss
 
     folder = Path(folder)
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
-    anchors = json.loads((folder / ANCHORS_FILE).read_text())
-    policies = json.loads((folder / POLICIES_FILE).read_text())
-    index = faiss.read_index(str(folder / INDEX_FILE))
-    labels = tuple(int(x) for x in anchors["labels"])
-    domains = [d["name"] for d in manifest["domains"]]
-    if index.ntotal != len(labels) or index.d != anchors["dim"] or FALLBACK_KEY not in policies:
-        raise BundleError(f"bundle {folder} is inconsistent (index {index.ntotal}x{index.d}, {len(labels)} labels)",
-                          fix="rebuild the bundle")
-    if set(policies) - {FALLBACK_KEY} != set(domains):
-        raise BundleError(f"bundle {folder} has policies for {sorted(policies)} but domains {domains}",
-                          fix="rebuild the bundle")
-    return Bundle(folder=folder, manifest=manifest, index=index, anchor_domains=labels, policies=policies)
+    anchors_meta, policies = _read_json(folder / ANCHORS_FILE), _read_json(folder / POLICIES_FILE)
+    try:
+        domains = [d["name"] for d in manifest["domains"]]
+        dim = anchors_meta["dim"]
+        raw_labels = anchors_meta["labels"]
+        float(manifest["routing"]["fallback_distance"])
+        manifest["model_hash"], manifest["model_id"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _bad(folder, f"a required field is missing or malformed ({exc!r})") from None
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1 or not isinstance(raw_labels, list):
+        raise _bad(folder, f"{ANCHORS_FILE} needs an integer dim >= 1 and a list of labels")
+    if any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < len(domains) for x in raw_labels):
+        raise _bad(folder, f"an anchor label is not a domain index in 0..{len(domains) - 1}")
+    if not isinstance(policies, dict) or FALLBACK_KEY not in policies or set(policies) - {FALLBACK_KEY} != set(domains):
+        raise _bad(folder, f"policies for {sorted(policies) if isinstance(policies, dict) else policies!r} "
+                           f"but domains {domains}")
+    anchors = read_anchors(folder, dim, len(raw_labels))
+    index = faiss.IndexFlatIP(dim)  # exact inner product over unit vectors: cosine similarity
+    index.add(anchors)
+    return Bundle(folder=folder, manifest=manifest, index=index, anchor_domains=tuple(raw_labels),
+                  policies=policies)

@@ -8,12 +8,19 @@ decoding loop crops every layer back to the committed length afterwards.
 
 No module globals: the skip set lives only on the model, only inside the block,
 and the original modules come back in a ``finally`` even after an exception.
-The model itself is the shared state, so one model object must not draft in
-two threads at once: give each thread its own model (or runtime).
+The model itself is the shared state, so the block is exclusive: a second
+`skip_sublayers` on a model already inside one (nested, or from another thread)
+is refused with an error. Were it allowed, the inner block would save the outer
+one's stubs as "the originals", and unwinding in the wrong order (enter A,
+enter B, exit A, exit B) would leave a stub in place for good. Generation on a
+model is serialised by `model_lock` (see knnssd.decoding), so the runtime never
+overlaps two blocks.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -24,6 +31,23 @@ from knnssd.errors import KnnSsdError
 from knnssd.skipset import SkipSet
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+_SKIPPING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models inside a skip_sublayers block
+_SKIPPING_GUARD = threading.Lock()
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+
+
+def model_lock(model: nn.Module) -> "threading.RLock":
+    """The one re-entrant lock that serialises generation on `model` (created on first use).
+
+    Every generation holds it for its whole length, so one model object serves one generation at a time
+    however many threads call it: layer skipping changes the model itself, and a plain generation running
+    beside a drafting one would see the skipped sub-layers."""
+    with _SKIPPING_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 class SkippedAttention(nn.Module):
@@ -79,6 +103,14 @@ def skip_sublayers(model: nn.Module, skip_set: SkipSet) -> Iterator[None]:
     """
     layers = decoder_layers(model)
     skip_set.validate(len(layers))
+    with _SKIPPING_GUARD:
+        if model in _SKIPPING or any(isinstance(layer.self_attn, SkippedAttention)
+                                     or isinstance(layer.mlp, SkippedMLP) for layer in layers):
+            raise KnnSsdError(
+                "this model is already skipping sub-layers (a nested skip_sublayers, or one in another thread)",
+                fix="finish the first block before entering another; serialise generation on one model with "
+                    "knnssd.sublayers.model_lock(model), or give each thread its own model")
+        _SKIPPING.add(model)
     saved: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         for index in skip_set.attn:
@@ -91,3 +123,5 @@ def skip_sublayers(model: nn.Module, skip_set: SkipSet) -> Iterator[None]:
     finally:
         for layer, name, module in reversed(saved):
             setattr(layer, name, module)
+        with _SKIPPING_GUARD:
+            _SKIPPING.discard(model)

@@ -1,81 +1,28 @@
-"""Drafters: what proposes tokens for the decoding loop to verify.
+"""Layer-skip drafting: the target model itself, with some attention and MLP sub-layers skipped.
 
-A drafter is a frozen value (its configuration). `start()` gives a fresh
-`DraftSession` per generation, which holds whatever adapts during it (the
-adaptive confidence threshold), so one drafter serves many generations and
-threads. The loop calls `session.propose(request)` before each verification and
-`session.observe(drafted, accepted)` after it.
-
-Plain decoding is the loop with no drafter at all.
+Drafting is greedy (or sampled), chained 1-token forwards of the skipping model, and stops at a token whose
+top-1 probability is below the confidence threshold or after `max_draft_tokens` (as the paper's code does).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import asdict, dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
+from knnssd.drafters.base import Draft, DraftRequest
+from knnssd.checks import require_bool, require_int, require_number
 from knnssd.errors import KnnSsdError
 from knnssd.kvcache import rollback
-from knnssd.layerskip import skip_sublayers
-from knnssd.sampling import SamplingConfig, sample, warp_probs
+from knnssd.sampling import sample, warp_probs
 from knnssd.skipset import SkipSet
+from knnssd.sublayers import skip_sublayers
 
 
 @dataclass(frozen=True)
-class DraftRequest:
-    """What a drafter may use to propose tokens.
-
-    The cache holds exactly `position` committed tokens; `last_token` (1, 1) is the
-    newest committed token, at position `position`, not yet in the cache. A drafter
-    may extend the cache while drafting but must leave it at `position` tokens.
-    `history` is every committed token id, prompt first, ending with `last_token`
-    (length `position + 1`); the loop appends to it in place, so a drafter that
-    indexes it can read only what is new since its last call. Do not modify it.
-    """
-
-    model: PreTrainedModel
-    cache: DynamicCache
-    last_token: torch.Tensor
-    position: int
-    max_tokens: int
-    sampling: SamplingConfig
-    generator: torch.Generator | None
-    history: list[int]
-
-
-@dataclass(frozen=True)
-class Draft:
-    """Proposed tokens: `tokens` (k,) int64; `probs` (k, vocab) their draft
-    distributions q when sampling, None when greedy or when the tokens were chosen
-    deterministically (prompt lookup: q is a point mass); `forwards` the draft-model
-    forward passes spent (0 for lookup; k, or k + 1 when a low-confidence token was
-    dropped, for layer skipping)."""
-
-    tokens: torch.Tensor
-    probs: torch.Tensor | None
-    forwards: int = 0
-
-
-class DraftSession(Protocol):
-    def propose(self, request: DraftRequest) -> Draft: ...
-
-    def observe(self, drafted: int, accepted: int) -> None: ...
-
-
-class Drafter(Protocol):
-    """Anything with `start()` returning a `DraftSession`, and a `describe()` for reports."""
-
-    def start(self) -> DraftSession: ...
-
-    def describe(self) -> dict[str, object]: ...
-
-
-@dataclass(frozen=True)
-class DraftConfig:
-    """Drafting parameters shared by confidence-gated drafters.
+class LayerSkipConfig:
+    """Layer-skip drafting parameters (the defaults are the paper's: threshold 0.8, at most 12 tokens).
 
     Drafting stops at a token whose draft top-1 probability is below
     `threshold`, or after `max_draft_tokens`. With `keep_unconfident` (default) that
@@ -96,6 +43,11 @@ class DraftConfig:
     max_threshold: float = 0.95
 
     def __post_init__(self) -> None:
+        for name in ("threshold", "adapt_step", "min_threshold", "max_threshold"):
+            require_number(getattr(self, name), name, "0.8")
+        require_int(self.max_draft_tokens, "max_draft_tokens", "12")
+        require_bool(self.keep_unconfident, "keep_unconfident")
+        require_bool(self.adaptive, "adaptive")
         if not 0.0 <= self.threshold <= 1.0:
             raise KnnSsdError(f"draft threshold must be in [0, 1], got {self.threshold}", fix="the paper uses 0.8")
         if self.max_draft_tokens < 1:
@@ -110,15 +62,8 @@ class DraftConfig:
             )
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "threshold": self.threshold,
-            "max_draft_tokens": self.max_draft_tokens,
-            "keep_unconfident": self.keep_unconfident,
-            "adaptive": self.adaptive,
-            "adapt_step": self.adapt_step,
-            "min_threshold": self.min_threshold,
-            "max_threshold": self.max_threshold,
-        }
+        """The fields as the policy JSON names them."""
+        return asdict(self)
 
 
 def check_attention(model: PreTrainedModel, skip_set: SkipSet) -> None:
@@ -142,7 +87,7 @@ class LayerSkipDrafter:
     """
 
     skip_set: SkipSet
-    config: DraftConfig = DraftConfig()
+    config: LayerSkipConfig = LayerSkipConfig()
 
     def start(self) -> "LayerSkipSession":
         return LayerSkipSession(self, self.config.threshold)

@@ -1,4 +1,4 @@
-"""Text in, text and figures out: the library call behind `knnssd generate`."""
+"""`knnssd generate` as a library call: a `GenerateRequest` (text and flags) in, the report dict out."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from knnssd.decoding import GenerationConfig, GenerationResult, check_prompt, generate
-from knnssd.drafters import DraftConfig, Drafter, LayerSkipDrafter
+from knnssd.decoding import GenerationConfig, GenerationResult, check_prompt, generate, warm_up
+from knnssd.drafters import LayerSkipConfig, Drafter, LayerSkipDrafter
 from knnssd.errors import KnnSsdError
 from knnssd.models import LoadedModel, load_model
 from knnssd.policy import drafter_from_policy, parse_policy, policy_of
@@ -27,8 +27,8 @@ class GenerateRequest:
     max_new_tokens: int = 128
     skip_set: str | None = None
     policy: str | None = None
-    threshold: float = 0.8
-    max_draft_tokens: int = 12
+    threshold: float = LayerSkipConfig.threshold
+    max_draft_tokens: int = LayerSkipConfig.max_draft_tokens
     adaptive: bool = False
     temperature: float = 0.0
     top_p: float = 1.0
@@ -42,11 +42,6 @@ class GenerateRequest:
     allow_model_mismatch: bool = False
 
 
-def warm_up(loaded: LoadedModel, prompt_ids: object) -> None:
-    """One tiny generation, so that one-time costs do not land on the first timed run."""
-    generate(loaded.model, prompt_ids[:, :8], GenerationConfig(max_new_tokens=2, eos_token_ids=()))
-
-
 def result_to_dict(loaded: LoadedModel, result: GenerationResult) -> dict[str, object]:
     return {
         "text": loaded.tokenizer.decode(list(result.token_ids), skip_special_tokens=True),
@@ -56,7 +51,7 @@ def result_to_dict(loaded: LoadedModel, result: GenerationResult) -> dict[str, o
     }
 
 
-def generate_text(request: GenerateRequest) -> dict[str, object]:
+def answer_request(request: GenerateRequest) -> dict[str, object]:
     """Run one request; the returned dict is what `--json` prints. Input is checked before the model loads."""
     if not request.prompt.strip():
         raise KnnSsdError("the prompt is empty", fix="give a prompt with some text, e.g. --prompt 'Hello'")
@@ -72,7 +67,7 @@ def generate_text(request: GenerateRequest) -> dict[str, object]:
     config = GenerationConfig(max_new_tokens=request.max_new_tokens, sampling=sampling)
     if request.bundle is not None:
         return _generate_routed(request, config)
-    drafter_config = DraftConfig(threshold=request.threshold, max_draft_tokens=request.max_draft_tokens,
+    drafter_config = LayerSkipConfig(threshold=request.threshold, max_draft_tokens=request.max_draft_tokens,
                                  adaptive=request.adaptive)
     skip_set = SkipSet.parse(request.skip_set) if request.skip_set is not None else None
     policy = parse_policy(request.policy) if request.policy is not None else None
@@ -84,7 +79,7 @@ def generate_text(request: GenerateRequest) -> dict[str, object]:
         drafter = drafter_from_policy(policy, loaded.num_layers)
     prompt_ids = encode_prompt(loaded.tokenizer, request.prompt, chat=request.chat)
     check_prompt(loaded.model, prompt_ids, config.max_new_tokens)
-    warm_up(loaded, prompt_ids)
+    warm_up(loaded.model, prompt_ids)
     report = _header(loaded, prompt_ids, policy_of(drafter))
     plain = generate(loaded.model, prompt_ids, config) if request.compare_ar else None
     result = generate(loaded.model, prompt_ids, config, drafter)
@@ -116,7 +111,7 @@ def _generate_routed(request: GenerateRequest, config: GenerationConfig) -> dict
     loaded = runtime.loaded
     prompt_ids = runtime.encode(request.prompt)
     check_prompt(loaded.model, prompt_ids, config.max_new_tokens)
-    warm_up(loaded, prompt_ids)
+    warm_up(loaded.model, prompt_ids)
     plain = generate(loaded.model, prompt_ids, config) if request.compare_ar else None
     routed = runtime.generate(prompt_ids, max_new_tokens=config.max_new_tokens, sampling=config.sampling)
     report = _header(loaded, prompt_ids, routed.policy)

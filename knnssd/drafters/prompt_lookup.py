@@ -13,11 +13,12 @@ the previous call: the per-step cost does not grow with the sequence. The most r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from knnssd.drafters import Draft, DraftRequest
+from knnssd.drafters.base import Draft, DraftRequest
+from knnssd.checks import require_int
 from knnssd.errors import KnnSsdError
 
 
@@ -30,6 +31,8 @@ class PromptLookupConfig:
     max_draft_tokens: int = 10
 
     def __post_init__(self) -> None:
+        for name in ("max_ngram", "min_ngram", "max_draft_tokens"):
+            require_int(getattr(self, name), name, "3")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise KnnSsdError(
                 f"need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, max_ngram={self.max_ngram}",
@@ -40,7 +43,8 @@ class PromptLookupConfig:
                               fix="transformers' default is 10 (prompt_lookup_num_tokens)")
 
     def to_dict(self) -> dict[str, object]:
-        return {"max_ngram": self.max_ngram, "min_ngram": self.min_ngram, "max_draft_tokens": self.max_draft_tokens}
+        """The fields as the policy JSON names them."""
+        return asdict(self)
 
 
 class NgramIndex:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from knnssd.drafters import Draft, DraftRequest, LayerSkipDrafter, LayerSkipSession
-from knnssd.lookup import PromptLookupDrafter, PromptLookupSession
+from knnssd.drafters.base import Draft, DraftRequest
+from knnssd.drafters.layer_skip import LayerSkipDrafter, LayerSkipSession
+from knnssd.drafters.prompt_lookup import PromptLookupDrafter, PromptLookupSession
 
 
 @dataclass(frozen=True)

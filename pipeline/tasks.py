@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import optuna
 import ray
+import torch
 
 from knnssd.decoding import prefill
 from knnssd.models import load_model
@@ -37,11 +38,6 @@ class ModelSpec:
     device: str | None = None
     dtype: str | None = None
     chat: bool = True
-
-
-def task_resources() -> dict[str, float]:
-    """One GPU per task where the cluster has GPUs, else one CPU."""
-    return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) > 0 else {"num_cpus": 1}
 
 
 def _log(domain: str, message: str) -> None:
@@ -71,7 +67,9 @@ def search_domain(spec: ModelSpec, domain: str, prompts: list[str], config: Sear
         study.optimize(objective, n_trials=remaining, catch=())
     policy, metrics = best_policy(study, config)
     return {"domain": domain, "policy": policy, "metrics": metrics, "study": study.study_name,
-            "model_hash": loaded.model_hash, "trials_run": remaining, "seconds": time.perf_counter() - started}
+            "model_hash": loaded.model_hash, "trials_run": remaining, "seconds": time.perf_counter() - started,
+            "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads()}
 
 
 @ray.remote(max_retries=MAX_RETRIES)

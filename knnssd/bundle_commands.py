@@ -1,0 +1,138 @@
+"""`knnssd bundles list | show | compare`: reading bundles from the registry or from folders.
+
+    knnssd bundles list [NAME]
+    knnssd bundles show smollm2-135m@v3 [--json]
+    knnssd bundles compare smollm2-135m@v2 smollm2-135m@v3 path/to/bundle-folder [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from knnssd.bundle import Bundle, read_bundle
+from knnssd.errors import KnnSsdError
+from knnssd.policy import describe_policy
+from knnssd.sources import fetch_bundle, open_registry
+
+FIGURES = (("speedup", "speedup", 9, 3), ("mean_accepted_tokens", "mat", 6, 2), ("acceptance_rate", "accept", 8, 2),
+           ("trials", "trials", 8, 0))
+TRACKING_HELP = "MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+
+
+def add_commands(commands: Any) -> None:
+    """The `bundles` sub-commands, added to the `knnssd` parser's sub-parsers."""
+    bundles = commands.add_parser("bundles", help="routing bundles in the MLflow registry or in folders")
+    bundle_commands = bundles.add_subparsers(dest="bundle_command", required=True)
+    listing = bundle_commands.add_parser("list", help="registered bundles, or the versions of one")
+    listing.add_argument("name", nargs="?", help="a bundle name: list its versions")
+    listing.add_argument("--tracking-uri", help=TRACKING_HELP)
+    listing.set_defaults(handler=run_list)
+    show = bundle_commands.add_parser("show", help="a bundle's manifest: domains, policies, metrics")
+    show.add_argument("ref", help="NAME@vN, NAME@ALIAS, NAME, or a bundle folder")
+    show.add_argument("--tracking-uri", help=TRACKING_HELP)
+    show.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    show.set_defaults(handler=run_show)
+    compare = bundle_commands.add_parser("compare", help="two or more bundles side by side, domain by domain")
+    compare.add_argument("refs", nargs="+", metavar="REF", help="NAME@vN, NAME@ALIAS, NAME, or a bundle folder")
+    compare.add_argument("--tracking-uri", help=TRACKING_HELP)
+    compare.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    compare.set_defaults(handler=run_compare)
+
+
+def load(ref: str, tracking_uri: str | None) -> Bundle:
+    return read_bundle(fetch_bundle(ref, tracking_uri))
+
+
+def run_list(args: argparse.Namespace) -> int:
+    registry = open_registry(args.tracking_uri)
+    if args.name is None:
+        names = registry.names()
+        print("\n".join(names) if names else f"no bundles registered in {registry.tracking_uri}")
+        return 0
+    print(f"{'version':<9}{'aliases':<20}{'model hash':<14}run")
+    for row in registry.versions(args.name):
+        print(f"v{row['version']:<8}{','.join(row['aliases']) or '-':<20}{(row['model_hash'] or '-')[:12]:<14}"
+              f"{row['run_id']}")
+    return 0
+
+
+def domain_rows(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{domain or "(reference)": {"anchors", "policy", "metrics"}}: the routed domains, then reference policies."""
+    rows = {d["name"]: {"anchors": d["anchors"], "policy": d["policy"], "metrics": d["metrics"]}
+            for d in manifest["domains"]}
+    rows.update({f"({name})": {"anchors": 0, "policy": ref.get("policy", {}), "metrics": ref.get("metrics", {})}
+                 for name, ref in manifest.get("reference_policies", {}).items()})
+    return rows
+
+
+def figures(metrics: dict[str, Any]) -> str:
+    cells = []
+    for key, _, width, digits in FIGURES:
+        value = metrics.get(key)
+        cells.append(f"{float(value):>{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}}")
+    return "".join(cells)
+
+
+FIGURE_HEADER = "".join(f"{label:>{width}}" for _, label, width, _ in FIGURES)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    manifest = load(args.ref, args.tracking_uri).manifest
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(f"bundle {args.ref}: model {manifest['model_id']} (hash {manifest['model_hash'][:12]}), "
+          f"created {manifest['created_at']}, knnssd {manifest['package_version']}")
+    print(f"fallback beyond cosine distance {manifest['routing']['fallback_distance']:.4f}: "
+          f"{describe_policy(manifest['fallback_policy'])}")
+    print(f"\n{'domain':<16}{'anchors':>8}{FIGURE_HEADER}  policy")
+    for name, row in domain_rows(manifest).items():
+        print(f"{name:<16}{row['anchors']:>8}{figures(row['metrics'])}  {describe_policy(row['policy'])}")
+    if manifest.get("reference_policies"):
+        print("(rows in parentheses: reference policies searched for comparison, never routed to)")
+    print("speedup, mat (mean accepted tokens per step), accept (acceptance rate): the chosen policy's calibration "
+          "trial")
+    return 0
+
+
+def comparison(refs: list[str], tracking_uri: str | None) -> dict[str, Any]:
+    """Per bundle: its identity and provenance; per domain: each bundle's policy and figures (None where a
+    bundle lacks the domain)."""
+    if len(refs) < 2:
+        raise KnnSsdError("compare needs at least two bundles", fix="name two or more, e.g. NAME@v1 NAME@v2")
+    manifests = {ref: load(ref, tracking_uri).manifest for ref in refs}
+    bundles = [{"ref": ref, "model_id": m["model_id"], "model_hash": m["model_hash"], "created_at": m["created_at"],
+                "domains": [d["name"] for d in m["domains"]], "provenance": m.get("calibration", {}).get("provenance", {}),
+                "trials_per_domain": m.get("calibration", {}).get("search", {}).get("trials")}
+               for ref, m in manifests.items()]
+    rows = {ref: domain_rows(m) for ref, m in manifests.items()}
+    names = list(dict.fromkeys(name for table in rows.values() for name in table))
+    names.sort(key=lambda name: name.startswith("("))  # routed domains first, reference policies last
+    domains = {name: {ref: None if name not in rows[ref] else {
+        "policy": rows[ref][name]["policy"], "description": describe_policy(rows[ref][name]["policy"]),
+        "anchors": rows[ref][name]["anchors"], "metrics": rows[ref][name]["metrics"]} for ref in refs} for name in names}
+    return {"bundles": bundles, "domains": domains}
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    result = comparison(args.refs, args.tracking_uri)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    width = max(12, *(len(ref) + 2 for ref in args.refs))
+    for bundle in result["bundles"]:
+        fingerprint = bundle["provenance"].get("data.fingerprint", "-")
+        print(f"{bundle['ref']}: model {bundle['model_id']} ({bundle['model_hash'][:12]}), created "
+              f"{bundle['created_at']}, {bundle['trials_per_domain'] or '-'} trials per domain, data {fingerprint}")
+    for name, cells in result["domains"].items():
+        print(f"\n{name}")
+        print(f"  {'bundle':<{width}}{FIGURE_HEADER}  policy")
+        for ref, cell in cells.items():
+            if cell is None:
+                print(f"  {ref:<{width}}  (no such domain)")
+            else:
+                print(f"  {ref:<{width}}{figures(cell['metrics'])}  {cell['description']}")
+    print("\nspeedup, mat (mean accepted tokens per step), accept (acceptance rate): each policy's calibration trial")
+    return 0

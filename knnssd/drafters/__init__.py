@@ -1,0 +1,15 @@
+"""Drafters: the interface (`base`) and one module per drafter kind.
+
+    layer_skip      LayerSkipDrafter, LayerSkipConfig: the target model with sub-layers skipped
+    prompt_lookup   PromptLookupDrafter, PromptLookupConfig: n-gram lookup in prompt + output
+    hybrid          HybridDrafter: lookup where the text repeats, layer skipping elsewhere
+"""
+
+from knnssd.drafters.base import Draft, Drafter, DraftRequest, DraftSession
+from knnssd.drafters.hybrid import HybridDrafter, HybridSession
+from knnssd.drafters.layer_skip import LayerSkipConfig, LayerSkipDrafter, LayerSkipSession
+from knnssd.drafters.prompt_lookup import NgramIndex, PromptLookupConfig, PromptLookupDrafter, PromptLookupSession
+
+__all__ = ["Draft", "DraftRequest", "DraftSession", "Drafter", "HybridDrafter", "HybridSession", "LayerSkipConfig",
+           "LayerSkipDrafter", "LayerSkipSession", "NgramIndex", "PromptLookupConfig", "PromptLookupDrafter",
+           "PromptLookupSession"]

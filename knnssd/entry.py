@@ -1,0 +1,62 @@
+"""What every command-line entry shares (`knnssd`, jobs/calibrate.py, jobs/evaluate.py, jobs/demo.py):
+
+- bad input, raised anywhere as `KnnSsdError`, prints one line `error: <problem> (fix: <what to do>)` on stderr
+  and exits 2; Ctrl-C exits 130; anything else is a bug and keeps its traceback;
+- knnssd's own progress messages (model conversion) go to stderr; third-party loader chatter does not
+  (FAISS's "Could not load library with AVX2 support", MLflow's "Creating initial MLflow database tables",
+  transformers' per-tensor loading bars);
+- `ArgumentParser`: every flag's default in its help, and a bad flag as one `error: ... (fix: ...)` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable, NoReturn
+
+from knnssd.errors import KnnSsdError
+
+QUIET_LOGGERS = ("faiss", "mlflow", "alembic")
+
+
+def quiet_loaders() -> None:
+    """knnssd's INFO messages on stderr; FAISS's loader, MLflow's store set-up and transformers' progress bars
+    silenced (warnings still show)."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported, here or in workers
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("knnssd").setLevel(logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        return
+    hf_logging.disable_progress_bar()
+
+
+def run_main(body: Callable[[], int | None]) -> int:
+    """Run a command's `body` under the shared error handling; returns the exit code."""
+    quiet_loaders()
+    try:
+        return body() or 0
+    except KnnSsdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with every flag's default in its help, and a bad flag reported like any bad input: one line
+    `error: ... (fix: ...)`, exit 2 (argparse's own form is a usage block and "prog: error: ...")."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (fix: see {self.prog} --help for the flags and their defaults)", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,68 @@
+"""Reporting, in one place: CSV tables and bar charts, for the evaluation (`pipeline/report.py`) and for the
+bundle pages in MLflow (`registry/`). matplotlib is imported only when a chart is drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Sequence
+
+DOMAIN_METRICS = ("speedup", "mean_accepted_tokens", "acceptance_rate", "skip_ratio")
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """`rows` (dicts with the same keys, in order) as a CSV file with a header."""
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
+
+
+Panel = tuple[str, Sequence[str], dict[str, Sequence[float]]]  # (title, categories, {series: values})
+
+
+def bar_chart(path: Path, panels: Sequence[Panel], ylabel: str, highlight: str | None = None) -> Path:
+    """Grouped bars, one panel per entry of `panels` stacked vertically, a dashed line at 1.0 (plain decoding).
+
+    Each panel is (title, categories, {series name: one value per category}); the series named `highlight`
+    gets a black edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width_in = max(5.0, min(13.0, 1.2 + 0.35 * max(len(c) * len(s) for _, c, s in panels)))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 3.6 * len(panels)), squeeze=False)
+    colours = plt.get_cmap("tab20")
+    for ax, (title, categories, series) in zip(axes[:, 0], panels):
+        width = 0.8 / len(series)
+        for m, (name, values) in enumerate(series.items()):
+            xs = [i + (m - (len(series) - 1) / 2) * width for i in range(len(categories))]
+            ax.bar(xs, list(values), width, label=name, color=colours(m % 20),
+                   edgecolor="black" if name == highlight else None)
+        ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+        ax.set_xticks(range(len(categories)), list(categories), rotation=20)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if len(series) > 1:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_bundle_reports(manifest: dict[str, Any], folder: Path) -> list[Path]:
+    """A bundle's per-domain table (domains.csv) and calibrated speedup per domain (speedup.png)."""
+    from knnssd.policy import describe_policy
+
+    rows = [{"domain": d["name"], "anchors": d["anchors"], "policy": describe_policy(d["policy"]),
+             **{k: d["metrics"].get(k, "") for k in DOMAIN_METRICS}} for d in manifest["domains"]]
+    table = write_csv(rows, folder / "domains.csv")
+    chart = bar_chart(folder / "speedup.png",
+                      [(f"{manifest['model_id']}: calibrated speedup per domain", [r["domain"] for r in rows],
+                        {"speedup": [float(r["speedup"] or 0) for r in rows]})],
+                      ylabel="speedup over plain decoding")
+    return [table, chart]

@@ -1,0 +1,101 @@
+"""The methods of the domain-shift study: what runs one prompt, and how long it took.
+
+Each method is a `Runner`: (prompt ids (1, T), true domain) -> `Outcome`. See `pipeline/study.py` for the list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from knnssd.decoding import GenerationConfig, device_clock, generate
+from knnssd.errors import KnnSsdError
+from knnssd.policy import drafter_from_policy
+
+if TYPE_CHECKING:
+    from pipeline.study import EvalConfig
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One method on one prompt."""
+
+    tokens: tuple[int, ...]
+    seconds: float
+    accepted: int = 0
+    drafted: int = 0
+    steps: int = 0
+    routed_to: str = ""
+
+
+Runner = Callable[[torch.Tensor, str], Outcome]
+
+
+def _ours(model: Any, drafter: Any, max_new_tokens: int) -> Runner:
+    def run(ids: torch.Tensor, domain: str) -> Outcome:
+        result = generate(model, ids, GenerationConfig(max_new_tokens=max_new_tokens), drafter)
+        s = result.stats
+        return Outcome(result.token_ids, s.total_seconds, s.accepted_tokens, s.drafted_tokens, s.verify_steps)
+    return run
+
+
+def _routed(runtime: Any, max_new_tokens: int) -> Runner:
+    def run(ids: torch.Tensor, domain: str) -> Outcome:
+        out = runtime.generate(ids, max_new_tokens=max_new_tokens)
+        s = out.result.stats
+        return Outcome(out.result.token_ids, s.total_seconds + out.routing_seconds, s.accepted_tokens,
+                       s.drafted_tokens, s.verify_steps, "(fallback)" if out.route.fallback else out.route.domain)
+    return run
+
+
+def _oracle(model: Any, drafters: dict[str, Any], max_new_tokens: int) -> Runner:
+    def run(ids: torch.Tensor, domain: str) -> Outcome:
+        return _ours(model, drafters[domain], max_new_tokens)(ids, domain)
+    return run
+
+
+def _hf(model: Any, max_new_tokens: int, **assist: Any) -> Runner:
+    clock = device_clock(next(model.parameters()).device)
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else model.generation_config.eos_token_id
+
+    def run(ids: torch.Tensor, domain: str) -> Outcome:
+        ids = ids.to(next(model.parameters()).device)
+        start = clock()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, **assist)
+        seconds = clock() - start
+        return Outcome(tuple(out[0, ids.shape[1]:].tolist()), seconds)
+    return run
+
+
+def build_methods(runtime: Any, config: "EvalConfig") -> dict[str, Runner]:
+    """Every method of the study for `runtime` (a `BundleRuntime`), plain first."""
+    model, layers = runtime.loaded.model, runtime.loaded.num_layers
+    manifest = runtime.bundle.manifest
+    domains = list(runtime.bundle.domains)
+    drafters = {d: drafter_from_policy(runtime.bundle.policies[d], layers) for d in domains}
+    fix = domains if config.fix_domains is None else list(config.fix_domains)
+    unknown = [d for d in fix if d not in domains]
+    if unknown:
+        raise KnnSsdError(f"--fix-domains names {', '.join(unknown)}, not domains of the bundle",
+                          fix=f"choose from {', '.join(domains)}")
+    n = config.max_new_tokens
+    methods: dict[str, Runner] = {"plain": _ours(model, None, n)}
+    methods.update({f"fix-{d}": _ours(model, drafters[d], n) for d in fix})
+    mix = manifest.get("reference_policies", {}).get("mix")
+    if mix is not None:
+        methods["mix"] = _ours(model, drafter_from_policy(mix["policy"], layers), n)
+    methods["knn"] = _routed(runtime, n)
+    methods["oracle"] = _oracle(model, drafters, n)
+    methods.update({name: _ours(model, drafter_from_policy(policy, layers), n) for name, policy in config.policies})
+    if config.peers:
+        methods["hf-plain"] = _hf(model, n)
+    if "hf-prompt-lookup" in config.peers:
+        methods["hf-prompt-lookup"] = _hf(model, n, prompt_lookup_num_tokens=config.lookup_tokens)
+    if "hf-early-exit" in config.peers:
+        methods["hf-early-exit"] = _hf(model, n, assistant_early_exit=config.early_exit_layer or max(1, layers // 2))
+    return methods

@@ -1,0 +1,150 @@
+"""The domain-shift study (the run; methods in `pipeline/methods.py`, figures in `pipeline/report.py`): does routing keep the speedup that a fixed draft policy loses across domains?
+
+On held-out prompts of every domain, one run measures, interleaved prompt by prompt (each prompt runs every
+method back to back, in an order rotated from prompt to prompt, so machine drift hits all methods alike):
+
+    plain            the decoding loop with no drafter: the denominator of every speedup
+    fix-<domain>     Self-SD(Fix): that domain's calibrated policy for every prompt
+    mix              Self-SD(Mix): one policy searched by the same pipeline on all domains' prompts together
+                     (the bundle's reference policy "mix"; absent if calibration ran with --no-mix)
+    knn              KNN-SSD: the bundle routes each prompt from its own prefill embedding (routing time counted)
+    oracle           each prompt gets its true domain's policy
+    <name>           any extra policy given by name (`EvalConfig.policies`), for every prompt: e.g. each
+                     drafter kind alone
+    hf-plain         transformers' own greedy `generate` (the peers' own baseline)
+    hf-prompt-lookup transformers' assisted generation with prompt lookup (`prompt_lookup_num_tokens`)
+    hf-early-exit    transformers' assisted generation with its early-exit assistant (`assistant_early_exit`)
+
+Two streams: "task" (prompts grouped by domain, domain after domain) and "mixed" (the same prompts shuffled).
+Figures per stream, method and domain (and "overall", pooled over every prompt of the stream):
+
+    speedup       = sum of plain seconds / sum of the method's seconds, over the same prompts
+    mean_accepted = (accepted + verify steps) / verify steps, pooled (our methods only)
+    acceptance    = accepted / drafted, pooled (our methods only)
+    identical     = fraction of prompts whose tokens equal plain decoding's
+    routing_accuracy (knn) = fraction routed to the prompt's true domain (a fallback counts as a miss)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+from knnssd.errors import KnnSsdError
+from pipeline.report import PromptRun
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.methods import Runner
+
+STREAMS = ("task", "mixed")
+PEERS = ("hf-prompt-lookup", "hf-early-exit")
+BUILT_IN_METHODS = ("plain", "mix", "knn", "oracle", "hf-plain", *PEERS)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """max_new_tokens per generation; prompts_per_domain held-out prompts used per domain (None: all);
+    fix_domains: whose policies run as Self-SD(Fix) (None: every domain's); peers: transformers' methods to
+    time; lookup_tokens: their `prompt_lookup_num_tokens`; early_exit_layer: their `assistant_early_exit`
+    (None: half the model's layers); policies: extra (name, draft policy) methods."""
+
+    max_new_tokens: int = 64
+    prompts_per_domain: int | None = None
+    streams: tuple[str, ...] = STREAMS
+    fix_domains: tuple[str, ...] | None = None
+    peers: tuple[str, ...] = PEERS
+    lookup_tokens: int = 10
+    early_exit_layer: int | None = None
+    seed: int = 0
+    policies: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, _ in self.policies:
+            if name in BUILT_IN_METHODS or name.startswith("fix-") or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise KnnSsdError(f"extra policy name {name!r} is taken by a built-in method or has characters "
+                                  "other than letters, digits, '_', '.', '-'",
+                                  fix="name it otherwise, e.g. --policy lookup-only='{\"kind\": \"prompt_lookup\"}'")
+        for name, given, known in (("stream", self.streams, STREAMS), ("peer", self.peers, PEERS)):
+            unknown = [x for x in given if x not in known]
+            if unknown:
+                raise KnnSsdError(f"unknown {name} {', '.join(unknown)}", fix=f"choose from {', '.join(known)}")
+        if not self.streams:
+            raise KnnSsdError("no stream to run", fix="use --streams task, mixed or task,mixed")
+        if self.max_new_tokens < 1 or (self.prompts_per_domain is not None and self.prompts_per_domain < 1):
+            raise KnnSsdError("max_new_tokens and prompts_per_domain must be >= 1", fix="e.g. 64 and 5")
+
+
+def stream_order(prompts: list[tuple[str, str]], stream: str, seed: int) -> list[tuple[str, str]]:
+    """(domain, prompt) pairs in the stream's order: grouped by domain ("task") or shuffled ("mixed")."""
+    if stream == "task":
+        return sorted(prompts, key=lambda p: [d for d, _ in prompts].index(p[0]))
+    shuffled = list(prompts)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
+
+
+def run_stream(stream: str, prompts: list[tuple[str, str]], encode: Callable[[str], torch.Tensor],
+               methods: dict[str, Runner], seed: int, log: Callable[[str], None]) -> list[PromptRun]:
+    """Run every method on every prompt of the stream, interleaved; plain's tokens judge the others."""
+    rows: list[PromptRun] = []
+    names = list(methods)
+    ordered = stream_order(prompts, stream, seed)
+    for i, (domain, text) in enumerate(ordered):
+        ids = encode(text)
+        rotation = names[i % len(names):] + names[:i % len(names)]
+        outcomes = {name: methods[name](ids, domain) for name in rotation}
+        plain = outcomes["plain"]
+        for name in names:
+            out = outcomes[name]
+            rows.append(PromptRun(stream=stream, order=i, domain=domain, method=name, seconds=out.seconds,
+                                  plain_seconds=plain.seconds, new_tokens=len(out.tokens), accepted=out.accepted,
+                                  drafted=out.drafted, steps=out.steps, identical=out.tokens == plain.tokens,
+                                  routed_to=out.routed_to))
+        knn = outcomes.get("knn")
+        log(f"[{stream} {i + 1}/{len(ordered)}] {domain}: " + ", ".join(
+            f"{name} {plain.seconds / outcomes[name].seconds:.2f}x" for name in names if name != "plain")
+            + (f"; routed to {knn.routed_to}" if knn is not None else ""))
+    return rows
+
+
+def held_out_prompts(table: Any, domains: list[str], per_domain: int | None) -> list[tuple[str, str]]:
+    """(domain, prompt) of the held-out split, at most `per_domain` per domain, for the bundle's domains."""
+    from pipeline.data import HELD_OUT, domains_of, prompts_of
+
+    present = domains_of(table)
+    missing = [d for d in domains if d not in present]
+    if missing:
+        raise KnnSsdError(f"the evaluation data has no prompts for the bundle's domains {', '.join(missing)}",
+                          fix="pass the data the bundle was calibrated on (with the same --merge), or its format")
+    chosen = []
+    for domain in domains:
+        texts = prompts_of(table, domain, HELD_OUT)[:per_domain]
+        chosen.extend((domain, t) for t in texts)
+    return chosen
+
+
+def warm_up_methods(runtime: Any, config: EvalConfig, ids: torch.Tensor, domain: str) -> None:
+    """Every method once, 4 tokens, untimed: first calls pay one-off costs (allocations, lazy imports)."""
+    from pipeline.methods import build_methods
+
+    for run in build_methods(runtime, replace(config, max_new_tokens=4)).values():
+        run(ids, domain)
+
+
+def evaluate(runtime: Any, prompts: list[tuple[str, str]], config: EvalConfig,
+             log: Callable[[str], None] = print) -> list[PromptRun]:
+    """The whole study on `prompts` ((domain, text) held out from calibration): every stream, every method."""
+    from pipeline.methods import build_methods
+
+    methods = build_methods(runtime, config)
+    log(f"evaluate: {len(prompts)} prompts x {len(methods)} methods ({', '.join(methods)}) x "
+        f"{len(config.streams)} streams, {config.max_new_tokens} new tokens each")
+    warm_up_methods(runtime, config, runtime.encode(prompts[0][1]), prompts[0][0])
+    rows: list[PromptRun] = []
+    for stream in config.streams:
+        rows.extend(run_stream(stream, prompts, runtime.encode, methods, config.seed, log))
+    return rows

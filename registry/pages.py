@@ -1,0 +1,62 @@
+"""What a bundle's MLflow run and registered version show a user comparing bundles in the MLflow UI.
+
+- parameters: each domain's policy flattened, one knob a parameter (`policy.<domain>.kind`,
+  `policy.<domain>.skip_set.attn`, `policy.<domain>.max_draft_tokens`, ...), so the compare view diffs them;
+- a markdown description (the run's note and the version's description): the per-domain summary table.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Nested dicts as dotted keys; lists and scalars as compact JSON text."""
+    if isinstance(value, dict):
+        flat: dict[str, str] = {}
+        for key, inner in value.items():
+            flat.update(flatten(f"{prefix}.{key}", inner))
+        return flat
+    return {prefix: json.dumps(value, separators=(",", ":"))[:MAX_PARAM_CHARS]}
+
+
+def policy_params(manifest: dict[str, Any]) -> dict[str, str]:
+    """Every domain's policy (and each reference policy, e.g. the mix) as flat `policy.<name>.<knob>` params."""
+    params: dict[str, str] = {}
+    for domain in manifest["domains"]:
+        params.update(flatten(f"policy.{domain['name']}", domain["policy"]))
+    for name, reference in manifest.get("reference_policies", {}).items():
+        params.update(flatten(f"policy.{name}", reference.get("policy", {})))
+    params.update(flatten("policy.__fallback__", manifest["fallback_policy"]))
+    return params
+
+
+def _figure(metrics: dict[str, Any], key: str, digits: int) -> str:
+    value = metrics.get(key)
+    return f"{float(value):.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def summary_markdown(manifest: dict[str, Any], title: str) -> str:
+    """A markdown description: what the bundle is, and one row per domain (policy and calibration figures)."""
+    from knnssd.policy import describe_policy  # torch comes with it: only when publishing
+
+    lines = [f"**{title}**: KNN-SSD routing bundle for `{manifest['model_id']}` "
+             f"(model hash `{manifest['model_hash'][:12]}`), {len(manifest['domains'])} domains, "
+             f"created {manifest.get('created_at', '?')}.", "",
+             "| domain | anchors | policy | speedup | mean accepted | acceptance | trials |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    rows = [(d["name"], str(d["anchors"]), d["policy"], d["metrics"]) for d in manifest["domains"]]
+    rows += [(f"({name})", "-", ref.get("policy", {}), ref.get("metrics", {}))
+             for name, ref in manifest.get("reference_policies", {}).items()]
+    for name, anchors, policy, metrics in rows:
+        lines.append(f"| {name} | {anchors} | `{describe_policy(policy)}` | {_figure(metrics, 'speedup', 3)} | "
+                     f"{_figure(metrics, 'mean_accepted_tokens', 2)} | {_figure(metrics, 'acceptance_rate', 2)} | "
+                     f"{_figure(metrics, 'trials', 0)} |")
+    lines += ["", f"Fallback beyond cosine distance {manifest['routing']['fallback_distance']:.4f}: "
+                  f"`{describe_policy(manifest['fallback_policy'])}`. Speedups are the calibration trials' "
+                  "(over plain decoding timed beside them); rows in parentheses are reference policies, never "
+                  "routed to."]
+    return "\n".join(lines)
