@@ -155,7 +155,11 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
         params = {**flat_params(config), **spec.calibration["provenance"]}
         published = BundleRegistry(config.tracking_uri).publish(folder, config.bundle_name, params=params)
         ref = f"{published.name}@v{published.version}"
-        log(f"publish: {ref} (run {published.run_id}) in {BundleRegistry(config.tracking_uri).tracking_uri}")
+        registry = BundleRegistry(config.tracking_uri)
+        log(f"publish: {ref} (run {published.run_id}) in {registry.tracking_uri}")
+        log(f"compare bundles in the MLflow UI: {registry.ui_link(published.experiment_id)}"
+            + ("" if registry.tracking_uri.startswith("http") else
+               f" after `mlflow ui --backend-store-uri {registry.tracking_uri}`"))
     return CalibrationResult(bundle_folder=folder, ref=ref, domains=tuple(everything),
                              seconds=time.perf_counter() - started)
 

@@ -26,7 +26,8 @@ from typing import Any
 
 from knnssd.cachedir import cache_root
 from knnssd.reports import DOMAIN_METRICS, write_bundle_reports
-from registry.pages import MAX_PARAM_CHARS, policy_params, summary_markdown
+from registry.pages import (MAX_PARAM_CHARS, SHARED_VIEW_TAG, policy_params, runs_table_path, shared_view,
+                            summary_markdown)
 from knnssd.bundle import (BundleError, is_folder_reference, manifest_digest, read_bundle, read_manifest,
                            verify_files)
 
@@ -79,6 +80,7 @@ class Published:
     name: str
     version: int
     run_id: str
+    experiment_id: str
 
 
 class BundleRegistry:
@@ -158,11 +160,20 @@ class BundleRegistry:
             for key, value in (("mlflow.runName", ref), ("bundle_version", str(version.version)),
                                ("mlflow.note.content", description)):
                 client.set_tag(run_id, key, value)
+            previous = client.get_experiment(experiment_id).tags.get(SHARED_VIEW_TAG)
+            client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG, shared_view(previous, bundle.manifest))
             client.set_terminated(run_id)
         except BaseException:
             client.set_terminated(run_id, status="FAILED")
             raise
-        return Published(name=name, version=int(version.version), run_id=run_id)
+        return Published(name=name, version=int(version.version), run_id=run_id, experiment_id=experiment_id)
+
+    def ui_link(self, experiment_id: str) -> str:
+        """Where to compare bundles in the MLflow UI: the experiment's runs table in the bundle view (needs a
+        server: `mlflow ui --backend-store-uri URI` for a sqlite store)."""
+        base = self.tracking_uri.rstrip("/") if self.tracking_uri.startswith(("http://", "https://")) \
+            else "http://127.0.0.1:5000"
+        return base + runs_table_path(experiment_id)
 
     def log_evaluation(self, ref: str, params: dict[str, Any], metrics: dict[str, float], folder: Path,
                        experiment: str = DEFAULT_EXPERIMENT) -> str:

@@ -60,3 +60,42 @@ def summary_markdown(manifest: dict[str, Any], title: str) -> str:
                   "(over plain decoding timed beside them); rows in parentheses are reference policies, never "
                   "routed to."]
     return "\n".join(lines)
+
+
+# A saved runs-table view of the experiment (MLflow's "shared view": an experiment tag named
+# mlflow.sharedViewState.<key> holding the table's state as JSON), opened by `runs_table_path`. MLflow 3.17's UI
+# opens every experiment on its GenAI pages, whatever the experiment's tags say, unless the URL asks for the
+# model-training workflow; and its runs table shows no metric or parameter column until a user picks some.
+SHARED_VIEW_KEY = "knnssd-bundles"
+SHARED_VIEW_TAG = f"mlflow.sharedViewState.{SHARED_VIEW_KEY}"
+
+
+def view_columns(manifest: dict[str, Any]) -> list[str]:
+    """The runs-table columns that compare bundles: per domain (and reference policy) the calibrated speedup,
+    mean accepted tokens and the policy's kind."""
+    names = [d["name"] for d in manifest["domains"]] + list(manifest.get("reference_policies", {}))
+    columns = [f"metrics.`speedup/{name}`" for name in names]
+    columns += [f"metrics.`mean_accepted_tokens/{name}`" for name in names]
+    columns += [f"params.`policy.{name}.kind`" for name in names]
+    return columns
+
+
+def shared_view(previous: str | None, manifest: dict[str, Any]) -> str:
+    """The view's JSON: the columns it had (other bundles' domains stay) plus this bundle's."""
+    try:
+        state = json.loads(previous) if previous else {}
+    except json.JSONDecodeError:
+        state = {}
+    columns = list(dict.fromkeys([*state.get("selectedColumns", []), *view_columns(manifest)]))
+    return json.dumps({**state, "selectedColumns": columns})
+
+
+def runs_table_path(experiment_id: str) -> str:
+    """The UI path (after the server's address) of the experiment's runs table in the bundle view."""
+    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={SHARED_VIEW_KEY}"
+
+
+def compare_path(experiment_id: str, run_ids: list[str]) -> str:
+    """The UI path of MLflow's compare view of `run_ids` (parameters side by side, differences marked)."""
+    runs = json.dumps(run_ids, separators=(",", ":"))
+    return f"/#/compare-runs?runs={runs}&experiments={json.dumps([experiment_id])}&workflowType=machine_learning"

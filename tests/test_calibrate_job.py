@@ -74,6 +74,19 @@ def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["reference_policies"]) == {"mix"}
     assert [d["name"] for d in manifest["domains"]] == ["low", "high"]
+    # what the MLflow UI shows: the run named after the version, policies as params, provenance, a description
+    from registry.mlflow_store import BundleRegistry
+
+    registry = BundleRegistry(f"sqlite:///{tmp_path / 'w'}/mlflow.db")
+    run = registry.client.get_run(registry.client.get_model_version("tiny", "1").run_id)
+    assert run.data.tags["mlflow.runName"] == "tiny@v1" and "| low |" in run.data.tags["mlflow.note.content"]
+    params = run.data.params
+    assert params["policy.low.kind"] == json.dumps(manifest["domains"][0]["policy"]["kind"])
+    assert len(params["data.fingerprint"]) == 16 and params["worker.device"] == "cpu"
+    assert int(params["worker.torch_threads"]) >= 1 and params["version.torch"].startswith("2.")
+    assert params["search.trials"] == "3" and manifest["calibration"]["provenance"]["data.fingerprint"] == \
+        params["data.fingerprint"]
+    assert "compare bundles in the MLflow UI: http://" in out
 
 
 def kill_search_workers(work: Path) -> None:

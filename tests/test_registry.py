@@ -209,3 +209,30 @@ def test_evaluation_run_is_nested_under_the_bundle_run(tracking_uri, loaded, tmp
     assert run.data.metrics == {"speedup/task/knn/low": pytest.approx(1.2)}  # NaN figures are left out
     assert run.data.params["max_new_tokens"] == "64"
     assert {a.path for a in registry.client.list_artifacts(run_id, "evaluation")} == {"evaluation/summary.csv"}
+
+
+def test_bundles_compare_against_the_registry_and_folders(tracking_uri, loaded, tmp_path, cache, capsys):
+    from knnssd.cli import main
+
+    registry = BundleRegistry(tracking_uri)
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    publish(registry, loaded, tmp_path, name, "a")
+    folder = tiny_bundle(loaded, tmp_path / "folder-bundle", tag="b",
+                         metrics={"low": {"speedup": 1.4, "mean_accepted_tokens": 2.5}, "high": {"speedup": 1.0}})
+    args = ["bundles", "compare", f"{name}@v1", str(folder), "--tracking-uri", tracking_uri]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{name}@v1" in out and "\nlow\n" in out and "\nhigh\n" in out and "1.400" in out
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [b["ref"] for b in result["bundles"]] == [f"{name}@v1", str(folder)]
+    low = result["domains"]["low"]
+    assert low[str(folder)]["metrics"]["speedup"] == 1.4 and low[f"{name}@v1"]["metrics"]["speedup"] == 1.1
+    assert low[str(folder)]["policy"]["kind"] == "layer_skip" and low[str(folder)]["description"].startswith("layer_skip")
+    for bad, words in (([f"{name}@v9", str(folder)], "has no version 9"), ([f"nobody-{name}", str(folder)],
+                                                                             "no bundle named"),
+                       ([str(folder)], "at least two bundles"), ([str(tmp_path / "nope/"), str(folder)],
+                                                                  "does not exist")):
+        assert main(["bundles", "compare", *bad, "--tracking-uri", tracking_uri]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.startswith("error: ") and "Traceback" not in err
