@@ -1,8 +1,8 @@
 """Plain vs self-speculative decoding on Spec-Bench, per category, with the ceiling each run allows.
 
-For every prompt, plain decoding and each skip set run back to back (interleaved,
-so machine drift hits all alike), greedy, and are checked token-identical.
-Per category and skip set it prints:
+For every prompt, plain decoding and each drafter (a draft policy: layer-skip sets, prompt lookup, the hybrid)
+run back to back (interleaved, so machine drift hits all alike), greedy, and are checked token-identical.
+Per category and drafter it prints:
 
   speedup   = sum of plain seconds / sum of self-speculative seconds (same prompts, same run)
   mat       = mean accepted tokens per verification step, bonus token counted
@@ -19,7 +19,7 @@ Per category and skip set it prints:
   leviathan = (1 - alpha^(gamma+1)) / ((1 - alpha) * (gamma * c + 1)), the paper's formula (no extra
               forward, a verify step costing one plain step)
 
-    python benchmarks/bench_engine.py --per-category 2 --max-new-tokens 64
+    python benchmarks/bench_engine.py --per-category 2 --max-new-tokens 64 [--no-fast-kernels] [--threads N]
 """
 
 from __future__ import annotations
@@ -33,21 +33,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import load_spec_bench, machine_description, pick_prompts  # noqa: E402
-from knnssd.decoding import GenerationConfig, generate  # noqa: E402
-from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter  # noqa: E402
+from knnssd.decoding import GenerationConfig, generate, warm_up  # noqa: E402
 from knnssd.models import load_model  # noqa: E402
+from knnssd.policy import drafter_from_policy  # noqa: E402
 from knnssd.prompts import encode_prompt  # noqa: E402
-from knnssd.skipset import SkipSet  # noqa: E402
 
 ALL_CATEGORIES = ("translation", "summarization", "qa", "math_reasoning", "rag", "writing", "roleplay", "reasoning",
                   "math", "coding", "extraction", "stem", "humanities")
 # For SmolLM2-135M: the first steps of benchmarks/proxy_skip_search.py (results/proxy_search.log), the four top
-# attention sub-layers, and half of all attention sub-layers (the paper's sets skip 35-50% of sub-layers).
+# attention sub-layers, half of all attention sub-layers (the paper's sets skip 35-50% of sub-layers), prompt
+# lookup, and the hybrid of lookup and the best set.
 DEFAULT_SKIP_SETS = {
     "proxy-1": {"attn": [25], "mlp": []},
     "proxy-3": {"attn": [4, 6, 25], "mlp": []},
     "attn-top4": {"attn": [26, 27, 28, 29], "mlp": []},
     "attn-half": {"attn": list(range(15, 30)), "mlp": []},
+}
+DEFAULT_POLICIES = {
+    **{name: {"kind": "layer_skip", "skip_set": skip} for name, skip in DEFAULT_SKIP_SETS.items()},
+    "lookup": {"kind": "prompt_lookup"},
+    "hybrid": {"kind": "hybrid", "prompt_lookup": {}, "layer_skip": {"skip_set": DEFAULT_SKIP_SETS["proxy-1"]}},
 }
 
 
@@ -83,23 +88,23 @@ def main() -> None:
     parser.add_argument("--categories", default=",".join(ALL_CATEGORIES))
     parser.add_argument("--per-category", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--threshold", type=float, default=0.8)
-    parser.add_argument("--max-draft-tokens", type=int, default=12)
-    parser.add_argument("--drop-unconfident", action="store_true", help="the paper's rule: drop the token that "
-                        "fell below the threshold")
-    parser.add_argument("--skip-sets", default=None, help="JSON file {name: skip set}; default: built-in candidates")
+    parser.add_argument("--policies", default=None,
+                        help="JSON file or inline JSON {name: draft policy}; default: built-in candidates")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    parser.add_argument("--no-fast-kernels", action="store_true", help="transformers' own linear layers")
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     args = parser.parse_args()
 
-    skip_sets = json.loads(Path(args.skip_sets).read_text()) if args.skip_sets else DEFAULT_SKIP_SETS
-    loaded = load_model(args.model, device="cpu", dtype="float32")
-    drafters = {name: LayerSkipDrafter(SkipSet.from_dict(s).validate(loaded.num_layers),
-                                       LayerSkipConfig(threshold=args.threshold, max_draft_tokens=args.max_draft_tokens,
-                                                   keep_unconfident=not args.drop_unconfident))
-                for name, s in skip_sets.items()}
+    policies = DEFAULT_POLICIES
+    if args.policies:
+        policies = json.loads(args.policies if args.policies.strip().startswith("{") else Path(args.policies).read_text())
+    loaded = load_model(args.model, device="cpu", dtype="float32", threads=args.threads,
+                        fast_kernels=not args.no_fast_kernels)
+    print(f"{loaded.name}, {loaded.threads} threads, kernels: {loaded.kernels.describe()}")
+    drafters = {name: drafter_from_policy(policy, loaded.num_layers) for name, policy in policies.items()}
     prompts = pick_prompts(load_spec_bench(args.data), args.categories.split(","), args.per_category)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    generate(loaded.model, encode_prompt(loaded.tokenizer, "warm up", chat=True), GenerationConfig(max_new_tokens=4))
+    warm_up(loaded.model, encode_prompt(loaded.tokenizer, "warm up", chat=True))
     runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
     mismatches = 0
     for index, (category, text) in enumerate(prompts):
@@ -117,7 +122,7 @@ def main() -> None:
         print(f"[{index + 1}/{len(prompts)}] {category}: {ids.shape[1]} prompt tokens, "
               f"plain {plain.stats.tokens_per_second:.1f} tok/s", flush=True)
 
-    header = f"{'category':<15}{'skip set':<12}{'speedup':>8}{'mat':>6}{'alpha':>7}{'gamma':>7}{'f':>6}{'c':>6}{'v':>6}" \
+    header = f"{'category':<15}{'drafter':<12}{'speedup':>8}{'mat':>6}{'alpha':>7}{'gamma':>7}{'f':>6}{'c':>6}{'v':>6}" \
              f"{'ceiling':>9}{'leviathan':>10}"
     print("\n" + header + "\n" + "-" * len(header))
     table = []
@@ -126,7 +131,7 @@ def main() -> None:
         for category in categories + ["overall"]:
             pool = [r for (cat, n), rs in runs.items() if n == name and cat in (category, *(
                 categories if category == "overall" else ())) for r in rs]
-            row = {"category": category, "skip_set": name, **summarise(pool)}
+            row = {"category": category, "drafter": name, **summarise(pool)}
             table.append(row)
             print(f"{category:<15}{name:<12}{row['speedup']:>8.2f}{row['mat']:>6.2f}{row['alpha']:>7.2f}"
                   f"{row['gamma']:>7.2f}{row['f']:>6.2f}{row['c']:>6.2f}{row['v']:>6.2f}{row['ceiling']:>9.2f}{row['leviathan']:>10.2f}")
@@ -134,7 +139,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv), "machine": machine_description(), "skip_sets": skip_sets,
+        "command": "python " + " ".join(sys.argv), "machine": machine_description(), "policies": policies,
+        "kernels": loaded.kernels.describe(),
         "rows": table, "mismatches": mismatches}, indent=2))
     if mismatches:
         raise SystemExit("error: some runs were not token-identical to plain decoding")

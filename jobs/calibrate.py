@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template to prompts")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda where the worker has one)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads every trial decodes with, as the runtime will (default: $KNNSSD_THREADS, "
+                        "else every core); each Ray task asks for that many CPUs")
+    p.add_argument("--no-fast-kernels", action="store_true",
+                   help="keep transformers' own linear layers in verify passes (knnssd/kernels.py), to compare")
     p.add_argument("--smoke", action="store_true", help="a tiny search (about two minutes on 2 CPU cores)")
     p.add_argument("--no-final-demo", action="store_true",
                    help="do not answer a held-out prompt per domain through the published bundle")
@@ -109,7 +114,8 @@ def config_from_args(args: argparse.Namespace):
                           min_speedup=args.min_speedup,
                           kinds=tuple(k.strip() for k in args.policies.split(",") if k.strip()))
     return CalibrationConfig(
-        model=ModelSpec(name=args.model, device=args.device, dtype=args.dtype, chat=not args.no_chat),
+        model=ModelSpec(name=args.model, device=args.device, dtype=args.dtype, chat=not args.no_chat,
+                        threads=args.threads, fast_kernels=not args.no_fast_kernels),
         bundle_name=args.bundle_name or default_bundle_name(args.model), data=data, search=search,
         reduce=ReduceConfig(anchors_per_domain=args.anchors_per_domain, seed=args.seed),
         work_dir=args.work_dir, storage=args.storage, tracking_uri=args.tracking_uri, publish=not args.no_publish,
@@ -139,7 +145,8 @@ def final_demo(ref: str, config, work_dir: Path) -> None:
     from pipeline.data import HELD_OUT, domains_of, prompts_of
 
     runtime = load_bundle(ref, tracking_uri=config.tracking_uri, device=config.model.device,
-                          dtype=config.model.dtype)
+                          dtype=config.model.dtype, threads=config.model.threads,
+                          fast_kernels=config.model.fast_kernels)
     table = pq.read_table(work_dir / "data.parquet")
     print(f"\nrouting one held-out prompt per domain through {ref} (policy 'none' = plain decoding, so its")
     print("speedup is run-to-run noise around 1):")

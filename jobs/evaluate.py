@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--no-log", action="store_true", help="do not log the evaluation to MLflow")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS; none: run here)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads every method decodes with (default: $KNNSSD_THREADS, else every core)")
+    p.add_argument("--no-fast-kernels", action="store_true",
+                   help="keep transformers' own linear layers in verify passes (knnssd/kernels.py), to compare")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda where there is one)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
     return p
@@ -96,12 +100,13 @@ def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | 
 
 
 def run_study(bundle: str, tracking_uri: str | None, device: str | None, dtype: str | None, data: str | None,
-              config: EvalConfig):
+              config: EvalConfig, threads: int, fast_kernels: bool):
     """Load the bundle and its model, pick the prompts, run the study. Returns (manifest, prompts, rows)."""
     from knnssd.runtime import load_bundle
     from pipeline.study import evaluate
 
-    runtime = load_bundle(bundle, tracking_uri=tracking_uri, device=device, dtype=dtype)
+    runtime = load_bundle(bundle, tracking_uri=tracking_uri, device=device, dtype=dtype, threads=threads,
+                          fast_kernels=fast_kernels)
     prompts = evaluation_prompts(runtime.bundle.manifest, data, config.prompts_per_domain)
     return runtime.bundle.manifest, prompts, evaluate(runtime, prompts, config,
                                                       log=lambda message: print(message, flush=True))
@@ -109,7 +114,11 @@ def run_study(bundle: str, tracking_uri: str | None, device: str | None, dtype: 
 
 def run_study_where_asked(args: argparse.Namespace, config: EvalConfig):
     """The study in this process, or as one Ray task (a GPU where the cluster has one) given an address."""
-    call = (args.bundle, args.tracking_uri, args.device, args.dtype, args.data, config)
+    from knnssd.threads import resolve_threads
+
+    threads = resolve_threads(args.threads)
+    call = (args.bundle, args.tracking_uri, args.device, args.dtype, args.data, config, threads,
+            not args.no_fast_kernels)
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         return run_study(*call)
     import ray
@@ -117,7 +126,7 @@ def run_study_where_asked(args: argparse.Namespace, config: EvalConfig):
     from pipeline.cluster import connect, task_resources
 
     connect(args.address)
-    task = ray.remote(max_retries=0)(run_study).options(**task_resources())
+    task = ray.remote(max_retries=0)(run_study).options(**task_resources(threads))
     return ray.get(task.remote(*call))
 
 
@@ -134,6 +143,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         rows = read_rows(Path(args.rerender) / "per_prompt.csv")
         print("\n".join(write_outputs(rows, summarise(rows), args.rerender, args.bundle, args.tie)))
         return 0
+    from knnssd.threads import resolve_threads
+
     manifest, prompts, rows = run_study_where_asked(args, config)
     table = summarise(rows)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -148,7 +159,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         registry = BundleRegistry(args.tracking_uri)
         params = {**{k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
                      for k, v in asdict(config).items()},
-                  "bundle": args.bundle, "data": args.data or "calibration data", "prompts": len(prompts)}
+                  "bundle": args.bundle, "data": args.data or "calibration data", "prompts": len(prompts),
+                  "threads": resolve_threads(args.threads), "fast_kernels": not args.no_fast_kernels}
         metrics = {metric_key(r, figure): r[figure] for r in table
                    for figure in ("speedup", "mean_accepted", "acceptance", "identical", "routing_accuracy")}
         run_id = registry.log_evaluation(args.bundle, params, metrics, out)

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
     gen.add_argument("--compare-ar", action="store_true", help="also run plain decoding and report the speedup")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--threads", type=int, default=None,
+                     help="torch threads (default: $KNNSSD_THREADS, else every core)")
+    gen.add_argument("--no-fast-kernels", action="store_true",
+                     help="keep transformers' own linear layers in verify passes (knnssd/kernels.py), to compare")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     gen.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
     gen.set_defaults(handler=run_generate)
@@ -64,7 +68,8 @@ def run_generate(args: argparse.Namespace) -> int:
         allow_model_mismatch=args.allow_model_mismatch, chat=args.chat, max_new_tokens=args.max_new_tokens,
         skip_set=args.skip_set, policy=args.policy, threshold=args.threshold, max_draft_tokens=args.max_draft_tokens,
         adaptive=args.adaptive, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        compare_ar=args.compare_ar, device=args.device, dtype=args.dtype,
+        compare_ar=args.compare_ar, device=args.device, dtype=args.dtype, threads=args.threads,
+        fast_kernels=not args.no_fast_kernels,
     )
     report = answer_request(request)
     if args.json:

@@ -153,17 +153,9 @@ def prefill(
 
 
 def project_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head on `hidden` (n, hidden) -> logits (n, vocab).
-
-    On CPU, for n > 1 rows, ``weight @ hidden.T`` is computed instead of ``hidden @ weight.T``: torch's CPU GEMM
-    handles a few rows against a large vocabulary poorly in the second layout (SmolLM2, 2-8 rows: 20-22 ms vs
-    7-13 ms, benchmarks/loop_profile.py), and the LM head is the largest matrix of a small model.
-    """
-    head = model.get_output_embeddings()
-    if (hidden.device.type == "cpu" and hidden.shape[0] > 1 and isinstance(head, torch.nn.Linear)
-            and head.bias is None):
-        return (head.weight @ hidden.T).T
-    return head(hidden)
+    """The LM head on `hidden` (n, hidden) -> logits (n, vocab). The head is the largest matrix of a small model;
+    `knnssd.kernels.accelerate` (at load) gives it the fastest small-batch method for its shape."""
+    return model.get_output_embeddings()(hidden)
 
 
 def _verify(

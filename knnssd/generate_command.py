@@ -40,6 +40,8 @@ class GenerateRequest:
     bundle: str | None = None
     tracking_uri: str | None = None
     allow_model_mismatch: bool = False
+    threads: int | None = None
+    fast_kernels: bool = True
 
 
 def result_to_dict(loaded: LoadedModel, result: GenerationResult) -> dict[str, object]:
@@ -71,7 +73,8 @@ def answer_request(request: GenerateRequest) -> dict[str, object]:
                                  adaptive=request.adaptive)
     skip_set = SkipSet.parse(request.skip_set) if request.skip_set is not None else None
     policy = parse_policy(request.policy) if request.policy is not None else None
-    loaded = load_model(request.model, device=request.device, dtype=request.dtype)
+    loaded = load_model(request.model, device=request.device, dtype=request.dtype, threads=request.threads,
+                        fast_kernels=request.fast_kernels)
     drafter: Drafter | None = None
     if skip_set is not None:
         drafter = LayerSkipDrafter(skip_set.validate(loaded.num_layers), drafter_config)
@@ -91,7 +94,8 @@ def answer_request(request: GenerateRequest) -> dict[str, object]:
 
 def _header(loaded: LoadedModel, prompt_ids: torch.Tensor, policy: dict[str, object]) -> dict[str, object]:
     return {"model": loaded.name, "model_hash": loaded.model_hash, "prompt_tokens": int(prompt_ids.shape[1]),
-            "drafter": policy}
+            "drafter": policy, "threads": loaded.threads,
+            "kernels": loaded.kernels.describe() if loaded.kernels else "not chosen"}
 
 
 def _comparison(plain: GenerationResult, result: GenerationResult) -> dict[str, object]:
@@ -104,10 +108,11 @@ def _generate_routed(request: GenerateRequest, config: GenerationConfig) -> dict
     """`--bundle`: the bundle's model (or --model, hash-checked), its prompt format, routed per prompt."""
     from knnssd.runtime import load_bundle
 
-    model = load_model(request.model, device=request.device, dtype=request.dtype) if request.model else None
+    model = load_model(request.model, device=request.device, dtype=request.dtype, threads=request.threads,
+                       fast_kernels=request.fast_kernels) if request.model else None
     runtime = load_bundle(request.bundle, model=model, tracking_uri=request.tracking_uri,
                           allow_model_mismatch=request.allow_model_mismatch, device=request.device,
-                          dtype=request.dtype)
+                          dtype=request.dtype, threads=request.threads, fast_kernels=request.fast_kernels)
     loaded = runtime.loaded
     prompt_ids = runtime.encode(request.prompt)
     check_prompt(loaded.model, prompt_ids, config.max_new_tokens)

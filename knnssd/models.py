@@ -22,7 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from knnssd.cachedir import cache_root
 from knnssd.errors import KnnSsdError
+from knnssd.kernels import KernelPlan, accelerate
 from knnssd.sublayers import SUPPORTED_MODEL_TYPES, num_decoder_layers
+from knnssd.threads import use_threads
 from knnssd.modelhash import cached_model_hash
 
 LOG = logging.getLogger("knnssd")
@@ -54,7 +56,8 @@ class LoadedModel:
     """A model ready for decoding.
 
     name: what the user asked for; source: the folder or hub id it was read from;
-    model_hash: see `knnssd.modelhash`.
+    model_hash: see `knnssd.modelhash`; threads: torch's thread count set at load (`knnssd.threads`);
+    kernels: the linear-layer methods chosen at load (`knnssd.kernels`).
     """
 
     model: PreTrainedModel
@@ -64,6 +67,8 @@ class LoadedModel:
     model_hash: str
     device: torch.device
     dtype: torch.dtype
+    threads: int = 1
+    kernels: KernelPlan | None = None
 
     @property
     def num_layers(self) -> int:
@@ -228,6 +233,8 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+    fast_kernels: bool = True,
 ) -> LoadedModel:
     """Load a Llama, Qwen2 or Mistral causal LM with its tokenizer, in eval mode with SDPA attention.
 
@@ -235,6 +242,9 @@ def load_model(
         name_or_path: a Hugging Face model id, a local folder, or a built-in name ("smollm2-135m").
         device: default CUDA when available, else CPU.
         dtype: default float32 on CPU, bfloat16 on CUDA.
+        threads: torch's thread count for this process (default $KNNSSD_THREADS, else every core).
+        fast_kernels: choose the fastest small-batch method per linear-layer shape for verify passes on CPU
+            (`knnssd.kernels`); False keeps transformers' own F.linear everywhere.
 
     Example:
         >>> loaded = load_model("smollm2-135m")
@@ -243,10 +253,12 @@ def load_model(
     """
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
+    resolved_threads = use_threads(threads)
     source, _ = _checked_source(name_or_path, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=resolved_dtype, attn_implementation="sdpa")
     model = model.to(resolved_device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     model_hash = cached_model_hash(model, _local_folder(source), Path(cache_root(cache_dir)))
+    kernels = accelerate(model, enabled=fast_kernels)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path, source=source, model_hash=model_hash,
-                       device=resolved_device, dtype=resolved_dtype)
+                       device=resolved_device, dtype=resolved_dtype, threads=resolved_threads, kernels=kernels)

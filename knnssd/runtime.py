@@ -90,6 +90,8 @@ def load_bundle(
     allow_model_mismatch: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    threads: int | None = None,
+    fast_kernels: bool = True,
 ) -> BundleRuntime:
     """Resolve `ref`, fetch and verify the bundle, load (or take) its model, check the model hash.
 
@@ -97,9 +99,11 @@ def load_bundle(
         ref: "name", "name@latest", "name@v3", "name@<alias>", or a bundle folder.
         model: a model already loaded with `load_model`; default: the bundle's own model id.
         allow_model_mismatch: use the bundle although the model's hash differs from the bundle's.
+        threads, fast_kernels: for the model load (see `knnssd.models.load_model`).
     """
     bundle = read_bundle(fetch_bundle(ref, tracking_uri, cache_dir))
-    loaded = model if model is not None else load_model(bundle.model_id, device=device, dtype=dtype)
+    loaded = model if model is not None else load_model(bundle.model_id, device=device, dtype=dtype,
+                                                        threads=threads, fast_kernels=fast_kernels)
     if loaded.model_hash != bundle.model_hash and not allow_model_mismatch:
         raise KnnSsdError(
             f"bundle {ref!r} was calibrated on model {bundle.model_id} with hash {bundle.model_hash[:12]}, but the "

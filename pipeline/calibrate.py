@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from knnssd.errors import KnnSsdError
 from knnssd.models import check_model
 from knnssd.policy import describe_policy
+from knnssd.threads import resolve_threads
 from pipeline.data import CALIBRATION, DataConfig, domains_of, load_calibration_table, prompts_of
 from pipeline.reduce import ReduceConfig, build_bundle_spec
 from pipeline.search import SearchConfig
@@ -48,6 +49,9 @@ class CalibrationConfig:
     ray_address: str | None = None
     embed_chunk: int = 16
     mix: bool = True
+
+    def __post_init__(self) -> None:  # the thread count every task decodes with, fixed on the driver
+        object.__setattr__(self, "model", replace(self.model, threads=resolve_threads(self.model.threads)))
 
     @property
     def storage_url(self) -> str:
@@ -79,6 +83,13 @@ def mixed_prompts(table: pa.Table) -> list[str]:
     return [p for row in itertools.zip_longest(*per_domain) for p in row if p is not None]
 
 
+def mix_search(search: SearchConfig, domains: int) -> SearchConfig:
+    """The mix study's settings: its trials decode the same number of prompts from every domain (at least one
+    each; the first prompts of the round-robin list), so no domain goes unseen in the Self-SD(Mix) baseline."""
+    per_domain = -(-search.prompts_per_trial // domains)  # ceil
+    return replace(search, prompts_per_trial=per_domain * domains)
+
+
 def run_searches(config: CalibrationConfig, table: pa.Table, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """One search per domain, plus the mix study (all domains' prompts together) when `config.mix`."""
     import ray
@@ -86,13 +97,13 @@ def run_searches(config: CalibrationConfig, table: pa.Table, log: Callable[[str]
     from pipeline.cluster import task_resources
     from pipeline.tasks import search_domain
 
-    resources = task_resources()
-    studies = {domain: prompts_of(table, domain, CALIBRATION) for domain in domains_of(table)}
+    resources = task_resources(config.model.threads)
+    studies = {domain: (prompts_of(table, domain, CALIBRATION), config.search) for domain in domains_of(table)}
     if config.mix:
-        studies[MIX] = mixed_prompts(table)
-    pending = {search_domain.options(**resources).remote(config.model, domain, prompts, config.search,
+        studies[MIX] = (mixed_prompts(table), mix_search(config.search, len(studies)))
+    pending = {search_domain.options(**resources).remote(config.model, domain, prompts, search,
                                                          config.storage_url): domain
-               for domain, prompts in studies.items()}
+               for domain, (prompts, search) in studies.items()}
     log(f"search: {len(pending)} studies ({', '.join(studies)}), {config.search.trials} trials each, "
         f"on {resources}")
     results = []
@@ -116,7 +127,7 @@ def run_embeddings(config: CalibrationConfig, table: pa.Table) -> np.ndarray:
 
     prompts = table["prompt"].to_pylist()
     chunks = [prompts[i:i + config.embed_chunk] for i in range(0, len(prompts), config.embed_chunk)]
-    resources = task_resources()
+    resources = task_resources(config.model.threads)
     return np.concatenate(ray.get([embed_prompts.options(**resources).remote(config.model, c) for c in chunks]))
 
 

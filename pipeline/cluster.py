@@ -12,6 +12,8 @@ import os
 
 import ray
 
+from knnssd.errors import KnnSsdError
+
 
 def connect(address: str | None = None) -> None:
     """Connect to the cluster at `address` or $RAY_ADDRESS, else start a local Ray (no dashboard)."""
@@ -22,6 +24,15 @@ def connect(address: str | None = None) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
 
 
-def task_resources() -> dict[str, float]:
-    """What one model-holding task asks for: a GPU where the cluster has GPUs, else one CPU."""
-    return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) > 0 else {"num_cpus": 1}
+def task_resources(threads: int = 1) -> dict[str, float]:
+    """What one model-holding task asks for: a GPU where the cluster has GPUs, else as many CPUs as it runs
+    torch threads (so tasks on one node never oversubscribe its cores, and every trial is timed with the thread
+    count the runtime uses), refused up front when no node has that many."""
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return {"num_gpus": 1}
+    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    if threads > largest:
+        raise KnnSsdError(f"each task decodes with {threads} torch threads, but no Ray node has more than "
+                          f"{largest:g} CPUs",
+                          fix=f"pass --threads {int(largest) or 1} (or KNNSSD_THREADS), or add larger nodes")
+    return {"num_cpus": threads}

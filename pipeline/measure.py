@@ -37,11 +37,12 @@ class Measurement:
     plain_seconds: float
     seconds: float
     lossless: bool
+    threads: int  # torch's thread count while measuring
 
     def to_dict(self) -> dict[str, float]:
         return {"speedup": self.speedup, "mean_accepted_tokens": self.mean_accepted_tokens,
                 "acceptance_rate": self.acceptance_rate, "plain_seconds": self.plain_seconds,
-                "seconds": self.seconds, "lossless": float(self.lossless)}
+                "seconds": self.seconds, "lossless": float(self.lossless), "threads": float(self.threads)}
 
 
 def measure_baseline(model: torch.nn.Module, prompt_ids: list[torch.Tensor], max_new_tokens: int) -> Baseline:
@@ -70,4 +71,4 @@ def measure_policy(model: torch.nn.Module, drafter: Drafter | None, baseline: Ba
             return None
     return Measurement(speedup=plain / seconds, mean_accepted_tokens=tally.mean_accepted_tokens,
                        acceptance_rate=tally.acceptance_rate, plain_seconds=plain, seconds=seconds,
-                       lossless=lossless)
+                       lossless=lossless, threads=torch.get_num_threads())

@@ -12,6 +12,7 @@ import torch
 
 from knnssd.decoding import GenerationConfig, device_clock, generate
 from knnssd.errors import KnnSsdError
+from knnssd.kernels import transformers_kernels
 from knnssd.policy import drafter_from_policy
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def _hf(model: Any, max_new_tokens: int, **assist: Any) -> Runner:
     def run(ids: torch.Tensor, domain: str) -> Outcome:
         ids = ids.to(next(model.parameters()).device)
         start = clock()
-        with torch.inference_mode():
+        with torch.inference_mode(), transformers_kernels(model):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad, **assist)
         seconds = clock() - start

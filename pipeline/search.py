@@ -100,8 +100,15 @@ def make_storage(storage: str) -> Any:
     return JournalStorage(JournalFileBackend(storage))
 
 
-def study_name(model_hash: str, domain: str, config: SearchConfig) -> str:
-    return f"knnssd-{model_hash[:12]}-{domain}-{config.fingerprint()}"
+def prompts_fingerprint(prompts: list[str]) -> str:
+    """8 hex digits of sha256 over the study's calibration prompts, in order."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:8]
+
+
+def study_name(model_hash: str, domain: str, config: SearchConfig, prompts: list[str]) -> str:
+    """A study's identity: model, domain, measurement settings and the prompts it calibrates on, so a run on
+    other data (the same domain names, the same work dir) never resumes a study measured on other prompts."""
+    return f"knnssd-{model_hash[:12]}-{domain}-{config.fingerprint()}-{prompts_fingerprint(prompts)}"
 
 
 def open_study(storage: str, name: str, config: SearchConfig) -> optuna.Study:

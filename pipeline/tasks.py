@@ -32,12 +32,20 @@ MAX_RETRIES = 3
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How workers load the model: name or path, device (None: CUDA when the worker has one), dtype."""
+    """How workers load the model: name or path, device (None: CUDA when the worker has one), dtype, torch
+    threads (None: $KNNSSD_THREADS, else every core of the driver's machine; a task asks Ray for that many CPUs)
+    and whether to choose fast kernels (`knnssd.kernels`)."""
 
     name: str
     device: str | None = None
     dtype: str | None = None
     chat: bool = True
+    threads: int | None = None
+    fast_kernels: bool = True
+
+    def load(self) -> Any:
+        return load_model(self.name, device=self.device, dtype=self.dtype, threads=self.threads,
+                          fast_kernels=self.fast_kernels)
 
 
 def _log(domain: str, message: str) -> None:
@@ -50,8 +58,8 @@ def search_domain(spec: ModelSpec, domain: str, prompts: list[str], config: Sear
     """Run (or resume) the domain's study to `config.trials` finished trials; return its policy and figures."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
-    loaded = load_model(spec.name, device=spec.device, dtype=spec.dtype)
-    study = open_study(storage, study_name(loaded.model_hash, domain, config), config)
+    loaded = spec.load()
+    study = open_study(storage, study_name(loaded.model_hash, domain, config, prompts), config)
     study.set_user_attr("worker_pid", os.getpid())
     stale = fail_stale_trials(study)
     enqueue_seeds(study, loaded.num_layers, config)
@@ -75,7 +83,7 @@ def search_domain(spec: ModelSpec, domain: str, prompts: list[str], config: Sear
 @ray.remote(max_retries=MAX_RETRIES)
 def embed_prompts(spec: ModelSpec, prompts: list[str]) -> np.ndarray:
     """(len(prompts), hidden) float32 prompt embeddings, exactly as the runtime computes them."""
-    loaded = load_model(spec.name, device=spec.device, dtype=spec.dtype)
+    loaded = spec.load()
     rows = []
     for text in prompts:
         ids = encode_prompt(loaded.tokenizer, text, chat=spec.chat).to(loaded.device)

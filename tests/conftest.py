@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from knnssd.kernels import accelerate
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
@@ -15,8 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("llama", "qwen2", "mistral")
 
 
-def tiny_model(family: str, seed: int = 0, num_layers: int = 4, vocab_size: int = 128, **overrides):
-    """A random fp32 model of `family` with `num_layers` layers, small enough for unit tests."""
+def tiny_model(family: str, seed: int = 0, num_layers: int = 4, vocab_size: int = 128, fast_kernels: bool = True,
+               **overrides):
+    """A random fp32 model of `family` with `num_layers` layers, small enough for unit tests, with the fast
+    kernels `load_model` would choose (the default path) unless `fast_kernels` is False."""
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                "mistral": (MistralConfig, MistralForCausalLM)}
     config_cls, model_cls = classes[family]
@@ -29,7 +33,9 @@ def tiny_model(family: str, seed: int = 0, num_layers: int = 4, vocab_size: int 
     torch.manual_seed(seed)
     config = config_cls(**kwargs)
     config._attn_implementation = "sdpa"
-    return model_cls(config).eval()
+    model = model_cls(config).eval()
+    accelerate(model, enabled=fast_kernels)
+    return model
 
 
 def spec_bench_path() -> Path:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from knnssd.decoding import GenerationConfig, generate
+from knnssd.kernels import transformers_kernels
 from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter
 from knnssd.drafters import HybridDrafter
 from knnssd.drafters import PromptLookupConfig, PromptLookupDrafter
@@ -37,8 +38,10 @@ def drafters_under_test():
 
 
 def reference(model, prompt_ids, max_new_tokens):
-    out = model.generate(prompt_ids, do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=model.generation_config.pad_token_id)
+    """transformers' own greedy generate, with transformers' own linear layers."""
+    with transformers_kernels(model):
+        out = model.generate(prompt_ids, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=model.generation_config.pad_token_id)
     return tuple(out[0, prompt_ids.shape[1]:].tolist())
 
 

@@ -1,0 +1,133 @@
+"""The fast linear-layer methods chosen at load (knnssd/kernels.py): chosen per shape, switchable, restorable, and
+numerically safe for greedy decoding.
+
+Plain decoding computes each token with a 1-token pass (F.linear, as transformers does); a verify pass computes
+the same position as row 0 of a k-token pass with the chosen kernel. Different kernels round differently, so
+where the top two logits are nearly tied the argmax could flip. `flip_report` finds every such flip with its
+logit gap; the tests require that a flip happens only at a numerical near-tie, and print what they found.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from knnssd.kernels import (MAX_FAST_ROWS, accelerate, mkl_packed_available, pack, restore, runner,
+                            transformers_kernels)
+from knnssd.kvcache import new_cache, rollback
+from tests.conftest import FAMILIES, tiny_model
+
+NEAR_TIE = 1e-3  # logits closer than this may round either way in fp32 over these sums
+
+
+def patched(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and "forward" in vars(m)]
+
+
+def test_methods_by_row_count_and_restore_undoes_them():
+    model = tiny_model("llama", fast_kernels=False)
+    assert not patched(model)
+    plan = accelerate(model)
+    assert plan.enabled and plan.threads == torch.get_num_threads() and len(plan.rows) == MAX_FAST_ROWS - 1
+    assert plan.method(1) == "linear" and plan.method(MAX_FAST_ROWS + 1) == "linear"  # plain steps, prefills
+    assert plan.method(8) == ("packed8" if mkl_packed_available() else "transposed")
+    assert len(patched(model)) == sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert ("packed weights" in plan.describe()) and (plan.packed_bytes > 0) == mkl_packed_available()
+    restore(model)
+    assert not patched(model)
+    assert not accelerate(model, enabled=False).enabled and not patched(model)
+    capped = accelerate(model, max_packed_bytes=0)  # no room for packed copies: transposed instead
+    assert capped.packed_bytes == 0 and "packed8" not in capped.rows
+
+
+@pytest.mark.parametrize("rows", range(2, MAX_FAST_ROWS + 1))
+def test_every_method_computes_the_product(rows):
+    weight = torch.randn(40, 24, generator=torch.Generator().manual_seed(rows))
+    x = torch.randn(rows, 24, generator=torch.Generator().manual_seed(100 + rows))
+    expected = x @ weight.T
+    for method in ("linear", "transposed") + (("packed8",) if mkl_packed_available() and rows <= 8 else ()):
+        packed = pack(weight) if method == "packed8" else None
+        assert torch.allclose(runner(method, weight, packed)(x), expected, atol=1e-5), method
+
+
+def test_the_switch_and_transformers_kernels_context(tmp_path):
+    from knnssd.models import load_model
+    from tests.test_models import save_tiny
+
+    save_tiny(tmp_path / "m")
+    off = load_model(str(tmp_path / "m"), device="cpu", fast_kernels=False)
+    assert not off.kernels.enabled and "switched off" in off.kernels.describe() and not patched(off.model)
+    on = load_model(str(tmp_path / "m"), device="cpu")
+    assert on.kernels.enabled
+    before = patched(on.model)
+    with transformers_kernels(on.model):
+        assert not patched(on.model)
+    assert patched(on.model) == before
+
+
+@torch.inference_mode()
+def flip_report(model: nn.Module, prompt: torch.Tensor, steps: int, widths=(2, 4, 8, 13)) -> tuple[int, list]:
+    """Walk a greedy decode of `steps` tokens from `prompt` (1, T). At each step compare the next-token argmax of
+    the 1-token pass with row 0 of verify passes of each width (random drafts). Returns (comparisons, flips),
+    each flip (step, width, gap between the 1-token pass's top two logits, max |logit difference|)."""
+    cache = new_cache(model)
+    out = model(input_ids=prompt, cache=cache, use_cache=True)
+    token = out.logits[0, -1].argmax()
+    position, flips, compared = prompt.shape[1], [], 0
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        one = model(input_ids=token.view(1, 1), position_ids=torch.tensor([[position]]), cache=cache,
+                    use_cache=True).logits[0, 0]
+        rollback(cache, position)
+        top2 = one.topk(2).values
+        for width in widths:
+            drafts = torch.randint(3, one.shape[0], (width - 1,), generator=generator)
+            ids = torch.cat([token.view(1), drafts]).unsqueeze(0)
+            verify = model(input_ids=ids, position_ids=torch.arange(position, position + width).unsqueeze(0),
+                           cache=cache, use_cache=True).logits[0, 0]
+            rollback(cache, position)
+            compared += 1
+            if verify.argmax() != one.argmax():
+                flips.append((step, width, float(top2[0] - top2[1]), float((verify - one).abs().max())))
+        model(input_ids=token.view(1, 1), position_ids=torch.tensor([[position]]), cache=cache, use_cache=True)
+        token, position = one.argmax(), position + 1
+    return compared, flips
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_verify_rows_flip_only_at_near_ties_on_tiny_models(family):
+    for seed in range(3):
+        model = tiny_model(family, seed=seed)
+        prompt = torch.randint(3, 128, (1, 11), generator=torch.Generator().manual_seed(seed))
+        compared, flips = flip_report(model, prompt, steps=24)
+        print(f"{family} seed {seed}: {compared} verify rows compared with 1-token passes, {len(flips)} flips "
+              f"{flips}")
+        assert all(gap < NEAR_TIE for _, _, gap, _ in flips), flips
+
+
+@pytest.mark.slow
+def test_verify_rows_flip_only_at_near_ties_on_smollm2(smollm2):
+    from knnssd.prompts import encode_prompt
+    from tests.conftest import spec_bench_rows
+
+    first = {}
+    for row in spec_bench_rows():
+        first.setdefault(row["category"], row["turns"][0])
+    total, all_flips = 0, []
+    for category, text in sorted(first.items())[:6]:
+        compared, flips = flip_report(smollm2.model, encode_prompt(smollm2.tokenizer, text, chat=True), steps=16,
+                                      widths=(2, 4, 8))
+        total += compared
+        all_flips += [(category, *flip) for flip in flips]
+    print(f"SmolLM2: {total} verify rows compared with 1-token passes, {len(all_flips)} flips: {all_flips}")
+    assert all(gap < NEAR_TIE for *_, gap, _ in all_flips), all_flips
+
+
+def test_fast_rows_stop_at_the_verify_limit():
+    """Prefills (more than MAX_FAST_ROWS rows) and 1-token steps keep transformers' F.linear, bit for bit."""
+    fast, plain = tiny_model("qwen2", seed=5), tiny_model("qwen2", seed=5, fast_kernels=False)
+    with torch.inference_mode():
+        for rows in (1, MAX_FAST_ROWS + 1, 40):
+            ids = torch.randint(3, 128, (1, rows), generator=torch.Generator().manual_seed(rows))
+            assert torch.equal(fast(input_ids=ids).logits, plain(input_ids=ids).logits), rows
