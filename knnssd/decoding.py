@@ -23,6 +23,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from knnssd.drafters import Draft, DraftRequest, Drafter
 from knnssd.errors import KnnSsdError
+from knnssd.kernels import transformers_kernels
 from knnssd.kvcache import new_cache, rollback
 from knnssd.sampling import SamplingConfig, sample, verify_greedy, verify_sampling, warp_probs
 from knnssd.stats import GenerationStats, StatsRecorder
@@ -142,7 +143,7 @@ def prefill(
     cache = new_cache(model)
     length = prompt_ids.shape[1]
     position_ids = torch.arange(length, device=prompt_ids.device).unsqueeze(0)
-    with model_lock(model):
+    with model_lock(model), transformers_kernels(model):  # a prefill computes as transformers' does, any length
         hidden = model.model(input_ids=prompt_ids, position_ids=position_ids, cache=cache,
                              use_cache=True).last_hidden_state
     logits = model.lm_head(hidden[:, -1:, :])[0, -1]  # (vocab,)

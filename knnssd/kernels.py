@@ -2,50 +2,61 @@
 
 A verify pass runs every linear layer on k + 1 rows (the last committed token and k drafts). torch's CPU GEMM
 (MKL) handles 4-13 rows against a large weight far worse than one row, though each weight is read once either
-way and a step is memory-bound: at SmolLM2's shapes, cache-cold, 4-8 rows cost 2-3x one row. Two other ways
-compute the same product:
+way and a step is memory-bound: at SmolLM2's shapes, cache-cold, 4-8 rows cost 2-3x one row. Other ways compute
+the same product:
 
-    transposed   (W @ x.T).T: the other GEMM layout; about 1.8-2x one row at every row count
+    rows         a small C++ kernel (knnssd/csrc/rows_gemm.cpp, AVX-512, built once at first use into the
+                 knnssd cache): each weight row is streamed once and multiplied by every input row while it is in
+                 registers, so 2-8 rows cost about 1.0-1.3x one row; no extra memory
     packed8      MKL's packed GEMM (`cblas_sgemm_pack`, in torch as `torch.ops.mkl._mkl_reorder_linear_weight` /
                  `_mkl_linear`) on a weight packed once at load for 8 rows, the input padded with zero rows to
-                 exactly 8: MKL's kernel for the packed row count streams the weight once for all rows (other
-                 row counts fall off it, so the padding)
+                 exactly 8: MKL's kernel for the packed row count streams the weight once for all rows; it costs
+                 MKL's packed copy of every weight (about 4x SmolLM2's fp32 size)
+    transposed   (W @ x.T).T: the other GEMM layout, about 1.8-2x one row at every row count
 
-Measured in whole verify passes of SmolLM2 on this machine kind (BENCHMARKS.md section 11, benchmarks/
-step_cost.py), the fastest by row count is ROW_METHODS: plain F.linear for 2-3 rows, packed8 for 4-8, transposed
-for 9-16. Per-call micro-benchmarks at load were tried first and chose worse: small products timed alone are
-noise-dominated and cache-warm. One row (plain decoding) and longer inputs (prefills) keep `F.linear`, exactly
-what transformers computes, so plain decoding stays token-identical to `model.generate`.
+The plan, by what this machine has: `rows` for 2-16 rows where the kernel builds (an x86 CPU with AVX-512, a C++
+compiler, ninja); else the row-count rule measured in whole verify passes of SmolLM2 on this machine kind
+(BENCHMARKS.md section 11): F.linear for 2-3 rows, packed8 for 4-8, transposed for 9-16 (packed8 becomes
+transposed without torch's MKL, or past `max_packed_bytes`). Per-call micro-benchmarks at load were tried and
+chose worse plans: small products timed alone are noise-dominated and cache-warm. One row (plain decoding) and
+longer inputs keep `F.linear`, exactly what transformers computes, and `knnssd.decoding.prefill` suspends the
+plan for prompts of any length, so plain decoding stays token-identical to `model.generate`.
 
-Chosen per device at load: on CUDA nothing changes (cuBLAS serves small batches well: v = 1.03 on an H200,
-BENCHMARKS.md section 7); on a CPU without torch's MKL, packed8 becomes transposed. packed8 costs memory, MKL's
-packed copy of each weight (about 4x the model's fp32 size for SmolLM2); past `max_packed_bytes` the plan uses
-transposed instead. `restore(model)` undoes it; `load_model(..., fast_kernels=False)` / `--no-fast-kernels` never
-apply it, and `transformers_kernels(model)` suspends it, so the two can be compared.
+On CUDA nothing changes (cuBLAS serves small batches well: v = 1.03 on an H200, BENCHMARKS.md section 7).
+`restore(model)` undoes a plan; `load_model(..., fast_kernels=False)` / `--no-fast-kernels` never apply one, and
+`transformers_kernels(model)` suspends it, so the two can be compared. `KNNSSD_NO_COMPILE=1` skips the C++ kernel.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+LOG = logging.getLogger("knnssd")
 MAX_FAST_ROWS = 16  # verify passes have at most 13 rows at the default draft lengths; longer inputs are prefills
 PACK_ROWS = 8  # the row count MKL packs for, and that packed8 pads its input to
-ROW_METHODS = {**{rows: "linear" for rows in (2, 3)}, **{rows: "packed8" for rows in range(4, PACK_ROWS + 1)},
-               **{rows: "transposed" for rows in range(PACK_ROWS + 1, MAX_FAST_ROWS + 1)}}
+COMPILED_ROWS = {rows: "rows" for rows in range(2, MAX_FAST_ROWS + 1)}
+LIBRARY_ROWS = {**{rows: "linear" for rows in (2, 3)}, **{rows: "packed8" for rows in range(4, PACK_ROWS + 1)},
+                **{rows: "transposed" for rows in range(PACK_ROWS + 1, MAX_FAST_ROWS + 1)}}
 MAX_PACKED_BYTES = 8 << 30  # packed copies beyond this total: transposed instead of packed8
+SOURCE = Path(__file__).with_name("csrc") / "rows_gemm.cpp"
+_COMPILED: dict[str, Any] = {}  # the built extension, or the reason it is not there ("error")
 
 
 @dataclass(frozen=True)
 class KernelPlan:
     """What `accelerate` did: the method for each row count 2..MAX_FAST_ROWS, on which device, with how many
-    torch threads, and the bytes of packed weights it added."""
+    torch threads, the bytes of packed weights it added, and why the C++ kernel is not used (if it is not)."""
 
     enabled: bool
     device: str
@@ -58,7 +69,7 @@ class KernelPlan:
         return self.rows[rows - 2] if self.enabled and 2 <= rows <= MAX_FAST_ROWS else "linear"
 
     def describe(self) -> str:
-        """e.g. 'linear 2-3, packed8 4-8, transposed 9-16 (packed weights 2186 MB)'."""
+        """e.g. 'rows 2-16' or 'linear 2-3, packed8 4-8, transposed 9-16 (packed weights 2740 MB; ...)'."""
         if not self.enabled:
             return f"fast kernels off ({self.reason})"
         spans, start = [], 2
@@ -66,7 +77,9 @@ class KernelPlan:
             if rows > MAX_FAST_ROWS or self.method(rows) != self.method(start):
                 spans.append(f"{self.method(start)} {start}" + (f"-{rows - 1}" if rows - 1 > start else ""))
                 start = rows
-        return ", ".join(spans) + f" (packed weights {self.packed_bytes / 1e6:.0f} MB)"
+        notes = ([f"packed weights {self.packed_bytes / 1e6:.0f} MB"] if self.packed_bytes else []) + \
+            ([self.reason] if self.reason else [])
+        return ", ".join(spans) + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def mkl_packed_available() -> bool:
@@ -78,12 +91,59 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS)
 
 
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def compiled_kernel() -> Any:
+    """The rows_gemm extension, built once per machine kind into the knnssd cache; None (with the reason logged
+    and kept in `compile_error()`) where it cannot be: no AVX-512, no compiler or ninja, KNNSSD_NO_COMPILE."""
+    if "module" in _COMPILED or "error" in _COMPILED:
+        return _COMPILED.get("module")
+    flags = _cpu_flags()
+    if os.environ.get("KNNSSD_NO_COMPILE"):
+        _COMPILED["error"] = "C++ kernel skipped: KNNSSD_NO_COMPILE is set"
+    elif " avx512f" not in flags:
+        _COMPILED["error"] = "C++ kernel needs AVX-512, which this CPU lacks"
+    else:
+        try:
+            from torch.utils.cpp_extension import load
+
+            from knnssd.cachedir import cache_root
+
+            key = hashlib.sha256((SOURCE.read_text() + flags + torch.__version__).encode()).hexdigest()[:12]
+            build = cache_root() / "kernels" / f"rows_gemm-{key}"
+            build.mkdir(parents=True, exist_ok=True)
+            LOG.info("knnssd: building the verify-pass kernel once (about 40 s) into %s", build)
+            _COMPILED["module"] = load(name=f"knnssd_rows_gemm_{key}", sources=[str(SOURCE)],
+                                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                       build_directory=str(build), verbose=False)
+        except Exception as exc:  # noqa: BLE001 - any build failure means: use the library methods
+            _COMPILED["error"] = f"C++ kernel not built ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    if "error" in _COMPILED:
+        LOG.info("knnssd: %s; verify passes use the library methods", _COMPILED["error"])
+    return _COMPILED.get("module")
+
+
+def compile_error() -> str:
+    return _COMPILED.get("error", "")
+
+
 def runner(method: str, weight: torch.Tensor, packed: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function x (rows, in) -> x @ weight.T (rows, out) by `method`."""
     if method == "linear":
         return lambda x: F.linear(x, weight)
     if method == "transposed":
         return lambda x: (weight @ x.T).T
+    if method == "rows":
+        kernel = compiled_kernel().rows_gemm
+        return lambda x: kernel(x, weight)
     if packed is None:
         raise ValueError("packed8 needs a packed weight")
 
@@ -102,7 +162,8 @@ def _fast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], self.weight.shape[0])
 
 
-def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = MAX_PACKED_BYTES) -> KernelPlan:
+def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = MAX_PACKED_BYTES,
+               compiled: bool = True) -> KernelPlan:
     """Give every bias-free fp32 linear layer of a CPU model the fastest method for each small row count."""
     parameter = next(model.parameters())
     device, threads = str(parameter.device), torch.get_num_threads()
@@ -116,18 +177,21 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.bias is None]
     params = list({id(m.weight): m.weight for m in linears}.values())  # a tied weight once
     packs: dict[int, torch.Tensor] = {}
-    if mkl_packed_available():
-        sample = pack(params[0])  # MKL's packed size, per weight element
-        estimate = sum(p.numel() for p in params) * sample.numel() / params[0].numel() * sample.element_size()
-        if estimate <= max_packed_bytes:
-            packs = {id(p): pack(p) for p in params}
-    methods = tuple(ROW_METHODS[rows] if ROW_METHODS[rows] != "packed8" or packs else "transposed"
-                    for rows in range(2, MAX_FAST_ROWS + 1))
+    if compiled and compiled_kernel() is not None and all(p.is_contiguous() for p in params):
+        methods = tuple(COMPILED_ROWS[rows] for rows in range(2, MAX_FAST_ROWS + 1))
+    else:
+        if mkl_packed_available():
+            sample = pack(params[0])  # MKL's packed size, per weight element
+            estimate = sum(p.numel() for p in params) * sample.numel() / params[0].numel() * sample.element_size()
+            if estimate <= max_packed_bytes:
+                packs = {id(p): pack(p) for p in params}
+        methods = tuple(LIBRARY_ROWS[rows] if LIBRARY_ROWS[rows] != "packed8" or packs else "transposed"
+                        for rows in range(2, MAX_FAST_ROWS + 1))
     for linear in linears:
         weight = linear.weight.detach()
         linear._knnssd_run = tuple(runner(method, weight, packs.get(id(linear.weight))) for method in methods)
         linear.forward = types.MethodType(_fast_forward, linear)
-    return KernelPlan(enabled=True, device=device, threads=threads, rows=methods,
+    return KernelPlan(enabled=True, device=device, threads=threads, rows=methods, reason=compile_error(),
                       packed_bytes=sum(p.numel() * p.element_size() for p in packs.values()))
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from knnssd.kernels import (MAX_FAST_ROWS, accelerate, mkl_packed_available, pack, restore, runner,
-                            transformers_kernels)
+from knnssd.kernels import (MAX_FAST_ROWS, accelerate, compiled_kernel, mkl_packed_available, pack, restore,
+                            runner, transformers_kernels)
 from knnssd.kvcache import new_cache, rollback
 from tests.conftest import FAMILIES, tiny_model
 
@@ -31,13 +31,17 @@ def test_methods_by_row_count_and_restore_undoes_them():
     plan = accelerate(model)
     assert plan.enabled and plan.threads == torch.get_num_threads() and len(plan.rows) == MAX_FAST_ROWS - 1
     assert plan.method(1) == "linear" and plan.method(MAX_FAST_ROWS + 1) == "linear"  # plain steps, prefills
-    assert plan.method(8) == ("packed8" if mkl_packed_available() else "transposed")
+    assert plan.method(8) == ("rows" if compiled_kernel() else "packed8" if mkl_packed_available() else "transposed")
     assert len(patched(model)) == sum(isinstance(m, nn.Linear) for m in model.modules())
-    assert ("packed weights" in plan.describe()) and (plan.packed_bytes > 0) == mkl_packed_available()
+    print(plan.describe())
+    library = accelerate(model, compiled=False)  # the plan where the C++ kernel cannot be built
+    assert library.method(2) == "linear" and library.method(12) == "transposed"
+    assert library.method(8) == ("packed8" if mkl_packed_available() else "transposed")
+    assert ("packed weights" in library.describe()) == (library.packed_bytes > 0) == mkl_packed_available()
     restore(model)
     assert not patched(model)
     assert not accelerate(model, enabled=False).enabled and not patched(model)
-    capped = accelerate(model, max_packed_bytes=0)  # no room for packed copies: transposed instead
+    capped = accelerate(model, max_packed_bytes=0, compiled=False)  # no room for packed copies: transposed
     assert capped.packed_bytes == 0 and "packed8" not in capped.rows
 
 
@@ -46,7 +50,9 @@ def test_every_method_computes_the_product(rows):
     weight = torch.randn(40, 24, generator=torch.Generator().manual_seed(rows))
     x = torch.randn(rows, 24, generator=torch.Generator().manual_seed(100 + rows))
     expected = x @ weight.T
-    for method in ("linear", "transposed") + (("packed8",) if mkl_packed_available() and rows <= 8 else ()):
+    methods = ("linear", "transposed") + (("packed8",) if mkl_packed_available() and rows <= 8 else ()) + \
+        (("rows",) if compiled_kernel() else ())
+    for method in methods:
         packed = pack(weight) if method == "packed8" else None
         assert torch.allclose(runner(method, weight, packed)(x), expected, atol=1e-5), method
 
