@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
-from knnssd.entry import ArgumentParser, run_main  # noqa: E402
+from knnssd.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
 from pipeline.data import SPEC_BENCH_MT_CATEGORIES, DataConfig  # noqa: E402
 from pipeline.reduce import ReduceConfig  # noqa: E402
@@ -83,11 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template to prompts")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda where the worker has one)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads every trial decodes with, as the runtime will (default: $KNNSSD_THREADS, "
-                        "else every core); each Ray task asks for that many CPUs")
-    p.add_argument("--no-fast-kernels", action="store_true",
-                   help="keep transformers' own linear layers in verify passes (knnssd/kernels.py), to compare")
+    add_engine_flags(p, "every trial (and each Ray task asks for as many CPUs)")
     p.add_argument("--smoke", action="store_true", help="a tiny search (about two minutes on 2 CPU cores)")
     p.add_argument("--no-final-demo", action="store_true",
                    help="do not answer a held-out prompt per domain through the published bundle")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
-from knnssd.entry import ArgumentParser, run_main  # noqa: E402
+from knnssd.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
 from pipeline.study import PEERS, STREAMS, EvalConfig  # noqa: E402
 
@@ -54,10 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--no-log", action="store_true", help="do not log the evaluation to MLflow")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS; none: run here)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads every method decodes with (default: $KNNSSD_THREADS, else every core)")
-    p.add_argument("--no-fast-kernels", action="store_true",
-                   help="keep transformers' own linear layers in verify passes (knnssd/kernels.py), to compare")
+    add_engine_flags(p, "every method")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda where there is one)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
     return p

@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from knnssd.bundle_commands import add_commands as add_bundle_commands
-from knnssd.entry import ArgumentParser, run_main
+from knnssd.entry import ArgumentParser, add_engine_flags, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
     gen.add_argument("--compare-ar", action="store_true", help="also run plain decoding and report the speedup")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
-    gen.add_argument("--threads", type=int, default=None,
-                     help="torch threads (default: $KNNSSD_THREADS, else every core)")
-    gen.add_argument("--no-fast-kernels", action="store_true",
-                     help="keep transformers' own linear layers in verify passes (knnssd/kernels.py), to compare")
+    add_engine_flags(gen, "generation")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     gen.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
     gen.set_defaults(handler=run_generate)

@@ -60,3 +60,11 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (fix: see {self.prog} --help for the flags and their defaults)", file=sys.stderr)
         sys.exit(2)
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, who: str) -> None:
+    """--threads and --no-fast-kernels, the same on every entry; `who` says what decodes ("every trial", ...)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch threads {who} decodes with (default: $KNNSSD_THREADS, else every core)")
+    parser.add_argument("--no-fast-kernels", action="store_true",
+                        help="keep transformers' own linear layers in verify passes (knnssd/kernels.py), to compare")
