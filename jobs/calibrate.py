@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-mt-bench", action="store_true", help="merge Spec-Bench's 8 MT-bench categories as 'chat'")
     p.add_argument("--domains", default=None, help="comma-separated domains to calibrate (after merging)")
     p.add_argument("--bundle-name", default=None, help="registered bundle name (default: the model name)")
-    p.add_argument("--trials", type=int, default=12, help="finished trials per domain study")
+    p.add_argument("--trials", type=int, default=10, help="finished trials per domain study")
     p.add_argument("--prompts-per-trial", type=int, default=4, help="calibration prompts each trial decodes")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens each trial generates per prompt")
     p.add_argument("--max-per-domain", type=int, default=None, help="use at most N prompts per domain")

@@ -120,7 +120,8 @@ def compiled_kernel() -> Any:
             key = hashlib.sha256((SOURCE.read_text() + flags + torch.__version__).encode()).hexdigest()[:12]
             build = cache_root() / "kernels" / f"rows_gemm-{key}"
             build.mkdir(parents=True, exist_ok=True)
-            LOG.info("knnssd: building the verify-pass kernel once (about 40 s) into %s", build)
+            if not any(build.glob("*.so")):
+                LOG.info("knnssd: building the verify-pass kernel once (about 40 s) into %s", build)
             _COMPILED["module"] = load(name=f"knnssd_rows_gemm_{key}", sources=[str(SOURCE)],
                                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                        build_directory=str(build), verbose=False)

@@ -20,6 +20,7 @@ import ray
 import torch
 
 from knnssd.decoding import prefill
+from knnssd.entry import quiet_loaders
 from knnssd.models import load_model
 from knnssd.prompts import encode_prompt
 from knnssd.sampling import SamplingConfig
@@ -44,6 +45,8 @@ class ModelSpec:
     fast_kernels: bool = True
 
     def load(self) -> Any:
+        """The model, in a worker: no per-tensor loading bars in the job's log."""
+        quiet_loaders()
         return load_model(self.name, device=self.device, dtype=self.dtype, threads=self.threads,
                           fast_kernels=self.fast_kernels)
 
