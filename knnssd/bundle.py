@@ -269,3 +269,13 @@ def read_bundle(folder: str | os.PathLike[str]) -> Bundle:
     index.add(anchors)
     return Bundle(folder=folder, manifest=manifest, index=index, anchor_domains=tuple(raw_labels),
                   policies=policies)
+
+
+def manifest_rows(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{name: {"anchors", "policy", "metrics"}}: the routed domains in order, then each reference policy as
+    "(name)" (searched for comparison, never routed to, 0 anchors). What tables of a bundle list."""
+    rows = {d["name"]: {"anchors": d["anchors"], "policy": d["policy"], "metrics": d["metrics"]}
+            for d in manifest["domains"]}
+    rows.update({f"({name})": {"anchors": 0, "policy": ref.get("policy", {}), "metrics": ref.get("metrics", {})}
+                 for name, ref in manifest.get("reference_policies", {}).items()})
+    return rows

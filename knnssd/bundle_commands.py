@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from knnssd.bundle import Bundle, read_bundle
+from knnssd.bundle import Bundle, manifest_rows, read_bundle
 from knnssd.errors import KnnSsdError
 from knnssd.policy import describe_policy
 from knnssd.sources import fetch_bundle, open_registry
@@ -58,15 +58,6 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def domain_rows(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{domain or "(reference)": {"anchors", "policy", "metrics"}}: the routed domains, then reference policies."""
-    rows = {d["name"]: {"anchors": d["anchors"], "policy": d["policy"], "metrics": d["metrics"]}
-            for d in manifest["domains"]}
-    rows.update({f"({name})": {"anchors": 0, "policy": ref.get("policy", {}), "metrics": ref.get("metrics", {})}
-                 for name, ref in manifest.get("reference_policies", {}).items()})
-    return rows
-
-
 def figures(metrics: dict[str, Any]) -> str:
     cells = []
     for key, _, width, digits in FIGURES:
@@ -88,7 +79,7 @@ def run_show(args: argparse.Namespace) -> int:
     print(f"fallback beyond cosine distance {manifest['routing']['fallback_distance']:.4f}: "
           f"{describe_policy(manifest['fallback_policy'])}")
     print(f"\n{'domain':<16}{'anchors':>8}{FIGURE_HEADER}  policy")
-    for name, row in domain_rows(manifest).items():
+    for name, row in manifest_rows(manifest).items():
         print(f"{name:<16}{row['anchors']:>8}{figures(row['metrics'])}  {describe_policy(row['policy'])}")
     if manifest.get("reference_policies"):
         print("(rows in parentheses: reference policies searched for comparison, never routed to)")
@@ -107,7 +98,7 @@ def comparison(refs: list[str], tracking_uri: str | None) -> dict[str, Any]:
                 "domains": [d["name"] for d in m["domains"]], "provenance": m.get("calibration", {}).get("provenance", {}),
                 "trials_per_domain": m.get("calibration", {}).get("search", {}).get("trials")}
                for ref, m in manifests.items()]
-    rows = {ref: domain_rows(m) for ref, m in manifests.items()}
+    rows = {ref: manifest_rows(m) for ref, m in manifests.items()}
     names = list(dict.fromkeys(name for table in rows.values() for name in table))
     names.sort(key=lambda name: name.startswith("("))  # routed domains first, reference policies last
     domains = {name: {ref: None if name not in rows[ref] else {

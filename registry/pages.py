@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from knnssd.bundle import manifest_rows
+
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
 
 
@@ -48,13 +50,11 @@ def summary_markdown(manifest: dict[str, Any], title: str) -> str:
              f"created {manifest.get('created_at', '?')}.", "",
              "| domain | anchors | policy | speedup | mean accepted | acceptance | trials |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
-    rows = [(d["name"], str(d["anchors"]), d["policy"], d["metrics"]) for d in manifest["domains"]]
-    rows += [(f"({name})", "-", ref.get("policy", {}), ref.get("metrics", {}))
-             for name, ref in manifest.get("reference_policies", {}).items()]
-    for name, anchors, policy, metrics in rows:
-        lines.append(f"| {name} | {anchors} | `{describe_policy(policy)}` | {_figure(metrics, 'speedup', 3)} | "
-                     f"{_figure(metrics, 'mean_accepted_tokens', 2)} | {_figure(metrics, 'acceptance_rate', 2)} | "
-                     f"{_figure(metrics, 'trials', 0)} |")
+    for name, row in manifest_rows(manifest).items():
+        metrics = row["metrics"]
+        lines.append(f"| {name} | {row['anchors'] or '-'} | `{describe_policy(row['policy'])}` | "
+                     f"{_figure(metrics, 'speedup', 3)} | {_figure(metrics, 'mean_accepted_tokens', 2)} | "
+                     f"{_figure(metrics, 'acceptance_rate', 2)} | {_figure(metrics, 'trials', 0)} |")
     lines += ["", f"Fallback beyond cosine distance {manifest['routing']['fallback_distance']:.4f}: "
                   f"`{describe_policy(manifest['fallback_policy'])}`. Speedups are the calibration trials' "
                   "(over plain decoding timed beside them); rows in parentheses are reference policies, never "
