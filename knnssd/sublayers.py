@@ -6,8 +6,8 @@ through unchanged: ``h = h + 0``. A skipped attention sub-layer writes nothing
 to the KV cache, so cache layers drift apart in length while drafting; the
 decoding loop crops every layer back to the committed length afterwards.
 
-No module globals: the skip set lives only on the model, only inside the block,
-and the original modules come back in a ``finally`` even after an exception.
+No skip state in module globals: the skip set lives only on the model, only inside
+the block, and the original modules come back in a ``finally`` even after an exception.
 The model itself is the shared state, so the block is exclusive: a second
 `skip_sublayers` on a model already inside one (nested, or from another thread)
 is refused with an error. Were it allowed, the inner block would save the outer
@@ -32,8 +32,7 @@ from knnssd.skipset import SkipSet
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
-_SKIPPING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models inside a skip_sublayers block
-_SKIPPING_GUARD = threading.Lock()
+_SKIPPING_GUARD = threading.Lock()  # entering and leaving a block (stub check and swap) is atomic
 _MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 
 
@@ -103,25 +102,30 @@ def skip_sublayers(model: nn.Module, skip_set: SkipSet) -> Iterator[None]:
     """
     layers = decoder_layers(model)
     skip_set.validate(len(layers))
-    with _SKIPPING_GUARD:
-        if model in _SKIPPING or any(isinstance(layer.self_attn, SkippedAttention)
-                                     or isinstance(layer.mlp, SkippedMLP) for layer in layers):
+    saved: list[tuple[nn.Module, str, nn.Module]] = []
+    with _SKIPPING_GUARD:  # a stub in place means another block is active (an empty one changes nothing)
+        if any(isinstance(layer.self_attn, SkippedAttention) or isinstance(layer.mlp, SkippedMLP) for layer in layers):
             raise KnnSsdError(
                 "this model is already skipping sub-layers (a nested skip_sublayers, or one in another thread)",
                 fix="finish the first block before entering another; serialise generation on one model with "
                     "knnssd.sublayers.model_lock(model), or give each thread its own model")
-        _SKIPPING.add(model)
-    saved: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            for index in skip_set.attn:
+                saved.append((layers[index], "self_attn", layers[index].self_attn))
+                layers[index].self_attn = SkippedAttention()
+            for index in skip_set.mlp:
+                saved.append((layers[index], "mlp", layers[index].mlp))
+                layers[index].mlp = SkippedMLP()
+        except BaseException:
+            _restore(saved)
+            raise
     try:
-        for index in skip_set.attn:
-            saved.append((layers[index], "self_attn", layers[index].self_attn))
-            layers[index].self_attn = SkippedAttention()
-        for index in skip_set.mlp:
-            saved.append((layers[index], "mlp", layers[index].mlp))
-            layers[index].mlp = SkippedMLP()
         yield
     finally:
-        for layer, name, module in reversed(saved):
-            setattr(layer, name, module)
         with _SKIPPING_GUARD:
-            _SKIPPING.discard(model)
+            _restore(saved)
+
+
+def _restore(saved: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    for layer, name, module in reversed(saved):
+        setattr(layer, name, module)
