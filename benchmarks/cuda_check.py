@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from knnssd.decoding import GenerationConfig, _verify, device_clock, generate  # noqa: E402
+from knnssd.decoding import GenerationConfig, verify, device_clock, generate  # noqa: E402
 from knnssd.drafters import Draft, LayerSkipConfig, DraftRequest, LayerSkipDrafter  # noqa: E402
 from knnssd.kvcache import new_cache, rollback  # noqa: E402
 from knnssd.sampling import SamplingConfig  # noqa: E402
@@ -83,7 +83,7 @@ def step_costs(device: str, dtype: torch.dtype, steps: int, context: int = 200) 
     for k in (0, 1, 3, 7):
         draft = Draft(tokens=torch.randint(100, 1000, (k,), device=device), probs=None)
         results[f"verify k={k}" if k else "plain step"] = median_ms(
-            lambda: _verify(model, cache, 123, draft, context, SamplingConfig(), None))
+            lambda: verify(model, cache, 123, draft, context, SamplingConfig(), None))
     history = prompt[0].tolist()
     for name, skip in (("draft step, attn 25 skipped", SkipSet.of(attn=[25])),
                        ("draft step, 15 attn skipped", SkipSet.of(attn=range(15, 30))),

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_description  # noqa: E402
-from knnssd.decoding import GenerationConfig, _verify, generate  # noqa: E402
+from knnssd.decoding import GenerationConfig, verify, generate  # noqa: E402
 from knnssd.drafters import Draft, LayerSkipConfig, LayerSkipDrafter  # noqa: E402
 from knnssd.kvcache import new_cache, rollback  # noqa: E402
 from knnssd.models import load_model  # noqa: E402
@@ -46,7 +46,7 @@ def verify_costs_ms(model, cache, context: int, width: int, steps: int) -> tuple
         "bare": lambda: model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
                               logits_to_keep=width),
         "base": lambda: model.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True),
-        "loop": lambda: _verify(model, cache, int(ids[0, 0]), draft, context, SamplingConfig(), None),
+        "loop": lambda: verify(model, cache, int(ids[0, 0]), draft, context, SamplingConfig(), None),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(steps):

@@ -1,7 +1,7 @@
 """Calibrate per-domain draft policies and publish a routing bundle.
 
     ray job submit --working-dir . -- python jobs/calibrate.py --model smollm2-135m --data question.jsonl \
-        --bundle-name smollm2-135m --trials 30
+        --bundle-name smollm2-135m --trials 100
 
 Run directly without --address (and without RAY_ADDRESS), it starts a local Ray. With no --data, it calibrates
 on the built-in demo prompts. Progress per domain and trial while it runs; a summary table at the end; then
@@ -19,12 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from knnssd.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
+from pipeline.calibrate import CalibrationConfig  # noqa: E402
 from pipeline.data import SPEC_BENCH_MT_CATEGORIES, DataConfig  # noqa: E402
 from pipeline.reduce import ReduceConfig  # noqa: E402
 from pipeline.search import SEARCHABLE_KINDS, SearchConfig  # noqa: E402
 from pipeline.tasks import ModelSpec  # noqa: E402
 
-SMOKE = {"trials": 2, "prompts_per_trial": 2, "max_new_tokens": 12, "max_per_domain": 6}
+SMOKE = {"trials": 4, "prompts_per_trial": 2, "confirm_prompts": 2, "confirm_candidates": 2, "validate_prompts": 1,
+         "max_new_tokens": 12, "max_per_domain": 6}
 
 
 def parse_pairs(text: str | None, flag: str) -> dict[str, str]:
@@ -53,9 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-mt-bench", action="store_true", help="merge Spec-Bench's 8 MT-bench categories as 'chat'")
     p.add_argument("--domains", default=None, help="comma-separated domains to calibrate (after merging)")
     p.add_argument("--bundle-name", default=None, help="registered bundle name (default: the model name)")
-    p.add_argument("--trials", type=int, default=10, help="finished trials per domain study")
-    p.add_argument("--prompts-per-trial", type=int, default=4, help="calibration prompts each trial decodes")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens each trial generates per prompt")
+    p.add_argument("--trials", type=int, default=SearchConfig.trials,
+                   help="completed trials per domain study (each replayed over plain decoding's output and priced)")
+    p.add_argument("--prompts-per-trial", type=int, default=SearchConfig.prompts_per_trial,
+                   help="calibration prompts each trial is scored on")
+    p.add_argument("--confirm-candidates", type=int, default=SearchConfig.confirm_candidates,
+                   help="best distinct policies per domain re-measured in wall clock before one is chosen")
+    p.add_argument("--confirm-prompts", type=int, default=None,
+                   help=f"calibration prompts the candidates are timed on (default: {SearchConfig.confirm_prompts} "
+                        "or --prompts-per-trial, the larger)")
+    p.add_argument("--workers-per-domain", type=int, default=SearchConfig.workers,
+                   help="Ray workers running each domain's study at once (one Optuna storage; use an RDB URL "
+                        "in --storage across machines)")
+    p.add_argument("--validate-prompts", type=int, default=CalibrationConfig.validate_prompts,
+                   help="held-out prompts per domain for the final check of every policy")
+    p.add_argument("--max-new-tokens", type=int, default=SearchConfig.max_new_tokens,
+                   help="tokens generated per prompt in trials, confirmation and the held-out check")
     p.add_argument("--max-per-domain", type=int, default=None, help="use at most N prompts per domain")
     p.add_argument("--held-out-fraction", type=float, default=0.25,
                    help="share of each domain's prompts held out for the final check and evaluation")
@@ -90,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace):
-    from pipeline.calibrate import CalibrationConfig
-
+def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
     if args.smoke:  # smoke sizes wherever the user kept the default
         defaults = build_parser()
         for key, value in SMOKE.items():
@@ -105,6 +118,10 @@ def config_from_args(args: argparse.Namespace):
                       domains=tuple(d for d in (args.domains or "").split(",") if d),
                       held_out_fraction=args.held_out_fraction, seed=args.seed, max_per_domain=args.max_per_domain)
     search = SearchConfig(trials=args.trials, prompts_per_trial=args.prompts_per_trial,
+                          confirm_candidates=args.confirm_candidates,
+                          confirm_prompts=(args.confirm_prompts if args.confirm_prompts is not None
+                                           else max(SearchConfig.confirm_prompts, args.prompts_per_trial)),
+                          workers=args.workers_per_domain,
                           max_new_tokens=args.max_new_tokens, sampler=args.sampler, seed=args.seed,
                           min_skip_ratio=args.min_skip_ratio, max_skip_ratio=args.max_skip_ratio,
                           min_speedup=args.min_speedup,
@@ -115,7 +132,7 @@ def config_from_args(args: argparse.Namespace):
         bundle_name=args.bundle_name or default_bundle_name(args.model), data=data, search=search,
         reduce=ReduceConfig(anchors_per_domain=args.anchors_per_domain, seed=args.seed),
         work_dir=args.work_dir, storage=args.storage, tracking_uri=args.tracking_uri, publish=not args.no_publish,
-        ray_address=args.address, mix=not args.no_mix)
+        ray_address=args.address, mix=not args.no_mix, validate_prompts=args.validate_prompts)
 
 
 def calibrate_command(args: argparse.Namespace) -> int:

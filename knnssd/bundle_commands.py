@@ -14,10 +14,12 @@ from typing import Any
 from knnssd.bundle import Bundle, manifest_rows, read_bundle
 from knnssd.errors import KnnSsdError
 from knnssd.policy import describe_policy
+from knnssd.reports import format_validation
 from knnssd.sources import fetch_bundle, open_registry
 
-FIGURES = (("speedup", "speedup", 9, 3), ("mean_accepted_tokens", "mat", 6, 2), ("acceptance_rate", "accept", 8, 2),
-           ("trials", "trials", 8, 0))
+FIGURES = (("predicted_speedup", "predicted", 10, 3), ("speedup", "confirmed", 10, 3),
+           ("mean_accepted_tokens", "mat", 6, 2), ("acceptance_rate", "accept", 8, 2), ("trials", "trials", 8, 0),
+           ("mismatch_rate", "mismatch", 9, 2))
 TRACKING_HELP = "MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
 
 
@@ -83,8 +85,12 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"{name:<16}{row['anchors']:>8}{figures(row['metrics'])}  {describe_policy(row['policy'])}")
     if manifest.get("reference_policies"):
         print("(rows in parentheses: reference policies searched for comparison, never routed to)")
-    print("speedup, mat (mean accepted tokens per step), accept (acceptance rate): the chosen policy's calibration "
-          "trial")
+    print("predicted: the search's replayed, priced speedup; confirmed: wall clock over plain decoding, on more "
+          "prompts; mat (mean accepted tokens per step), accept (acceptance rate), mismatch (share of prompts whose "
+          "tokens differed from plain decoding): from the confirmation")
+    validation = manifest.get("calibration", {}).get("validation")
+    if validation and validation.get("domains"):
+        print("\n" + format_validation(validation))
     return 0
 
 
@@ -125,5 +131,6 @@ def run_compare(args: argparse.Namespace) -> int:
                 print(f"  {ref:<{width}}  (no such domain)")
             else:
                 print(f"  {ref:<{width}}{figures(cell['metrics'])}  {cell['description']}")
-    print("\nspeedup, mat (mean accepted tokens per step), accept (acceptance rate): each policy's calibration trial")
+    print("\npredicted / confirmed: each policy's searched and wall-clock speedups; mat (mean accepted tokens per "
+          "step), accept (acceptance rate), mismatch: from the confirmation")
     return 0

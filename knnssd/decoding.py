@@ -159,7 +159,7 @@ def project_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor
     return model.get_output_embeddings()(hidden)
 
 
-def _verify(
+def verify(
     model: PreTrainedModel,
     cache: DynamicCache,
     last_token: int,
@@ -168,7 +168,8 @@ def _verify(
     sampling: SamplingConfig,
     generator: torch.Generator | None,
 ) -> tuple[int, int]:
-    """Steps 3-5 for one draft of k tokens; returns (n_accepted, next_token)."""
+    """Steps 3-5 for one draft of k tokens after `last_token` (at `position`; the cache holds exactly the
+    `position` committed tokens): returns (n_accepted, next_token), the cache cropped to the committed tokens."""
     device = draft.tokens.device
     k = draft.tokens.shape[0]
     input_ids = torch.cat([torch.tensor([last_token], device=device), draft.tokens]).unsqueeze(0)  # (1, k + 1)
@@ -242,7 +243,7 @@ def _decode(model: PreTrainedModel, state: Prefilled, config: GenerationConfig, 
             draft = within_contract(draft, budget - 1, state.cache, position, drafter)
             recorder.draft_seconds += clock() - t0
         t0 = clock()
-        n_accepted, next_token = _verify(model, state.cache, history[-1], draft, position, config.sampling, generator)
+        n_accepted, next_token = verify(model, state.cache, history[-1], draft, position, config.sampling, generator)
         recorder.verify_seconds += clock() - t0
         drafted = draft.tokens.shape[0]
         if session is not None:

@@ -8,7 +8,8 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
-DOMAIN_METRICS = ("speedup", "mean_accepted_tokens", "acceptance_rate", "skip_ratio")
+DOMAIN_METRICS = ("speedup", "predicted_speedup", "confirmed_speedup", "mean_accepted_tokens", "acceptance_rate",
+                  "skip_ratio", "trials", "mismatch_rate")
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -65,4 +66,34 @@ def write_bundle_reports(manifest: dict[str, Any], folder: Path) -> list[Path]:
                       [(f"{manifest['model_id']}: calibrated speedup per domain", [r["domain"] for r in rows],
                         {"speedup": [float(r["speedup"] or 0) for r in rows]})],
                       ylabel="speedup over plain decoding")
-    return [table, chart]
+    paths = [table, chart]
+    validation = manifest.get("calibration", {}).get("validation")
+    if validation and validation.get("domains"):
+        held = [{"domain": domain, "prompts": row["prompts"], "own_wins": row["own_wins"],
+                 **{f"speedup.{name}": value for name, value in row["speedups"].items()},
+                 **{f"predicted.{name}": value for name, value in row["predicted_speedups"].items()}}
+                for domain, row in validation["domains"].items()]
+        paths.append(write_csv(held, folder / "held_out.csv"))
+    return paths
+
+
+def format_validation(table: dict[str, Any]) -> str:
+    """The held-out table as printed at the end of calibration and by `knnssd bundles show`."""
+    domains = table["domains"]
+    if not domains:
+        return "held-out check: no domains"
+    names = list(next(iter(domains.values()))["speedups"])
+    width = max(9, *(len(n) + 2 for n in names))
+    header = f"{'held-out on':<16}{'prompts':>8}" + "".join(f"{n:>{width}}" for n in names) + "  own policy wins?"
+    lines = [header, "-" * len(header)]
+    for domain, row in domains.items():
+        cells = "".join(f"{row['speedups'][n]:>{width}.3f}" for n in names)
+        verdict = "yes" if row["own_wins"] else f"no ({row['best_other']} {row['best_other_speedup']:.3f})"
+        lines.append(f"{domain:<16}{row['prompts']:>8}{cells}  {verdict}")
+    wins = sum(row["own_wins"] for row in domains.values())
+    error = table.get("median_abs_prediction_error")
+    lines.append(f"columns: the policy of each domain (and the mix study's), wall-clock speedup over plain decoding "
+                 f"on the row's held-out prompts. Own policy wins in {wins}/{len(domains)} domains."
+                 + (f" Predicted vs wall clock: median |error| {error:.1%}." if error is not None else ""))
+    return "\n".join(lines)
+

@@ -1,8 +1,9 @@
-"""Calibration end to end: data -> per-domain search (Ray) -> embeddings (Ray) -> reduce -> bundle -> MLflow.
+"""Calibration end to end: data -> per-domain search and confirmation (Ray) -> embeddings (Ray) -> reduce ->
+held-out check (Ray) -> bundle -> MLflow.
 
 Every input is checked before Ray starts. Stage outputs land in `work_dir` as they finish (data.parquet,
-search.json, embeddings.parquet, the bundle folder), and the Optuna journal keeps every finished trial, so a job
-that fails or is killed loses no finished work: run it again and it resumes.
+step-costs/, search.json, embeddings.parquet, validation.json, the bundle folder), and the Optuna journal keeps
+every finished trial, so a job that fails or is killed loses no finished work: run it again and it resumes.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from knnssd.errors import KnnSsdError
 from knnssd.models import check_model
 from knnssd.policy import describe_policy
 from knnssd.threads import resolve_threads
-from pipeline.data import CALIBRATION, DataConfig, domains_of, load_calibration_table, prompts_of
+from pipeline.data import CALIBRATION, HELD_OUT, DataConfig, domains_of, load_calibration_table, prompts_of
 from pipeline.reduce import ReduceConfig, build_bundle_spec
-from pipeline.search import SearchConfig
+from pipeline.search import SearchConfig, prepare_study, study_name
 from pipeline.tasks import ModelSpec
+from pipeline.validation import distinct_policies, format_validation, validation_table
 from knnssd.bundle import write_bundle
 from registry.mlflow_store import BundleRegistry, check_bundle_name
 
@@ -49,9 +51,16 @@ class CalibrationConfig:
     ray_address: str | None = None
     embed_chunk: int = 16
     mix: bool = True
+    validate_prompts: int = 3
 
     def __post_init__(self) -> None:  # the thread count every task decodes with, fixed on the driver
         object.__setattr__(self, "model", replace(self.model, threads=resolve_threads(self.model.threads)))
+        if self.validate_prompts < 1:
+            raise KnnSsdError("--validate-prompts must be >= 1", fix="use e.g. 3 held-out prompts per domain")
+
+    @property
+    def costs_dir(self) -> str:
+        return str(Path(self.work_dir).resolve() / "step-costs")
 
     @property
     def storage_url(self) -> str:
@@ -63,6 +72,7 @@ class CalibrationResult:
     bundle_folder: Path
     ref: str | None
     domains: tuple[dict[str, Any], ...]
+    validation: dict[str, Any]
     seconds: float
 
 
@@ -84,39 +94,95 @@ def mixed_prompts(table: pa.Table) -> list[str]:
 
 
 def mix_search(search: SearchConfig, domains: int) -> SearchConfig:
-    """The mix study's settings: its trials decode the same number of prompts from every domain (at least one
-    each; the first prompts of the round-robin list), so no domain goes unseen in the Self-SD(Mix) baseline."""
-    per_domain = -(-search.prompts_per_trial // domains)  # ceil
-    return replace(search, prompts_per_trial=per_domain * domains)
+    """The mix study's settings: its trials (and its confirmation) decode the same number of prompts from every
+    domain (at least one each; the first prompts of the round-robin list), so no domain goes unseen in the
+    Self-SD(Mix) baseline."""
+    def per_domain(count: int) -> int:
+        return -(-count // domains) * domains  # ceil to a multiple of the domains
+
+    return replace(search, prompts_per_trial=per_domain(search.prompts_per_trial),
+                   confirm_prompts=per_domain(search.confirm_prompts))
 
 
-def run_searches(config: CalibrationConfig, table: pa.Table, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """One search per domain, plus the mix study (all domains' prompts together) when `config.mix`."""
+def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, Any],
+                 log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One study per domain, plus the mix study (all domains' prompts together) when `config.mix`: each prepared
+    here (seeds, interrupted trials), run by `search.workers` workers, then confirmed in wall clock."""
     import ray
 
     from pipeline.cluster import task_resources
-    from pipeline.tasks import search_domain
+    from pipeline.tasks import confirm_domain, search_worker
 
     resources = task_resources(config.model.threads)
     studies = {domain: (prompts_of(table, domain, CALIBRATION), config.search) for domain in domains_of(table)}
     if config.mix:
         studies[MIX] = (mixed_prompts(table), mix_search(config.search, len(studies)))
-    pending = {search_domain.options(**resources).remote(config.model, domain, prompts, search,
-                                                         config.storage_url): domain
-               for domain, (prompts, search) in studies.items()}
-    log(f"search: {len(pending)} studies ({', '.join(studies)}), {config.search.trials} trials each, "
-        f"on {resources}")
+    names = {domain: study_name(model["model_hash"], domain, search, prompts)
+             for domain, (prompts, search) in studies.items()}
+    for domain, (prompts, search) in studies.items():
+        completed, stale = prepare_study(config.storage_url, names[domain], model["num_layers"], search)
+        log(f"search: [{domain}] study {names[domain]}: {completed} of {search.trials} trials completed"
+            + (f", {stale} interrupted trial(s) marked failed" if stale else ""))
+    workers = {}
+    for domain, (prompts, search) in studies.items():
+        for worker in range(search.workers):
+            ref = search_worker.options(**resources).remote(config.model, domain, prompts, search, config.storage_url,
+                                                           names[domain], worker, config.costs_dir)
+            workers[ref] = domain
+    log(f"search: {len(studies)} studies ({', '.join(studies)}), {config.search.trials} completed trials each, "
+        f"{config.search.workers} worker(s) per study, each on {resources}")
+    left = {domain: config.search.workers for domain in studies}
+    confirming: dict[Any, str] = {}
     results = []
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        result = ray.get(ready[0])
-        pending.pop(ready[0])
+    while workers or confirming:
+        ready, _ = ray.wait(list(workers) + list(confirming), num_returns=1)
+        ref = ready[0]
+        if ref in workers:
+            domain = workers.pop(ref)
+            done = ray.get(ref)
+            left[domain] -= 1
+            log(f"search: [{domain}] worker {done['worker']} ran {done['trials_run']} trials in "
+                f"{done['seconds']:.0f} s")
+            if left[domain] == 0:
+                prompts, search = studies[domain]
+                confirming[confirm_domain.options(**resources).remote(
+                    config.model, domain, prompts, search, config.storage_url, names[domain],
+                    config.costs_dir)] = domain
+            continue
+        confirming.pop(ref)
+        result = ray.get(ref)
         results.append(result)
         m = result["metrics"]
-        log(f"search: domain {result['domain']} done in {result['seconds']:.0f} s: speedup {m['speedup']:.3f}, "
-            f"policy {result['policy']['kind']} ({len(results)}/{len(results) + len(pending)})")
+        log(f"confirm: [{result['domain']}] {describe_policy(result['policy'])}: predicted "
+            f"{m['predicted_speedup']:.3f}, wall clock {m.get('searched_speedup', m['speedup']):.3f} "
+            f"({len(results)}/{len(studies)})")
     order = list(studies)
     return sorted(results, key=lambda r: order.index(r["domain"]))
+
+
+def run_validation(config: CalibrationConfig, table: pa.Table, policies: dict[str, dict[str, Any]],
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """Every distinct policy on each domain's first `config.validate_prompts` held-out prompts."""
+    import ray
+
+    from pipeline.cluster import task_resources
+    from pipeline.tasks import validate_domain
+
+    unique, alias = distinct_policies(policies)
+    resources = task_resources(config.model.threads)
+    domains = [d for d in domains_of(table) if d in policies]
+    log(f"held-out check: {len(unique)} distinct policies on up to {config.validate_prompts} held-out prompts "
+        f"of each of {len(domains)} domains")
+    refs = [validate_domain.options(**resources).remote(
+        config.model, domain, prompts_of(table, domain, HELD_OUT)[: config.validate_prompts], unique,
+        config.search.max_new_tokens, config.costs_dir, config.search.seed) for domain in domains]
+    results = []
+    for ref in refs:
+        results.append(ray.get(ref))
+        row = results[-1]["policies"][alias[results[-1]["domain"]]]
+        log(f"held-out check: [{results[-1]['domain']}] own policy {row['speedup']:.3f} "
+            f"({len(results)}/{len(refs)})")
+    return validation_table(results, policies, alias)
 
 
 def run_embeddings(config: CalibrationConfig, table: pa.Table) -> np.ndarray:
@@ -142,7 +208,8 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
     pq.write_table(table, work / "data.parquet")
     log(f"data: {table.num_rows} prompts in {len(domains_of(table))} domains -> {work / 'data.parquet'}")
     connect(config.ray_address)
-    everything = run_searches(config, table, log)
+    model = identify(config, log)
+    everything = run_searches(config, table, model, log)
     (work / "search.json").write_text(json.dumps(everything, indent=2))
     searches = [r for r in everything if r["domain"] != MIX]
     references = {MIX: {"policy": r["policy"], "metrics": r["metrics"]} for r in everything if r["domain"] == MIX}
@@ -151,13 +218,17 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
     pq.write_table(calibration.append_column("embedding", pa.array(list(embeddings), pa.list_(pa.float32()))),
                    work / "embeddings.parquet")
     log(f"embed: {embeddings.shape[0]} prompts x {embeddings.shape[1]} -> {work / 'embeddings.parquet'}")
+    policies = {r["domain"]: r["policy"] for r in everything}
+    validation = run_validation(config, table, policies, log)
+    (work / "validation.json").write_text(json.dumps(validation, indent=2))
     spec = build_bundle_spec(
         model_id=config.model.name, model_hash=searches[0]["model_hash"], embeddings=embeddings,
         labels=calibration["domain"].to_pylist(), policies={r["domain"]: r["policy"] for r in searches},
         metrics={r["domain"]: r["metrics"] for r in searches}, config=config.reduce,
         prompt_format={"chat": config.model.chat},
         calibration={"search": asdict(config.search), "data": asdict(config.data),
-                     "provenance": provenance(table, searches)}, reference_policies=references)
+                     "provenance": provenance(table, searches), "step_costs": model["costs"],
+                     "validation": validation}, reference_policies=references)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     folder = write_bundle(spec, work / "bundles" / f"{config.bundle_name}-{stamp}")
     log(f"reduce: {spec.anchors.shape[0]} anchors, fallback beyond distance {spec.fallback_distance:.4f} -> {folder}")
@@ -171,8 +242,26 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
         log(f"compare bundles in the MLflow UI: {registry.ui_link(published.experiment_id)}"
             + ("" if registry.tracking_uri.startswith("http") else
                f" after `mlflow ui --backend-store-uri {registry.tracking_uri}`"))
-    return CalibrationResult(bundle_folder=folder, ref=ref, domains=tuple(everything),
+    return CalibrationResult(bundle_folder=folder, ref=ref, domains=tuple(everything), validation=validation,
                              seconds=time.perf_counter() - started)
+
+
+def identify(config: CalibrationConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """The model's hash and layer count from one task, which also times (or reads) the step costs of its node."""
+    import ray
+
+    from pipeline.cluster import task_resources
+    from pipeline.tasks import identify_model
+
+    started = time.perf_counter()
+    model = ray.get(identify_model.options(**task_resources(config.model.threads)).remote(config.model,
+                                                                                        config.costs_dir))
+    relative = ", ".join(f"{w} tokens {c / model['costs']['verify'][0][0]:.2f}" for w, c in
+                         zip(model["costs"]["widths"][1:], model["costs"]["verify"][0][1:]))
+    log(f"model: hash {model['model_hash'][:12]}, {model['num_layers']} layers on {model['device']} "
+        f"({model['threads']} threads); a verify step costs, in plain steps: {relative} "
+        f"({time.perf_counter() - started:.0f} s)")
+    return model
 
 
 def data_fingerprint(table: pa.Table) -> str:
@@ -218,15 +307,18 @@ def flat_params(config: CalibrationConfig) -> dict[str, Any]:
 
 
 def summary_table(result: CalibrationResult) -> str:
-    """Per domain: the policy chosen and its best trial (the searched policy's figures even when a domain falls
-    back to plain decoding because that policy was slower)."""
-    header = f"{'domain':<16}{'best trial speedup':>19}{'mean acc':>10}{'trials':>8}  policy"
+    """Per domain: the policy chosen, its predicted and confirmed (wall-clock) speedup (the searched policy's
+    figures even when a domain falls back to plain decoding because that policy was slower), then the
+    held-out check."""
+    header = f"{'domain':<16}{'predicted':>10}{'confirmed':>10}{'mean acc':>10}{'trials':>8}{'mismatch':>9}  policy"
     lines = [header, "-" * (len(header) + 40)]
     for row in result.domains:
         m = row["metrics"]
         chosen = describe_policy(row["policy"])
         if "searched_policy" in m:
             chosen += f" (searched {describe_policy(json.loads(m['searched_policy']))} was slower than plain)"
-        lines.append(f"{row['domain']:<16}{m.get('searched_speedup', m['speedup']):>19.3f}"
-                     f"{m['mean_accepted_tokens']:>10.2f}{int(m['trials']):>8}  {chosen}")
-    return "\n".join(lines)
+        lines.append(f"{row['domain']:<16}{m['predicted_speedup']:>10.3f}{m.get('searched_speedup', m['speedup']):>10.3f}"
+                     f"{m['mean_accepted_tokens']:>10.2f}{int(m['trials']):>8}{m['mismatch_rate']:>9.2f}  {chosen}")
+    lines.append("predicted: replayed and priced on the search prompts; confirmed: wall clock against plain "
+                 "decoding on more prompts; mismatch: share of prompts whose tokens differed from plain decoding")
+    return "\n".join(lines) + "\n\n" + format_validation(result.validation)

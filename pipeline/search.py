@@ -1,4 +1,4 @@
-"""Per-domain draft-policy search: one Optuna study per (model, domain), every trial a timed measurement.
+"""Per-domain draft-policy search: one Optuna study per (model, domain), every trial a priced replay.
 
 A trial first picks the drafter kind among `SearchConfig.kinds`, then that kind's parameters (conditional
 parameters, which TPE handles):
@@ -6,10 +6,18 @@ parameters, which TPE handles):
                  maximum draft length;
   prompt_lookup  the largest and smallest n-gram sizes, and the maximum draft length;
   hybrid         both sets above (lookup where the text matches, layer skipping elsewhere).
-Trials whose skip ratio falls outside [min_skip_ratio, max_skip_ratio] are pruned before any decoding. Each
-trial's policy (the JSON a bundle stores) and figures are kept on the trial (user attributes). Studies live in
-storage (a journal file by default, or an RDB URL), so a search that is killed and run again resumes: finished
-trials are kept, and only the rest are run.
+Trials whose skip ratio falls outside [min_skip_ratio, max_skip_ratio] are pruned before any work. A trial's
+value is its predicted speedup (`pipeline.scoring`): its events replayed over the prompts' plain greedy
+continuations (`pipeline.replay`) and priced by the worker's step costs (`pipeline.costs`), deterministic and
+about a tenth of a second per prompt, where decoding it would take seconds and time it with noise larger than
+the differences between policies. Wall clock decides later: the top `confirm_candidates` distinct policies are
+re-measured on `confirm_prompts` prompts (`pipeline.measure`) before one is chosen.
+
+Each trial's policy (the JSON a bundle stores) and figures are kept on the trial (user attributes). Studies live
+in storage (a journal file by default, or an RDB URL), so a search that is killed and run again resumes:
+finished trials are kept, and only the rest are run. Several workers may run one study at once (`workers`): the
+driver prepares it first (seeds, interrupted trials), each worker stops once the study holds `trials` completed
+trials (Optuna's `MaxTrialsCallback`), and TPE runs with `constant_liar` so workers do not sample alike.
 """
 
 from __future__ import annotations
@@ -21,35 +29,40 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import optuna
+from optuna.study import MaxTrialsCallback
 
 from knnssd.drafters import LayerSkipConfig, PromptLookupConfig
 from knnssd.errors import KnnSsdError
-from knnssd.policy import describe_policy, drafter_from_policy
+from knnssd.policy import describe_policy
 from knnssd.skipset import SkipSet
-from pipeline.measure import Baseline, measure_policy
+from pipeline.costs import StepCosts
+from pipeline.scoring import Workload, score_policy
 
 # Bumped whenever the objective's measurement or search space changes, so a resumed study never mixes
 # incomparable trials.
-MEASUREMENT_VERSION = 4
+MEASUREMENT_VERSION = 5
+ATTEMPTS_PER_TRIAL = 5  # a worker gives up after this many attempts per completed trial (skip-ratio prunes)
 SEARCHABLE_KINDS = ("layer_skip", "prompt_lookup", "hybrid")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 LAYER_SKIP_DRAFT_RANGE = (2, 12)  # max_draft_tokens searched for layer skipping
-LOOKUP_DRAFT_RANGE = (2, 16)  # max_draft_tokens searched for prompt lookup
+LOOKUP_DRAFT_RANGE = (2, 15)  # max_draft_tokens searched for prompt lookup (widths up to 16: the fast kernels)
 NGRAM_RANGE = (1, 4)  # max_ngram
 MIN_NGRAM_RANGE = (1, 2)  # min_ngram (at most max_ngram)
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    trials: int = 20
+    trials: int = 100
     prompts_per_trial: int = 4
     max_new_tokens: int = 32
     sampler: str = "tpe"
     seed: int = 0
     min_skip_ratio: float = 0.01
     max_skip_ratio: float = 0.5
-    prune_below: float = 0.5
     min_speedup: float = 1.0
+    confirm_candidates: int = 3
+    confirm_prompts: int = 8
+    workers: int = 1
     kinds: tuple[str, ...] = SEARCHABLE_KINDS
     seed_layer_skip: LayerSkipConfig = LayerSkipConfig()
     seed_lookup: PromptLookupConfig = PromptLookupConfig()
@@ -64,8 +77,16 @@ class SearchConfig:
             raise KnnSsdError(f"--trials must be >= 1, got {self.trials}", fix="run at least one trial per domain")
         if self.prompts_per_trial < 1:
             raise KnnSsdError("--prompts-per-trial must be >= 1", fix="use e.g. 4")
-        if self.max_new_tokens < 1:
-            raise KnnSsdError("--max-new-tokens must be >= 1", fix="use e.g. 32")
+        if self.max_new_tokens < 2:
+            raise KnnSsdError("--max-new-tokens must be >= 2 (one token leaves nothing to draft)", fix="use e.g. 32")
+        if self.confirm_candidates < 1:
+            raise KnnSsdError("--confirm-candidates must be >= 1", fix="use e.g. 3")
+        if self.confirm_prompts < self.prompts_per_trial:
+            raise KnnSsdError(f"--confirm-prompts ({self.confirm_prompts}) must be >= --prompts-per-trial "
+                              f"({self.prompts_per_trial}): candidates are confirmed on more prompts than searched",
+                              fix=f"use e.g. --confirm-prompts {2 * self.prompts_per_trial}")
+        if self.workers < 1:
+            raise KnnSsdError("--workers-per-domain must be >= 1", fix="use 1, or the GPUs per domain")
         if self.sampler not in ("tpe", "random"):
             raise KnnSsdError(f"unknown sampler {self.sampler!r}", fix="use tpe or random")
         if not 0.0 <= self.min_skip_ratio <= self.max_skip_ratio < 1.0:
@@ -83,8 +104,10 @@ class SearchConfig:
                                   fix=f"choose a value in {low}..{high}")
 
     def fingerprint(self) -> str:
-        """What makes trials comparable: measurement settings and method (not the trial budget)."""
-        keys = {k: v for k, v in asdict(self).items() if k not in ("trials",)}
+        """What makes trials comparable: measurement settings and method (not the budget, the confirmation or
+        the workers)."""
+        keys = {k: v for k, v in asdict(self).items()
+                if k not in ("trials", "confirm_candidates", "confirm_prompts", "workers", "min_speedup")}
         keys["measurement"] = MEASUREMENT_VERSION
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -112,27 +135,58 @@ def study_name(model_hash: str, domain: str, config: SearchConfig, prompts: list
 
 
 def open_study(storage: str, name: str, config: SearchConfig) -> optuna.Study:
-    sampler = (optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=min(10, max(2, config.trials // 3)))
-               if config.sampler == "tpe" else optuna.samplers.RandomSampler(seed=config.seed))
-    pruner = optuna.pruners.ThresholdPruner(lower=config.prune_below, n_warmup_steps=0)
-    return optuna.create_study(study_name=name, storage=make_storage(storage), sampler=sampler, pruner=pruner,
+    """The study `name` in `storage`, created if new. A worker's sampler is seeded by `config.seed` and its
+    worker index, so parallel workers do not propose the same trials."""
+    return open_worker_study(storage, name, config, worker=0)
+
+
+def open_worker_study(storage: str, name: str, config: SearchConfig, worker: int) -> optuna.Study:
+    seed = config.seed + 1000 * worker
+    sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, config.trials // 3)),
+                                          constant_liar=config.workers > 1)
+               if config.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed))
+    return optuna.create_study(study_name=name, storage=make_storage(storage), sampler=sampler,
                                direction="maximize", load_if_exists=True)
 
 
 def fail_stale_trials(study: optuna.Study) -> int:
     """Trials left RUNNING by a killed worker are marked FAIL so they neither count nor block.
 
-    Only safe while one worker runs a study (one Ray task per domain): the task calls this before its own
-    first trial, so every RUNNING trial it sees belongs to a worker that died."""
+    Only safe while no worker runs the study: the driver calls it before it starts the study's workers (and a
+    retried worker does not), so every RUNNING trial it sees belongs to a worker that died."""
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     for trial in stale:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return len(stale)
 
 
-def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return [t for t in study.get_trials(deepcopy=False) if t.state in done]
+def completed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def prepare_study(storage: str, name: str, num_layers: int, config: SearchConfig) -> tuple[int, int]:
+    """Before any worker runs: mark interrupted trials failed and enqueue the seeds of a new study.
+    Returns (completed trials, interrupted trials)."""
+    study = open_study(storage, name, config)
+    stale = fail_stale_trials(study)
+    enqueue_seeds(study, num_layers, config)
+    return len(completed_trials(study)), stale
+
+
+def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], config: SearchConfig) -> int:
+    """Run trials until the study holds `config.trials` completed ones (counting every worker's). Returns the
+    trials this worker ran."""
+    ran = 0
+
+    def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        nonlocal ran
+        ran += 1
+
+    missing = config.trials - len(completed_trials(study))
+    if missing > 0:
+        study.optimize(objective, n_trials=ATTEMPTS_PER_TRIAL * missing, catch=(),
+                       callbacks=[count, MaxTrialsCallback(config.trials, states=(optuna.trial.TrialState.COMPLETE,))])
+    return ran
 
 
 def seed_skip_sets(num_layers: int, config: SearchConfig) -> list[SkipSet]:
@@ -212,7 +266,7 @@ def policy_skip_ratio(policy: dict[str, Any], num_layers: int) -> float | None:
     return SkipSet.from_dict(layer["skip_set"]).skip_ratio(num_layers) if layer else None
 
 
-def make_objective(model: Any, num_layers: int, baseline: Baseline, config: SearchConfig,
+def make_objective(model: Any, num_layers: int, workload: Workload, costs: StepCosts, config: SearchConfig,
                    progress: Callable[[str], None]) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         policy = suggest_policy(trial, num_layers, config)
@@ -220,43 +274,57 @@ def make_objective(model: Any, num_layers: int, baseline: Baseline, config: Sear
         trial.set_user_attr("policy", policy)
         trial.set_user_attr("skip_ratio", ratio or 0.0)
         if ratio is not None and not config.min_skip_ratio <= ratio <= config.max_skip_ratio:
-            progress(f"trial {trial.number}: {policy['kind']}, skip ratio {ratio:.2f} outside bounds, pruned")
             raise optuna.TrialPruned()
-        drafter = drafter_from_policy(policy, num_layers)
-
-        def report(step: int, speedup: float) -> bool:
-            trial.report(speedup, step)
-            return trial.should_prune()
-
-        result = measure_policy(model, drafter, baseline, config.max_new_tokens, report)
-        if result is None:
-            progress(f"trial {trial.number}: pruned (speedup below {config.prune_below})")
-            raise optuna.TrialPruned()
-        for key, value in result.to_dict().items():
+        score = score_policy(model, policy, num_layers, workload, costs)
+        for key, value in score.to_dict().items():
             trial.set_user_attr(key, value)
-        if not result.lossless:
-            raise RuntimeError(f"trial {trial.number}: output differed from plain decoding; this is a bug")
-        progress(f"trial {trial.number}: {describe_policy(policy)}: speedup {result.speedup:.3f}, mean accepted "
-                 f"{result.mean_accepted_tokens:.2f}")
-        return result.speedup
+        if trial.number % 10 == 0 or score.predicted_speedup > best_so_far(trial.study):
+            progress(f"trial {trial.number}: {describe_policy(policy)}: predicted {score.predicted_speedup:.3f}, "
+                     f"mean accepted {score.mean_accepted_tokens:.2f} "
+                     f"({len(completed_trials(trial.study))} completed)")
+        return score.predicted_speedup
 
     return objective
 
 
-def best_policy(study: optuna.Study, config: SearchConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The domain's draft policy and metrics: the best completed trial's policy, or plain decoding when no
-    trial reached `config.min_speedup` (the searched policy is still reported in the metrics)."""
-    completed = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    if not completed:
-        return {"kind": "none"}, {"speedup": 1.0, "mean_accepted_tokens": 1.0, "acceptance_rate": 0.0,
-                                  "skip_ratio": 0.0, "trials": float(len(finished_trials(study)))}
-    best = max(completed, key=lambda t: t.value)
-    attrs = best.user_attrs
-    metrics = {"speedup": float(best.value), "mean_accepted_tokens": float(attrs["mean_accepted_tokens"]),
-               "acceptance_rate": float(attrs["acceptance_rate"]), "skip_ratio": float(attrs["skip_ratio"]),
-               "trials": float(len(finished_trials(study))), "best_trial": float(best.number)}
-    policy = attrs["policy"]
-    if best.value < config.min_speedup:
-        metrics["searched_policy"] = json.dumps(policy)  # type: ignore[assignment]
-        return {"kind": "none"}, {**metrics, "speedup": 1.0, "searched_speedup": float(best.value)}
-    return policy, metrics
+def best_so_far(study: optuna.Study) -> float:
+    values = [t.value for t in completed_trials(study) if t.value is not None]
+    return max(values, default=float("-inf"))
+
+
+def top_candidates(study: optuna.Study, count: int) -> list[optuna.trial.FrozenTrial]:
+    """The `count` best completed trials by predicted speedup, one per distinct policy."""
+    seen: set[str] = set()
+    chosen = []
+    for trial in sorted(completed_trials(study), key=lambda t: (-t.value, t.number)):
+        key = json.dumps(trial.user_attrs["policy"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            chosen.append(trial)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def choose_policy(candidates: list[dict[str, Any]], trials: int, config: SearchConfig
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The domain's policy and metrics from its confirmed candidates ({"policy", "predicted", "confirmed"
+    (a WallClock dict), "trial"}): the fastest in wall clock, or plain decoding when none reaches
+    `config.min_speedup` (the searched policy is still reported). `speedup` is the confirmed one."""
+    if not candidates:
+        return {"kind": "none"}, {"speedup": 1.0, "predicted_speedup": 1.0, "confirmed_speedup": 1.0,
+                                  "mean_accepted_tokens": 1.0, "acceptance_rate": 0.0, "trials": float(trials),
+                                  "mismatch_rate": 0.0}
+    best = max(candidates, key=lambda c: c["confirmed"]["speedup"])
+    confirmed = best["confirmed"]
+    metrics: dict[str, Any] = {
+        "speedup": confirmed["speedup"], "confirmed_speedup": confirmed["speedup"],
+        "predicted_speedup": best["predicted"], "search_predicted_speedup": best["search_predicted"],
+        "mean_accepted_tokens": confirmed["mean_accepted_tokens"], "acceptance_rate": confirmed["acceptance_rate"],
+        "mismatch_rate": max(c["confirmed"]["mismatch_rate"] for c in candidates),
+        "confirm_prompts": confirmed["prompts"], "trials": float(trials), "best_trial": float(best["trial"]),
+        "skip_ratio": float(best["skip_ratio"])}
+    if confirmed["speedup"] < config.min_speedup:
+        metrics["searched_policy"] = json.dumps(best["policy"])
+        return {"kind": "none"}, {**metrics, "speedup": 1.0, "searched_speedup": confirmed["speedup"]}
+    return best["policy"], metrics

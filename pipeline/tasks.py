@@ -1,8 +1,13 @@
 """The Ray tasks of calibration. Each loads the model once and does all its work with it.
 
-- `search_domain`: one task per domain; runs the domain's Optuna study to its trial budget (resuming what
-  storage already holds). Asks for a GPU where the cluster has them, one CPU otherwise. A worker that dies is
-  retried by Ray (`max_retries`); the retry resumes the study, and the trial that was cut short is marked failed.
+- `identify_model`: the model's hash and layer count (what names its studies), and this node's step-cost table
+  timed once (`pipeline.costs`) so later tasks on the node read it.
+- `search_worker`: one or more per domain; runs trials of the domain's Optuna study (prepared by the driver)
+  until it holds its budget of completed trials. Asks for a GPU where the cluster has them, else as many CPUs as
+  it runs torch threads. A worker that dies is retried by Ray (`max_retries`); its cut-short trial is marked
+  failed by the driver on the next run.
+- `confirm_domain`: the study's top candidates re-measured in wall clock on more prompts, and the choice.
+- `validate_domain`: every policy on one domain's held-out prompts, wall clock and predicted.
 - `embed_prompts`: the runtime's prompt embedding (final hidden state mean-pooled over the prompt, from the
   prefill) for a chunk of prompts.
 """
@@ -10,8 +15,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,12 +28,15 @@ import torch
 
 from knnssd.decoding import prefill
 from knnssd.entry import quiet_loaders
-from knnssd.models import load_model
+from knnssd.models import LoadedModel, load_model
+from knnssd.policy import describe_policy
 from knnssd.prompts import encode_prompt
 from knnssd.sampling import SamplingConfig
-from pipeline.measure import measure_baseline
-from pipeline.search import (SearchConfig, best_policy, enqueue_seeds, fail_stale_trials, finished_trials,
-                             make_objective, open_study, study_name)
+from pipeline.costs import StepCosts, step_costs_for
+from pipeline.measure import measure_policies
+from pipeline.scoring import build_workload, score_policy
+from pipeline.search import (SearchConfig, choose_policy, completed_trials, make_objective, open_worker_study,
+                             policy_skip_ratio, run_worker, top_candidates)
 
 MAX_RETRIES = 3
 
@@ -55,32 +65,100 @@ def _log(domain: str, message: str) -> None:
     print(f"[{domain}] {message}", flush=True)
 
 
+def costs_key(loaded: LoadedModel) -> str:
+    """What a step-cost table is valid for: this machine, the model, device, dtype, threads and kernels."""
+    kernels = "fast" if loaded.kernels is not None and loaded.kernels.enabled else "plain"
+    return (f"{socket.gethostname()}-{loaded.model_hash[:12]}-{loaded.device.type}-"
+            f"{str(loaded.dtype).removeprefix('torch.')}-{loaded.threads}t-{kernels}")
+
+
+def worker_costs(loaded: LoadedModel, costs_dir: str, domain: str) -> StepCosts:
+    return step_costs_for(loaded.model, Path(costs_dir), costs_key(loaded), lambda m: _log(domain, m))
+
+
+def where(loaded: LoadedModel) -> dict[str, Any]:
+    return {"device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads()}
+
+
 @ray.remote(max_retries=MAX_RETRIES)
-def search_domain(spec: ModelSpec, domain: str, prompts: list[str], config: SearchConfig,
-                  storage: str) -> dict[str, Any]:
-    """Run (or resume) the domain's study to `config.trials` finished trials; return its policy and figures."""
+def identify_model(spec: ModelSpec, costs_dir: str) -> dict[str, Any]:
+    """The model hash and layer count, and this node's step costs (timed now unless already there)."""
+    loaded = spec.load()
+    costs = worker_costs(loaded, costs_dir, "model")
+    return {"model_hash": loaded.model_hash, "num_layers": loaded.num_layers, "costs": costs.to_dict(),
+            **where(loaded)}
+
+
+@ray.remote(max_retries=MAX_RETRIES)
+def search_worker(spec: ModelSpec, domain: str, prompts: list[str], config: SearchConfig, storage: str,
+                  study: str, worker: int, costs_dir: str) -> dict[str, Any]:
+    """Run trials of `study` (prepared by the driver) until it holds `config.trials` completed ones."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     loaded = spec.load()
-    study = open_study(storage, study_name(loaded.model_hash, domain, config, prompts), config)
-    study.set_user_attr("worker_pid", os.getpid())
-    stale = fail_stale_trials(study)
-    enqueue_seeds(study, loaded.num_layers, config)
-    done = len(finished_trials(study))
-    remaining = max(0, config.trials - done)
-    _log(domain, f"study {study.study_name}: {done} trials done{f', {stale} interrupted' if stale else ''}, "
-                 f"{remaining} to run on {loaded.device}")
-    if remaining:
+    costs = worker_costs(loaded, costs_dir, domain)
+    handle = open_worker_study(storage, study, config, worker)
+    handle.set_user_attr(f"worker_pid.{worker}", os.getpid())
+    ran = 0
+    if len(completed_trials(handle)) < config.trials:
         ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in prompts[: config.prompts_per_trial]]
-        baseline = measure_baseline(loaded.model, ids, config.max_new_tokens)
-        objective = make_objective(loaded.model, loaded.num_layers, baseline, config,
+        workload = build_workload(loaded.model, ids, config.max_new_tokens)
+        objective = make_objective(loaded.model, loaded.num_layers, workload, costs, config,
                                    lambda message: _log(domain, message))
-        study.optimize(objective, n_trials=remaining, catch=())
-    policy, metrics = best_policy(study, config)
-    return {"domain": domain, "policy": policy, "metrics": metrics, "study": study.study_name,
-            "model_hash": loaded.model_hash, "trials_run": remaining, "seconds": time.perf_counter() - started,
-            "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads()}
+        ran = run_worker(handle, objective, config)
+    return {"domain": domain, "worker": worker, "trials_run": ran, "seconds": time.perf_counter() - started}
+
+
+@ray.remote(max_retries=MAX_RETRIES)
+def confirm_domain(spec: ModelSpec, domain: str, prompts: list[str], config: SearchConfig, storage: str,
+                   study: str, costs_dir: str) -> dict[str, Any]:
+    """The study's top candidates timed against plain decoding on up to `config.confirm_prompts` prompts (more
+    than a trial scored), each also predicted on them; the fastest in wall clock is the domain's policy."""
+    started = time.perf_counter()
+    loaded = spec.load()
+    costs = worker_costs(loaded, costs_dir, domain)
+    handle = open_worker_study(storage, study, config, worker=0)
+    trials = completed_trials(handle)
+    chosen = top_candidates(handle, config.confirm_candidates)
+    candidates = []
+    if chosen:
+        texts = prompts[: config.confirm_prompts]
+        ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in texts]
+        policies = {str(t.number): t.user_attrs["policy"] for t in chosen}
+        _log(domain, f"confirming {len(chosen)} candidates on {len(ids)} prompts in wall clock")
+        timed = measure_policies(loaded.model, policies, ids, config.max_new_tokens, loaded.num_layers,
+                                 seed=config.seed)
+        workload = build_workload(loaded.model, ids, config.max_new_tokens)
+        for trial in chosen:
+            policy = trial.user_attrs["policy"]
+            predicted = score_policy(loaded.model, policy, loaded.num_layers, workload, costs).predicted_speedup
+            confirmed = timed[str(trial.number)].to_dict()
+            candidates.append({"trial": trial.number, "policy": policy, "search_predicted": float(trial.value),
+                               "predicted": predicted, "confirmed": confirmed,
+                               "skip_ratio": policy_skip_ratio(policy, loaded.num_layers) or 0.0})
+            _log(domain, f"  trial {trial.number}: {describe_policy(policy)}: predicted {predicted:.3f}, "
+                         f"wall clock {confirmed['speedup']:.3f}")
+    policy, metrics = choose_policy(candidates, len(trials), config)
+    return {"domain": domain, "policy": policy, "metrics": metrics, "candidates": candidates, "study": study,
+            "model_hash": loaded.model_hash, "seconds": time.perf_counter() - started, **where(loaded)}
+
+
+@ray.remote(max_retries=MAX_RETRIES)
+def validate_domain(spec: ModelSpec, domain: str, prompts: list[str], policies: dict[str, dict[str, Any]],
+                    max_new_tokens: int, costs_dir: str, seed: int = 0) -> dict[str, Any]:
+    """Every policy (name -> policy) on the domain's held-out prompts: wall clock against plain decoding, and
+    predicted by replay on the same prompts."""
+    loaded = spec.load()
+    costs = worker_costs(loaded, costs_dir, domain)
+    ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in prompts]
+    timed = measure_policies(loaded.model, policies, ids, max_new_tokens, loaded.num_layers, seed=seed)
+    workload = build_workload(loaded.model, ids, max_new_tokens)
+    rows = {}
+    for name, policy in policies.items():
+        predicted = score_policy(loaded.model, policy, loaded.num_layers, workload, costs)
+        rows[name] = {**timed[name].to_dict(), "predicted_speedup": predicted.predicted_speedup}
+    return {"domain": domain, "prompts": len(ids), "policies": rows}
 
 
 @ray.remote(max_retries=MAX_RETRIES)

@@ -27,7 +27,7 @@ from typing import Any
 from knnssd.cachedir import cache_root
 from knnssd.reports import DOMAIN_METRICS, write_bundle_reports
 from registry.pages import (MAX_PARAM_CHARS, SHARED_VIEW_TAG, policy_params, runs_table_path, shared_view,
-                            summary_markdown)
+                            summary_markdown, validation_metrics)
 from knnssd.bundle import (BundleError, is_folder_reference, manifest_digest, read_bundle, read_manifest,
                            verify_files)
 
@@ -143,6 +143,7 @@ class BundleRegistry:
                 for key in DOMAIN_METRICS:
                     if key in reference.get("metrics", {}):
                         metrics.append(Metric(f"{key}/{ref_name}", float(reference["metrics"][key]), 0, 0))
+            metrics += [Metric(key, value, 0, 0) for key, value in validation_metrics(bundle.manifest).items()]
             param_list = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flat.items()]
             for start in range(0, max(len(param_list), len(metrics)), 90):  # log_batch: at most 100 params
                 client.log_batch(run_id, params=param_list[start:start + 90], metrics=metrics[start:start + 90])

@@ -48,18 +48,37 @@ def summary_markdown(manifest: dict[str, Any], title: str) -> str:
     lines = [f"**{title}**: KNN-SSD routing bundle for `{manifest['model_id']}` "
              f"(model hash `{manifest['model_hash'][:12]}`), {len(manifest['domains'])} domains, "
              f"created {manifest.get('created_at', '?')}.", "",
-             "| domain | anchors | policy | speedup | mean accepted | acceptance | trials |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| domain | anchors | policy | predicted | confirmed | mean accepted | acceptance | trials |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in manifest_rows(manifest).items():
         metrics = row["metrics"]
         lines.append(f"| {name} | {row['anchors'] or '-'} | `{describe_policy(row['policy'])}` | "
-                     f"{_figure(metrics, 'speedup', 3)} | {_figure(metrics, 'mean_accepted_tokens', 2)} | "
+                     f"{_figure(metrics, 'predicted_speedup', 3)} | {_figure(metrics, 'speedup', 3)} | "
+                     f"{_figure(metrics, 'mean_accepted_tokens', 2)} | "
                      f"{_figure(metrics, 'acceptance_rate', 2)} | {_figure(metrics, 'trials', 0)} |")
     lines += ["", f"Fallback beyond cosine distance {manifest['routing']['fallback_distance']:.4f}: "
-                  f"`{describe_policy(manifest['fallback_policy'])}`. Speedups are the calibration trials' "
-                  "(over plain decoding timed beside them); rows in parentheses are reference policies, never "
-                  "routed to."]
+                  f"`{describe_policy(manifest['fallback_policy'])}`. Predicted: the search's replayed and priced "
+                  "speedup; confirmed: wall clock over plain decoding timed beside it, on more prompts. Rows in "
+                  "parentheses are reference policies, never routed to."]
+    validation = manifest.get("calibration", {}).get("validation")
+    if validation and validation.get("domains"):
+        from knnssd.reports import format_validation
+
+        lines += ["", "Held-out check:", "", "```", format_validation(validation), "```"]
     return "\n".join(lines)
+
+
+def validation_metrics(manifest: dict[str, Any]) -> dict[str, float]:
+    """The held-out check as run metrics: heldout_own_wins/<domain> (1 or 0), heldout_speedup/<domain>/<policy>,
+    and the median |predicted / wall clock - 1|."""
+    validation = manifest.get("calibration", {}).get("validation") or {}
+    metrics = {}
+    for domain, row in validation.get("domains", {}).items():
+        metrics[f"heldout_own_wins/{domain}"] = float(row["own_wins"])
+        metrics.update({f"heldout_speedup/{domain}/{name}": float(value) for name, value in row["speedups"].items()})
+    if validation.get("median_abs_prediction_error") is not None:
+        metrics["heldout_median_abs_prediction_error"] = float(validation["median_abs_prediction_error"])
+    return metrics
 
 
 # A saved runs-table view of the experiment (MLflow's "shared view": an experiment tag named
@@ -75,6 +94,7 @@ def view_columns(manifest: dict[str, Any]) -> list[str]:
     mean accepted tokens and the policy's kind."""
     names = [d["name"] for d in manifest["domains"]] + list(manifest.get("reference_policies", {}))
     columns = [f"metrics.`speedup/{name}`" for name in names]
+    columns += [f"metrics.`heldout_own_wins/{d['name']}`" for d in manifest["domains"]]
     columns += [f"metrics.`mean_accepted_tokens/{name}`" for name in names]
     columns += [f"params.`policy.{name}.kind`" for name in names]
     return columns

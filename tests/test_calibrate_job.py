@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from pipeline.search import SearchConfig, finished_trials, make_storage
+from pipeline.search import SearchConfig, completed_trials, make_storage
 from tests.conftest import REPO_ROOT
 from tests.test_models import save_tiny
 
@@ -53,7 +53,7 @@ def run_job(args, timeout=300, env=None):
 
 def studies(work: Path) -> dict[str, list]:
     storage = make_storage(str(work / "optuna-journal.log"))
-    return {s.study_name: finished_trials(optuna.load_study(study_name=s.study_name, storage=storage))
+    return {s.study_name: completed_trials(optuna.load_study(study_name=s.study_name, storage=storage))
             for s in optuna.get_all_study_summaries(storage)}
 
 
@@ -61,8 +61,9 @@ def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path):
     proc = run_job(job_args(tiny, tmp_path / "w", "--trials", "3", "--bundle-name", "tiny"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "published as tiny@v1" in out and "best trial speedup" in out
-    assert "[low] trial 0:" in out + proc.stderr and "[high] trial 2:" in out + proc.stderr
+    assert "published as tiny@v1" in out and "predicted confirmed" in out
+    assert "[low] trial 0:" in out + proc.stderr and "[high] trial 0:" in out + proc.stderr
+    assert "own policy wins?" in out and "Predicted vs wall clock: median |error|" in out
     found = studies(tmp_path / "w")
     assert len(found) == 3 and all(len(trials) == 3 for trials in found.values())  # low, high and the mix
     assert any("-mix-" in name for name in found)
@@ -74,6 +75,16 @@ def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["reference_policies"]) == {"mix"}
     assert [d["name"] for d in manifest["domains"]] == ["low", "high"]
+    for domain in manifest["domains"]:  # predicted and confirmed speedups, trials, and no mismatch on CPU fp32
+        metrics = domain["metrics"]
+        assert metrics["trials"] == 3 and metrics["predicted_speedup"] > 0 and metrics["confirmed_speedup"] > 0
+        assert metrics["mismatch_rate"] == 0.0
+    validation = manifest["calibration"]["validation"]
+    assert set(validation["domains"]) == {"low", "high"}
+    assert all(set(row["speedups"]) == {"low", "high", "mix"} and row["mismatch_rate"] == 0.0
+               for row in validation["domains"].values())
+    assert isinstance(validation["domains"]["low"]["own_wins"], bool)
+    assert len(manifest["calibration"]["step_costs"]["widths"]) >= 2
     # what the MLflow UI shows: the run named after the version, policies as params, provenance, a description
     from registry.mlflow_store import BundleRegistry
 
@@ -87,12 +98,15 @@ def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path):
     assert params["search.trials"] == "3" and manifest["calibration"]["provenance"]["data.fingerprint"] == \
         params["data.fingerprint"]
     assert "compare bundles in the MLflow UI: http://" in out
+    metrics = run.data.metrics
+    assert metrics["heldout_own_wins/low"] in (0.0, 1.0) and "heldout_speedup/high/mix" in metrics
+    assert "Held-out check:" in run.data.tags["mlflow.note.content"]
 
 
 def kill_search_workers(work: Path) -> None:
     storage = make_storage(str(work / "optuna-journal.log"))
     for summary in optuna.get_all_study_summaries(storage):
-        pid = optuna.load_study(study_name=summary.study_name, storage=storage).user_attrs.get("worker_pid")
+        pid = optuna.load_study(study_name=summary.study_name, storage=storage).user_attrs.get("worker_pid.0")
         try:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, TypeError):
@@ -101,7 +115,7 @@ def kill_search_workers(work: Path) -> None:
 
 def test_killed_job_resumes_without_redoing_trials(tiny, tmp_path):
     work = tmp_path / "w"
-    args = job_args(tiny, work, "--trials", "40", "--no-publish", "--domains", "low", "--no-mix")
+    args = job_args(tiny, work, "--trials", "300", "--no-publish", "--domains", "low", "--no-mix")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "first-run.log", "w")  # a file, not a pipe nobody reads: that would block the job
@@ -123,28 +137,29 @@ def test_killed_job_resumes_without_redoing_trials(tiny, tmp_path):
         log.close()
         kill_search_workers(work)  # Ray workers live in their own sessions
     (study_name, before), = studies(work).items()
-    assert 3 <= len(before) < 40
+    assert 3 <= len(before) < 300
     kept = {t.number: t.params for t in before}
     rerun = run_job(args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    status = [line for line in (rerun.stdout + rerun.stderr).splitlines() if "trials done" in line]
-    assert status and f": {len(before)} trials done" in status[0], status
+    status = [line for line in (rerun.stdout + rerun.stderr).splitlines() if "trials completed" in line]
+    assert status and f": {len(before)} of 300 trials completed" in status[0], status
     after = studies(work)[study_name]
-    assert len(after) == 40
+    assert len(after) == 300
     assert {t.number: t.params for t in after if t.number in kept} == kept  # finished trials kept as they were
 
 
 def test_worker_killed_mid_search_is_retried(tiny, tmp_path):
     import ray
 
-    from pipeline.calibrate import CalibrationConfig, run_searches
+    from pipeline.calibrate import CalibrationConfig, identify, run_searches
     from pipeline.data import DataConfig, load_calibration_table
     from pipeline.tasks import ModelSpec
 
     work = tmp_path / "w"
     config = CalibrationConfig(model=ModelSpec(name=str(tiny / "model"), chat=False), bundle_name="t",
                                data=DataConfig(path=str(tiny / "data.jsonl"), domains=("high",)),
-                               search=SearchConfig(trials=10, prompts_per_trial=2, max_new_tokens=8),
+                               search=SearchConfig(trials=200, prompts_per_trial=2, max_new_tokens=8,
+                                                   confirm_prompts=2),
                                work_dir=str(work), mix=False)
     table = load_calibration_table(config.data, min_calibration=2)
     ray.init(num_cpus=2, include_dashboard=False)
@@ -157,25 +172,27 @@ def test_worker_killed_mid_search_is_retried(tiny, tmp_path):
                 storage = make_storage(config.storage_url)
                 for summary in optuna.get_all_study_summaries(storage):
                     study = optuna.load_study(study_name=summary.study_name, storage=storage)
-                    if len(finished_trials(study)) >= 2 and "worker_pid" in study.user_attrs:
-                        os.kill(study.user_attrs["worker_pid"], signal.SIGKILL)
-                        killed.append(study.user_attrs["worker_pid"])
+                    if len(completed_trials(study)) >= 2 and "worker_pid.0" in study.user_attrs:
+                        os.kill(study.user_attrs["worker_pid.0"], signal.SIGKILL)
+                        killed.append(study.user_attrs["worker_pid.0"])
                         return
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_worker_once_trials_exist)
     killer.start()
     try:
-        results = run_searches(config, table, log=print)
+        results = run_searches(config, table, identify(config, print), log=print)
     finally:
         killer.join()
         ray.shutdown()
     assert killed, "the worker was never killed"
     (result,) = results
-    assert result["domain"] == "high" and result["metrics"]["trials"] == 10
+    assert result["domain"] == "high" and result["metrics"]["trials"] == 200
     storage = make_storage(config.storage_url)
     study = optuna.load_study(study_name=result["study"], storage=storage)
-    assert study.user_attrs["worker_pid"] != killed[0]  # the retry ran in another worker
+    assert study.user_attrs["worker_pid.0"] != killed[0]  # the retry ran in another worker
+    numbers = [t.number for t in study.get_trials(deepcopy=False)]
+    assert len(numbers) == len(set(numbers))
 
 
 def test_ray_job_submit_against_a_head_node(tiny, tmp_path):

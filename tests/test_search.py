@@ -43,3 +43,30 @@ def test_seed_trials_carry_the_seed_configs():
     config = SearchConfig(seed_lookup=PromptLookupConfig(max_ngram=2, max_draft_tokens=7))
     lookup = next(t for t in seed_trials(30, config) if t["kind"] == "prompt_lookup")
     assert lookup["prompt_lookup.max_ngram"] == 2 and lookup["prompt_lookup.max_draft_tokens"] == 7
+
+
+def test_top_candidates_are_distinct_policies_best_first(tmp_path):
+    import optuna
+
+    from pipeline.search import top_candidates
+
+    study = optuna.create_study(direction="maximize")
+    for number, (kind, value) in enumerate([("a", 1.1), ("b", 1.3), ("a", 1.2), ("c", 0.9), ("d", 1.25)]):
+        trial = optuna.trial.create_trial(value=value, user_attrs={"policy": {"kind": kind}})
+        study.add_trial(trial)
+    assert [t.user_attrs["policy"]["kind"] for t in top_candidates(study, 3)] == ["b", "d", "a"]
+
+
+def test_the_fastest_confirmed_candidate_is_chosen_and_a_slow_one_falls_back_to_plain():
+    from pipeline.search import choose_policy
+
+    def candidate(kind, predicted, wall, mismatch=0.0):
+        return {"policy": {"kind": kind}, "predicted": predicted, "search_predicted": predicted, "trial": 0,
+                "skip_ratio": 0.0, "confirmed": {"speedup": wall, "mean_accepted_tokens": 1.5, "acceptance_rate": 0.4,
+                                                 "mismatch_rate": mismatch, "prompts": 8}}
+
+    policy, metrics = choose_policy([candidate("a", 1.3, 1.1), candidate("b", 1.2, 1.2, 0.25)], 100, SearchConfig())
+    assert policy == {"kind": "b"} and metrics["confirmed_speedup"] == 1.2 and metrics["predicted_speedup"] == 1.2
+    assert metrics["trials"] == 100 and metrics["mismatch_rate"] == 0.25  # a GPU near-tie is reported, not fatal
+    policy, metrics = choose_policy([candidate("a", 1.05, 0.97)], 100, SearchConfig())
+    assert policy == {"kind": "none"} and metrics["speedup"] == 1.0 and metrics["searched_speedup"] == 0.97

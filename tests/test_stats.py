@@ -69,10 +69,17 @@ def test_tally_pools_counts_and_has_one_empty_rule():
 
 def test_a_one_token_measurement_has_no_verify_step_and_no_division_by_zero():
     """--max-new-tokens 1: the prefill alone gives the token, so no step is verified."""
-    from pipeline.measure import measure_baseline, measure_policy
+    from pipeline.measure import measure_policies
+    from pipeline.scoring import build_workload, score_policy
+    from pipeline.costs import StepCosts
 
     model = tiny_model("llama")
     ids = [torch.tensor([[5, 6, 7, 8]])]
-    baseline = measure_baseline(model, ids, max_new_tokens=1)
-    result = measure_policy(model, PromptLookupDrafter(), baseline, max_new_tokens=1)
-    assert result.lossless and result.mean_accepted_tokens == 0.0 and result.acceptance_rate == 0.0
+    result = measure_policies(model, {"lookup": {"kind": "prompt_lookup"}}, ids, max_new_tokens=1,
+                              num_layers=4)["lookup"]
+    assert result.mismatch_rate == 0.0 and result.mean_accepted_tokens == 0.0 and result.acceptance_rate == 0.0
+    costs = StepCosts(contexts=(4, 8), widths=(1, 2), verify=((1.0, 1.5), (1.0, 1.5)), draft_forward=0.5,
+                      attention=0.01, mlp=0.01, threads=1, device="cpu")
+    score = score_policy(model, {"kind": "layer_skip", "skip_set": {"attn": [1]}}, 4, build_workload(model, ids, 1),
+                         costs)
+    assert score.predicted_speedup == 1.0 and score.mean_accepted_tokens == 0.0

@@ -65,6 +65,21 @@ class LayerSkipConfig:
         """The fields as the policy JSON names them."""
         return asdict(self)
 
+    def adapted_threshold(self, threshold: float, drafted: int, accepted: int) -> float:
+        """The threshold after a verification of `drafted` tokens that accepted `accepted` (unchanged unless
+        `adaptive`): lower when every draft was accepted, higher otherwise, within the bounds."""
+        if not self.adaptive or drafted == 0:
+            return threshold
+        if accepted == drafted:
+            return max(self.min_threshold, threshold - self.adapt_step)
+        return min(self.max_threshold, threshold + self.adapt_step)
+
+
+def confident_enough(confidence: float, threshold: float, config: LayerSkipConfig) -> tuple[bool, bool]:
+    """The stop rule of one drafted token with top-1 probability `confidence`: (propose it, stop after it)."""
+    confident = confidence >= threshold
+    return confident or config.keep_unconfident, not confident
+
 
 def check_attention(model: PreTrainedModel, skip_set: SkipSet) -> None:
     """Skipped attention leaves cache layers of different lengths while drafting; 1-token SDPA steps need no
@@ -132,13 +147,12 @@ class LayerSkipSession:
                         q = warp_probs(logits, sampling)  # (vocab,)
                         choice = sample(q, request.generator)
                         confidence = q.max()
-                    confident = float(confidence) >= self.threshold
-                    if not confident and not self.drafter.config.keep_unconfident:
-                        break
-                    tokens.append(choice.reshape(1))
-                    if not sampling.greedy:
-                        probs.append(q)
-                    if not confident:
+                    take, stop = confident_enough(float(confidence), self.threshold, self.drafter.config)
+                    if take:
+                        tokens.append(choice.reshape(1))
+                        if not sampling.greedy:
+                            probs.append(q)
+                    if stop:
                         break
                     token = choice.reshape(1, 1)
         finally:
@@ -147,10 +161,4 @@ class LayerSkipSession:
         return Draft(tokens=drafted, probs=torch.stack(probs) if probs else None, forwards=forwards)
 
     def observe(self, drafted: int, accepted: int) -> None:
-        config = self.drafter.config
-        if not config.adaptive or drafted == 0:
-            return
-        if accepted == drafted:
-            self.threshold = max(config.min_threshold, self.threshold - config.adapt_step)
-        else:
-            self.threshold = min(config.max_threshold, self.threshold + config.adapt_step)
+        self.threshold = self.drafter.config.adapted_threshold(self.threshold, drafted, accepted)

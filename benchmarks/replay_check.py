@@ -1,0 +1,103 @@
+"""How far calibration's trial score is from the real thing: replayed events vs the real loop, predicted speedup
+vs wall clock, on Spec-Bench prompts.
+
+    python benchmarks/replay_check.py [--per-category 1] [--max-new-tokens 32] [--out FILE.json]
+
+For every prompt: plain decoding (traced), then each policy through the real decoding loop, timed between two
+plain runs, and the same policy replayed (`pipeline.replay`) and priced with a step-cost table timed here first
+(`pipeline.costs`). Reported per policy, pooled over prompts:
+
+    accepted error   (replayed accepted tokens - real) / real      (prompt lookup: 0 by construction)
+    steps error      (replayed verify steps - real) / real
+    prediction error predicted speedup / wall-clock speedup - 1     (sum of plain / sum of policy seconds)
+
+and the median |prediction error| over (prompt, policy) pairs and over policies pooled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_engine import ALL_CATEGORIES, DEFAULT_POLICIES  # noqa: E402
+from benchmarks.common import load_spec_bench, machine_description, pick_prompts  # noqa: E402
+from knnssd.decoding import GenerationConfig, generate, warm_up  # noqa: E402
+from knnssd.models import load_model  # noqa: E402
+from knnssd.policy import drafter_from_policy  # noqa: E402
+from knnssd.prompts import encode_prompt  # noqa: E402
+from pipeline.costs import time_step_costs  # noqa: E402
+from pipeline.replay import full_cache, predict, replay, trace_prompt  # noqa: E402
+from pipeline.scoring import policy_skip_set  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default=None, help="Spec-Bench question.jsonl")
+    parser.add_argument("--categories", default=",".join(ALL_CATEGORIES))
+    parser.add_argument("--per-category", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    loaded = load_model(args.model)
+    model, layers = loaded.model, loaded.num_layers
+    prompts = pick_prompts(load_spec_bench(args.data), args.categories.split(","), args.per_category)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    warm_up(model, encode_prompt(loaded.tokenizer, "warm up", chat=True))
+    started = time.perf_counter()
+    costs = time_step_costs(model)
+    print(f"step costs timed in {time.perf_counter() - started:.0f} s: " +
+          ", ".join(f"{k} {v:.2f}" for k, v in costs.relative().items()), flush=True)
+    rows = []
+    for index, (category, text) in enumerate(prompts):
+        ids = encode_prompt(loaded.tokenizer, text, chat=True)
+        trace = trace_prompt(model, ids, args.max_new_tokens)
+        cache = full_cache(model, trace)
+        for name, policy in DEFAULT_POLICIES.items():
+            drafter = drafter_from_policy(policy, layers)
+            skip = policy_skip_set(policy)
+            before = generate(model, ids, config).stats.total_seconds
+            real = generate(model, ids, config, drafter)
+            after = generate(model, ids, config).stats.total_seconds
+            replayed = replay(drafter, trace, predict(model, trace, cache, skip) if skip is not None else None)
+            rows.append({"category": category, "policy": name, "prompt_tokens": ids.shape[1],
+                         "plain_seconds": (before + after) / 2, "seconds": real.stats.total_seconds,
+                         "predicted_plain_seconds": costs.plain_seconds(trace),
+                         "predicted_seconds": costs.generation_seconds(trace, replayed, skip),
+                         "real_accepted": real.stats.accepted_tokens, "replay_accepted": replayed.tally.accepted,
+                         "real_steps": real.stats.verify_steps, "replay_steps": len(replayed.steps),
+                         "identical": real.token_ids == trace.tokens})
+        print(f"[{index + 1}/{len(prompts)}] {category} ({ids.shape[1]} prompt tokens)", flush=True)
+    summary = {}
+    print(f"\n{'policy':<12}{'wall':>8}{'predicted':>10}{'error':>8}{'accepted err':>14}{'steps err':>11}")
+    for name in DEFAULT_POLICIES:
+        mine = [r for r in rows if r["policy"] == name]
+        wall = sum(r["plain_seconds"] for r in mine) / sum(r["seconds"] for r in mine)
+        predicted = sum(r["predicted_plain_seconds"] for r in mine) / sum(r["predicted_seconds"] for r in mine)
+        real_accepted = sum(r["real_accepted"] for r in mine)
+        accepted_error = (sum(r["replay_accepted"] for r in mine) - real_accepted) / max(1, real_accepted)
+        steps_error = (sum(r["replay_steps"] for r in mine) - sum(r["real_steps"] for r in mine)) / sum(
+            r["real_steps"] for r in mine)
+        summary[name] = {"wall": wall, "predicted": predicted, "error": predicted / wall - 1,
+                         "accepted_error": accepted_error, "steps_error": steps_error}
+        print(f"{name:<12}{wall:>8.3f}{predicted:>10.3f}{predicted / wall - 1:>+8.1%}{accepted_error:>+14.1%}"
+              f"{steps_error:>+11.1%}")
+    pair_errors = [abs((r["predicted_plain_seconds"] / r["predicted_seconds"]) /
+                       (r["plain_seconds"] / r["seconds"]) - 1) for r in rows]
+    pooled = statistics.median(abs(s["error"]) for s in summary.values())
+    print(f"\nmedian |prediction error|: {statistics.median(pair_errors):.1%} per (prompt, policy), {pooled:.1%} per "
+          f"policy pooled over {len(prompts)} prompts; all outputs identical to plain: "
+          f"{all(r['identical'] for r in rows)}")
+    print(machine_description())
+    if args.out:
+        Path(args.out).write_text(json.dumps({"costs": costs.to_dict(), "rows": rows, "summary": summary,
+                                              "machine": machine_description()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Replaying a drafter over plain decoding's own output: a trial's counted events without decoding it.
+
+Under greedy decoding every drafter commits exactly plain decoding's tokens, so what a policy would do on a
+prompt is fixed by that prompt's greedy continuation:
+
+- prompt lookup drafts from the committed tokens alone, so replaying the real `PromptLookupSession` over the
+  continuation gives exactly the drafts, acceptances and verify widths of a real run;
+- a layer-skip draft's first token, after committed position p, is the skipping model's prediction from token p
+  with the full model's cache for positions < p. One parallel pass of the skipping model over the whole
+  continuation, each query seeing the full model's keys and values before it and its own at its position (a
+  4-D attention mask), gives that prediction and its confidence at every position at once: exact for the first
+  drafted token. A later drafted token is read at its own position in the same pass, which differs from the
+  real draft only in that the drafted positions before it hold the full model's keys and values instead of the
+  draft's own. `tests/test_replay.py` bounds the error against the real loop, and BENCHMARKS.md reports it.
+- a hybrid replays the real lookup session and the layer-skip replay, as `HybridSession` combines them.
+
+`replay` mirrors the decoding loop (`knnssd.decoding.decode`): the same budget, the same draft cut, acceptance
+as the longest prefix of the draft that matches the continuation, the bonus token, EOS. Its output is the
+counted events (`Replayed`), which `pipeline.costs.StepCosts` prices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from knnssd.decoding import GenerationConfig, begin, decode
+from knnssd.drafters import (Draft, DraftRequest, Drafter, HybridDrafter, HybridSession, LayerSkipConfig,
+                             LayerSkipDrafter, PromptLookupDrafter)
+from knnssd.drafters.layer_skip import confident_enough
+from knnssd.errors import KnnSsdError
+from knnssd.kernels import transformers_kernels
+from knnssd.kvcache import rollback
+from knnssd.skipset import SkipSet
+from knnssd.stats import Tally
+from knnssd.sublayers import model_lock, skip_sublayers
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One prompt's plain greedy decoding, what every replay on it is scored against.
+
+    prompt: the prompt's token ids; tokens: the new tokens (the prefill's first); max_new_tokens: the budget it
+    ran with; prefill_seconds / seconds: wall clock of its prefill and of the whole plain generation.
+    """
+
+    prompt: tuple[int, ...]
+    tokens: tuple[int, ...]
+    max_new_tokens: int
+    prefill_seconds: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The skipping model's greedy choice after each committed token of a trace.
+
+    tokens[i], confidence[i]: its argmax and top-1 probability from trace token i (at position
+    len(prompt) + i), predicting token i + 1; one entry per token but the last.
+    """
+
+    tokens: tuple[int, ...]
+    confidence: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One verification step: `drafted` tokens checked, `accepted` of them kept, after `forwards` draft passes."""
+
+    drafted: int
+    accepted: int
+    forwards: int
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The events of one replayed generation, in order."""
+
+    steps: tuple[Step, ...]
+
+    @property
+    def tally(self) -> Tally:
+        return Tally(accepted=sum(s.accepted for s in self.steps), drafted=sum(s.drafted for s in self.steps),
+                     steps=len(self.steps))
+
+
+def trace_prompt(model: PreTrainedModel, prompt_ids: torch.Tensor, max_new_tokens: int) -> Trace:
+    """Plain greedy decoding of `prompt_ids` (1, T), timed."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    with model_lock(model):
+        started = begin(model, prompt_ids, config)
+        result = decode(model, started.state, config, None, started.generator, started.clock)
+    return Trace(prompt=tuple(prompt_ids[0].tolist()), tokens=result.token_ids, max_new_tokens=max_new_tokens,
+                 prefill_seconds=result.stats.prefill_seconds, seconds=result.stats.total_seconds)
+
+
+def sliding_window(model: PreTrainedModel) -> int | None:
+    """The attention window every layer uses (None: full attention); mixed layers are refused."""
+    config = model.config
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if len(kinds) > 1:
+        raise KnnSsdError("this model mixes full and sliding-window attention layers, which replay does not model",
+                          fix="calibrate it with wall-clock trials (a model with one attention kind replays)")
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window else None
+
+
+def full_cache(model: PreTrainedModel, trace: Trace) -> DynamicCache:
+    """The full model's keys and values over the prompt and every new token but the last: (prompt + n - 1)
+    positions, in a plain cache (full layers, whatever the model's window, so any position can be read)."""
+    ids = torch.tensor([list(trace.prompt) + list(trace.tokens[:-1])], device=model.device)
+    cache = DynamicCache()
+    with torch.inference_mode(), model_lock(model), transformers_kernels(model):
+        model.model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device).unsqueeze(0),
+                    cache=cache, use_cache=True)
+    return cache
+
+
+def replay_mask(prompt_length: int, queries: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """(1, 1, queries, cached + queries) bool mask, cached = prompt_length + queries: query i, at position
+    p = prompt_length + i, sees the cached keys of positions < p (within `window`) and its own new key only."""
+    cached = prompt_length + queries
+    position = torch.arange(prompt_length, cached, device=device).unsqueeze(1)  # (queries, 1)
+    key = torch.arange(cached, device=device).unsqueeze(0)  # (1, cached)
+    past = key < position
+    if window is not None:
+        past &= position - key < window
+    own = torch.eye(queries, dtype=torch.bool, device=device)
+    return torch.cat([past, own], dim=1)[None, None]
+
+
+@torch.inference_mode()
+def predict(model: PreTrainedModel, trace: Trace, cache: DynamicCache, skip_set: SkipSet) -> Prediction:
+    """One parallel pass of the model skipping `skip_set` over the trace (see the module docstring); `cache` is
+    `full_cache(model, trace)` and is left as it was."""
+    queries = len(trace.tokens) - 1
+    if queries < 1:
+        return Prediction(tokens=(), confidence=())
+    cached = cache.get_seq_length()
+    device = model.device
+    ids = torch.tensor([list(trace.tokens[:-1])], device=device)  # (1, queries)
+    positions = torch.arange(len(trace.prompt), len(trace.prompt) + queries, device=device).unsqueeze(0)
+    mask = replay_mask(len(trace.prompt), queries, sliding_window(model), device)
+    try:
+        with model_lock(model), skip_sublayers(model, skip_set), transformers_kernels(model):
+            hidden = model.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
+                                 use_cache=True).last_hidden_state[0]  # (queries, hidden)
+            logits = model.get_output_embeddings()(hidden)  # (queries, vocab)
+    finally:
+        rollback(cache, cached)
+    confidence, tokens = logits.float().softmax(dim=-1).max(dim=-1)
+    return Prediction(tokens=tuple(tokens.tolist()), confidence=tuple(confidence.tolist()))
+
+
+class ReplayedLayerSkip:
+    """A layer-skip session that reads its drafts from a `Prediction` instead of running the model; the stop
+    rule is the real session's (`knnssd.drafters.layer_skip.confident_enough`), the threshold adapts as there."""
+
+    def __init__(self, config: LayerSkipConfig, prediction: Prediction, prompt_length: int) -> None:
+        self.config = config
+        self.prediction = prediction
+        self.prompt_length = prompt_length
+        self.threshold = config.threshold
+
+    def propose(self, request: DraftRequest) -> Draft:
+        limit = min(self.config.max_draft_tokens, request.max_tokens)
+        start = request.position - self.prompt_length
+        tokens: list[int] = []
+        forwards = 0
+        for index in range(start, min(start + limit, len(self.prediction.tokens))):
+            forwards += 1
+            take, stop = confident_enough(self.prediction.confidence[index], self.threshold, self.config)
+            if take:
+                tokens.append(self.prediction.tokens[index])
+            if stop:
+                break
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), probs=None, forwards=forwards)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.threshold = self.config.adapted_threshold(self.threshold, drafted, accepted)
+
+
+def replay_session(drafter: Drafter, prediction: Prediction | None, prompt_length: int):
+    """The session that replays `drafter`: the real one for lookup, a `ReplayedLayerSkip` for layer skipping."""
+    if isinstance(drafter, PromptLookupDrafter):
+        return drafter.start()
+    if prediction is None:
+        raise ValueError("a layer-skip replay needs the skipping model's prediction")
+    if isinstance(drafter, LayerSkipDrafter):
+        return ReplayedLayerSkip(drafter.config, prediction, prompt_length)
+    if isinstance(drafter, HybridDrafter):
+        return HybridSession(drafter.lookup.start(),
+                             ReplayedLayerSkip(drafter.layer_skip.config, prediction, prompt_length))
+    raise KnnSsdError(f"drafter {type(drafter).__name__} cannot be replayed",
+                      fix="replay the built-in drafters (layer_skip, prompt_lookup, hybrid)")
+
+
+def replay(drafter: Drafter, trace: Trace, prediction: Prediction | None = None) -> Replayed:
+    """The events `knnssd.decoding.decode` would record decoding the trace's prompt greedily with `drafter`."""
+    session = replay_session(drafter, prediction, len(trace.prompt))
+    continuation = trace.tokens
+    history = list(trace.prompt) + [continuation[0]]
+    committed = 1  # new tokens committed; continuation[committed - 1] is the last
+    steps = []
+    no_device = torch.empty((1, 1), dtype=torch.long)
+    while committed < len(continuation):
+        budget = trace.max_new_tokens - committed
+        drafted: list[int] = []
+        forwards = 0
+        if budget > 1:
+            draft = session.propose(DraftRequest(model=None, cache=None, last_token=no_device,  # type: ignore[arg-type]
+                                                 position=len(history) - 1, max_tokens=budget - 1,
+                                                 sampling=GenerationConfig().sampling, generator=None,
+                                                 history=history))
+            drafted, forwards = draft.tokens[: budget - 1].tolist(), draft.forwards
+        accepted = 0
+        for token, expected in zip(drafted, continuation[committed:]):
+            if token != expected:
+                break
+            accepted += 1
+        session.observe(len(drafted), accepted)
+        steps.append(Step(drafted=len(drafted), accepted=accepted, forwards=forwards))
+        take = min(accepted + 1, len(continuation) - committed)
+        history.extend(continuation[committed:committed + take])
+        committed += take
+    return Replayed(steps=tuple(steps))

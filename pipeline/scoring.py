@@ -1,0 +1,81 @@
+"""A trial's score: its replayed events (`pipeline.replay`) priced by the worker's step costs (`pipeline.costs`).
+
+    predicted speedup = sum over prompts of predicted plain seconds / sum of predicted drafted seconds
+
+Deterministic: the same policy on the same prompts with the same table scores the same, to the last digit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from knnssd.policy import drafter_from_policy, layer_skip_parts
+from knnssd.skipset import SkipSet
+from knnssd.stats import Tally
+from pipeline.costs import StepCosts
+from pipeline.replay import Trace, full_cache, predict, replay, trace_prompt
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The prompts a search scores on: each one's plain greedy trace and the full model's cache over it."""
+
+    traces: tuple[Trace, ...]
+    caches: tuple[DynamicCache, ...]
+
+
+@dataclass(frozen=True)
+class Score:
+    """A policy's predicted figures on a workload (mean accepted and acceptance pooled by `Tally`)."""
+
+    predicted_speedup: float
+    mean_accepted_tokens: float
+    acceptance_rate: float
+    plain_seconds: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"predicted_speedup": self.predicted_speedup, "mean_accepted_tokens": self.mean_accepted_tokens,
+                "acceptance_rate": self.acceptance_rate, "predicted_plain_seconds": self.plain_seconds,
+                "predicted_seconds": self.seconds}
+
+
+def build_workload(model: PreTrainedModel, prompt_ids: list[torch.Tensor], max_new_tokens: int) -> Workload:
+    """Plain decoding of each prompt (1, T), and its cache for layer-skip replays."""
+    traces = tuple(trace_prompt(model, ids, max_new_tokens) for ids in prompt_ids)
+    return Workload(traces=traces, caches=tuple(full_cache(model, trace) for trace in traces))
+
+
+def policy_skip_set(policy: dict[str, Any]) -> SkipSet | None:
+    """The skip set of a policy's layer-skip part, None when it has none."""
+    kind = policy.get("kind")
+    if kind == "layer_skip":
+        return layer_skip_parts(policy)[0]
+    if kind == "hybrid":
+        return layer_skip_parts(policy["layer_skip"])[0]
+    return None
+
+
+def score_policy(model: PreTrainedModel, policy: dict[str, Any], num_layers: int, workload: Workload,
+                 costs: StepCosts) -> Score:
+    """Replay `policy` on every prompt of `workload` and price it."""
+    drafter = drafter_from_policy(policy, num_layers)
+    skip_set = policy_skip_set(policy)
+    plain = seconds = 0.0
+    tally = Tally()
+    for trace, cache in zip(workload.traces, workload.caches):
+        plain += costs.plain_seconds(trace)
+        if drafter is None:
+            seconds += costs.plain_seconds(trace)
+            tally += Tally(steps=len(trace.tokens) - 1)
+            continue
+        prediction = predict(model, trace, cache, skip_set) if skip_set is not None else None
+        replayed = replay(drafter, trace, prediction)
+        seconds += costs.generation_seconds(trace, replayed, skip_set)
+        tally += replayed.tally
+    return Score(predicted_speedup=plain / seconds, mean_accepted_tokens=tally.mean_accepted_tokens,
+                 acceptance_rate=tally.acceptance_rate, plain_seconds=plain, seconds=seconds)
