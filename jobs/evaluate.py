@@ -38,15 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (default all)")
     p.add_argument("--streams", default=",".join(STREAMS), help="task, mixed or both")
     p.add_argument("--fix-domains", default=None, help="domains whose policy runs as Self-SD(Fix) (default all; 'none' for none)")
-    p.add_argument("--peers", default=",".join(PEERS), help="transformers' methods to time, or 'none'")
+    p.add_argument("--peers", default=",".join(EvalConfig.peers),
+                   help=f"transformers' methods to time, of {','.join(PEERS)} (hf-early-exit is slow: about 0.2x "
+                        "here, so opt-in), or 'none'")
     p.add_argument("--lookup-tokens", type=int, default=EvalConfig.lookup_tokens, help="peers' prompt_lookup_num_tokens")
     p.add_argument("--early-exit-layer", type=int, default=None, help="peers' assistant_early_exit (default L/2)")
     p.add_argument("--policy", action="append", default=[], metavar="NAME=JSON",
                    help="also run this draft policy for every prompt, as method NAME (repeatable), e.g. "
                         "--policy lookup='{\"kind\": \"prompt_lookup\"}'")
     p.add_argument("--seed", type=int, default=EvalConfig.seed, help="seed of the mixed stream's shuffle")
-    p.add_argument("--tie", type=float, default=0.02,
-                   help="relative difference below which the verdicts call two speedups a tie (default 0.02)")
+    p.add_argument("--ood-domains", default=None,
+                   help="domains of the data the bundle was NOT calibrated on: their prompts run as a third, "
+                        "out-of-distribution stream (fallback rate, routing, speedup)")
     p.add_argument("--rerender", default=None, metavar="DIR",
                    help="measure nothing: rebuild the tables, plot and report of an earlier run's folder")
     p.add_argument("--out", default=None, help="output folder (default evaluation/<bundle>-<time>)")
@@ -79,10 +82,14 @@ def named_policies(items: list[str]) -> tuple[tuple[str, dict], ...]:
     return tuple(pairs)
 
 
-def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | None) -> list[tuple[str, str]]:
-    """The held-out prompts of the bundle's domains, split as calibration split them."""
+def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | None,
+                       ood_domains: tuple[str, ...] = ()) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The held-out prompts of the bundle's domains, split as calibration split them; and the prompts of
+    `ood_domains` (domains of the data the bundle was not calibrated on)."""
+    from dataclasses import replace
+
     from pipeline.data import DataConfig, load_calibration_table
-    from pipeline.study import held_out_prompts
+    from pipeline.study import held_out_prompts, ood_prompts
 
     recorded = dict(manifest.get("calibration", {}).get("data") or {})
     if data_path is None and "data" not in manifest.get("calibration", {}):
@@ -93,7 +100,12 @@ def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | 
     config = DataConfig(**recorded)
     min_calibration = int(manifest.get("calibration", {}).get("search", {}).get("prompts_per_trial", 1))
     table = load_calibration_table(config, min_calibration=min_calibration)
-    return held_out_prompts(table, [d["name"] for d in manifest["domains"]], per_domain)
+    domains = [d["name"] for d in manifest["domains"]]
+    unseen = []
+    if ood_domains:
+        everything = load_calibration_table(replace(config, domains=()), min_calibration=min_calibration)
+        unseen = ood_prompts(everything, domains, ood_domains, per_domain)
+    return held_out_prompts(table, domains, per_domain), unseen
 
 
 def run_study(bundle: str, tracking_uri: str | None, device: str | None, dtype: str | None, data: str | None,
@@ -104,9 +116,11 @@ def run_study(bundle: str, tracking_uri: str | None, device: str | None, dtype: 
 
     runtime = load_bundle(bundle, tracking_uri=tracking_uri, device=device, dtype=dtype, threads=threads,
                           fast_kernels=fast_kernels)
-    prompts = evaluation_prompts(runtime.bundle.manifest, data, config.prompts_per_domain)
-    return runtime.bundle.manifest, prompts, evaluate(runtime, prompts, config,
-                                                      log=lambda message: print(message, flush=True))
+    prompts, unseen = evaluation_prompts(runtime.bundle.manifest, data, config.prompts_per_domain,
+                                         config.ood_domains)
+    return runtime.bundle.manifest, prompts + unseen, evaluate(runtime, prompts, config,
+                                                               log=lambda message: print(message, flush=True),
+                                                               unseen=unseen)
 
 
 def run_study_where_asked(args: argparse.Namespace, config: EvalConfig):
@@ -133,12 +147,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
                         streams=split_list(args.streams), peers=split_list(args.peers),
                         fix_domains=None if args.fix_domains is None else split_list(args.fix_domains),
                         lookup_tokens=args.lookup_tokens, early_exit_layer=args.early_exit_layer, seed=args.seed,
-                        policies=named_policies(args.policy))
+                        policies=named_policies(args.policy), ood_domains=split_list(args.ood_domains))
     from pipeline.report import metric_key, read_rows, summarise, write_outputs
 
     if args.rerender:
         rows = read_rows(Path(args.rerender) / "per_prompt.csv")
-        print("\n".join(write_outputs(rows, summarise(rows), args.rerender, args.bundle, args.tie)))
+        print("\n".join(write_outputs(rows, summarise(rows), args.rerender, args.bundle)))
         return 0
     from knnssd.threads import resolve_threads
 
@@ -147,8 +161,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_.@" else "-" for c in Path(args.bundle).name)
     out = Path(args.out or Path("evaluation") / f"{safe}-{stamp}")
-    report = write_outputs(rows, table, out, f"{manifest['model_id']} ({args.bundle})", args.tie)
+    report = write_outputs(rows, table, out, f"{manifest['model_id']} ({args.bundle})")
     print("\n" + "\n".join(report))
+    if config.ood_domains:
+        from knnssd.policy import describe_policy
+
+        print(f"(a prompt that falls back is decoded with the bundle's fallback policy: "
+              f"{describe_policy(manifest['fallback_policy'])}, beyond cosine distance "
+              f"{manifest['routing']['fallback_distance']:.4f})")
     print(f"\nresults: {out}")
     if not args.no_log:
         from registry.mlflow_store import BundleRegistry
@@ -159,7 +179,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
                   "bundle": args.bundle, "data": args.data or "calibration data", "prompts": len(prompts),
                   "threads": resolve_threads(args.threads), "fast_kernels": not args.no_fast_kernels}
         metrics = {metric_key(r, figure): r[figure] for r in table
-                   for figure in ("speedup", "mean_accepted", "acceptance", "identical", "routing_accuracy")}
+                   for figure in ("speedup", "speedup_low", "speedup_high", "mean_accepted", "acceptance", "identical",
+                                  "routing_accuracy")}
         run_id = registry.log_evaluation(args.bundle, params, metrics, out)
         print(f"logged to MLflow run {run_id} in {registry.tracking_uri}")
     return 0

@@ -21,28 +21,34 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return Path(path)
 
 
-Panel = tuple[str, Sequence[str], dict[str, Sequence[float]]]  # (title, categories, {series: values})
+# (title, categories, {series: values}) or with a fourth item, {series: [(low, high) per category]}: error bars
+Panel = tuple[Any, ...]
 
 
 def bar_chart(path: Path, panels: Sequence[Panel], ylabel: str, highlight: str | None = None) -> Path:
     """Grouped bars, one panel per entry of `panels` stacked vertically, a dashed line at 1.0 (plain decoding).
 
-    Each panel is (title, categories, {series name: one value per category}); the series named `highlight`
-    gets a black edge."""
+    Each panel is (title, categories, {series name: one value per category}[, {series name: (low, high) per
+    category}]), the optional intervals drawn as error bars; the series named `highlight` gets a black edge."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    width_in = max(5.0, min(13.0, 1.2 + 0.35 * max(len(c) * len(s) for _, c, s in panels)))
+    width_in = max(5.0, min(13.0, 1.2 + 0.35 * max(len(p[1]) * len(p[2]) for p in panels)))
     fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 3.6 * len(panels)), squeeze=False)
     colours = plt.get_cmap("tab20")
-    for ax, (title, categories, series) in zip(axes[:, 0], panels):
+    for ax, panel in zip(axes[:, 0], panels):
+        title, categories, series = panel[:3]
+        intervals = panel[3] if len(panel) > 3 else {}
         width = 0.8 / len(series)
         for m, (name, values) in enumerate(series.items()):
             xs = [i + (m - (len(series) - 1) / 2) * width for i in range(len(categories))]
-            ax.bar(xs, list(values), width, label=name, color=colours(m % 20),
-                   edgecolor="black" if name == highlight else None)
+            bounds = intervals.get(name)
+            yerr = None if bounds is None else [[v - low for v, (low, _) in zip(values, bounds)],
+                                                [high - v for v, (_, high) in zip(values, bounds)]]
+            ax.bar(xs, list(values), width, label=name, color=colours(m % 20), yerr=yerr, capsize=2,
+                   error_kw={"elinewidth": 0.8}, edgecolor="black" if name == highlight else None)
         ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
         ax.set_xticks(range(len(categories)), list(categories), rotation=20)
         ax.set_ylabel(ylabel)

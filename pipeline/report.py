@@ -2,7 +2,8 @@
 
 Needs no torch: `jobs/evaluate.py --rerender` rebuilds a run's report from its per_prompt.csv alone.
 
-    speedup       = sum of plain seconds / sum of the method's seconds, over the same prompts
+    speedup       = sum of plain seconds / sum of the method's seconds, over the same prompts, with a 95%
+                    paired-bootstrap interval over prompts (speedup_low, speedup_high; `pipeline.bootstrap`)
     mean_accepted, acceptance: pooled by knnssd.stats.Tally (our methods; 0 for transformers' peers)
     identical     = fraction of prompts whose tokens equal plain decoding's
     routing_accuracy (knn) = fraction routed to the prompt's true domain (a fallback counts as a miss)
@@ -18,8 +19,12 @@ from typing import Any
 
 from knnssd.reports import bar_chart, write_csv
 from knnssd.stats import Tally
+from pipeline.bootstrap import difference_interval, speedup_interval, verdict
 
 OVERALL = "overall"
+# Spec-Bench's leaderboard columns: its 8 MT-bench categories pooled (or merged into "chat"), then the five tasks.
+MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+LEADERBOARD = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,10 @@ def summarise(rows: list[PromptRun]) -> list[dict[str, Any]]:
     table = []
     for (stream, method, domain), group in groups.items():
         tally = sum((Tally(accepted=r.accepted, drafted=r.drafted, steps=r.steps) for r in group), Tally())
+        interval = speedup_interval([r.plain_seconds for r in group], [r.seconds for r in group])
         entry: dict[str, Any] = {
             "stream": stream, "method": method, "domain": domain, "prompts": len(group),
-            "speedup": sum(r.plain_seconds for r in group) / sum(r.seconds for r in group),
+            "speedup": interval.estimate, "speedup_low": interval.low, "speedup_high": interval.high,
             "mean_accepted": tally.mean_accepted_tokens,
             "acceptance": tally.acceptance_rate,
             "identical": sum(r.identical for r in group) / len(group),
@@ -62,40 +68,93 @@ def summarise(rows: list[PromptRun]) -> list[dict[str, Any]]:
     return table
 
 
-def _compare(knn: float, other: float, tie: float) -> str:
-    if abs(knn - other) <= tie * other:
-        return f"ties with (within {tie:.0%})"
-    return "beats" if knn > other else "does not beat"
+def paired(rows: list[PromptRun], stream: str, domain: str) -> tuple[list[float], dict[str, list[float]]]:
+    """Plain seconds and each method's seconds on the same prompts of (stream, domain; OVERALL: all), in
+    prompt order; a method missing any of those prompts is left out."""
+    chosen = [r for r in rows if r.stream == stream and domain in (OVERALL, r.domain)]
+    orders = sorted({r.order for r in chosen})
+    by = {(r.method, r.order): r for r in chosen}
+    plain = {r.order: r.plain_seconds for r in chosen}
+    methods = dict.fromkeys(r.method for r in chosen)
+    return ([plain[o] for o in orders],
+            {m: [by[(m, o)].seconds for o in orders] for m in methods if all((m, o) in by for o in orders)})
 
 
-def verdicts(table: list[dict[str, Any]], tie: float = 0.02) -> list[str]:
-    """Plain statements: per stream and domain (overall last), does knn beat Self-SD(Fix) (each fixed policy,
-    and their mean) and Self-SD(Mix)? Differences within `tie` (relative) are called ties: repeated runs of one
-    method on this CPU differ by a few percent. Figures included, whatever the answer."""
+def verdicts(rows: list[PromptRun]) -> list[str]:
+    """Plain statements per stream and domain (overall last): does KNN-SSD beat Self-SD(Fix) (the mean of the
+    fixed policies, and how many of them it beats) and Self-SD(Mix)? "beats" / "loses to" only where the 95%
+    paired-bootstrap interval of the speedup difference excludes zero; otherwise "no significant difference
+    from", with the interval. Figures included, whatever the answer."""
     lines = []
-    index = {(r["stream"], r["method"], r["domain"]): r["speedup"] for r in table}
-    streams = list(dict.fromkeys(r["stream"] for r in table))
-    for stream in streams:
-        domains = [d for d in dict.fromkeys(r["domain"] for r in table if r["stream"] == stream) if d != OVERALL]
-        fixes = sorted({r["method"] for r in table if r["method"].startswith("fix-")})
+    for stream in dict.fromkeys(r.stream for r in rows):
+        domains = list(dict.fromkeys(r.domain for r in rows if r.stream == stream))
         for domain in domains + [OVERALL]:
-            knn = index.get((stream, "knn", domain))
-            if knn is None:
+            plain, seconds = paired(rows, stream, domain)
+            if "knn" not in seconds:
                 continue
+            knn = seconds["knn"]
+            fixes = sorted(m for m in seconds if m.startswith("fix-"))
             parts = []
             if fixes:
-                values = [index[(stream, f, domain)] for f in fixes]
-                mean = sum(values) / len(values)
-                beaten = sum(knn > v for v in values)
-                parts.append(f"{_compare(knn, mean, tie)} Self-SD(Fix) on average "
-                             f"({knn:.3f} vs mean {mean:.3f}; above {beaten} of {len(values)} fixed policies, "
-                             f"best fixed {max(values):.3f})")
-            if (stream, "mix", domain) in index:
-                mix = index[(stream, "mix", domain)]
-                parts.append(f"{_compare(knn, mix, tie)} Self-SD(Mix) ({knn:.3f} vs {mix:.3f})")
-            lines.append(f"{stream} stream, {domain}: KNN-SSD " + "; ".join(parts) if parts else
-                         f"{stream} stream, {domain}: KNN-SSD {knn:.3f} (no Fix or Mix to compare)")
+                difference = difference_interval(plain, knn, [seconds[f] for f in fixes])
+                each = [verdict(difference_interval(plain, knn, [seconds[f]])) for f in fixes]
+                parts.append(f"{verdict(difference)} Self-SD(Fix) on average (speedup difference "
+                             f"{difference.describe(signed=True)}; significantly above {each.count('beats')}, "
+                             f"below {each.count('loses to')} of {len(fixes)} fixed policies)")
+            if "mix" in seconds:
+                difference = difference_interval(plain, knn, [seconds["mix"]])
+                parts.append(f"{verdict(difference)} Self-SD(Mix) (speedup difference "
+                             f"{difference.describe(signed=True)})")
+            knn_speedup = speedup_interval(plain, knn)
+            lines.append(f"{stream} stream, {domain} ({len(plain)} prompts): KNN-SSD {knn_speedup.describe()} "
+                         + ("; ".join(parts) if parts else "(no Fix or Mix to compare)"))
     return lines
+
+
+def out_of_distribution(rows: list[PromptRun]) -> list[str]:
+    """Per domain of the "ood" stream: where KNN-SSD routed its prompts, how often it fell back, its speedup."""
+    lines = []
+    knn = [r for r in rows if r.stream == "ood" and r.method == "knn"]
+    for domain in dict.fromkeys(r.domain for r in knn):
+        mine = [r for r in knn if r.domain == domain]
+        routed: dict[str, int] = {}
+        for r in mine:
+            routed[r.routed_to] = routed.get(r.routed_to, 0) + 1
+        fallback = routed.get("(fallback)", 0)
+        interval = speedup_interval([r.plain_seconds for r in mine], [r.seconds for r in mine])
+        where = ", ".join(f"{name} {count}" for name, count in sorted(routed.items(), key=lambda kv: -kv[1]))
+        lines.append(f"ood stream, {domain} (never calibrated, {len(mine)} prompts): fallback {fallback}/{len(mine)} "
+                     f"({fallback / len(mine):.0%}); routed to {where}; KNN-SSD {interval.describe()}")
+    return lines
+
+
+def leaderboard_column(domain: str) -> str | None:
+    """The Spec-Bench leaderboard column a domain or category belongs to (None: not a Spec-Bench one)."""
+    if domain in MT_BENCH_CATEGORIES or domain in ("chat", "mt_bench"):
+        return "mt_bench"
+    return domain if domain in LEADERBOARD else None
+
+
+def leaderboard(rows: list[PromptRun], stream: str) -> str | None:
+    """Speedups the way the Spec-Bench leaderboard reports them: its six columns (categories pooled) and
+    overall, per method, with 95% intervals; None when no domain is a Spec-Bench category."""
+    chosen = [r for r in rows if r.stream == stream]
+    columns = [c for c in LEADERBOARD if any(leaderboard_column(r.domain) == c for r in chosen)]
+    if not columns:
+        return None
+    methods = list(dict.fromkeys(r.method for r in chosen if r.method != "plain"))
+    lines = [f"{'method':<20}" + "".join(f"{c:>22}" for c in [*columns, OVERALL])]
+    for method in methods:
+        cells = []
+        for column in [*columns, OVERALL]:
+            group = [r for r in chosen if r.method == method and column in (OVERALL, leaderboard_column(r.domain))]
+            if not group:
+                cells.append(f"{'-':>22}")
+                continue
+            i = speedup_interval([r.plain_seconds for r in group], [r.seconds for r in group])
+            cells.append(f"{f'{i.estimate:.2f} [{i.low:.2f},{i.high:.2f}]':>22}")
+        lines.append(f"{method:<20}" + "".join(cells))
+    return "\n".join(lines)
 
 
 def read_rows(path: Any) -> list[PromptRun]:
@@ -119,10 +178,11 @@ def format_table(table: list[dict[str, Any]], stream: str) -> str:
     cell = {(r["method"], r["domain"]): r for r in rows}
     width = max(10, max(len(d) for d in domains) + 1)
     lines = [f"{'method':<20}" + "".join(f"{d[:width - 1]:>{width}}" for d in domains)
-             + f"{'mean acc':>10}{'identical':>10}"]
+             + f"{'overall 95% CI':>16}{'mean acc':>10}{'identical':>10}"]
     for method in methods:
         overall = cell[(method, OVERALL)]
         lines.append(f"{method:<20}" + "".join(f"{cell[(method, d)]['speedup']:>{width}.3f}" for d in domains)
+                     + f"{interval_text(overall):>16}"
                      + (f"{overall['mean_accepted']:>10.2f}" if overall["mean_accepted"] else f"{'-':>10}")
                      + f"{overall['identical']:>10.2f}")
     knn = cell.get(("knn", OVERALL))
@@ -131,15 +191,22 @@ def format_table(table: list[dict[str, Any]], stream: str) -> str:
     return "\n".join(lines)
 
 
+def interval_text(row: dict[str, Any]) -> str:
+    return f"[{row['speedup_low']:.3f},{row['speedup_high']:.3f}]"
+
+
 def plot(table: list[dict[str, Any]], path: Any, title: str) -> None:
     """Figure-1-style grouped bars: speedup per domain (overall last) for each method, one panel per stream."""
     panels = []
     for stream in dict.fromkeys(r["stream"] for r in table):
         rows = [r for r in table if r["stream"] == stream and r["method"] != "plain"]
         domains = [d for d in dict.fromkeys(r["domain"] for r in rows) if d != OVERALL] + [OVERALL]
-        cell = {(r["method"], r["domain"]): r["speedup"] for r in rows}
-        series = {m: [cell[(m, d)] for d in domains] for m in dict.fromkeys(r["method"] for r in rows)}
-        panels.append((f"{title}: {stream} stream", domains, series))
+        cell = {(r["method"], r["domain"]): r for r in rows}
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        series = {m: [cell[(m, d)]["speedup"] for d in domains] for m in methods}
+        errors = {m: [(cell[(m, d)]["speedup_low"], cell[(m, d)]["speedup_high"]) for d in domains]
+                  for m in methods}
+        panels.append((f"{title}: {stream} stream (95% intervals)", domains, series, errors))
     bar_chart(Path(path), panels, ylabel="speedup over plain", highlight="knn")
 
 
@@ -148,8 +215,7 @@ def metric_key(row: dict[str, Any], figure: str) -> str:
     return f"{figure}/{row['stream']}/{row['method']}/{row['domain']}"
 
 
-def write_outputs(rows: list[PromptRun], table: list[dict[str, Any]], folder: Any, title: str,
-                  tie: float = 0.02) -> list[str]:
+def write_outputs(rows: list[PromptRun], table: list[dict[str, Any]], folder: Any, title: str) -> list[str]:
     """per_prompt.csv, summary.csv, summary.json, speedup.png and report.txt in `folder`; returns the report."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -160,7 +226,11 @@ def write_outputs(rows: list[PromptRun], table: list[dict[str, Any]], folder: An
     report = []
     for stream in dict.fromkeys(r["stream"] for r in table):
         report += [f"speedup over plain decoding, {stream} stream:", format_table(table, stream), ""]
-    report += verdicts(table, tie)
+        board = leaderboard(rows, stream)
+        if board:
+            report += [f"Spec-Bench leaderboard columns, {stream} stream (speedup [95% CI]):", board, ""]
+    report += verdicts(rows)
+    report += out_of_distribution(rows)
     mismatched = sorted({(r.method, r.domain) for r in rows if not r.identical and not r.method.startswith("hf-")})
     report.append("lossless: every method of ours token-identical to plain decoding on every prompt" if not mismatched
                   else f"NOT LOSSLESS: {mismatched}")

@@ -15,7 +15,10 @@ method back to back, in an order rotated from prompt to prompt, so machine drift
     hf-prompt-lookup transformers' assisted generation with prompt lookup (`prompt_lookup_num_tokens`)
     hf-early-exit    transformers' assisted generation with its early-exit assistant (`assistant_early_exit`)
 
-Two streams: "task" (prompts grouped by domain, domain after domain) and "mixed" (the same prompts shuffled).
+Two streams: "task" (prompts grouped by domain, domain after domain) and "mixed" (the same prompts shuffled);
+and with `ood_domains`, a third, "ood": prompts of domains the bundle was not calibrated on (every method but
+the oracle, which has no true policy for them), to show what routing does out of distribution: how often it
+falls back, where it routes, and what speedup that gives.
 Figures per stream, method and domain (and "overall", pooled over every prompt of the stream):
 
     speedup       = sum of plain seconds / sum of the method's seconds, over the same prompts
@@ -41,7 +44,9 @@ if TYPE_CHECKING:
     from pipeline.methods import Runner
 
 STREAMS = ("task", "mixed")
+OOD_STREAM = "ood"
 PEERS = ("hf-prompt-lookup", "hf-early-exit")
+DEFAULT_PEERS = ("hf-prompt-lookup",)  # the early-exit assistant runs at about 0.2x here: opt-in
 BUILT_IN_METHODS = ("plain", "mix", "knn", "oracle", "hf-plain", *PEERS)
 
 
@@ -56,11 +61,12 @@ class EvalConfig:
     prompts_per_domain: int | None = None
     streams: tuple[str, ...] = STREAMS
     fix_domains: tuple[str, ...] | None = None
-    peers: tuple[str, ...] = PEERS
+    peers: tuple[str, ...] = DEFAULT_PEERS
     lookup_tokens: int = 10
     early_exit_layer: int | None = None
     seed: int = 0
     policies: tuple[tuple[str, dict[str, Any]], ...] = ()
+    ood_domains: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, _ in self.policies:
@@ -135,16 +141,38 @@ def warm_up_methods(runtime: Any, config: EvalConfig, ids: torch.Tensor, domain:
         run(ids, domain)
 
 
+def ood_prompts(table: Any, bundle_domains: list[str], ood_domains: tuple[str, ...],
+                per_domain: int | None) -> list[tuple[str, str]]:
+    """(domain, prompt) of each of `ood_domains` (any split: the bundle never saw them), at most `per_domain`."""
+    from pipeline.data import domains_of
+
+    present = domains_of(table)
+    calibrated = [d for d in ood_domains if d in bundle_domains]
+    missing = [d for d in ood_domains if d not in present]
+    if calibrated or missing:
+        raise KnnSsdError(f"--ood-domains must be domains of the data the bundle was not calibrated on; "
+                          f"{', '.join(calibrated + missing)} " + ("are calibrated" if calibrated else "are not in the data"),
+                          fix=f"choose from {', '.join(d for d in present if d not in bundle_domains) or '(none left)'}")
+    prompts_by_domain = {d: [p for dom, p in zip(table["domain"].to_pylist(), table["prompt"].to_pylist()) if dom == d]
+                         for d in ood_domains}
+    return [(d, text) for d in ood_domains for text in prompts_by_domain[d][:per_domain]]
+
+
 def evaluate(runtime: Any, prompts: list[tuple[str, str]], config: EvalConfig,
-             log: Callable[[str], None] = print) -> list[PromptRun]:
-    """The whole study on `prompts` ((domain, text) held out from calibration): every stream, every method."""
+             log: Callable[[str], None] = print, unseen: list[tuple[str, str]] = ()) -> list[PromptRun]:
+    """The whole study on `prompts` ((domain, text) held out from calibration): every stream, every method;
+    then the "ood" stream on `unseen` prompts (domains the bundle does not have), without the oracle."""
     from pipeline.methods import build_methods
 
     methods = build_methods(runtime, config)
     log(f"evaluate: {len(prompts)} prompts x {len(methods)} methods ({', '.join(methods)}) x "
-        f"{len(config.streams)} streams, {config.max_new_tokens} new tokens each")
+        f"{len(config.streams)} streams, {config.max_new_tokens} new tokens each"
+        + (f"; then {len(unseen)} out-of-distribution prompts" if unseen else ""))
     warm_up_methods(runtime, config, runtime.encode(prompts[0][1]), prompts[0][0])
     rows: list[PromptRun] = []
     for stream in config.streams:
         rows.extend(run_stream(stream, prompts, runtime.encode, methods, config.seed, log))
+    if unseen:
+        known = {name: run for name, run in methods.items() if name != "oracle"}
+        rows.extend(run_stream(OOD_STREAM, list(unseen), runtime.encode, known, config.seed, log))
     return rows
