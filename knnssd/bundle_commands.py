@@ -102,7 +102,8 @@ def comparison(refs: list[str], tracking_uri: str | None) -> dict[str, Any]:
     manifests = {ref: load(ref, tracking_uri).manifest for ref in refs}
     bundles = [{"ref": ref, "model_id": m["model_id"], "model_hash": m["model_hash"], "created_at": m["created_at"],
                 "domains": [d["name"] for d in m["domains"]], "provenance": m.get("calibration", {}).get("provenance", {}),
-                "trials_per_domain": m.get("calibration", {}).get("search", {}).get("trials")}
+                "trials_per_domain": m.get("calibration", {}).get("search", {}).get("trials"),
+                "held_out": m.get("calibration", {}).get("validation")}
                for ref, m in manifests.items()]
     rows = {ref: manifest_rows(m) for ref, m in manifests.items()}
     names = list(dict.fromkeys(name for table in rows.values() for name in table))

@@ -293,13 +293,14 @@ def best_so_far(study: optuna.Study) -> float:
 
 
 def top_candidates(study: optuna.Study, count: int) -> list[optuna.trial.FrozenTrial]:
-    """The `count` best completed trials by predicted speedup, one per distinct policy."""
-    seen: set[str] = set()
+    """The `count` best completed trials by predicted speedup, one per distinct score: the score is exact, so two
+    trials scoring the same to the last digit behaved the same on every prompt (e.g. lookup policies differing
+    only in an n-gram size that never matched), and timing both would spend the confirmation on one policy."""
+    seen: set[float] = set()
     chosen = []
     for trial in sorted(completed_trials(study), key=lambda t: (-t.value, t.number)):
-        key = json.dumps(trial.user_attrs["policy"], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
+        if trial.value not in seen:
+            seen.add(trial.value)
             chosen.append(trial)
         if len(chosen) == count:
             break

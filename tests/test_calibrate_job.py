@@ -57,7 +57,7 @@ def studies(work: Path) -> dict[str, list]:
             for s in optuna.get_all_study_summaries(storage)}
 
 
-def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path):
+def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path, capsys):
     proc = run_job(job_args(tiny, tmp_path / "w", "--trials", "3", "--bundle-name", "tiny"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -101,6 +101,16 @@ def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path):
     metrics = run.data.metrics
     assert metrics["heldout_own_wins/low"] in (0.0, 1.0) and "heldout_speedup/high/mix" in metrics
     assert "Held-out check:" in run.data.tags["mlflow.note.content"]
+    from knnssd.cli import main as knnssd_main
+
+    uri = f"sqlite:///{tmp_path / 'w'}/mlflow.db"
+    assert knnssd_main(["bundles", "show", "tiny@v1", "--tracking-uri", uri]) == 0
+    shown = capsys.readouterr().out
+    assert "predicted confirmed" in shown and "own policy wins?" in shown
+    assert knnssd_main(["bundles", "show", "tiny@v1", "--tracking-uri", uri, "--json"]) == 0
+    as_json = json.loads(capsys.readouterr().out)
+    assert as_json["calibration"]["validation"]["domains"]["high"]["speedups"].keys() == {"low", "high", "mix"}
+    assert {"trials", "predicted_speedup", "confirmed_speedup"} <= set(as_json["domains"][0]["metrics"])
 
 
 def kill_search_workers(work: Path) -> None:

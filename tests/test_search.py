@@ -45,13 +45,14 @@ def test_seed_trials_carry_the_seed_configs():
     assert lookup["prompt_lookup.max_ngram"] == 2 and lookup["prompt_lookup.max_draft_tokens"] == 7
 
 
-def test_top_candidates_are_distinct_policies_best_first(tmp_path):
+def test_top_candidates_are_distinct_scores_best_first(tmp_path):
     import optuna
 
     from pipeline.search import top_candidates
 
     study = optuna.create_study(direction="maximize")
-    for number, (kind, value) in enumerate([("a", 1.1), ("b", 1.3), ("a", 1.2), ("c", 0.9), ("d", 1.25)]):
+    for number, (kind, value) in enumerate([("a", 1.1), ("b", 1.3), ("a", 1.2), ("c", 0.9), ("d", 1.25),
+                                            ("e", 1.3)]):
         trial = optuna.trial.create_trial(value=value, user_attrs={"policy": {"kind": kind}})
         study.add_trial(trial)
     assert [t.user_attrs["policy"]["kind"] for t in top_candidates(study, 3)] == ["b", "d", "a"]
