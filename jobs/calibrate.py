@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-prompts", type=int, default=None,
                    help=f"calibration prompts the candidates are timed on (default: {SearchConfig.confirm_prompts} "
                         "or --prompts-per-trial, the larger)")
+    p.add_argument("--kind-share", type=float, default=SearchConfig.kind_share,
+                   help="each drafter kind's guaranteed share of the trials (its first trials are enqueued with "
+                        "the kind fixed), so the search cannot settle on one kind before trying the others")
     p.add_argument("--workers-per-domain", type=int, default=SearchConfig.workers,
                    help="Ray workers running each domain's study at once (one Optuna storage; use an RDB URL "
                         "in --storage across machines)")
@@ -121,7 +124,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
                           confirm_candidates=args.confirm_candidates,
                           confirm_prompts=(args.confirm_prompts if args.confirm_prompts is not None
                                            else max(SearchConfig.confirm_prompts, args.prompts_per_trial)),
-                          workers=args.workers_per_domain,
+                          workers=args.workers_per_domain, kind_share=args.kind_share,
                           max_new_tokens=args.max_new_tokens, sampler=args.sampler, seed=args.seed,
                           min_skip_ratio=args.min_skip_ratio, max_skip_ratio=args.max_skip_ratio,
                           min_speedup=args.min_speedup,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -63,6 +64,7 @@ class SearchConfig:
     confirm_candidates: int = 3
     confirm_prompts: int = 8
     workers: int = 1
+    kind_share: float = 0.15
     kinds: tuple[str, ...] = SEARCHABLE_KINDS
     seed_layer_skip: LayerSkipConfig = LayerSkipConfig()
     seed_lookup: PromptLookupConfig = PromptLookupConfig()
@@ -87,6 +89,9 @@ class SearchConfig:
                               fix=f"use e.g. --confirm-prompts {2 * self.prompts_per_trial}")
         if self.workers < 1:
             raise KnnSsdError("--workers-per-domain must be >= 1", fix="use 1, or the GPUs per domain")
+        if not 0.0 <= self.kind_share * len(self.kinds) <= 1.0:
+            raise KnnSsdError(f"--kind-share {self.kind_share} times {len(self.kinds)} kinds exceeds the whole budget",
+                              fix=f"use at most {1 / len(self.kinds):.2f}, e.g. 0.15")
         if self.sampler not in ("tpe", "random"):
             raise KnnSsdError(f"unknown sampler {self.sampler!r}", fix="use tpe or random")
         if not 0.0 <= self.min_skip_ratio <= self.max_skip_ratio < 1.0:
@@ -107,7 +112,8 @@ class SearchConfig:
         """What makes trials comparable: measurement settings and method (not the budget, the confirmation or
         the workers)."""
         keys = {k: v for k, v in asdict(self).items()
-                if k not in ("trials", "confirm_candidates", "confirm_prompts", "workers", "min_speedup")}
+                if k not in ("trials", "confirm_candidates", "confirm_prompts", "workers", "min_speedup",
+                             "kind_share")}
         keys["measurement"] = MEASUREMENT_VERSION
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -227,10 +233,28 @@ def seed_trials(num_layers: int, config: SearchConfig) -> list[dict[str, Any]]:
     return seeds
 
 
+def kind_quota(num_layers: int, config: SearchConfig) -> list[dict[str, Any]]:
+    """After the seeds, trials with only their kind fixed (the sampler picks the rest), round-robin over the
+    kinds, until each kind has `kind_share` of the budget: TPE otherwise learns early that one kind scores best
+    and spends nearly every trial on it (88 of 100 on prompt lookup in BENCHMARKS.md section 13), leaving the
+    others barely searched."""
+    seeds = seed_trials(num_layers, config)
+    wanted = {kind: max(0, math.ceil(config.kind_share * config.trials)
+                        - sum(seed["kind"] == kind for seed in seeds)) for kind in config.kinds}
+    quota = []
+    while any(wanted.values()):
+        for kind in config.kinds:
+            if wanted[kind]:
+                quota.append({"kind": kind})
+                wanted[kind] -= 1
+    return quota
+
+
 def enqueue_seeds(study: optuna.Study, num_layers: int, config: SearchConfig) -> None:
+    """The seeds, then the kind quota, as the first trials of a new study (a resumed one has them already)."""
     if study.get_trials(deepcopy=False):
-        return  # a resumed study already has its seeds
-    for params in seed_trials(num_layers, config)[: max(0, config.trials - 1)]:
+        return
+    for params in (seed_trials(num_layers, config) + kind_quota(num_layers, config))[: max(0, config.trials - 1)]:
         study.enqueue_trial(params)
 
 

@@ -71,3 +71,15 @@ def test_the_fastest_confirmed_candidate_is_chosen_and_a_slow_one_falls_back_to_
     assert metrics["trials"] == 100 and metrics["mismatch_rate"] == 0.25  # a GPU near-tie is reported, not fatal
     policy, metrics = choose_policy([candidate("a", 1.05, 0.97)], 100, SearchConfig())
     assert policy == {"kind": "none"} and metrics["speedup"] == 1.0 and metrics["searched_speedup"] == 0.97
+
+
+def test_every_kind_gets_its_share_of_the_first_trials():
+    from pipeline.search import kind_quota, seed_trials
+
+    config = SearchConfig(trials=100, kind_share=0.15)
+    first = seed_trials(30, config) + kind_quota(30, config)
+    counts = {kind: sum(t["kind"] == kind for t in first) for kind in config.kinds}
+    assert counts == {"layer_skip": 15, "prompt_lookup": 15, "hybrid": 15}
+    quota = kind_quota(30, config)
+    assert [t["kind"] for t in quota[:3]] != ["layer_skip"] * 3  # round-robin, not one kind after another
+    assert kind_quota(30, SearchConfig(trials=100, kind_share=0.0)) == []
