@@ -234,7 +234,7 @@ def test_ray_job_submit_against_a_head_node(tiny, tmp_path):
             capture_output=True, text=True, timeout=400, env=env)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         assert "succeeded" in proc.stdout and "logged to MLflow run" in proc.stdout
-        assert "task stream, overall: KNN-SSD" in proc.stdout and (work / "eval" / "speedup.png").is_file()
+        assert "task stream, overall (" in proc.stdout and (work / "eval" / "speedup.png").is_file()
     finally:
         if started:
             subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)

@@ -118,7 +118,7 @@ def test_job_runs_every_method_on_held_out_prompts_losslessly(evaluated):
     assert sum(r["routed_to"] == r["domain"] for r in knn) == len(knn)  # two clearly different vocabularies
     report = (evaluated / "report.txt").read_text()
     assert "lossless: every method of ours token-identical" in report
-    assert "task stream, overall: KNN-SSD" in report and "Self-SD(Mix)" in report
+    assert "task stream, overall (4 prompts): KNN-SSD" in report and "Self-SD(Mix)" in report
     assert (evaluated / "speedup.png").stat().st_size > 10_000
 
 
