@@ -90,7 +90,8 @@ class SearchConfig:
         if self.workers < 1:
             raise KnnSsdError("--workers-per-domain must be >= 1", fix="use 1, or the GPUs per domain")
         if not 0.0 <= self.kind_share * len(self.kinds) <= 1.0:
-            raise KnnSsdError(f"--kind-share {self.kind_share} times {len(self.kinds)} kinds exceeds the whole budget",
+            raise KnnSsdError(f"--kind-share {self.kind_share} must be in [0, 1 / {len(self.kinds)} kinds]: each kind's "
+                              "guaranteed share of the budget",
                               fix=f"use at most {1 / len(self.kinds):.2f}, e.g. 0.15")
         if self.sampler not in ("tpe", "random"):
             raise KnnSsdError(f"unknown sampler {self.sampler!r}", fix="use tpe or random")
@@ -141,12 +142,13 @@ def study_name(model_hash: str, domain: str, config: SearchConfig, prompts: list
 
 
 def open_study(storage: str, name: str, config: SearchConfig) -> optuna.Study:
-    """The study `name` in `storage`, created if new. A worker's sampler is seeded by `config.seed` and its
-    worker index, so parallel workers do not propose the same trials."""
+    """The study `name` in `storage`, created if new, as worker 0 sees it."""
     return open_worker_study(storage, name, config, worker=0)
 
 
 def open_worker_study(storage: str, name: str, config: SearchConfig, worker: int) -> optuna.Study:
+    """The study as worker `worker` opens it: its sampler seeded by `config.seed` and the worker index, so
+    parallel workers do not propose the same trials (TPE also lies about running trials: `constant_liar`)."""
     seed = config.seed + 1000 * worker
     sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, config.trials // 3)),
                                           constant_liar=config.workers > 1)
