@@ -9,6 +9,9 @@ changes) hits both sides of each ratio alike:
     speedup of a policy       = sum over prompts of plain seconds / sum of the policy's seconds
     mismatch_rate             = share of prompts whose tokens differ from plain decoding's
 
+The first plain run of each prompt is kept as its trace (`pipeline.replay.Trace`), so whoever also predicts
+these policies' speedups on the same prompts (`pipeline.scoring`) needs no plain decoding of its own.
+
 Greedy fp32 on CPU never mismatches (the lossless tests assert it); in bf16 on CUDA a 1-token step and a k-token
 verify can round a near-tie differently, and a mismatch is recorded here rather than ending a calibration.
 """
@@ -25,6 +28,7 @@ from transformers import PreTrainedModel
 from knnssd.decoding import GenerationConfig, generate, warm_up
 from knnssd.policy import drafter_from_policy
 from knnssd.stats import Tally
+from pipeline.replay import Trace, trace_of
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,17 @@ class WallClock:
                 "threads": float(self.threads)}
 
 
+@dataclass(frozen=True)
+class Measured:
+    """Each policy's wall-clock figures by name, and each prompt's first plain run as its trace."""
+
+    policies: dict[str, WallClock]
+    traces: tuple[Trace, ...]
+
+
 def measure_policies(model: PreTrainedModel, policies: dict[str, dict[str, Any]], prompt_ids: list[torch.Tensor],
                      max_new_tokens: int, num_layers: int, seed: int = 0,
-                     progress: Callable[[int, int], None] | None = None) -> dict[str, WallClock]:
+                     progress: Callable[[int, int], None] | None = None) -> Measured:
     """Time every policy (name -> policy JSON) on every prompt (1, T), interleaved with plain decoding."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     drafters = {name: drafter_from_policy(policy, num_layers) for name, policy in policies.items()}
@@ -62,8 +74,10 @@ def measure_policies(model: PreTrainedModel, policies: dict[str, dict[str, Any]]
     seconds = {name: 0.0 for name in drafters}
     tallies = {name: Tally() for name in drafters}
     mismatches = {name: 0 for name in drafters}
+    traces = []
     for index, ids in enumerate(prompt_ids):
         first = generate(model, ids, config)
+        traces.append(trace_of(ids, first, max_new_tokens))
         order = list(drafters)
         rng.shuffle(order)
         for name in order:
@@ -75,8 +89,10 @@ def measure_policies(model: PreTrainedModel, policies: dict[str, dict[str, Any]]
         plain_total += (first.stats.total_seconds + last.stats.total_seconds) / 2
         if progress is not None:
             progress(index + 1, len(prompt_ids))
-    return {name: WallClock(speedup=plain_total / seconds[name], mean_accepted_tokens=tallies[name].mean_accepted_tokens,
-                            acceptance_rate=tallies[name].acceptance_rate, plain_seconds=plain_total,
-                            seconds=seconds[name], mismatch_rate=mismatches[name] / len(prompt_ids),
-                            prompts=len(prompt_ids), threads=torch.get_num_threads())
-            for name in drafters}
+    timed = {name: WallClock(speedup=plain_total / seconds[name],
+                             mean_accepted_tokens=tallies[name].mean_accepted_tokens,
+                             acceptance_rate=tallies[name].acceptance_rate, plain_seconds=plain_total,
+                             seconds=seconds[name], mismatch_rate=mismatches[name] / len(prompt_ids),
+                             prompts=len(prompt_ids), threads=torch.get_num_threads())
+             for name in drafters}
+    return Measured(policies=timed, traces=tuple(traces))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from knnssd.decoding import GenerationConfig, begin, decode
+from knnssd.decoding import GenerationConfig, GenerationResult, generate
 from knnssd.drafters import (Draft, DraftRequest, Drafter, HybridDrafter, HybridSession, LayerSkipConfig,
                              LayerSkipDrafter, PromptLookupDrafter)
 from knnssd.drafters.layer_skip import confident_enough
@@ -86,14 +86,16 @@ class Replayed:
                      steps=len(self.steps))
 
 
-def trace_prompt(model: PreTrainedModel, prompt_ids: torch.Tensor, max_new_tokens: int) -> Trace:
-    """Plain greedy decoding of `prompt_ids` (1, T), timed."""
-    config = GenerationConfig(max_new_tokens=max_new_tokens)
-    with model_lock(model):
-        started = begin(model, prompt_ids, config)
-        result = decode(model, started.state, config, None, started.generator, started.clock)
+def trace_of(prompt_ids: torch.Tensor, result: GenerationResult, max_new_tokens: int) -> Trace:
+    """The trace of a finished plain greedy generation of `prompt_ids` (1, T)."""
     return Trace(prompt=tuple(prompt_ids[0].tolist()), tokens=result.token_ids, max_new_tokens=max_new_tokens,
                  prefill_seconds=result.stats.prefill_seconds, seconds=result.stats.total_seconds)
+
+
+def trace_prompt(model: PreTrainedModel, prompt_ids: torch.Tensor, max_new_tokens: int) -> Trace:
+    """Plain greedy decoding of `prompt_ids` (1, T), timed."""
+    return trace_of(prompt_ids, generate(model, prompt_ids, GenerationConfig(max_new_tokens=max_new_tokens)),
+                    max_new_tokens)
 
 
 def sliding_window(model: PreTrainedModel) -> int | None:

@@ -8,7 +8,7 @@ Deterministic: the same policy on the same prompts with the same table scores th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -46,8 +46,12 @@ class Score:
 
 def build_workload(model: PreTrainedModel, prompt_ids: list[torch.Tensor], max_new_tokens: int) -> Workload:
     """Plain decoding of each prompt (1, T), and its cache for layer-skip replays."""
-    traces = tuple(trace_prompt(model, ids, max_new_tokens) for ids in prompt_ids)
-    return Workload(traces=traces, caches=tuple(full_cache(model, trace) for trace in traces))
+    return workload_of(model, [trace_prompt(model, ids, max_new_tokens) for ids in prompt_ids])
+
+
+def workload_of(model: PreTrainedModel, traces: Sequence[Trace]) -> Workload:
+    """The workload of prompts already decoded plainly: each trace's cache for layer-skip replays."""
+    return Workload(traces=tuple(traces), caches=tuple(full_cache(model, trace) for trace in traces))
 
 
 def policy_skip_set(policy: dict[str, Any]) -> SkipSet | None:

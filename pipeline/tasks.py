@@ -34,7 +34,7 @@ from knnssd.prompts import encode_prompt
 from knnssd.sampling import SamplingConfig
 from pipeline.costs import StepCosts, step_costs_for
 from pipeline.measure import measure_policies
-from pipeline.scoring import build_workload, score_policy
+from pipeline.scoring import build_workload, score_policy, workload_of
 from pipeline.search import (SearchConfig, choose_policy, completed_trials, make_objective, open_worker_study,
                              policy_skip_ratio, run_worker, top_candidates)
 
@@ -79,6 +79,17 @@ def worker_costs(loaded: LoadedModel, costs_dir: str, domain: str) -> StepCosts:
 def where(loaded: LoadedModel) -> dict[str, Any]:
     return {"device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads()}
+
+
+def time_and_predict(loaded: LoadedModel, policies: dict[str, dict[str, Any]], ids: list[torch.Tensor],
+                     max_new_tokens: int, costs: StepCosts, seed: int) -> dict[str, dict[str, float]]:
+    """Per policy name: its wall-clock figures against plain decoding (`measure_policies`) and, in
+    "predicted_speedup", its replayed and priced speedup on the same prompts, traced by the same plain runs."""
+    measured = measure_policies(loaded.model, policies, ids, max_new_tokens, loaded.num_layers, seed=seed)
+    workload = workload_of(loaded.model, measured.traces)
+    return {name: {**measured.policies[name].to_dict(), "predicted_speedup": score_policy(
+        loaded.model, policy, loaded.num_layers, workload, costs).predicted_speedup}
+        for name, policy in policies.items()}
 
 
 @ray.remote(max_retries=MAX_RETRIES)
@@ -127,13 +138,11 @@ def confirm_domain(spec: ModelSpec, domain: str, prompts: list[str], config: Sea
         ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in texts]
         policies = {str(t.number): t.user_attrs["policy"] for t in chosen}
         _log(domain, f"confirming {len(chosen)} candidates on {len(ids)} prompts in wall clock")
-        timed = measure_policies(loaded.model, policies, ids, config.max_new_tokens, loaded.num_layers,
-                                 seed=config.seed)
-        workload = build_workload(loaded.model, ids, config.max_new_tokens)
+        timed = time_and_predict(loaded, policies, ids, config.max_new_tokens, costs, config.seed)
         for trial in chosen:
             policy = trial.user_attrs["policy"]
-            predicted = score_policy(loaded.model, policy, loaded.num_layers, workload, costs).predicted_speedup
-            confirmed = timed[str(trial.number)].to_dict()
+            confirmed = timed[str(trial.number)]
+            predicted = confirmed.pop("predicted_speedup")
             candidates.append({"trial": trial.number, "policy": policy, "search_predicted": float(trial.value),
                                "predicted": predicted, "confirmed": confirmed,
                                "skip_ratio": policy_skip_ratio(policy, loaded.num_layers) or 0.0})
@@ -152,13 +161,8 @@ def validate_domain(spec: ModelSpec, domain: str, prompts: list[str], policies: 
     loaded = spec.load()
     costs = worker_costs(loaded, costs_dir, domain)
     ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in prompts]
-    timed = measure_policies(loaded.model, policies, ids, max_new_tokens, loaded.num_layers, seed=seed)
-    workload = build_workload(loaded.model, ids, max_new_tokens)
-    rows = {}
-    for name, policy in policies.items():
-        predicted = score_policy(loaded.model, policy, loaded.num_layers, workload, costs)
-        rows[name] = {**timed[name].to_dict(), "predicted_speedup": predicted.predicted_speedup}
-    return {"domain": domain, "prompts": len(ids), "policies": rows}
+    return {"domain": domain, "prompts": len(ids),
+            "policies": time_and_predict(loaded, policies, ids, max_new_tokens, costs, seed)}
 
 
 @ray.remote(max_retries=MAX_RETRIES)

@@ -76,7 +76,7 @@ def test_a_one_token_measurement_has_no_verify_step_and_no_division_by_zero():
     model = tiny_model("llama")
     ids = [torch.tensor([[5, 6, 7, 8]])]
     result = measure_policies(model, {"lookup": {"kind": "prompt_lookup"}}, ids, max_new_tokens=1,
-                              num_layers=4)["lookup"]
+                              num_layers=4).policies["lookup"]
     assert result.mismatch_rate == 0.0 and result.mean_accepted_tokens == 0.0 and result.acceptance_rate == 0.0
     costs = StepCosts(contexts=(4, 8), widths=(1, 2), verify=((1.0, 1.5), (1.0, 1.5)), draft_forward=0.5,
                       attention=0.01, mlp=0.01, threads=1, device="cpu")
