@@ -22,6 +22,10 @@ chose worse plans: small products timed alone are noise-dominated and cache-warm
 longer inputs keep `F.linear`, exactly what transformers computes, and `knnssd.decoding.prefill` suspends the
 plan for prompts of any length, so plain decoding stays token-identical to `model.generate`.
 
+Verify passes of grouped-query-attention models also get `knnssd.attention.grouped_sdpa` (query heads folded
+onto their key/value heads instead of the cache copied per head, as transformers already does for one token);
+it is part of the plan, on the same switch.
+
 On CUDA nothing changes (cuBLAS serves small batches well: v = 1.03 on an H200, BENCHMARKS.md section 7).
 `restore(model)` undoes a plan; `load_model(..., fast_kernels=False)` / `--no-fast-kernels` never apply one, and
 `transformers_kernels(model)` suspends it, so the two can be compared. `KNNSSD_NO_COMPILE=1` skips the C++ kernel.
@@ -42,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from knnssd import attention
+
 LOG = logging.getLogger("knnssd")
 MAX_FAST_ROWS = 16  # verify passes have at most 13 rows at the default draft lengths; longer inputs are prefills
 PACK_ROWS = 8  # the row count MKL packs for, and that packed8 pads its input to
@@ -56,7 +62,8 @@ _COMPILED: dict[str, Any] = {}  # the built extension, or the reason it is not t
 @dataclass(frozen=True)
 class KernelPlan:
     """What `accelerate` did: the method for each row count 2..MAX_FAST_ROWS, on which device, with how many
-    torch threads, the bytes of packed weights it added, and why the C++ kernel is not used (if it is not)."""
+    torch threads, the bytes of packed weights it added, why the C++ kernel is not used (if it is not), and
+    whether verify passes attend with query heads grouped (`knnssd.attention`)."""
 
     enabled: bool
     device: str
@@ -64,12 +71,14 @@ class KernelPlan:
     rows: tuple[str, ...] = ()
     packed_bytes: int = 0
     reason: str = ""
+    grouped_attention: bool = False
 
     def method(self, rows: int) -> str:
         return self.rows[rows - 2] if self.enabled and 2 <= rows <= MAX_FAST_ROWS else "linear"
 
     def describe(self) -> str:
-        """e.g. 'rows 2-16' or 'linear 2-3, packed8 4-8, transposed 9-16 (packed weights 2740 MB; ...)'."""
+        """e.g. 'rows 2-16, grouped attention 2-16', or
+        'linear 2-3, packed8 4-8, transposed 9-16 (packed weights 2740 MB; ...)'."""
         if not self.enabled:
             return f"fast kernels off ({self.reason})"
         spans, start = [], 2
@@ -79,7 +88,8 @@ class KernelPlan:
                 start = rows
         notes = ([f"packed weights {self.packed_bytes / 1e6:.0f} MB"] if self.packed_bytes else []) + \
             ([self.reason] if self.reason else [])
-        return ", ".join(spans) + (f" ({'; '.join(notes)})" if notes else "")
+        attention_note = ", grouped attention 2-16" if self.grouped_attention else ""
+        return ", ".join(spans) + attention_note + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def mkl_packed_available() -> bool:
@@ -192,27 +202,41 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
         weight = linear.weight.detach()
         linear._knnssd_run = tuple(runner(method, weight, packs.get(id(linear.weight))) for method in methods)
         linear.forward = types.MethodType(_fast_forward, linear)
+    grouped = _uses_implementation(model, attention.BASE_IMPLEMENTATION) and any(
+        getattr(m, "num_key_value_groups", 1) > 1 for m in model.modules())
+    if grouped:
+        attention.register()
+        attention.set_implementation(model, attention.IMPLEMENTATION)
     return KernelPlan(enabled=True, device=device, threads=threads, rows=methods, reason=compile_error(),
-                      packed_bytes=sum(p.numel() * p.element_size() for p in packs.values()))
+                      packed_bytes=sum(p.numel() * p.element_size() for p in packs.values()),
+                      grouped_attention=grouped)
+
+
+def _uses_implementation(model: nn.Module, name: str) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == name
 
 
 def restore(model: nn.Module) -> None:
-    """Every linear layer back to its class's own forward (undoes `accelerate`)."""
+    """Every linear layer back to its class's own forward, attention back to SDPA (undoes `accelerate`)."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and "forward" in vars(module):
             del module.forward
             del module._knnssd_run
+    attention.set_implementation(model, attention.BASE_IMPLEMENTATION)
 
 
 @contextmanager
 def transformers_kernels(model: nn.Module) -> Iterator[None]:
-    """Within the block, every linear layer runs transformers' own F.linear (for timing transformers' `generate`
-    as it is); the chosen methods come back in a ``finally``."""
+    """Within the block, every linear layer runs transformers' own F.linear and attention transformers' own SDPA
+    (for timing transformers' `generate` as it is); the chosen methods come back in a ``finally``."""
     saved = {m: (vars(m)["forward"], m._knnssd_run) for m in model.modules()
              if isinstance(m, nn.Linear) and "forward" in vars(m)}
+    grouped = _uses_implementation(model, attention.IMPLEMENTATION)
     try:
         restore(model)
         yield
     finally:
         for module, (forward, run) in saved.items():
             module.forward, module._knnssd_run = forward, run
+        if grouped:
+            attention.set_implementation(model, attention.IMPLEMENTATION)

@@ -137,3 +137,34 @@ def test_fast_rows_stop_at_the_verify_limit():
         for rows in (1, MAX_FAST_ROWS + 1, 40):
             ids = torch.randint(3, 128, (1, rows), generator=torch.Generator().manual_seed(rows))
             assert torch.equal(fast(input_ids=ids).logits, plain(input_ids=ids).logits), rows
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grouped_attention_computes_what_transformers_sdpa_computes(family):
+    """Verify passes of 2-16 tokens (Mistral's past its sliding window) give the same logits with query heads
+    grouped (knnssd/attention.py) as with transformers' SDPA path, which copies the cache per head; the switch
+    follows the plan, `transformers_kernels` and `restore`."""
+    from knnssd import attention
+
+    model = tiny_model(family, seed=2)
+    assert model.config._attn_implementation == attention.IMPLEMENTATION
+    assert ", grouped attention 2-16" in accelerate(model).describe()
+    prompt = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        cache = new_cache(model)
+        model(input_ids=prompt, cache=cache, use_cache=True)
+        for width in (2, 3, 5, 8, 13, MAX_FAST_ROWS):
+            ids = torch.randint(3, 128, (1, width), generator=torch.Generator().manual_seed(width))
+            positions = torch.arange(40, 40 + width).unsqueeze(0)
+            grouped = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+            rollback(cache, 40)
+            with transformers_kernels(model):
+                assert model.config._attn_implementation == attention.BASE_IMPLEMENTATION
+                sdpa = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+            rollback(cache, 40)
+            assert model.config._attn_implementation == attention.IMPLEMENTATION
+            assert torch.allclose(grouped, sdpa, atol=1e-5, rtol=1e-5), (width, (grouped - sdpa).abs().max())
+    restore(model)
+    assert model.config._attn_implementation == attention.BASE_IMPLEMENTATION
+    no_groups = tiny_model(family, num_key_value_heads=4)  # one query head per key/value head: nothing to fold
+    assert no_groups.config._attn_implementation == attention.BASE_IMPLEMENTATION

@@ -3,8 +3,16 @@
 // A verify pass multiplies every weight by a few rows (the last committed token and the drafts). A small-batch
 // product is memory-bound: the right kernel streams each weight row from memory once and multiplies it by every
 // input row while it is in registers (the inputs stay in L1/L2), so 8 rows cost little more than one. BLAS GEMM
-// kernels are blocked for large batches and read the weight once per block of rows instead. Parallel over weight
-// rows with ATen's thread pool (torch's thread count). Built at first use by knnssd/kernels.py.
+// kernels are blocked for large batches and read the weight once per block of rows instead.
+//
+// Two things make the kernel's compute hide under the weight stream (BENCHMARKS.md section 11):
+// - a block of B weight rows at a time (4 up to 8 input rows, 2 above; B * m accumulators in registers), so each
+//   input vector loaded serves B multiply-adds;
+// - a software prefetch kPrefetch floats (8 KB) ahead of every weight row being read, issued as the loop consumes
+//   each cache line: memory requests stay in flight while the core multiplies. Prefetching a whole row at once, or
+//   only the next row, left the multiply-adds and the memory reads in series (8 rows: +40% over one row).
+// Parallel over weight-row blocks with ATen's thread pool (torch's thread count). Built at first use by
+// knnssd/kernels.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -12,41 +20,60 @@
 namespace {
 
 constexpr int kMaxRows = 16;
+constexpr int64_t kPrefetch = 2048;  // floats ahead of each weight row read (8 KB)
+
+// out[m, n0 + i] = x[m] . w[n0 + i] for i < B, m < R. The last k % 16 elements by masked loads.
+template <int R, int B>
+inline void weight_block(const float* __restrict x, const float* __restrict w, float* __restrict out, int64_t n0,
+                         int64_t n_out, int64_t k, const float* w_end) {
+  const float* wn = w + n0 * k;
+  __m512 acc[B][R];
+#pragma GCC unroll 4
+  for (int i = 0; i < B; ++i)
+#pragma GCC unroll 16
+    for (int m = 0; m < R; ++m) acc[i][m] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    __m512 wv[B];
+#pragma GCC unroll 4
+    for (int i = 0; i < B; ++i) {
+      const float* ahead = wn + i * k + j + kPrefetch;
+      if (ahead < w_end) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      wv[i] = _mm512_loadu_ps(wn + i * k + j);
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < R; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * k + j);
+#pragma GCC unroll 4
+      for (int i = 0; i < B; ++i) acc[i][m] = _mm512_fmadd_ps(wv[i], xv, acc[i][m]);
+    }
+  }
+  if (j < k) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (k - j)) - 1);
+#pragma GCC unroll 16
+    for (int m = 0; m < R; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * k + j);
+#pragma GCC unroll 4
+      for (int i = 0; i < B; ++i)
+        acc[i][m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wn + i * k + j), xv, acc[i][m]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < B; ++i)
+#pragma GCC unroll 16
+    for (int m = 0; m < R; ++m) out[m * n_out + n0 + i] = _mm512_reduce_add_ps(acc[i][m]);
+}
 
 template <int R>
 void rows_times_weight(const float* __restrict x, const float* __restrict w, float* __restrict out, int64_t n_out,
                        int64_t k) {
-  at::parallel_for(0, n_out, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float* wn = w + n * k;
-      const char* next = reinterpret_cast<const char*>(wn + k);
-      for (int64_t b = 0; b < k * 4; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);  // the next weight row
-      __m512 acc[R], acc2[R];  // two chains per row: FMA latency does not bound one-row products
-#pragma GCC unroll 16
-      for (int m = 0; m < R; ++m) { acc[m] = _mm512_setzero_ps(); acc2[m] = _mm512_setzero_ps(); }
-      int64_t j = 0;
-      for (; j + 32 <= k; j += 32) {
-        const __m512 w0 = _mm512_loadu_ps(wn + j);
-        const __m512 w1 = _mm512_loadu_ps(wn + j + 16);
-#pragma GCC unroll 16
-        for (int m = 0; m < R; ++m) {
-          acc[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * k + j), acc[m]);
-          acc2[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * k + j + 16), acc2[m]);
-        }
-      }
-      for (; j + 16 <= k; j += 16) {
-        const __m512 w0 = _mm512_loadu_ps(wn + j);
-#pragma GCC unroll 16
-        for (int m = 0; m < R; ++m) acc[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * k + j), acc[m]);
-      }
-#pragma GCC unroll 16
-      for (int m = 0; m < R; ++m) {
-        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], acc2[m]));
-        for (int64_t t = j; t < k; ++t) sum += wn[t] * x[m * k + t];
-        out[m * n_out + n] = sum;
-      }
-    }
+  constexpr int B = R <= 8 ? 4 : 2;  // B * R accumulators: past 8 rows a 4-row block spills registers
+  const float* w_end = w + n_out * k;
+  const int64_t blocks = n_out / B;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) weight_block<R, B>(x, w, out, b * B, n_out, k, w_end);
   });
+  for (int64_t n = blocks * B; n < n_out; ++n) weight_block<R, 1>(x, w, out, n, n_out, k, w_end);
 }
 
 template <int R>
