@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedModel
 
+from knnssd.attention import BASE_IMPLEMENTATION, IMPLEMENTATION
 from knnssd.drafters.base import Draft, DraftRequest
 from knnssd.checks import require_bool, require_int, require_number
 from knnssd.errors import KnnSsdError
@@ -83,9 +84,10 @@ def confident_enough(confidence: float, threshold: float, config: LayerSkipConfi
 
 def check_attention(model: PreTrainedModel, skip_set: SkipSet) -> None:
     """Skipped attention leaves cache layers of different lengths while drafting; 1-token SDPA steps need no
-    mask and cope, but eager attention builds a mask sized by layer 0 and fails on the other layers."""
-    implementation = getattr(model.config, "_attn_implementation", "sdpa")
-    if skip_set.attn and implementation != "sdpa":
+    mask and cope (so does `knnssd.attention`'s, which hands 1-token steps to SDPA), but eager attention builds a
+    mask sized by layer 0 and fails on the other layers."""
+    implementation = getattr(model.config, "_attn_implementation", BASE_IMPLEMENTATION)
+    if skip_set.attn and implementation not in (BASE_IMPLEMENTATION, IMPLEMENTATION):
         raise KnnSsdError(
             f"skipping attention sub-layers needs SDPA attention, but this model uses {implementation!r}",
             fix="load it with knnssd.load_model(), or from_pretrained(..., attn_implementation='sdpa')",
