@@ -8,7 +8,10 @@ prompts (with replacement) and keeps every method's times on them together:
     95% interval                        = the 2.5th and 97.5th percentiles over `resamples` draws
 
 A verdict says "beats" or "loses to" only when the interval of the difference excludes zero, and "no
-significant difference" otherwise. numpy only (no torch), so a study's report can be rebuilt anywhere.
+significant difference" otherwise; on fewer than MIN_VERDICT_PROMPTS prompts it says none. A percentile bootstrap
+over a handful of prompts is far too narrow: 3 prompts have only 10 distinct resamples, and a difference seen on
+all 3 would be called significant however noisy the prompts are (Spec-Bench's MT-bench categories have 10
+prompts, 3 of them held out). numpy only (no torch), so a study's report can be rebuilt anywhere.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import numpy as np
 
 RESAMPLES = 4000
 LEVEL = 0.95
+MIN_VERDICT_PROMPTS = 10  # the issue's headline run: at least 10 held-out prompts per domain
+TOO_FEW = "too few prompts to compare with"
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,11 @@ def difference_interval(plain: Sequence[float], seconds: Sequence[float], others
     return _interval(estimate, samples)
 
 
-def verdict(difference: Interval) -> str:
-    """"beats", "loses to" or "no significant difference from", from the interval of a difference."""
+def verdict(difference: Interval, prompts: int) -> str:
+    """"beats", "loses to" or "no significant difference from", from the interval of a difference over
+    `prompts` paired prompts; TOO_FEW below MIN_VERDICT_PROMPTS."""
+    if prompts < MIN_VERDICT_PROMPTS:
+        return TOO_FEW
     if difference.low > 0:
         return "beats"
     if difference.high < 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.bootstrap import difference_interval, speedup_interval, verdict
+from pipeline.bootstrap import MIN_VERDICT_PROMPTS, TOO_FEW, difference_interval, speedup_interval, verdict
 
 
 def test_identical_times_give_a_point_interval():
@@ -35,10 +35,10 @@ def test_difference_verdicts_on_known_answers():
     faster = plain / 1.3 * rng.lognormal(0, 0.03, 30)
     slower = plain / 1.1 * rng.lognormal(0, 0.03, 30)
     same = plain / 1.1 * rng.lognormal(0, 0.03, 30)
-    assert verdict(difference_interval(plain, faster, [slower])) == "beats"
-    assert verdict(difference_interval(plain, slower, [faster])) == "loses to"
+    assert verdict(difference_interval(plain, faster, [slower]), 30) == "beats"
+    assert verdict(difference_interval(plain, slower, [faster]), 30) == "loses to"
     tie = difference_interval(plain, same, [slower])
-    assert verdict(tie) == "no significant difference from" and tie.low < 0 < tie.high
+    assert verdict(tie, 30) == "no significant difference from" and tie.low < 0 < tie.high
     mean_of_two = difference_interval(plain, faster, [slower, same])  # against the mean of several methods
     assert mean_of_two.estimate == pytest.approx(plain.sum() / faster.sum()
                                                  - (plain.sum() / slower.sum() + plain.sum() / same.sum()) / 2)
@@ -49,3 +49,25 @@ def test_unpaired_series_are_refused():
         speedup_interval([1.0, 2.0], [1.0])
     with pytest.raises(ValueError):
         difference_interval([1.0], [1.0], [])
+
+
+def test_no_verdict_on_a_handful_of_prompts():
+    """Two methods with the same true speed (each prompt's time log-normal noise of 30% around plain / 1.2):
+    over 3 prompts the percentile bootstrap calls a difference far more often than 5% of the time, so no
+    verdict is given below MIN_VERDICT_PROMPTS; at 30 prompts it is near its nominal rate."""
+    rng = np.random.default_rng(3)
+
+    def false_calls(prompts: int, studies: int = 300) -> float:
+        calls = 0
+        for study in range(studies):
+            plain = rng.uniform(1.0, 3.0, prompts)
+            a = plain / 1.2 * rng.lognormal(-0.045, 0.3, prompts)
+            b = plain / 1.2 * rng.lognormal(-0.045, 0.3, prompts)
+            calls += difference_interval(plain, a, [b], resamples=500, seed=study).excludes_zero()
+        return calls / studies
+
+    assert false_calls(3) > 0.2  # what a verdict on 3 prompts would claim
+    assert false_calls(30) < 0.12
+    tiny = difference_interval([1.0, 2.0, 3.0], [0.5, 1.0, 1.5], [[1.0, 2.0, 3.0]])
+    assert tiny.excludes_zero() and verdict(tiny, 3) == TOO_FEW
+    assert verdict(tiny, MIN_VERDICT_PROMPTS) == "beats"
