@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 IMPLEMENTATION = "knnssd_grouped_sdpa"
 BASE_IMPLEMENTATION = "sdpa"
@@ -36,8 +37,6 @@ def grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                  is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention output (batch, q, heads, dim) for query (batch, heads, q, dim) and key/value
     (batch, kv_heads, kv, dim), as transformers' `sdpa_attention_forward` returns it."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     batch, heads, queries, dim = query.shape
     groups = getattr(module, "num_key_value_groups", 1)
     if (2 <= queries <= MAX_GROUPED_QUERIES and groups > 1 and key.shape[1] * groups == heads
@@ -59,6 +58,11 @@ def register() -> None:
 
     AttentionInterface.register(IMPLEMENTATION, grouped_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+
+
+def uses(model: nn.Module, name: str) -> bool:
+    """Whether the model's config names attention implementation `name`."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == name
 
 
 def set_implementation(model: nn.Module, name: str) -> None:

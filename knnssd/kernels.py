@@ -202,7 +202,7 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
         weight = linear.weight.detach()
         linear._knnssd_run = tuple(runner(method, weight, packs.get(id(linear.weight))) for method in methods)
         linear.forward = types.MethodType(_fast_forward, linear)
-    grouped = _uses_implementation(model, attention.BASE_IMPLEMENTATION) and any(
+    grouped = attention.uses(model, attention.BASE_IMPLEMENTATION) and any(
         getattr(m, "num_key_value_groups", 1) > 1 for m in model.modules())
     if grouped:
         attention.register()
@@ -210,10 +210,6 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
     return KernelPlan(enabled=True, device=device, threads=threads, rows=methods, reason=compile_error(),
                       packed_bytes=sum(p.numel() * p.element_size() for p in packs.values()),
                       grouped_attention=grouped)
-
-
-def _uses_implementation(model: nn.Module, name: str) -> bool:
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) == name
 
 
 def restore(model: nn.Module) -> None:
@@ -231,7 +227,7 @@ def transformers_kernels(model: nn.Module) -> Iterator[None]:
     (for timing transformers' `generate` as it is); the chosen methods come back in a ``finally``."""
     saved = {m: (vars(m)["forward"], m._knnssd_run) for m in model.modules()
              if isinstance(m, nn.Linear) and "forward" in vars(m)}
-    grouped = _uses_implementation(model, attention.IMPLEMENTATION)
+    grouped = attention.uses(model, attention.IMPLEMENTATION)
     try:
         restore(model)
         yield
