@@ -31,7 +31,8 @@ from pipeline.study import PEERS, STREAMS, EvalConfig  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", required=True, help="registry reference (name, name@vN, name@alias) or folder")
+    p.add_argument("--bundle", default=None,
+                   help="registry reference (name, name@vN, name@alias) or folder (needed unless --rerender)")
     p.add_argument("--data", default=None, help="prompt file (default: the bundle's calibration data)")
     p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens,
                    help="tokens each method generates per prompt")
@@ -151,9 +152,15 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from pipeline.report import metric_key, read_rows, summarise, write_outputs
 
     if args.rerender:
-        rows = read_rows(Path(args.rerender) / "per_prompt.csv")
-        print("\n".join(write_outputs(rows, summarise(rows), args.rerender, args.bundle)))
+        table = Path(args.rerender) / "per_prompt.csv"
+        if not table.is_file():
+            raise KnnSsdError(f"{table} does not exist", fix="pass the folder of an earlier run (its --out)")
+        rows = read_rows(table)
+        title = args.bundle or Path(args.rerender).resolve().name
+        print("\n".join(write_outputs(rows, summarise(rows), args.rerender, title)))
         return 0
+    if not args.bundle:
+        raise KnnSsdError("no bundle to evaluate", fix="pass --bundle NAME@vN (or a bundle folder)")
     from knnssd.threads import resolve_threads
 
     manifest, prompts, rows = run_study_where_asked(args, config)

@@ -124,9 +124,16 @@ def test_job_runs_every_method_on_held_out_prompts_losslessly(evaluated):
 def test_rerender_rebuilds_the_report_from_the_per_prompt_table(evaluated, capsys):
     before = (evaluated / "summary.csv").read_text()
     (evaluated / "summary.csv").unlink()
-    assert evaluate_main(["--bundle", "tiny", "--rerender", str(evaluated)]) == 0
+    assert evaluate_main(["--rerender", str(evaluated)]) == 0  # no bundle needed: nothing is measured
     assert (evaluated / "summary.csv").read_text() == before
     assert "task stream, overall" in capsys.readouterr().out
+
+
+def test_rerender_of_a_folder_without_a_run_and_a_study_without_a_bundle_are_refused(tmp_path, capsys):
+    assert evaluate_main(["--rerender", str(tmp_path)]) == 2
+    assert "per_prompt.csv does not exist" in capsys.readouterr().err
+    assert evaluate_main(["--no-log"]) == 2
+    assert "no bundle to evaluate" in capsys.readouterr().err
 
 
 def test_missing_data_is_refused(loaded, tmp_path, capsys):
