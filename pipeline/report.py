@@ -19,7 +19,7 @@ from typing import Any
 
 from knnssd.reports import bar_chart, write_csv
 from knnssd.stats import Tally
-from pipeline.bootstrap import MIN_VERDICT_PROMPTS, difference_interval, speedup_interval, verdict
+from pipeline.bootstrap import MIN_VERDICT_PROMPTS, TOO_FEW, difference_interval, speedup_interval, verdict
 
 OVERALL = "overall"
 # Spec-Bench's leaderboard columns: its 8 MT-bench categories pooled (or merged into "chat"), then the five tasks.
@@ -84,7 +84,8 @@ def verdicts(rows: list[PromptRun]) -> list[str]:
     """Plain statements per stream and domain (overall last): does KNN-SSD beat Self-SD(Fix) (the mean of the
     fixed policies, and how many of them it beats) and Self-SD(Mix)? "beats" / "loses to" only where the 95%
     paired-bootstrap interval of the speedup difference excludes zero; otherwise "no significant difference
-    from", with the interval; on fewer than MIN_VERDICT_PROMPTS prompts no verdict ("too few prompts"). Figures included, whatever the answer."""
+    from", with the interval; on fewer than MIN_VERDICT_PROMPTS prompts no verdict ("too few prompts").
+    Figures included, whatever the answer."""
     lines = []
     for stream in dict.fromkeys(r.stream for r in rows):
         domains = list(dict.fromkeys(r.domain for r in rows if r.stream == stream))
@@ -98,18 +99,19 @@ def verdicts(rows: list[PromptRun]) -> list[str]:
             count = len(plain)
             if fixes:
                 difference = difference_interval(plain, knn, [seconds[f] for f in fixes])
+                on_average = verdict(difference, count)
                 each = [verdict(difference_interval(plain, knn, [seconds[f]]), count) for f in fixes]
-                tally = (f"; significantly above {each.count('beats')}, below {each.count('loses to')} of "
-                         f"{len(fixes)} fixed policies" if count >= MIN_VERDICT_PROMPTS else
-                         f"; verdicts need {MIN_VERDICT_PROMPTS} prompts")
-                parts.append(f"{verdict(difference, count)} Self-SD(Fix) on average (speedup difference "
+                tally = (f"; verdicts need {MIN_VERDICT_PROMPTS} prompts" if on_average == TOO_FEW else
+                         f"; significantly above {each.count('beats')}, below {each.count('loses to')} of "
+                         f"{len(fixes)} fixed policies")
+                parts.append(f"{on_average} Self-SD(Fix) on average (speedup difference "
                              f"{difference.describe(signed=True)}{tally})")
             if "mix" in seconds:
                 difference = difference_interval(plain, knn, [seconds["mix"]])
                 parts.append(f"{verdict(difference, count)} Self-SD(Mix) (speedup difference "
                              f"{difference.describe(signed=True)})")
             knn_speedup = speedup_interval(plain, knn)
-            lines.append(f"{stream} stream, {domain} ({len(plain)} prompts): KNN-SSD {knn_speedup.describe()} "
+            lines.append(f"{stream} stream, {domain} ({count} prompts): KNN-SSD {knn_speedup.describe()} "
                          + ("; ".join(parts) if parts else "(no Fix or Mix to compare)"))
     return lines
 
