@@ -5,7 +5,8 @@
     2. draft: the drafter proposes k >= 0 tokens after the last committed token
        (k = 0 always for plain decoding);
     3. verify: one full-model forward over [last token, drafts] at explicit
-       positions gives k + 1 target distributions;
+       positions gives k + 1 target distributions (a token tree: one forward
+       with a tree attention mask, `knnssd.tree`);
     4. accept: the longest acceptable prefix of the drafts plus one bonus token
        (greedy or rejection sampling, see `knnssd.sampling`);
     5. roll back: every cache layer is cropped to the committed tokens;
@@ -28,8 +29,14 @@ from knnssd.kvcache import new_cache, rollback
 from knnssd.sampling import SamplingConfig, sample, verify_greedy, verify_sampling, warp_probs
 from knnssd.stats import GenerationStats, StatsRecorder
 from knnssd.sublayers import model_lock
+from knnssd.tree import check_tree, first_path, nodes_per_depth, verify_tree, within_depth
 
 Clock = Callable[[], float]
+# Called with the tokens each step commits (the prefill's first token alone, then each verify step's accepted
+# drafts and bonus token, cut after an EOS), in order; returning False stops generation after those tokens,
+# with finish_reason "stopped". How a server streams, and how a stop string, a client that went away or a
+# timeout end a generation at the next step.
+TokenHook = Callable[[tuple[int, ...]], bool]
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,8 @@ class Prefilled:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """token_ids: the new tokens only (the prompt excluded); finish_reason "eos" or "length"."""
+    """token_ids: the new tokens only (the prompt excluded); finish_reason "eos", "length", or "stopped" (the
+    `on_tokens` hook returned False before EOS or `max_new_tokens`)."""
 
     token_ids: tuple[int, ...]
     stats: GenerationStats
@@ -167,9 +175,15 @@ def verify(
     position: int,
     sampling: SamplingConfig,
     generator: torch.Generator | None,
-) -> tuple[int, int]:
+) -> tuple[list[int], int]:
     """Steps 3-5 for one draft of k tokens after `last_token` (at `position`; the cache holds exactly the
-    `position` committed tokens): returns (n_accepted, next_token), the cache cropped to the committed tokens."""
+    `position` committed tokens): returns (accepted draft tokens, next_token), the cache cropped to the committed
+    tokens. A token tree (draft.parents set) goes to `knnssd.tree.verify_tree` under greedy decoding; under
+    sampling only its first path is verified."""
+    if draft.parents is not None:
+        if sampling.greedy:
+            return verify_tree(model, cache, last_token, draft, position)
+        draft = first_path(draft)
     device = draft.tokens.device
     k = draft.tokens.shape[0]
     input_ids = torch.cat([torch.tensor([last_token], device=device), draft.tokens]).unsqueeze(0)  # (1, k + 1)
@@ -182,13 +196,15 @@ def verify(
     else:
         n_accepted, next_token = verify_sampling(draft.tokens, draft.probs, warp_probs(logits, sampling), generator)
     rollback(cache, position + 1 + n_accepted)
-    return n_accepted, next_token
+    return draft.tokens[:n_accepted].tolist(), next_token
 
 
-def within_contract(draft: Draft, max_tokens: int, cache: DynamicCache, position: int, drafter: Drafter) -> Draft:
+def within_contract(draft: Draft, max_tokens: int, cache: DynamicCache, position: int, drafter: Drafter,
+                    greedy: bool = True) -> Draft:
     """Hold any drafter, a user's own included, to the loop's contract: a draft longer than `max_tokens` is cut
     (so `max_new_tokens` is never overshot), and the cache is cropped back to the `position` committed tokens
-    (a drafter that removed committed state is refused)."""
+    (a drafter that removed committed state is refused). A token tree is checked, cut to depth `max_tokens`
+    (a tree commits at most its depth), and under sampling reduced to its first path."""
     for index, layer in enumerate(cache.layers):
         held = layer.get_seq_length()
         if held < position and getattr(layer, "is_initialized", True):
@@ -197,7 +213,10 @@ def within_contract(draft: Draft, max_tokens: int, cache: DynamicCache, position
                 f"{position} committed",
                 fix="a drafter must leave the cache at request.position tokens (knnssd.kvcache.rollback does that)")
     rollback(cache, position)
-    if draft.tokens.shape[0] <= max_tokens:
+    if draft.parents is not None:
+        check_tree(draft, type(drafter).__name__)
+        draft = within_depth(draft if greedy else first_path(draft), max_tokens)
+    if draft.parents is not None or draft.tokens.shape[0] <= max_tokens:
         return draft
     probs = draft.probs[:max_tokens] if draft.probs is not None else None
     return Draft(tokens=draft.tokens[:max_tokens], probs=probs, forwards=draft.forwards)
@@ -211,16 +230,18 @@ def decode(
     drafter: Drafter | None = None,
     generator: torch.Generator | None = None,
     clock: Clock | None = None,
+    on_tokens: TokenHook | None = None,
 ) -> GenerationResult:
-    """Steps 2-6 after `prefill`: generate until EOS or `config.max_new_tokens`.
+    """Steps 2-6 after `prefill`: generate until EOS, `config.max_new_tokens`, or `on_tokens` returns False.
 
     Holds `model_lock(model)` throughout: one model serves one generation at a time."""
     with model_lock(model):
-        return _decode(model, state, config, drafter, generator, clock)
+        return _decode(model, state, config, drafter, generator, clock, on_tokens)
 
 
 def _decode(model: PreTrainedModel, state: Prefilled, config: GenerationConfig, drafter: Drafter | None,
-            generator: torch.Generator | None, clock: Clock | None) -> GenerationResult:
+            generator: torch.Generator | None, clock: Clock | None,
+            on_tokens: TokenHook | None = None) -> GenerationResult:
     device = next(model.parameters()).device
     clock = clock or device_clock(device)
     start = clock()
@@ -231,7 +252,8 @@ def _decode(model: PreTrainedModel, state: Prefilled, config: GenerationConfig, 
     history = list(state.prompt_tokens) + [state.first_token]  # every committed token, prompt first
     end = state.prompt_length + config.max_new_tokens  # history length at max_new_tokens
     position = state.prompt_length  # tokens in the cache; history[-1] sits at this position
-    while len(history) < end and history[-1] not in eos:
+    going = on_tokens is None or on_tokens((state.first_token,)) is not False
+    while going and len(history) < end and history[-1] not in eos:
         budget = end - len(history)  # room for drafts plus the bonus token
         draft = empty
         if session is not None and budget > 1:
@@ -240,22 +262,25 @@ def _decode(model: PreTrainedModel, state: Prefilled, config: GenerationConfig, 
             draft = session.propose(DraftRequest(model=model, cache=state.cache, last_token=last, position=position,
                                                  max_tokens=budget - 1, sampling=config.sampling, generator=generator,
                                                  history=history))
-            draft = within_contract(draft, budget - 1, state.cache, position, drafter)
+            draft = within_contract(draft, budget - 1, state.cache, position, drafter, config.sampling.greedy)
             recorder.draft_seconds += clock() - t0
         t0 = clock()
-        n_accepted, next_token = verify(model, state.cache, history[-1], draft, position, config.sampling, generator)
+        accepted, next_token = verify(model, state.cache, history[-1], draft, position, config.sampling, generator)
+        n_accepted = len(accepted)
         recorder.verify_seconds += clock() - t0
         drafted = draft.tokens.shape[0]
         if session is not None:
             session.observe(drafted, n_accepted)
-        recorder.record_step(drafted, n_accepted, draft.forwards)
-        for token in (draft.tokens[:n_accepted].tolist() if n_accepted else []) + [next_token]:
+        recorder.record_step(drafted, n_accepted, draft.forwards, nodes_per_depth(draft))
+        committed = len(history)
+        for token in accepted + [next_token]:
             history.append(token)
             if token in eos:
                 break
         position += 1 + n_accepted
+        going = on_tokens is None or on_tokens(tuple(history[committed:])) is not False
     tokens = tuple(history[state.prompt_length:])
-    finish = "eos" if tokens[-1] in eos else "length"
+    finish = "eos" if tokens[-1] in eos else "stopped" if not going and len(history) < end else "length"
     stats = recorder.finish(new_tokens=len(tokens), total_seconds=state.seconds + clock() - start)
     return GenerationResult(token_ids=tokens, stats=stats, finish_reason=finish, embedding=state.embedding)
 
@@ -295,6 +320,7 @@ def generate(
     config: GenerationConfig = GenerationConfig(),
     drafter: Drafter | None = None,
     clock: Clock | None = None,
+    on_tokens: TokenHook | None = None,
 ) -> GenerationResult:
     """Generate after `prompt_ids` (1, T) with `drafter`, or plainly when it is None.
 
@@ -311,7 +337,7 @@ def generate(
     """
     with model_lock(model):
         started = begin(model, prompt_ids, config, clock)
-        return decode(model, started.state, config, drafter, started.generator, started.clock)
+        return decode(model, started.state, config, drafter, started.generator, started.clock, on_tokens)
 
 
 def warm_up(model: PreTrainedModel, prompt_ids: torch.Tensor, drafter: Drafter | None = None) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from knnssd.bundle import FALLBACK_KEY, Bundle, read_bundle
-from knnssd.decoding import GenerationConfig, GenerationResult, begin, decode
+from knnssd.decoding import GenerationConfig, GenerationResult, TokenHook, begin, decode
 from knnssd.drafters import Drafter
 from knnssd.errors import KnnSsdError
 from knnssd.models import LoadedModel, load_model
@@ -64,9 +64,41 @@ class BundleRuntime:
         """Prompt ids (1, T), formatted as at calibration (chat template or not)."""
         return encode_prompt(self.loaded.tokenizer, prompt, chat=self.chat)
 
+    def encode_chat(self, messages: list[dict[str, str]]) -> torch.Tensor:
+        """Ids (1, T) of a conversation (`{"role", "content"}` dicts, as OpenAI's chat API sends them) through the
+        model's chat template, ending with the assistant's generation prompt."""
+        tokenizer = self.loaded.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise KnnSsdError(f"model {self.loaded.name} has no chat template, so chat messages cannot be formatted",
+                              fix="send the formatted text to /v1/completions instead, or serve an instruction-tuned "
+                                  "model")
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        ids = list(ids[0]) if ids and isinstance(ids[0], list) else list(ids)
+        if not ids:
+            raise KnnSsdError("the chat messages encode to no tokens", fix="send at least one message with text")
+        return torch.tensor([ids], dtype=torch.long)
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's context in tokens (prompt plus new tokens), None where its config does not say."""
+        return getattr(self.loaded.model.config, "max_position_embeddings", None)
+
+    @staticmethod
+    def describe(routed: RoutedResult) -> dict[str, Any]:
+        """What routing did for one generation, JSON-ready: the routed domain, the cosine distance, whether the
+        fallback policy was used, the policy's kind (None: plain decoding), and the loop's counts (drafted and
+        accepted tokens, verify steps; see `knnssd.stats`)."""
+        stats = routed.result.stats
+        return {"domain": routed.route.domain, "distance": routed.route.distance, "fallback": routed.route.fallback,
+                "policy_kind": routed.policy.get("kind") if routed.policy else None,
+                "drafted": stats.drafted_tokens, "accepted": stats.accepted_tokens, "verify_steps": stats.verify_steps}
+
     def generate(self, prompt: str | torch.Tensor, max_new_tokens: int = 128,
-                 sampling: SamplingConfig = SamplingConfig()) -> RoutedResult:
-        """Route `prompt` (text, or ids (1, T) already formatted) and generate with its domain's policy."""
+                 sampling: SamplingConfig = SamplingConfig(), on_tokens: TokenHook | None = None) -> RoutedResult:
+        """Route `prompt` (text, or ids (1, T) already formatted) and generate with its domain's policy.
+        `on_tokens` sees each step's committed tokens and may stop generation (`knnssd.decoding.TokenHook`)."""
         config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling)
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt
         with model_lock(self.loaded.model):  # one generation at a time on this model, whatever the thread
@@ -76,7 +108,7 @@ class BundleRuntime:
             key = FALLBACK_KEY if route.fallback else route.domain
             routing_seconds = time.perf_counter() - start
             result = decode(self.loaded.model, started.state, config, self.drafters[key], started.generator,
-                            started.clock)
+                            started.clock, on_tokens)
         text = self.loaded.tokenizer.decode(list(result.token_ids), skip_special_tokens=True)
         return RoutedResult(text=text, result=result, route=route, policy=self.bundle.policies[key],
                             routing_seconds=routing_seconds)
