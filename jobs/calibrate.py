@@ -22,7 +22,7 @@ from knnssd.errors import KnnSsdError  # noqa: E402
 from pipeline.calibrate import CalibrationConfig  # noqa: E402
 from pipeline.data import SPEC_BENCH_MT_CATEGORIES, DataConfig  # noqa: E402
 from pipeline.reduce import ReduceConfig  # noqa: E402
-from pipeline.search import SEARCHABLE_KINDS, SearchConfig  # noqa: E402
+from pipeline.space import SEARCHABLE_KINDS, SearchConfig  # noqa: E402
 from pipeline.tasks import ModelSpec  # noqa: E402
 
 SMOKE = {"trials": 4, "prompts_per_trial": 2, "confirm_prompts": 2, "confirm_candidates": 2, "validate_prompts": 1,
@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-prompts", type=int, default=None,
                    help=f"calibration prompts the candidates are timed on (default: {SearchConfig.confirm_prompts} "
                         "or --prompts-per-trial, the larger)")
+    p.add_argument("--confirm-rounds", type=int, default=SearchConfig.confirm_rounds,
+                   help="the most rounds of confirmation timings: another round runs while the candidate fastest "
+                        "in wall clock is not faster than the best predicted one beyond the timings' spread, and "
+                        "after the last the best predicted one is kept.")
     p.add_argument("--kind-share", type=float, default=SearchConfig.kind_share,
                    help="each drafter kind's guaranteed share of the trials (its first trials are enqueued with "
                         "the kind fixed), so the search cannot settle on one kind before trying the others")
@@ -121,7 +125,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
                       domains=tuple(d for d in (args.domains or "").split(",") if d),
                       held_out_fraction=args.held_out_fraction, seed=args.seed, max_per_domain=args.max_per_domain)
     search = SearchConfig(trials=args.trials, prompts_per_trial=args.prompts_per_trial,
-                          confirm_candidates=args.confirm_candidates,
+                          confirm_candidates=args.confirm_candidates, confirm_rounds=args.confirm_rounds,
                           confirm_prompts=(args.confirm_prompts if args.confirm_prompts is not None
                                            else max(SearchConfig.confirm_prompts, args.prompts_per_trial)),
                           workers=args.workers_per_domain, kind_share=args.kind_share,
@@ -141,10 +145,11 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
 def calibrate_command(args: argparse.Namespace) -> int:
     """Run the calibration the arguments describe, print its summary, then the final demo."""
     config = config_from_args(args)
-    from pipeline.calibrate import run_calibration, summary_table
+    from pipeline.calibrate import run_calibration
+    from pipeline.summary import summary_table
 
     result = run_calibration(config)
-    print("\n" + summary_table(result))
+    print("\n" + summary_table(result.domains, result.validation))
     print(f"\nbundle: {result.bundle_folder}" + (f"  published as {result.ref}" if result.ref else ""))
     print(f"calibration took {result.seconds:.0f} s")
     if result.ref and not args.no_final_demo:

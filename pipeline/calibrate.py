@@ -9,7 +9,6 @@ every finished trial, so a job that fails or is killed loses no finished work: r
 from __future__ import annotations
 
 import datetime
-import hashlib
 import itertools
 import json
 import time
@@ -28,9 +27,11 @@ from knnssd.policy import describe_policy
 from knnssd.threads import resolve_threads
 from pipeline.data import CALIBRATION, HELD_OUT, DataConfig, domains_of, load_calibration_table, prompts_of
 from pipeline.reduce import ReduceConfig, build_bundle_spec
-from pipeline.search import SearchConfig, prepare_study, study_name
+from pipeline.search import prepare_study, study_name
+from pipeline.space import SearchConfig
+from pipeline.summary import flat_params, provenance
 from pipeline.tasks import ModelSpec
-from pipeline.validation import distinct_policies, format_validation, validation_table
+from pipeline.validation import distinct_policies, validation_table
 from knnssd.bundle import write_bundle
 from registry.mlflow_store import BundleRegistry, check_bundle_name
 
@@ -155,7 +156,7 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
         m = result["metrics"]
         log(f"confirm: [{result['domain']}] {describe_policy(result['policy'])}: predicted "
             f"{m['predicted_speedup']:.3f}, wall clock {m.get('searched_speedup', m['speedup']):.3f} "
-            f"({len(results)}/{len(studies)})")
+            f"({len(results)}/{len(studies)}); {m.get('confirmation', 'no candidate')}")
     order = list(studies)
     return sorted(results, key=lambda r: order.index(r["domain"]))
 
@@ -234,7 +235,8 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
     log(f"reduce: {spec.anchors.shape[0]} anchors, fallback beyond distance {spec.fallback_distance:.4f} -> {folder}")
     ref = None
     if config.publish:
-        params = {**flat_params(config), **spec.calibration["provenance"]}
+        params = {**flat_params(config.model, config.data, config.search, config.reduce),
+                  **spec.calibration["provenance"]}
         published = BundleRegistry(config.tracking_uri).publish(folder, config.bundle_name, params=params)
         ref = f"{published.name}@v{published.version}"
         registry = BundleRegistry(config.tracking_uri)
@@ -262,63 +264,3 @@ def identify(config: CalibrationConfig, log: Callable[[str], None]) -> dict[str,
         f"({model['threads']} threads); a verify step costs, in plain steps: {relative} "
         f"({time.perf_counter() - started:.0f} s)")
     return model
-
-
-def data_fingerprint(table: pa.Table) -> str:
-    """sha256 (16 hex digits) over every (domain, prompt, split) row: which prompts calibrated, and how split."""
-    digest = hashlib.sha256()
-    for row in zip(*(table[c].to_pylist() for c in ("domain", "prompt", "split"))):
-        digest.update(json.dumps(row).encode())
-    return digest.hexdigest()[:16]
-
-
-def provenance(table: pa.Table, searches: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a comparison of bundles needs besides the settings: the data's fingerprint, where the trials ran
-    (device, dtype, torch threads per worker) and the package versions."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
-    first = searches[0]
-    return {"data.fingerprint": data_fingerprint(table), "data.prompts": table.num_rows,
-            "worker.device": first.get("device"), "worker.dtype": first.get("dtype"),
-            "worker.torch_threads": first.get("threads"),
-            **{f"version.{p}": installed(p) for p in ("knnssd", "torch", "transformers", "optuna", "ray", "mlflow",
-                                                     "faiss-cpu")}}
-
-
-def flat_params(config: CalibrationConfig) -> dict[str, Any]:
-    """The run's MLflow parameters: model, data, search budget, k and the rest, flattened."""
-    params: dict[str, Any] = {"model": config.model.name, "chat": config.model.chat,
-                              "data": config.data.path or "built-in demo prompts"}
-    for prefix, part in (("search", config.search), ("reduce", config.reduce)):
-        for key, value in asdict(part).items():
-            if isinstance(value, dict):  # the search's seed configs: one parameter per field
-                params.update({f"{prefix}.{key}.{k}": v for k, v in value.items()})
-            else:
-                params[f"{prefix}.{key}"] = value
-    params.update({"data.held_out_fraction": config.data.held_out_fraction, "data.seed": config.data.seed,
-                   "data.domains": ",".join(config.data.domains) or "all"})
-    return params
-
-
-def summary_table(result: CalibrationResult) -> str:
-    """Per domain: the policy chosen, its predicted and confirmed (wall-clock) speedup (the searched policy's
-    figures even when a domain falls back to plain decoding because that policy was slower), then the
-    held-out check."""
-    header = f"{'domain':<16}{'predicted':>10}{'confirmed':>10}{'mean acc':>10}{'trials':>8}{'mismatch':>9}  policy"
-    lines = [header, "-" * (len(header) + 40)]
-    for row in result.domains:
-        m = row["metrics"]
-        chosen = describe_policy(row["policy"])
-        if "searched_policy" in m:
-            chosen += f" (searched {describe_policy(json.loads(m['searched_policy']))} was slower than plain)"
-        lines.append(f"{row['domain']:<16}{m['predicted_speedup']:>10.3f}{m.get('searched_speedup', m['speedup']):>10.3f}"
-                     f"{m['mean_accepted_tokens']:>10.2f}{int(m['trials']):>8}{m['mismatch_rate']:>9.2f}  {chosen}")
-    lines.append("predicted: replayed and priced on the search prompts; confirmed: wall clock against plain "
-                 "decoding on more prompts; mismatch: share of prompts whose tokens differed from plain decoding")
-    return "\n".join(lines) + "\n\n" + format_validation(result.validation)

@@ -19,7 +19,7 @@ verify can round a near-tie differently, and a mismatch is recorded here rather 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -53,10 +53,14 @@ class WallClock:
 
 @dataclass(frozen=True)
 class Measured:
-    """Each policy's wall-clock figures by name, and each prompt's first plain run as its trace."""
+    """Each policy's wall-clock figures by name, each prompt's first plain run as its trace, and the seconds
+    behind the figures prompt by prompt: plain (the mean of its two plain runs) and each policy's, for paired
+    comparisons (`pipeline.confirm`)."""
 
     policies: dict[str, WallClock]
     traces: tuple[Trace, ...]
+    plain_seconds: tuple[float, ...] = ()
+    seconds: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 def measure_policies(model: PreTrainedModel, policies: dict[str, dict[str, Any]], prompt_ids: list[torch.Tensor],
@@ -70,8 +74,8 @@ def measure_policies(model: PreTrainedModel, policies: dict[str, dict[str, Any]]
     for drafter in drafters.values():
         if drafter is not None:
             warm_up(model, prompt_ids[0], drafter)
-    plain_total = 0.0
-    seconds = {name: 0.0 for name in drafters}
+    plain_runs: list[float] = []
+    runs: dict[str, list[float]] = {name: [] for name in drafters}
     tallies = {name: Tally() for name in drafters}
     mismatches = {name: 0 for name in drafters}
     traces = []
@@ -82,17 +86,20 @@ def measure_policies(model: PreTrainedModel, policies: dict[str, dict[str, Any]]
         rng.shuffle(order)
         for name in order:
             result = generate(model, ids, config, drafters[name])
-            seconds[name] += result.stats.total_seconds
+            runs[name].append(result.stats.total_seconds)
             tallies[name] += Tally.of(result.stats)
             mismatches[name] += result.token_ids != first.token_ids
         last = generate(model, ids, config)
-        plain_total += (first.stats.total_seconds + last.stats.total_seconds) / 2
+        plain_runs.append((first.stats.total_seconds + last.stats.total_seconds) / 2)
         if progress is not None:
             progress(index + 1, len(prompt_ids))
+    plain_total = sum(plain_runs)
+    seconds = {name: sum(runs[name]) for name in drafters}
     timed = {name: WallClock(speedup=plain_total / seconds[name],
                              mean_accepted_tokens=tallies[name].mean_accepted_tokens,
                              acceptance_rate=tallies[name].acceptance_rate, plain_seconds=plain_total,
                              seconds=seconds[name], mismatch_rate=mismatches[name] / len(prompt_ids),
                              prompts=len(prompt_ids), threads=torch.get_num_threads())
              for name in drafters}
-    return Measured(policies=timed, traces=tuple(traces))
+    return Measured(policies=timed, traces=tuple(traces), plain_seconds=tuple(plain_runs),
+                    seconds={name: tuple(values) for name, values in runs.items()})

@@ -2,7 +2,11 @@
 
     predicted speedup = sum over prompts of predicted plain seconds / sum of predicted drafted seconds
 
-Deterministic: the same policy on the same prompts with the same table scores the same, to the last digit.
+Deterministic: the same policy on the same prompts with the same table scores the same, to the last digit,
+whichever worker traced the prompts: nothing in the price is measured during the trial or the trace (the
+prefill too is priced from the table). A node's workers share one table; a worker on another node prices with
+its own, so scores from different nodes are comparable only as far as their tables agree
+(`pipeline.confirm.top_candidates` therefore dedupes by policy as well as by score).
 """
 
 from __future__ import annotations
@@ -81,5 +85,6 @@ def score_policy(model: PreTrainedModel, policy: dict[str, Any], num_layers: int
         replayed = replay(drafter, trace, prediction)
         seconds += costs.generation_seconds(trace, replayed, skip_set)
         tally += replayed.tally
-    return Score(predicted_speedup=plain / seconds, mean_accepted_tokens=tally.mean_accepted_tokens,
+    speedup = plain / seconds if seconds else 1.0  # nothing priced on either side (a table without prefill)
+    return Score(predicted_speedup=speedup, mean_accepted_tokens=tally.mean_accepted_tokens,
                  acceptance_rate=tally.acceptance_rate, plain_seconds=plain, seconds=seconds)

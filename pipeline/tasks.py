@@ -6,7 +6,8 @@
   until it holds its budget of completed trials. Asks for a GPU where the cluster has them, else as many CPUs as
   it runs torch threads. A worker that dies is retried by Ray (`max_retries`); its cut-short trial is marked
   failed by the driver on the next run.
-- `confirm_domain`: the study's top candidates re-measured in wall clock on more prompts, and the choice.
+- `confirm_domain`: the study's top candidates re-measured in wall clock on more prompts, in rounds
+  until a difference is larger than its spread (`pipeline.confirm`), and the choice.
 - `validate_domain`: every policy on one domain's held-out prompts, wall clock and predicted.
 - `embed_prompts`: the runtime's prompt embedding (final hidden state mean-pooled over the prompt, from the
   prefill) for a chunk of prompts.
@@ -15,7 +16,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +32,12 @@ from knnssd.models import LoadedModel, load_model
 from knnssd.policy import describe_policy
 from knnssd.prompts import encode_prompt
 from knnssd.sampling import SamplingConfig
-from pipeline.costs import StepCosts, step_costs_for
-from pipeline.measure import measure_policies
+from pipeline.costs import StepCosts, step_costs_for, table_key
+from pipeline.measure import Measured, measure_policies
 from pipeline.scoring import build_workload, score_policy, workload_of
-from pipeline.search import (SearchConfig, choose_policy, completed_trials, make_objective, open_worker_study,
-                             policy_skip_ratio, run_worker, top_candidates)
+from pipeline.confirm import choose_policy, confirm, pooled_figures, top_candidates
+from pipeline.search import completed_trials, make_objective, open_worker_study, run_worker
+from pipeline.space import SearchConfig, policy_skip_ratio
 
 MAX_RETRIES = 3
 
@@ -65,15 +66,8 @@ def _log(domain: str, message: str) -> None:
     print(f"[{domain}] {message}", flush=True)
 
 
-def costs_key(loaded: LoadedModel) -> str:
-    """What a step-cost table is valid for: this machine, the model, device, dtype, threads and kernels."""
-    kernels = "fast" if loaded.kernels is not None and loaded.kernels.enabled else "plain"
-    return (f"{socket.gethostname()}-{loaded.model_hash[:12]}-{loaded.device.type}-"
-            f"{str(loaded.dtype).removeprefix('torch.')}-{loaded.threads}t-{kernels}")
-
-
 def worker_costs(loaded: LoadedModel, costs_dir: str, domain: str) -> StepCosts:
-    return step_costs_for(loaded.model, Path(costs_dir), costs_key(loaded), lambda m: _log(domain, m))
+    return step_costs_for(loaded.model, Path(costs_dir), table_key(loaded), lambda m: _log(domain, m))
 
 
 def where(loaded: LoadedModel) -> dict[str, Any]:
@@ -125,30 +119,38 @@ def search_worker(spec: ModelSpec, domain: str, prompts: list[str], config: Sear
 def confirm_domain(spec: ModelSpec, domain: str, prompts: list[str], config: SearchConfig, storage: str,
                    study: str, costs_dir: str) -> dict[str, Any]:
     """The study's top candidates timed against plain decoding on up to `config.confirm_prompts` prompts (more
-    than a trial scored), each also predicted on them; the fastest in wall clock is the domain's policy."""
+    than a trial scored), in up to `config.confirm_rounds` rounds, each also predicted on them; the choice as
+    `pipeline.confirm` makes it."""
     started = time.perf_counter()
     loaded = spec.load()
     costs = worker_costs(loaded, costs_dir, domain)
     handle = open_worker_study(storage, study, config, worker=0)
     trials = completed_trials(handle)
     chosen = top_candidates(handle, config.confirm_candidates)
-    candidates = []
+    candidates, decision = [], None
     if chosen:
-        texts = prompts[: config.confirm_prompts]
-        ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in texts]
-        policies = {str(t.number): t.user_attrs["policy"] for t in chosen}
-        _log(domain, f"confirming {len(chosen)} candidates on {len(ids)} prompts in wall clock")
-        timed = time_and_predict(loaded, policies, ids, config.max_new_tokens, costs, config.seed)
+        ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in prompts[: config.confirm_prompts]]
+        policies = {str(t.number): t.user_attrs["policy"] for t in chosen}  # best predicted first
+
+        def measure_round(index: int) -> Measured:
+            _log(domain, f"confirming {len(chosen)} candidates on {len(ids)} prompts in wall clock, round {index + 1}")
+            return measure_policies(loaded.model, policies, ids, config.max_new_tokens, loaded.num_layers,
+                                    seed=config.seed + index)
+
+        decision, rounds = confirm(list(policies), measure_round, config.confirm_rounds, seed=config.seed)
+        figures = pooled_figures(rounds)
+        workload = workload_of(loaded.model, rounds[0].traces)
         for trial in chosen:
             policy = trial.user_attrs["policy"]
-            confirmed = timed[str(trial.number)]
-            predicted = confirmed.pop("predicted_speedup")
+            predicted = score_policy(loaded.model, policy, loaded.num_layers, workload, costs).predicted_speedup
+            confirmed = figures[str(trial.number)]
             candidates.append({"trial": trial.number, "policy": policy, "search_predicted": float(trial.value),
                                "predicted": predicted, "confirmed": confirmed,
                                "skip_ratio": policy_skip_ratio(policy, loaded.num_layers) or 0.0})
             _log(domain, f"  trial {trial.number}: {describe_policy(policy)}: predicted {predicted:.3f}, "
                          f"wall clock {confirmed['speedup']:.3f}")
-    policy, metrics = choose_policy(candidates, len(trials), config)
+        _log(domain, f"chose trial {decision.chosen}: {decision.reason}")
+    policy, metrics = choose_policy(candidates, len(trials), config.min_speedup, decision)
     return {"domain": domain, "policy": policy, "metrics": metrics, "candidates": candidates, "study": study,
             "model_hash": loaded.model_hash, "seconds": time.perf_counter() - started, **where(loaded)}
 

@@ -97,9 +97,10 @@ def test_replay_mask_sees_the_past_and_its_own_key_within_the_window():
     assert windowed[1].tolist() == [False, False, False, True, False, False, True]  # position 4 sees 3 and itself
 
 
-def costs(verify=(0.05, 0.06, 0.07), draft=0.04):
+def costs(verify=(0.05, 0.06, 0.07), draft=0.04, prefill=(0.1, 0.5)):
     return StepCosts(contexts=(16, 512), widths=(1, 2, 4), verify=(verify, tuple(v * 1.1 for v in verify)),
-                     draft_forward=draft, attention=0.001, mlp=0.002, threads=1, device="cpu")
+                     draft_forward=(draft, draft * 1.5), attention=0.001, mlp=0.002, threads=1, device="cpu",
+                     prefill=prefill)
 
 
 def test_step_costs_interpolate_in_width_and_context_and_price_skips():
@@ -107,7 +108,9 @@ def test_step_costs_interpolate_in_width_and_context_and_price_skips():
     assert table.verify_seconds(3, 16) == pytest.approx(0.065)
     assert table.verify_seconds(2, 264) == pytest.approx(0.06 * 1.05)
     assert table.verify_seconds(6, 16) == pytest.approx(0.08)  # beyond the widest: the last segment's slope
-    assert table.draft_seconds(SkipSet.of(attn=[0, 1], mlp=[2])) == pytest.approx(0.04 - 0.002 - 0.002)
+    assert table.draft_seconds(SkipSet.of(attn=[0, 1], mlp=[2]), 16) == pytest.approx(0.04 - 0.002 - 0.002)
+    assert table.draft_seconds(SkipSet.of(), 264) == pytest.approx(0.05)  # draft forwards priced at their context
+    assert table.prefill_seconds(264) == pytest.approx(0.3)
     assert StepCosts.from_dict(table.to_dict()) == table
 
 

@@ -8,7 +8,8 @@ import pytest
 from knnssd.drafters import LayerSkipConfig, PromptLookupConfig
 from knnssd.errors import KnnSsdError
 from pipeline.calibrate import mix_search, mixed_prompts
-from pipeline.search import SearchConfig, seed_trials, study_name
+from pipeline.search import study_name
+from pipeline.space import SearchConfig, seed_trials
 
 
 def test_a_study_is_named_by_its_prompts_too():
@@ -45,10 +46,10 @@ def test_seed_trials_carry_the_seed_configs():
     assert lookup["prompt_lookup.max_ngram"] == 2 and lookup["prompt_lookup.max_draft_tokens"] == 7
 
 
-def test_top_candidates_are_distinct_scores_best_first(tmp_path):
+def test_top_candidates_are_distinct_policies_and_scores_best_first(tmp_path):
     import optuna
 
-    from pipeline.search import top_candidates
+    from pipeline.confirm import top_candidates
 
     study = optuna.create_study(direction="maximize")
     for number, (kind, value) in enumerate([("a", 1.1), ("b", 1.3), ("a", 1.2), ("c", 0.9), ("d", 1.25),
@@ -56,25 +57,32 @@ def test_top_candidates_are_distinct_scores_best_first(tmp_path):
         trial = optuna.trial.create_trial(value=value, user_attrs={"policy": {"kind": kind}})
         study.add_trial(trial)
     assert [t.user_attrs["policy"]["kind"] for t in top_candidates(study, 3)] == ["b", "d", "a"]
+    # one policy scored by workers on two nodes (two step-cost tables): two scores, one candidate
+    study = optuna.create_study(direction="maximize")
+    for value, policy in [(1.31, {"kind": "p", "n": 1}), (1.30, {"n": 1, "kind": "p"}), (1.2, {"kind": "q"})]:
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"policy": policy}))
+    assert [t.value for t in top_candidates(study, 3)] == [1.31, 1.2]
 
 
-def test_the_fastest_confirmed_candidate_is_chosen_and_a_slow_one_falls_back_to_plain():
-    from pipeline.search import choose_policy
+def test_the_confirmed_candidate_is_chosen_and_a_slow_one_falls_back_to_plain():
+    from pipeline.confirm import Decision, choose_policy
 
     def candidate(kind, predicted, wall, mismatch=0.0):
-        return {"policy": {"kind": kind}, "predicted": predicted, "search_predicted": predicted, "trial": 0,
+        return {"policy": {"kind": kind}, "predicted": predicted, "search_predicted": predicted, "trial": ord(kind),
                 "skip_ratio": 0.0, "confirmed": {"speedup": wall, "mean_accepted_tokens": 1.5, "acceptance_rate": 0.4,
                                                  "mismatch_rate": mismatch, "prompts": 8}}
 
-    policy, metrics = choose_policy([candidate("a", 1.3, 1.1), candidate("b", 1.2, 1.2, 0.25)], 100, SearchConfig())
+    decision = Decision(str(ord("b")), 2, "faster beyond the spread")
+    policy, metrics = choose_policy([candidate("a", 1.3, 1.1), candidate("b", 1.2, 1.2, 0.25)], 100, 1.0, decision)
     assert policy == {"kind": "b"} and metrics["confirmed_speedup"] == 1.2 and metrics["predicted_speedup"] == 1.2
     assert metrics["trials"] == 100 and metrics["mismatch_rate"] == 0.25  # a GPU near-tie is reported, not fatal
-    policy, metrics = choose_policy([candidate("a", 1.05, 0.97)], 100, SearchConfig())
+    assert metrics["confirm_rounds"] == 2 and metrics["confirmation"] == "faster beyond the spread"
+    policy, metrics = choose_policy([candidate("a", 1.05, 0.97)], 100, 1.0, Decision(str(ord("a")), 1, "only one"))
     assert policy == {"kind": "none"} and metrics["speedup"] == 1.0 and metrics["searched_speedup"] == 0.97
 
 
 def test_every_kind_gets_its_share_of_the_first_trials():
-    from pipeline.search import kind_quota, seed_trials
+    from pipeline.space import kind_quota, seed_trials
 
     config = SearchConfig(trials=100, kind_share=0.15)
     first = seed_trials(30, config) + kind_quota(30, config)
