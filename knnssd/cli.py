@@ -2,6 +2,7 @@
 
     knnssd generate --model smollm2-135m --prompt "Hi" --chat --skip-set '{"attn":[24],"mlp":[]}' --compare-ar --json
     knnssd bundles list | show REF | compare REF REF ...      (see knnssd/bundle_commands.py)
+    knnssd serve --bundle REF [--port 8000] ...               (see knnssd/serve/command.py)
 
 Bad input prints one line, ``error: <problem> (fix: <what to do>)``, and exits 2.
 """
@@ -15,6 +16,7 @@ from typing import Sequence
 
 from knnssd.bundle_commands import add_commands as add_bundle_commands
 from knnssd.entry import ArgumentParser, add_engine_flags, run_main
+from knnssd.serve.command import add_command as add_serve_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
     gen.set_defaults(handler=run_generate)
     add_bundle_commands(commands)
+    add_serve_command(commands)
     return parser
 
 

@@ -1,0 +1,212 @@
+"""One generation at a time, a bounded queue before it, and every admitted request answered.
+
+The event loop never generates: `Engine.submit` admits a request (or refuses it with 429 and Retry-After when
+`max_queue` requests already wait) and returns a `Job`; one worker thread takes jobs in order and runs each
+through `BundleRuntime.generate` with a token hook that
+
+- detokenises each step's tokens and hands the text to the job's asyncio queue (`Delta`), which the route
+  streams or gathers;
+- stops the generation at the next step when a stop string appears, when the client went away
+  (`Job.cancel`), or when the request's deadline (`--request-timeout` after admission) has passed.
+
+Every job ends with exactly one `Done` or `Failed` event, unless it was cancelled (its client is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from knnssd.decoding import warm_up
+from knnssd.errors import KnnSsdError
+from knnssd.serve.follow import Follower, Serving
+from knnssd.serve.metrics import Metrics
+from knnssd.serve.protocol import Answer, ApiError
+from knnssd.serve.settings import ServeSettings
+from knnssd.serve.text import TextStream
+from knnssd.serve.work import Work
+
+LOG = logging.getLogger("knnssd.serve")
+FINISH_REASONS = {"eos": "stop", "length": "length"}  # the loop's -> OpenAI's; a stop string is "stop" too
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    answer: Answer
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ApiError
+
+
+Event = Union[Delta, Done, Failed]
+
+
+class Job:
+    """One admitted request: its work, its deadline, and the queue its events arrive on (in the event loop)."""
+
+    def __init__(self, work: Work, timeout: float) -> None:
+        self.work = work
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.admitted = time.monotonic()
+        self.deadline = self.admitted + timeout
+        self.timeout = timeout
+        self._cancelled = threading.Event()
+
+    def emit(self, event: Event) -> None:
+        """From the worker thread: hand `event` to the request's coroutine."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            self.cancel()
+
+    def cancel(self) -> None:
+        """The client is gone or the request timed out: stop at the next step, send nothing more."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def timeout_error(self) -> ApiError:
+        return ApiError(504, f"the request did not finish within --request-timeout ({self.timeout:g} s); ask for "
+                             "fewer max_tokens, or run the server with a longer --request-timeout",
+                        type="timeout_error", code="request_timeout")
+
+
+class Engine:
+    """The queue and the worker thread for one loaded model (see the module docstring)."""
+
+    def __init__(self, follower: Follower, settings: ServeSettings, metrics: Metrics) -> None:
+        self.follower, self.settings, self.metrics = follower, settings, metrics
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._admitted = 0  # waiting + generating
+        self._running = 0
+        self._mean_seconds = 1.0  # moving average of a request's time on the model, for Retry-After
+        self.ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="knnssd-generate", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, work: Work) -> Job:
+        """Admit `work` (from the event loop), or raise the 429 ApiError when the queue is full."""
+        with self._lock:
+            if self._admitted > self.settings.max_queue:
+                retry = max(1, math.ceil(self._mean_seconds * self._admitted))
+                raise ApiError(429, f"the server is busy: {self._admitted - 1} requests wait for the model, the "
+                                    f"most --max-queue allows ({self.settings.max_queue}); retry in {retry} s",
+                               type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
+            self._admitted += 1
+            self._gauges(running=None)
+        job = Job(work, self.settings.request_timeout)
+        self._queue.put(job)
+        return job
+
+    def _gauges(self, running: bool | None) -> None:
+        """Update the queue gauges (under `self._lock`)."""
+        if running is not None:
+            self._running = int(running)
+            self.metrics.running.set(self._running)
+        self.metrics.queue_depth.set(max(0, self._admitted - self._running))
+
+    def _work(self) -> None:
+        try:
+            self._warm()
+        except Exception:  # noqa: BLE001 - a failed warm-up is logged; /ready then stays 503
+            LOG.exception("warm-up failed; the server stays not ready")
+            return
+        self.ready.set()
+        while (job := self._queue.get()) is not None:
+            start = time.monotonic()
+            with self._lock:
+                self._gauges(running=True)
+            try:
+                self._run(job)
+            except KnnSsdError as exc:
+                job.emit(Failed(ApiError(400, str(exc), code="invalid_value")))
+            except Exception as exc:  # noqa: BLE001 - a bug must still answer the request, and is logged
+                LOG.exception("generation failed")
+                job.emit(Failed(ApiError(500, f"internal error while generating: {type(exc).__name__}: {exc}",
+                                         type="server_error", code="internal_error")))
+            finally:
+                with self._lock:
+                    self._admitted -= 1
+                    self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - start)
+                    self._gauges(running=False)
+
+    def _warm(self) -> None:
+        """One tiny generation with each distinct drafter, so the first request does not pay one-off costs."""
+        runtime = self.follower.current.runtime
+        ids = torch.arange(1, 9).unsqueeze(0) % runtime.loaded.model.config.vocab_size
+        seen: set[int] = set()
+        for drafter in runtime.drafters.values():
+            if id(drafter) not in seen:
+                seen.add(id(drafter))
+                warm_up(runtime.loaded.model, ids, drafter)
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled:
+            return  # its client left while it waited
+        if time.monotonic() > job.deadline:
+            job.emit(Failed(job.timeout_error()))
+            return
+        serving: Serving = self.follower.current  # this request runs on this version to its end
+        stream = TextStream(serving.runtime.loaded.tokenizer, job.work.stops)
+        first: list[float] = []
+
+        def on_tokens(tokens: tuple[int, ...]) -> bool:
+            if not first:
+                first.append(time.monotonic())
+            piece = stream.push(tokens)
+            if piece:
+                job.emit(Delta(piece))
+            return not (stream.stopped or job.cancelled or time.monotonic() > job.deadline)
+
+        work = job.work
+        routed = serving.runtime.generate(work.ids, work.max_tokens, work.sampling, on_tokens=on_tokens)
+        end = time.monotonic()
+        tail = stream.finish()
+        if tail:
+            job.emit(Delta(tail))
+        result = routed.result
+        domain = "fallback" if routed.route.fallback else routed.route.domain
+        self.metrics.record_generation(domain, routed.route.fallback, result.stats)
+        if job.cancelled:
+            return
+        if result.finish_reason == "stopped" and not stream.stopped:
+            job.emit(Failed(job.timeout_error()))
+            return
+        tokens = len(result.token_ids)
+        self.metrics.ttft.observe(first[0] - job.admitted)
+        if tokens > 1:
+            self.metrics.tpot.observe((end - first[0]) / (tokens - 1))
+        self.metrics.e2e.observe(end - job.admitted)
+        finish = "stop" if stream.stopped else FINISH_REASONS[result.finish_reason]
+        self.metrics.success.labels(finish).inc()
+        info: dict[str, Any] = {**serving.runtime.describe(routed), "bundle": serving.label}
+        job.emit(Done(Answer(text=stream.text, finish_reason=finish, prompt_tokens=int(work.ids.shape[1]),
+                             completion_tokens=tokens, knnssd=info)))
