@@ -34,13 +34,14 @@ class Interval:
     estimate: float
     low: float
     high: float
+    level: float = LEVEL
 
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
     def describe(self, signed: bool = False) -> str:
         form = "+.3f" if signed else ".3f"
-        return f"{self.estimate:{form}} [{LEVEL:.0%} CI {self.low:{form}}, {self.high:{form}}]"
+        return f"{self.estimate:{form}} [{self.level:.1%} CI {self.low:{form}}, {self.high:{form}}]".replace(".0% CI", "% CI")
 
 
 def _draws(prompts: int, resamples: int, seed: int) -> np.ndarray:
@@ -52,10 +53,10 @@ def _ratios(plain: np.ndarray, seconds: np.ndarray, draws: np.ndarray) -> np.nda
     return plain[draws].sum(axis=1) / seconds[draws].sum(axis=1)
 
 
-def _interval(estimate: float, samples: np.ndarray) -> Interval:
-    tail = (1 - LEVEL) / 2 * 100
+def _interval(estimate: float, samples: np.ndarray, level: float = LEVEL) -> Interval:
+    tail = (1 - level) / 2 * 100
     low, high = np.percentile(samples, [tail, 100 - tail])
-    return Interval(estimate=float(estimate), low=float(low), high=float(high))
+    return Interval(estimate=float(estimate), low=float(low), high=float(high), level=level)
 
 
 def speedup_interval(plain: Sequence[float], seconds: Sequence[float], resamples: int = RESAMPLES,
@@ -68,8 +69,9 @@ def speedup_interval(plain: Sequence[float], seconds: Sequence[float], resamples
 
 
 def difference_interval(plain: Sequence[float], seconds: Sequence[float], others: Sequence[Sequence[float]],
-                        resamples: int = RESAMPLES, seed: int = 0) -> Interval:
-    """speedup(seconds) - mean over `others` of speedup(other), every series on the same prompts."""
+                        resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Interval:
+    """speedup(seconds) - mean over `others` of speedup(other), every series on the same prompts, with its
+    `level` interval."""
     p, s = np.asarray(plain, dtype=float), np.asarray(seconds, dtype=float)
     o = [np.asarray(other, dtype=float) for other in others]
     if not o or any(x.shape != p.shape for x in (s, *o)) or p.size == 0:
@@ -77,7 +79,7 @@ def difference_interval(plain: Sequence[float], seconds: Sequence[float], others
     draws = _draws(p.size, resamples, seed)
     samples = _ratios(p, s, draws) - np.mean([_ratios(p, x, draws) for x in o], axis=0)
     estimate = p.sum() / s.sum() - np.mean([p.sum() / x.sum() for x in o])
-    return _interval(estimate, samples)
+    return _interval(estimate, samples, level)
 
 
 def verdict(difference: Interval, prompts: int) -> str:

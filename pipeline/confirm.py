@@ -11,7 +11,9 @@ commands running beside it, three candidates predicted at 1.13-1.17 confirmed at
    interleaved). After each round, the candidate fastest in wall clock (seconds pooled over the rounds so far)
    is compared with the best predicted one, prompt by prompt: the paired bootstrap interval
    (`pipeline.bootstrap.difference_interval`: prompts resampled, each prompt's seconds summed over the rounds) of
-   speedup(fastest) - speedup(best predicted).
+   speedup(fastest) - speedup(best predicted), at level 1 - 5% / (max_rounds x other candidates): the
+   fastest of several candidates, looked at after every round, would otherwise beat the best predicted one
+   by chance far more often than 5% of the time.
    - The best predicted is the fastest: it is kept.
    - The interval excludes zero: the faster candidate is chosen.
    - Otherwise another round, up to `max_rounds`; after the last, the best predicted is kept, saying so.
@@ -27,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import optuna
 
-from pipeline.bootstrap import difference_interval
+from pipeline.bootstrap import LEVEL, difference_interval
 from pipeline.measure import Measured
 
 
@@ -79,7 +81,8 @@ def decide(order: Sequence[str], rounds: Sequence[Measured], max_rounds: int, se
     if fastest == best:
         return Decision(best, count, f"the best predicted candidate was also the fastest in wall clock "
                                      f"({count} round{'s' if count > 1 else ''})")
-    difference = difference_interval(plain, seconds[fastest], [seconds[best]], seed=seed)
+    level = 1 - (1 - LEVEL) / (max_rounds * (len(order) - 1))
+    difference = difference_interval(plain, seconds[fastest], [seconds[best]], seed=seed, level=level)
     if difference.low > 0:
         return Decision(fastest, count, f"faster in wall clock than the best predicted candidate by "
                                         f"{difference.describe(signed=True)} in speedup over {count} round(s)")
