@@ -189,7 +189,7 @@ def build_app(follower: Follower, settings: ServeSettings) -> FastAPI:
             raise ApiError(503, "the server is still warming up; retry when GET /ready answers 200",
                            type="server_error", code="not_ready", headers={"Retry-After": "1"})
         work = make_work(parsed, serving.runtime, chat)
-        job = engine.submit(work)
+        job = engine.submit(work, stream=parsed.stream)
         metrics.prompt_tokens.inc(int(work.ids.shape[1]))
         envelope = Envelope.new(serving.name, chat)
         if parsed.stream:

@@ -57,10 +57,12 @@ Event = Union[Delta, Done, Failed]
 
 
 class Job:
-    """One admitted request: its work, its deadline, and the queue its events arrive on (in the event loop)."""
+    """One admitted request: its work, its deadline, and the queue its events arrive on (in the event loop).
+    Only a streamed job gets `Delta` events; the others get their one `Done` or `Failed`, so that a coroutine
+    waiting for it wakes up regularly to check that its client is still there."""
 
-    def __init__(self, work: Work, timeout: float) -> None:
-        self.work = work
+    def __init__(self, work: Work, timeout: float, stream: bool) -> None:
+        self.work, self.stream = work, stream
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.admitted = time.monotonic()
@@ -112,7 +114,7 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def submit(self, work: Work) -> Job:
+    def submit(self, work: Work, stream: bool) -> Job:
         """Admit `work` (from the event loop), or raise the 429 ApiError when the queue is full."""
         with self._lock:
             if self._admitted > self.settings.max_queue:
@@ -122,7 +124,7 @@ class Engine:
                                type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
             self._admitted += 1
             self._gauges(running=None)
-        job = Job(work, self.settings.request_timeout)
+        job = Job(work, self.settings.request_timeout, stream)
         self._queue.put(job)
         return job
 
@@ -182,7 +184,7 @@ class Engine:
             if not first:
                 first.append(time.monotonic())
             piece = stream.push(tokens)
-            if piece:
+            if piece and job.stream:
                 job.emit(Delta(piece))
             return not (stream.stopped or job.cancelled or time.monotonic() > job.deadline)
 
@@ -190,7 +192,7 @@ class Engine:
         routed = serving.runtime.generate(work.ids, work.max_tokens, work.sampling, on_tokens=on_tokens)
         end = time.monotonic()
         tail = stream.finish()
-        if tail:
+        if tail and job.stream:
             job.emit(Delta(tail))
         result = routed.result
         domain = "fallback" if routed.route.fallback else routed.route.domain
