@@ -61,6 +61,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # connections wait in the backlog while the model loads (uvicorn's default backlog)
     except OSError as exc:
         raise KnnSsdError(f"cannot listen on {host}:{port} ({exc})",
                           fix="pick a free --port (or --port 0 for any), or another --host") from None

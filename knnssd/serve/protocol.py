@@ -117,10 +117,16 @@ class ChatRequest(Common):
     max_completion_tokens: int | None = None
 
 
+def _is_type_name(part: Any) -> bool:
+    """Pydantic names the member of a union it tried in an error's location ("str", "list[TextPart]")."""
+    return isinstance(part, str) and (part in TYPE_NAMES or "[" in part or part[:1].isupper())
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
+    """The request field at fault: the location up to the first union member."""
     parts = []
     for part in loc:
-        if isinstance(part, str) and (part in TYPE_NAMES or "[" in part or part.startswith("function-")):
+        if _is_type_name(part):
             break
         parts.append(str(part))
     return ".".join(parts) or None
@@ -141,12 +147,13 @@ def parse_request(body: bytes, model_cls: type[Common]) -> Common:
     try:
         return model_cls.model_validate(raw, strict=True)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        error = max(exc.errors(), key=lambda e: len(e["loc"]))  # the most specific, e.g. inside a union member
         param = _param(tuple(error["loc"]))
+        where = ".".join(str(p) for p in error["loc"] if not _is_type_name(p)) or "body"
         if error["type"] == "missing":
             raise ApiError(400, f"missing required field {param!r}", param=param, code="missing_required_field") \
                 from None
-        raise ApiError(400, f"{param or 'body'}: {error['msg']} (got {error.get('input')!r})"[:500], param=param,
+        raise ApiError(400, f"{where}: {error['msg']} (got {error.get('input')!r})"[:500], param=param,
                        code="invalid_type" if error["type"].endswith("_type") else "invalid_value") from None
 
 
