@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from knnssd.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
+from knnssd.signing import check_signing_key  # noqa: E402
 from pipeline.calibrate import CalibrationConfig  # noqa: E402
 from pipeline.data import SPEC_BENCH_MT_CATEGORIES, DataConfig  # noqa: E402
 from pipeline.reduce import ReduceConfig  # noqa: E402
@@ -46,69 +47,72 @@ def default_bundle_name(model: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     p.add_argument("--model", default="smollm2-135m",
-                   help="Hugging Face id, local folder, or the built-in smollm2-135m")
-    p.add_argument("--data", default=None, help="Spec-Bench/JSONL/Parquet file; default: built-in demo prompts")
-    p.add_argument("--columns", default=None, help="column mapping, e.g. domain=category,prompt=text")
-    p.add_argument("--merge", default=None, help="rename domains, e.g. writing=chat,roleplay=chat")
-    p.add_argument("--merge-mt-bench", action="store_true", help="merge Spec-Bench's 8 MT-bench categories as 'chat'")
-    p.add_argument("--domains", default=None, help="comma-separated domains to calibrate (after merging)")
-    p.add_argument("--bundle-name", default=None, help="registered bundle name (default: the model name)")
+                   help="Hugging Face id, local folder, or the built-in smollm2-135m.")
+    p.add_argument("--data", default=None, help="Spec-Bench/JSONL/Parquet file; default: built-in demo prompts.")
+    p.add_argument("--columns", default=None, help="column mapping, e.g. domain=category,prompt=text.")
+    p.add_argument("--merge", default=None, help="rename domains, e.g. writing=chat,roleplay=chat.")
+    p.add_argument("--merge-mt-bench", action="store_true", help="merge Spec-Bench's 8 MT-bench categories as 'chat'.")
+    p.add_argument("--domains", default=None, help="comma-separated domains to calibrate (after merging).")
+    p.add_argument("--bundle-name", default=None, help="registered bundle name (default: the model name).")
     p.add_argument("--trials", type=int, default=SearchConfig.trials,
-                   help="completed trials per domain study (each replayed over plain decoding's output and priced)")
+                   help="completed trials per domain study (each replayed over plain decoding's output and priced).")
     p.add_argument("--prompts-per-trial", type=int, default=SearchConfig.prompts_per_trial,
-                   help="calibration prompts each trial is scored on")
+                   help="calibration prompts each trial is scored on.")
     p.add_argument("--confirm-candidates", type=int, default=SearchConfig.confirm_candidates,
-                   help="best distinct policies per domain re-measured in wall clock before one is chosen")
+                   help="best distinct policies per domain re-measured in wall clock before one is chosen.")
     p.add_argument("--confirm-prompts", type=int, default=None,
                    help=f"calibration prompts the candidates are timed on (default: {SearchConfig.confirm_prompts} "
-                        "or --prompts-per-trial, the larger)")
+                        "or --prompts-per-trial, the larger).")
     p.add_argument("--confirm-rounds", type=int, default=SearchConfig.confirm_rounds,
                    help="the most rounds of confirmation timings: another round runs while the candidate fastest "
                         "in wall clock is not faster than the best predicted one beyond the timings' spread, and "
                         "after the last the best predicted one is kept.")
     p.add_argument("--kind-share", type=float, default=SearchConfig.kind_share,
                    help="each drafter kind's guaranteed share of the trials (its first trials are enqueued with "
-                        "the kind fixed), so the search cannot settle on one kind before trying the others")
+                        "the kind fixed), so the search cannot settle on one kind before trying the others.")
     p.add_argument("--workers-per-domain", type=int, default=SearchConfig.workers,
                    help="Ray workers running each domain's study at once (one Optuna storage; use an RDB URL "
-                        "in --storage across machines)")
+                        "in --storage across machines).")
     p.add_argument("--validate-prompts", type=int, default=CalibrationConfig.validate_prompts,
-                   help="held-out prompts per domain for the final check of every policy")
+                   help="held-out prompts per domain for the final check of every policy.")
     p.add_argument("--max-new-tokens", type=int, default=SearchConfig.max_new_tokens,
-                   help="tokens generated per prompt in trials, confirmation and the held-out check")
-    p.add_argument("--max-per-domain", type=int, default=None, help="use at most N prompts per domain")
+                   help="tokens generated per prompt in trials, confirmation and the held-out check.")
+    p.add_argument("--max-per-domain", type=int, default=None, help="use at most N prompts per domain.")
     p.add_argument("--held-out-fraction", type=float, default=0.25,
-                   help="share of each domain's prompts held out for the final check and evaluation")
+                   help="share of each domain's prompts held out for the final check and evaluation.")
     p.add_argument("--anchors-per-domain", type=int, default=ReduceConfig.anchors_per_domain,
-                   help="k-means anchors per domain")
-    p.add_argument("--sampler", default="tpe", choices=["tpe", "random"], help="Optuna sampler")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the sampler and k-means")
+                   help="k-means anchors per domain.")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "random"], help="Optuna sampler.")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the sampler and k-means.")
     p.add_argument("--min-skip-ratio", type=float, default=SearchConfig.min_skip_ratio,
-                   help="layer-skip trials skipping a smaller share of sub-layers are pruned")
+                   help="layer-skip trials skipping a smaller share of sub-layers are pruned.")
     p.add_argument("--max-skip-ratio", type=float, default=SearchConfig.max_skip_ratio,
-                   help="layer-skip trials skipping a larger share of sub-layers are pruned")
+                   help="layer-skip trials skipping a larger share of sub-layers are pruned.")
     p.add_argument("--min-speedup", type=float, default=SearchConfig.min_speedup,
-                   help="a domain whose best trial is slower than this gets plain decoding (0 keeps every policy)")
+                   help="a domain whose best trial is slower than this gets plain decoding (0 keeps every policy).")
     p.add_argument("--policies", default=",".join(SEARCHABLE_KINDS),
-                   help="drafter kinds the search may choose per domain (comma-separated)")
+                   help="drafter kinds the search may choose per domain (comma-separated).")
     p.add_argument("--no-mix", action="store_true",
-                   help="skip the mix study (one policy searched on all domains together; evaluate.py's Self-SD(Mix))")
-    p.add_argument("--work-dir", default="calibration", help="stage outputs, the Optuna journal and bundle folders")
+                   help="skip the mix study (one policy searched on all domains together; evaluate.py's Self-SD(Mix)).")
+    p.add_argument("--work-dir", default="calibration", help="stage outputs, the Optuna journal and bundle folders.")
     p.add_argument("--storage", default=None, help="Optuna storage: journal file path or RDB URL "
-                                                   "(default: WORK_DIR/optuna-journal.log)")
+                                                   "(default: WORK_DIR/optuna-journal.log).")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--no-publish", action="store_true", help="write the bundle folder only")
-    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template to prompts")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda where the worker has one)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray).")
+    p.add_argument("--no-publish", action="store_true", help="write the bundle folder only.")
+    p.add_argument("--signing-key", default=None, metavar="PATH",
+                   help="sign the published bundle with this private key (from `knnssd keys generate`), so that "
+                        "users who trust its public key (--trusted-key) can verify it; unsigned without it.")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template to prompts.")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda where the worker has one).")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA).")
     add_engine_flags(p, "every trial (and each Ray task asks for as many CPUs)")
-    p.add_argument("--smoke", action="store_true", help="a tiny search (about two minutes on 2 CPU cores)")
+    p.add_argument("--smoke", action="store_true", help="a tiny search (about two minutes on 2 CPU cores).")
     p.add_argument("--no-final-demo", action="store_true",
-                   help="do not answer a held-out prompt per domain through the published bundle")
+                   help="do not answer a held-out prompt per domain through the published bundle.")
     return p
 
 
@@ -139,7 +143,8 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         bundle_name=args.bundle_name or default_bundle_name(args.model), data=data, search=search,
         reduce=ReduceConfig(anchors_per_domain=args.anchors_per_domain, seed=args.seed),
         work_dir=args.work_dir, storage=args.storage, tracking_uri=args.tracking_uri, publish=not args.no_publish,
-        ray_address=args.address, mix=not args.no_mix, validate_prompts=args.validate_prompts)
+        ray_address=args.address, mix=not args.no_mix, validate_prompts=args.validate_prompts,
+        signing_key=str(check_signing_key(args.signing_key)) if args.signing_key else None)
 
 
 def calibrate_command(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@
     anchors.npy      (n_anchors, dim) little-endian float32, L2-normalised rows (plain .npy, no pickles)
     anchors.json     {"dim": D, "labels": [domain index of each anchor]}
     policies.json    {domain: draft policy}, plus "__fallback__" for prompts far from every anchor
+    bundle.sig       optional: the publisher's signature over every other file (`knnssd.signing`)
 
 A draft policy is a JSON object (see knnssd.policy): {"kind": "layer_skip", "skip_set": {"attn": [...],
 "mlp": [...]}, "threshold": 0.8, "max_draft_tokens": 12, ...}, {"kind": "prompt_lookup", ...},
@@ -12,14 +13,15 @@ A draft policy is a JSON object (see knnssd.policy): {"kind": "layer_skip", "ski
 that calibration searched for comparison but the router never uses ("mix": one policy searched on all
 domains' prompts together, the Self-SD(Mix) baseline of evaluation).
 
-Reading verifies the schema version and every checksum before anything else is parsed, and trusts nothing it
-reads: the anchors are read with `numpy.load(allow_pickle=False)` and checked for dtype, shape, finiteness and
+Reading first checks the signature against the trusted keys, if any are configured (`knnssd.signing`: an
+unsigned bundle, or one signed by another key, is then refused before any of its files is parsed), then the
+schema version and every checksum, and trusts nothing it reads: the anchors are read with `numpy.load(allow_pickle=False)` and checked for dtype, shape, finiteness and
 unit norm; labels are checked to be domain indices; every policy is checked when the runtime builds its drafter
 (at load, before any prompt). The FAISS
 index (an exact inner-product index, so "distance" is 1 - cosine) is built from the anchors at load time: no
-FAISS file is ever parsed. The checksums catch corruption; authenticity (that the manifest is the one that was
-published) is the registry's: it records the manifest's sha256 on the registered version, and
-`registry.mlflow_store.BundleRegistry.fetch` checks it (see `manifest_digest`).
+FAISS file is ever parsed. The checksums catch corruption; the registry's digest (the manifest's sha256 recorded
+on the registered version, checked by `registry.mlflow_store.BundleRegistry.fetch`) catches a bundle rewritten in
+the artifact store; only the signature says who made the bundle.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from knnssd.errors import KnnSsdError
+from knnssd.signing import Authenticity, trusted_keys, verify_signature
 
 SCHEMA_VERSION = 2  # 1 stored a FAISS index file; 2 stores plain float32 anchors
 MANIFEST = "manifest.json"
@@ -80,18 +83,21 @@ class BundleSpec:
             raise BundleError(f"policies for {sorted(self.policies)} but domains {list(self.domains)}")
         if any(not 0 <= label < len(self.domains) for label in self.anchor_domains):
             raise BundleError("an anchor label points outside the domain list")
+        if not self.anchor_domains:
+            raise BundleError("a bundle needs at least one anchor", fix="calibrate with at least one prompt per domain")
 
 
 @dataclass(frozen=True)
 class Bundle:
     """A verified bundle read from `folder`; `index` is the FAISS inner-product index of its unit-norm anchors,
-    built at load time."""
+    built at load time; `authenticity`: what its signature check found (`knnssd.signing`)."""
 
     folder: Path
     manifest: dict[str, Any]
     index: Any
     anchor_domains: tuple[int, ...]
     policies: dict[str, dict[str, Any]]
+    authenticity: Authenticity = Authenticity()
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -174,9 +180,12 @@ def write_bundle(spec: BundleSpec, folder: str | os.PathLike[str]) -> Path:
 
 
 def is_folder_reference(ref: str) -> bool:
-    """Whether `ref` names a bundle folder (it holds a manifest, or it is a path with a separator) rather than a
-    registry reference such as name@v3."""
-    return (Path(ref).expanduser() / MANIFEST).is_file() or os.sep in ref
+    """Whether `ref` names a bundle folder rather than a registry reference such as name@v3: a folder is written
+    as a path, with a separator or starting with "." or "~" (`./name@v3`, `out/bundle`, `/abs/bundle`,
+    `~/bundle`); anything else is a registry reference, even where a folder of that name exists in the working
+    directory (which would otherwise replace the registry's version, and skip its digest check)."""
+    separators = tuple(sep for sep in (os.sep, os.altsep, "/") if sep)
+    return ref.startswith((".", "~")) or any(sep in ref for sep in separators)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -233,6 +242,9 @@ def read_anchors(folder: Path, dim: int, count: int) -> np.ndarray:
         anchors = np.load(folder / VECTORS_FILE, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise _bad(folder, f"{VECTORS_FILE} is not a plain .npy array ({exc})") from None
+    if not isinstance(anchors, np.ndarray):  # an .npz archive loads as a lazy NpzFile
+        getattr(anchors, "close", lambda: None)()
+        raise _bad(folder, f"{VECTORS_FILE} is a {type(anchors).__name__} (an .npz archive?), not a plain .npy array")
     if anchors.dtype != np.dtype("<f4") or anchors.shape != (count, dim):
         raise _bad(folder, f"{VECTORS_FILE} holds {anchors.dtype} {anchors.shape}, expected float32 ({count}, {dim})")
     norms = np.linalg.norm(anchors, axis=1) if count else np.ones(0)
@@ -241,11 +253,13 @@ def read_anchors(folder: Path, dim: int, count: int) -> np.ndarray:
     return np.ascontiguousarray(anchors, dtype=np.float32)
 
 
-def read_bundle(folder: str | os.PathLike[str]) -> Bundle:
-    """Read and verify the bundle at `folder` (schema, checksums, then every value); never unpickles."""
+def read_bundle(folder: str | os.PathLike[str], keys: Sequence[str | os.PathLike[str]] | None = None) -> Bundle:
+    """Read and verify the bundle at `folder`: the signature against the trusted `keys` first (None: those of
+    $KNNSSD_TRUSTED_KEYS; empty: none, unauthenticated), then schema, checksums and every value; never unpickles."""
     import faiss
 
     folder = Path(folder)
+    authenticity = verify_signature(folder, trusted_keys(keys))
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
     anchors_meta, policies = _read_json(folder / ANCHORS_FILE), _read_json(folder / POLICIES_FILE)
@@ -261,6 +275,8 @@ def read_bundle(folder: str | os.PathLike[str]) -> Bundle:
         raise _bad(folder, f"{ANCHORS_FILE} needs an integer dim >= 1 and a list of labels")
     if any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < len(domains) for x in raw_labels):
         raise _bad(folder, f"an anchor label is not a domain index in 0..{len(domains) - 1}")
+    if not raw_labels:
+        raise _bad(folder, f"{ANCHORS_FILE} lists no anchors, so no prompt could be routed")
     if not isinstance(policies, dict) or FALLBACK_KEY not in policies or set(policies) - {FALLBACK_KEY} != set(domains):
         raise _bad(folder, f"policies for {sorted(policies) if isinstance(policies, dict) else policies!r} "
                            f"but domains {domains}")
@@ -268,7 +284,7 @@ def read_bundle(folder: str | os.PathLike[str]) -> Bundle:
     index = faiss.IndexFlatIP(dim)  # exact inner product over unit vectors: cosine similarity
     index.add(anchors)
     return Bundle(folder=folder, manifest=manifest, index=index, anchor_domains=tuple(raw_labels),
-                  policies=policies)
+                  policies=policies, authenticity=authenticity)
 
 
 def manifest_rows(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -1,50 +1,93 @@
-"""`knnssd bundles list | show | compare`: reading bundles from the registry or from folders.
+"""`knnssd bundles list | show | compare`: reading bundles from the registry or from folders; `knnssd keys
+generate`: a key pair to sign bundles with.
 
     knnssd bundles list [NAME]
-    knnssd bundles show smollm2-135m@v3 [--json]
-    knnssd bundles compare smollm2-135m@v2 smollm2-135m@v3 path/to/bundle-folder [--json]
+    knnssd bundles show smollm2-135m@v3 [--json] [--trusted-key release.pub]
+    knnssd bundles compare smollm2-135m@v2 smollm2-135m@v3 ./path/to/bundle-folder [--json]
+    knnssd keys generate --out release          # release.key (private) and release.pub
+
+A registry reference is NAME, NAME@vN, NAME@ALIAS or NAME@latest; a bundle folder is written as a path (with a
+separator, or starting with "." or "~"), so a folder in the working directory never replaces a registry version.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 from typing import Any
 
 from knnssd.bundle import Bundle, manifest_rows, read_bundle
 from knnssd.errors import KnnSsdError
 from knnssd.policy import describe_policy
 from knnssd.reports import format_validation
+from knnssd.signing import TRUSTED_KEYS_ENV, generate_key_pair, trusted_keys
 from knnssd.sources import fetch_bundle, open_registry
 
 FIGURES = (("predicted_speedup", "predicted", 10, 3), ("speedup", "confirmed", 10, 3),
            ("mean_accepted_tokens", "mat", 6, 2), ("acceptance_rate", "accept", 8, 2), ("trials", "trials", 8, 0),
            ("mismatch_rate", "mismatch", 9, 2))
+LOG = logging.getLogger("knnssd")
 TRACKING_HELP = "MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+TRUSTED_KEY_HELP = (f"a public key (PEM) the bundle must be signed by; repeat for several (default: "
+                    f"${TRUSTED_KEYS_ENV}, paths separated by '{os.pathsep}'; none: the bundle is unauthenticated)")
+REF_HELP = "NAME@vN, NAME@ALIAS, NAME, or a bundle folder as a path (./folder)"
+
+
+def add_trusted_key_flag(parser: argparse.ArgumentParser) -> None:
+    """--trusted-key PATH, repeatable: the same on every command that reads bundles."""
+    parser.add_argument("--trusted-key", action="append", metavar="PATH", default=None, help=TRUSTED_KEY_HELP)
 
 
 def add_commands(commands: Any) -> None:
     """The `bundles` sub-commands, added to the `knnssd` parser's sub-parsers."""
-    bundles = commands.add_parser("bundles", help="routing bundles in the MLflow registry or in folders")
+    bundles = commands.add_parser("bundles", help="routing bundles in the MLflow registry or in folders.")
     bundle_commands = bundles.add_subparsers(dest="bundle_command", required=True)
-    listing = bundle_commands.add_parser("list", help="registered bundles, or the versions of one")
-    listing.add_argument("name", nargs="?", help="a bundle name: list its versions")
+    listing = bundle_commands.add_parser("list", help="registered bundles, or the versions of one.")
+    listing.add_argument("name", nargs="?", help="a bundle name: list its versions.")
     listing.add_argument("--tracking-uri", help=TRACKING_HELP)
     listing.set_defaults(handler=run_list)
-    show = bundle_commands.add_parser("show", help="a bundle's manifest: domains, policies, metrics")
-    show.add_argument("ref", help="NAME@vN, NAME@ALIAS, NAME, or a bundle folder")
+    show = bundle_commands.add_parser("show", help="a bundle's manifest: domains, policies, metrics.")
+    show.add_argument("ref", help=REF_HELP)
     show.add_argument("--tracking-uri", help=TRACKING_HELP)
-    show.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    show.add_argument("--json", action="store_true", help="print the whole manifest as JSON.")
+    add_trusted_key_flag(show)
     show.set_defaults(handler=run_show)
-    compare = bundle_commands.add_parser("compare", help="two or more bundles side by side, domain by domain")
-    compare.add_argument("refs", nargs="+", metavar="REF", help="NAME@vN, NAME@ALIAS, NAME, or a bundle folder")
+    compare = bundle_commands.add_parser("compare", help="two or more bundles side by side, domain by domain.")
+    compare.add_argument("refs", nargs="+", metavar="REF", help=REF_HELP)
     compare.add_argument("--tracking-uri", help=TRACKING_HELP)
-    compare.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    compare.add_argument("--json", action="store_true", help="print the comparison as one JSON object.")
+    add_trusted_key_flag(compare)
     compare.set_defaults(handler=run_compare)
 
 
-def load(ref: str, tracking_uri: str | None) -> Bundle:
-    return read_bundle(fetch_bundle(ref, tracking_uri))
+def add_key_commands(commands: Any) -> None:
+    """`knnssd keys generate`, added to the `knnssd` parser's sub-parsers."""
+    keys = commands.add_parser("keys", help="key pairs that sign bundles (knnssd/signing.py).")
+    key_commands = keys.add_subparsers(dest="key_command", required=True)
+    generate = key_commands.add_parser("generate", help="write a new EC P-256 key pair: PREFIX.key and PREFIX.pub.")
+    generate.add_argument("--out", required=True, metavar="PREFIX",
+                          help="where to write: PREFIX.key (private, mode 600; publish with --signing-key "
+                               "PREFIX.key) and PREFIX.pub (give users: --trusted-key PREFIX.pub).")
+    generate.set_defaults(handler=run_generate_keys)
+
+
+def run_generate_keys(args: argparse.Namespace) -> int:
+    private, public = generate_key_pair(args.out)
+    print(f"private key {private} (keep it secret; sign with --signing-key {private})\n"
+          f"public key  {public} (trust it with --trusted-key {public} or ${TRUSTED_KEYS_ENV})")
+    return 0
+
+
+def load(ref: str, tracking_uri: str | None, trusted: list[str] | None = None, warn: bool = True) -> Bundle:
+    """The verified bundle `ref`; signed by one of the `trusted` keys (None: $KNNSSD_TRUSTED_KEYS) where any
+    are configured, else loaded unauthenticated with a warning (unless `warn` is off: the caller says it)."""
+    keys = trusted_keys(trusted)
+    bundle = read_bundle(fetch_bundle(ref, tracking_uri, keys=keys), keys=keys)
+    if warn and not bundle.authenticity.verified:
+        LOG.warning("knnssd: bundle %s is %s", ref, bundle.authenticity.describe())
+    return bundle
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -72,12 +115,14 @@ FIGURE_HEADER = "".join(f"{label:>{width}}" for _, label, width, _ in FIGURES)
 
 
 def run_show(args: argparse.Namespace) -> int:
-    manifest = load(args.ref, args.tracking_uri).manifest
+    bundle = load(args.ref, args.tracking_uri, args.trusted_key, warn=args.json)
+    manifest = bundle.manifest
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
     print(f"bundle {args.ref}: model {manifest['model_id']} (hash {manifest['model_hash'][:12]}), "
           f"created {manifest['created_at']}, knnssd {manifest['package_version']}")
+    print(f"signature: {bundle.authenticity.describe()}")
     print(f"fallback beyond cosine distance {manifest['routing']['fallback_distance']:.4f}: "
           f"{describe_policy(manifest['fallback_policy'])}")
     print(f"\n{'domain':<16}{'anchors':>8}{FIGURE_HEADER}  policy")
@@ -94,12 +139,12 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def comparison(refs: list[str], tracking_uri: str | None) -> dict[str, Any]:
+def comparison(refs: list[str], tracking_uri: str | None, trusted: list[str] | None = None) -> dict[str, Any]:
     """Per bundle: its identity and provenance; per domain: each bundle's policy and figures (None where a
     bundle lacks the domain)."""
     if len(refs) < 2:
         raise KnnSsdError("compare needs at least two bundles", fix="name two or more, e.g. NAME@v1 NAME@v2")
-    manifests = {ref: load(ref, tracking_uri).manifest for ref in refs}
+    manifests = {ref: load(ref, tracking_uri, trusted).manifest for ref in refs}
     bundles = [{"ref": ref, "model_id": m["model_id"], "model_hash": m["model_hash"], "created_at": m["created_at"],
                 "domains": [d["name"] for d in m["domains"]], "provenance": m.get("calibration", {}).get("provenance", {}),
                 "trials_per_domain": m.get("calibration", {}).get("search", {}).get("trials"),
@@ -115,7 +160,7 @@ def comparison(refs: list[str], tracking_uri: str | None) -> dict[str, Any]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    result = comparison(args.refs, args.tracking_uri)
+    result = comparison(args.refs, args.tracking_uri, args.trusted_key)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -2,6 +2,7 @@
 
     knnssd generate --model smollm2-135m --prompt "Hi" --chat --skip-set '{"attn":[24],"mlp":[]}' --compare-ar --json
     knnssd bundles list | show REF | compare REF REF ...      (see knnssd/bundle_commands.py)
+    knnssd keys generate --out PREFIX                         (a key pair that signs bundles, knnssd/signing.py)
     knnssd serve --bundle REF [--port 8000] ...               (see knnssd/serve/command.py)
 
 Bad input prints one line, ``error: <problem> (fix: <what to do>)``, and exits 2.
@@ -14,7 +15,7 @@ import json
 import sys
 from typing import Sequence
 
-from knnssd.bundle_commands import add_commands as add_bundle_commands
+from knnssd.bundle_commands import add_commands as add_bundle_commands, add_key_commands, add_trusted_key_flag
 from knnssd.entry import ArgumentParser, add_engine_flags, run_main
 from knnssd.serve.command import add_command as add_serve_command
 
@@ -23,39 +24,41 @@ def build_parser() -> argparse.ArgumentParser:
     from knnssd.drafters.layer_skip import LayerSkipConfig
     from knnssd.sampling import SamplingConfig
 
-    parser = ArgumentParser(prog="knnssd", description="KNN-SSD: dynamic self-speculative decoding")
+    parser = ArgumentParser(prog="knnssd", description="KNN-SSD: dynamic self-speculative decoding.")
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate text, plainly or with self-speculative drafting")
+    gen = commands.add_parser("generate", help="generate text, plainly or with self-speculative drafting.")
     gen.add_argument("--model", help="Hugging Face id, local folder, or built-in name (smollm2-135m); "
-                                     "with --bundle, default the bundle's model")
-    gen.add_argument("--bundle", help="route with a bundle: NAME, NAME@vN, NAME@ALIAS, NAME@latest, or a folder")
-    gen.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+                                     "with --bundle, default the bundle's model.")
+    gen.add_argument("--bundle", help="route with a bundle: NAME, NAME@vN, NAME@ALIAS, NAME@latest, or a folder.")
+    gen.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
     gen.add_argument("--allow-model-mismatch", action="store_true",
-                     help="use a bundle although --model's hash differs from the bundle's model")
-    gen.add_argument("--prompt", required=True, help="the prompt text")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+                     help="use a bundle although --model's hash differs from the bundle's model.")
+    add_trusted_key_flag(gen)
+    gen.add_argument("--prompt", required=True, help="the prompt text.")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template.")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most.")
     gen.add_argument("--skip-set", help='JSON {"attn": [...], "mlp": [...]} or a path to a JSON file; '
-                                        "without it, plain decoding")
+                                        "without it, plain decoding.")
     gen.add_argument("--policy", help='a whole draft policy as JSON or a file: {"kind": "prompt_lookup", '
-                     '"max_ngram": 3, "max_draft_tokens": 10}, {"kind": "hybrid", ...}; see knnssd/policy.py')
+                     '"max_ngram": 3, "max_draft_tokens": 10}, {"kind": "hybrid", ...}; see knnssd/policy.py.')
     gen.add_argument("--threshold", type=float, default=LayerSkipConfig.threshold,
-                     help="with --skip-set: stop drafting below this top-1 probability")
+                     help="with --skip-set: stop drafting below this top-1 probability.")
     gen.add_argument("--max-draft-tokens", type=int, default=LayerSkipConfig.max_draft_tokens,
-                     help="with --skip-set: draft at most this many tokens per step")
+                     help="with --skip-set: draft at most this many tokens per step.")
     gen.add_argument("--adaptive", action="store_true",
-                     help="with --skip-set: adapt the threshold to acceptance (Draft&Verify)")
-    gen.add_argument("--temperature", type=float, default=SamplingConfig.temperature, help="0 for greedy")
-    gen.add_argument("--top-p", type=float, default=SamplingConfig.top_p, help="nucleus sampling mass (1: off)")
-    gen.add_argument("--top-k", type=int, default=SamplingConfig.top_k, help="sample among the k likeliest (0: off)")
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    gen.add_argument("--compare-ar", action="store_true", help="also run plain decoding and report the speedup")
-    gen.add_argument("--json", action="store_true", help="print one JSON object")
+                     help="with --skip-set: adapt the threshold to acceptance (Draft&Verify).")
+    gen.add_argument("--temperature", type=float, default=SamplingConfig.temperature, help="0 for greedy.")
+    gen.add_argument("--top-p", type=float, default=SamplingConfig.top_p, help="nucleus sampling mass (1: off).")
+    gen.add_argument("--top-k", type=int, default=SamplingConfig.top_k, help="sample among the k likeliest (0: off).")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling.")
+    gen.add_argument("--compare-ar", action="store_true", help="also run plain decoding and report the speedup.")
+    gen.add_argument("--json", action="store_true", help="print one JSON object.")
     add_engine_flags(gen, "generation")
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    gen.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
+    gen.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA).")
     gen.set_defaults(handler=run_generate)
     add_bundle_commands(commands)
+    add_key_commands(commands)
     add_serve_command(commands)
     return parser
 
@@ -69,7 +72,7 @@ def run_generate(args: argparse.Namespace) -> int:
         skip_set=args.skip_set, policy=args.policy, threshold=args.threshold, max_draft_tokens=args.max_draft_tokens,
         adaptive=args.adaptive, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         compare_ar=args.compare_ar, device=args.device, dtype=args.dtype, threads=args.threads,
-        fast_kernels=not args.no_fast_kernels,
+        fast_kernels=not args.no_fast_kernels, trusted_keys=tuple(args.trusted_key) if args.trusted_key else None,
     )
     report = answer_request(request)
     if args.json:

@@ -42,6 +42,7 @@ class GenerateRequest:
     allow_model_mismatch: bool = False
     threads: int | None = None
     fast_kernels: bool = True
+    trusted_keys: tuple[str, ...] | None = None  # with --bundle; None: $KNNSSD_TRUSTED_KEYS (knnssd.signing)
 
 
 def result_to_dict(loaded: LoadedModel, result: GenerationResult) -> dict[str, object]:
@@ -112,7 +113,8 @@ def _generate_routed(request: GenerateRequest, config: GenerationConfig) -> dict
                        fast_kernels=request.fast_kernels) if request.model else None
     runtime = load_bundle(request.bundle, model=model, tracking_uri=request.tracking_uri,
                           allow_model_mismatch=request.allow_model_mismatch, device=request.device,
-                          dtype=request.dtype, threads=request.threads, fast_kernels=request.fast_kernels)
+                          dtype=request.dtype, threads=request.threads, fast_kernels=request.fast_kernels,
+                          trusted_keys=request.trusted_keys)
     loaded = runtime.loaded
     prompt_ids = runtime.encode(request.prompt)
     check_prompt(loaded.model, prompt_ids, config.max_new_tokens)
@@ -122,7 +124,8 @@ def _generate_routed(request: GenerateRequest, config: GenerationConfig) -> dict
     report = _header(loaded, prompt_ids, routed.policy)
     report.update(result_to_dict(loaded, routed.result))
     report.update({"bundle": request.bundle, "domain": routed.route.domain, "distance": routed.route.distance,
-                   "fallback": routed.route.fallback, "routing_seconds": routed.routing_seconds})
+                   "fallback": routed.route.fallback, "routing_seconds": routed.routing_seconds,
+                   "bundle_signature": runtime.bundle.authenticity.describe()})
     if plain is not None:
         report.update(_comparison(plain, routed.result))
     return report

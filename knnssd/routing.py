@@ -35,6 +35,12 @@ class Router:
     domains: tuple[str, ...]
     fallback_distance: float
 
+    def __post_init__(self) -> None:
+        if self.index.ntotal < 1 or self.index.ntotal != len(self.anchor_domains):
+            raise KnnSsdError(f"the router needs one domain label per anchor and at least one anchor; it has "
+                              f"{self.index.ntotal} anchors and {len(self.anchor_domains)} labels",
+                              fix="rebuild the bundle (bundles with no anchors are refused when read)")
+
     def route(self, embedding: torch.Tensor) -> Route:
         """Route one prompt embedding (hidden,), any dtype or device."""
         vector = embedding.detach().float().cpu().numpy().reshape(1, -1)

@@ -11,13 +11,15 @@ MLflow only to fetch a bundle by registry reference (a bundle folder needs none)
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from knnssd import signing
 from knnssd.bundle import FALLBACK_KEY, Bundle, read_bundle
 from knnssd.decoding import GenerationConfig, GenerationResult, TokenHook, begin, decode
 from knnssd.drafters import Drafter
@@ -29,6 +31,8 @@ from knnssd.routing import Route, Router
 from knnssd.sampling import SamplingConfig
 from knnssd.sources import fetch_bundle
 from knnssd.sublayers import model_lock
+
+LOG = logging.getLogger("knnssd")
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ def load_bundle(
     dtype: str | None = None,
     threads: int | None = None,
     fast_kernels: bool = True,
+    trusted_keys: Sequence[str | os.PathLike[str]] | None = None,
 ) -> BundleRuntime:
     """Resolve `ref`, fetch and verify the bundle, load (or take) its model, check the model hash.
 
@@ -132,8 +137,15 @@ def load_bundle(
         model: a model already loaded with `load_model`; default: the bundle's own model id.
         allow_model_mismatch: use the bundle although the model's hash differs from the bundle's.
         threads, fast_kernels: for the model load (see `knnssd.models.load_model`).
+        trusted_keys: public keys (PEM files) a bundle must be signed by (default: $KNNSSD_TRUSTED_KEYS, paths
+            separated by os.pathsep); the signature is checked before anything in the bundle is read, so an
+            unsigned or foreign bundle never names the model to load. With none, the bundle is loaded
+            unauthenticated, with a warning (`knnssd.signing`).
     """
-    bundle = read_bundle(fetch_bundle(ref, tracking_uri, cache_dir))
+    keys = signing.trusted_keys(trusted_keys)
+    bundle = read_bundle(fetch_bundle(ref, tracking_uri, cache_dir, keys=keys), keys=keys)
+    if not bundle.authenticity.verified:
+        LOG.warning("knnssd: bundle %s is %s", ref, bundle.authenticity.describe())
     loaded = model if model is not None else load_model(bundle.model_id, device=device, dtype=dtype,
                                                         threads=threads, fast_kernels=fast_kernels)
     if loaded.model_hash != bundle.model_hash and not allow_model_mismatch:

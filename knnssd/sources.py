@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from knnssd.bundle import is_folder_reference
 from knnssd.errors import KnnSsdError
+from knnssd.signing import SignatureError
 
 
 def open_registry(tracking_uri: str | None = None) -> Any:
@@ -30,13 +31,21 @@ def open_registry(tracking_uri: str | None = None) -> Any:
     return BundleRegistry(tracking_uri)
 
 
-def fetch_bundle(ref: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """A local folder holding the bundle `ref`: a folder path as is, else a registry reference downloaded
-    (once, verified) into the cache."""
+def fetch_bundle(ref: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                 keys: Sequence[Path] = ()) -> Path:
+    """A local folder holding the bundle `ref`: a folder path (with a separator, or starting with "." or "~") as
+    is, else a registry reference downloaded (once, verified: the signature against the trusted `keys` first,
+    then the registry's digest) into the cache."""
     path = Path(ref).expanduser()
     if is_folder_reference(ref):
         if not path.is_dir():
             raise KnnSsdError(f"bundle folder {ref!r} does not exist",
                               fix="pass an existing bundle folder or a registry reference such as name@v1")
         return path  # read_bundle says what is wrong with a folder that is not a bundle
-    return open_registry(tracking_uri).fetch(ref, cache_dir=cache_dir)
+    try:
+        return open_registry(tracking_uri).fetch(ref, cache_dir=cache_dir, keys=keys)
+    except KnnSsdError as exc:
+        if not path.is_dir() or isinstance(exc, SignatureError):
+            raise
+        raise KnnSsdError(f"{exc.problem} ({ref!r} is a registry reference, though a folder of that name exists "
+                          "here)", fix=f"to load the folder, write it as a path: ./{ref}") from None

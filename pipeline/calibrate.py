@@ -53,6 +53,7 @@ class CalibrationConfig:
     embed_chunk: int = 16
     mix: bool = True
     validate_prompts: int = 3
+    signing_key: str | None = None  # a private key: the published bundle is signed (knnssd.signing)
 
     def __post_init__(self) -> None:  # the thread count every task decodes with, fixed on the driver
         object.__setattr__(self, "model", replace(self.model, threads=resolve_threads(self.model.threads)))
@@ -237,7 +238,8 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
     if config.publish:
         params = {**flat_params(config.model, config.data, config.search, config.reduce),
                   **spec.calibration["provenance"]}
-        published = BundleRegistry(config.tracking_uri).publish(folder, config.bundle_name, params=params)
+        published = BundleRegistry(config.tracking_uri).publish(folder, config.bundle_name, params=params,
+                                                                signing_key=config.signing_key)
         ref = f"{published.name}@v{published.version}"
         registry = BundleRegistry(config.tracking_uri)
         log(f"publish: {ref} (run {published.run_id}) in {registry.tracking_uri}")

@@ -22,9 +22,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from knnssd.cachedir import cache_root
+from knnssd.signing import SignatureError, sign_bundle, verify_signature
 from knnssd.reports import DOMAIN_METRICS, write_bundle_reports
 from registry.pages import (MAX_PARAM_CHARS, SHARED_VIEW_TAG, policy_params, runs_table_path, shared_view,
                             summary_markdown, validation_metrics)
@@ -118,13 +119,26 @@ class BundleRegistry:
 
     # -- publishing -------------------------------------------------------------------------------------------
     def publish(self, folder: str | os.PathLike[str], name: str, params: dict[str, Any] | None = None,
-                experiment: str = DEFAULT_EXPERIMENT) -> Published:
-        """Log `folder` (a verified bundle) as a run and register it as the next version of `name`."""
-        from mlflow.entities import Metric, Param
-
+                experiment: str = DEFAULT_EXPERIMENT, signing_key: str | os.PathLike[str] | None = None) -> Published:
+        """Log `folder` (a verified bundle) as a run and register it as the next version of `name`. With
+        `signing_key` (a private key from `knnssd keys generate`), what is uploaded is a copy of the folder signed
+        with it (`knnssd.signing`); the folder itself is left as it is."""
         check_bundle_name(name)
         folder = Path(folder)
-        bundle = read_bundle(folder)
+        read_bundle(folder, keys=())  # the publisher's own folder: checked, not authenticated
+        if signing_key is None:
+            return self._publish(folder, name, params, experiment, signed=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            signed = Path(tmp) / "bundle"
+            shutil.copytree(folder, signed)
+            sign_bundle(signed, signing_key)
+            return self._publish(signed, name, params, experiment, signed=True)
+
+    def _publish(self, folder: Path, name: str, params: dict[str, Any] | None, experiment: str,
+                 signed: bool) -> Published:
+        from mlflow.entities import Metric, Param
+
+        bundle = read_bundle(folder, keys=())
         client = self.client
         experiment_id = self._experiment_id(experiment)
         run = client.create_run(experiment_id, tags={"model_hash": bundle.model_hash, "bundle_name": name,
@@ -153,7 +167,7 @@ class BundleRegistry:
                     client.log_artifact(run_id, str(path), artifact_path="reports")
             self._ensure_registered_model(name)
             version = client.create_model_version(name, source=f"runs:/{run_id}/bundle", run_id=run_id,
-                                                  tags={"model_hash": bundle.model_hash,
+                                                  tags={"model_hash": bundle.model_hash, "signed": str(signed).lower(),
                                                         MANIFEST_TAG: manifest_digest(folder)})
             ref = f"{name}@v{version.version}"
             description = summary_markdown(bundle.manifest, ref)
@@ -300,13 +314,14 @@ class BundleRegistry:
                               "run id", fix="check the tracking server; run ids are hexadecimal")
         return cache_root(cache_dir) / "bundles" / self.store_key() / name / f"v{version}-{run_id}"
 
-    def fetch(self, ref: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    def fetch(self, ref: str, cache_dir: str | os.PathLike[str] | None = None, keys: Sequence[Path] = ()) -> Path:
         """A verified local copy of the bundle `ref`. The reference is always resolved against the registry (one
         metadata call); the files are downloaded once per version and served from the cache after that.
 
-        Verified every time, cached or not: the manifest's sha256 must equal the digest the registry recorded
-        on the version at publish time (the artifact store alone cannot change that tag), and every file must
-        match the manifest's checksums. A cache entry that fails is downloaded again; a download that fails is
+        Verified every time, cached or not: with trusted `keys`, first the signature (`knnssd.signing`: nothing
+        of the bundle is read before it holds; this is what a writer of the tracking store cannot forge); then
+        the manifest's sha256 must equal the digest the registry recorded on the version at publish time (the
+        artifact store alone cannot change that tag), and every file must match the manifest's checksums. A cache entry that fails is downloaded again; a download that fails is
         refused: the bundle was changed in the artifact store after it was published. A download lands under a
         temporary name and is renamed only once verified."""
         name, version = self.resolve(ref)
@@ -319,7 +334,7 @@ class BundleRegistry:
                                   "BundleRegistry.publish on its folder)")
         target = self.cache_folder(name, version, record.run_id, cache_dir)
         if target.is_dir():
-            if _verified(target, expected):
+            if _signature_holds(target, keys) and _verified(target, expected):
                 return target
             shutil.rmtree(target, ignore_errors=True)  # corrupt or tampered cache entry: fetch it again
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -327,6 +342,7 @@ class BundleRegistry:
         try:
             self._download_version(name, version, tmp)
             folder = tmp if (tmp / "manifest.json").is_file() else tmp / "bundle"
+            verify_signature(folder, keys)
             if not _verified(folder, expected):
                 raise BundleError(
                     f"bundle {name}@v{version} in the artifact store does not match what was published: its "
@@ -341,6 +357,14 @@ class BundleRegistry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+
+def _signature_holds(folder: Path, keys: Sequence[Path]) -> bool:
+    try:
+        verify_signature(folder, keys)
+    except SignatureError:
+        return False
+    return True
 
 
 def _verified(folder: Path, expected_manifest_digest: str) -> bool:
