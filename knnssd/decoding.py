@@ -215,7 +215,7 @@ def within_contract(draft: Draft, max_tokens: int, cache: DynamicCache, position
     rollback(cache, position)
     if draft.parents is not None:
         check_tree(draft, type(drafter).__name__)
-        draft = within_depth(draft if greedy else first_path(draft), max_tokens)
+        draft = within_depth(draft, max_tokens) if greedy else first_path(draft)
     if draft.parents is not None or draft.tokens.shape[0] <= max_tokens:
         return draft
     probs = draft.probs[:max_tokens] if draft.probs is not None else None

@@ -4,7 +4,7 @@ Definitions (one "verification step" = one full-model forward over the last
 committed token plus k >= 0 drafts; plain decoding is the case k = 0):
 
 - new_tokens            = tokens emitted after the prompt (the prefill's token included)
-- drafted_tokens        = sum over steps of k
+- drafted_tokens        = sum over steps of k (for a token tree, k is its node count)
 - accepted_tokens       = sum over steps of drafts accepted (the bonus token not counted)
 - verify_steps          = number of verification steps
 - draft_forwards        = forward passes of the draft model (a dropped low-confidence token costs one)
@@ -16,7 +16,12 @@ committed token plus k >= 0 drafts; plain decoding is the case k = 0):
   Both are computed in one place, `Tally`, which also pools them over many generations (sum the counts,
   then divide). The one rule for an empty denominator: the figure is 0.0 (nothing drafted; no verification
   step at all, as when max_new_tokens is 1 and the prefill alone gives the token).
-- acceptance_by_position[i] = accepted drafts at position i / drafts made at position i (0-based)
+- mean_verify_width     = (drafted_tokens + verify_steps) / verify_steps
+                          tokens per verify pass, the last committed token counted (1.0 for plain decoding)
+- acceptance_by_position[i] = accepted drafts at position i / drafts made at position i (0-based; a tree's
+                          node at depth d counts as a draft at position d - 1, so several drafts may share one)
+- verify_widths[w - 1]  = verify passes over w tokens (the k drafts plus the last committed token)
+- tree_steps            = verify passes whose draft was a token tree (not one path)
 - prefill_seconds, draft_seconds, verify_seconds: wall time in each phase
   (CUDA work synchronised before each reading)
 - total_seconds         = prefill_seconds + draft_seconds + verify_seconds + the loop's own overhead
@@ -56,6 +61,10 @@ class Tally:
     def mean_accepted_tokens(self) -> float:
         return (self.accepted + self.steps) / self.steps if self.steps else 0.0
 
+    @property
+    def mean_verify_width(self) -> float:
+        return (self.drafted + self.steps) / self.steps if self.steps else 0.0
+
 
 @dataclass(frozen=True)
 class GenerationStats:
@@ -72,10 +81,16 @@ class GenerationStats:
     draft_seconds: float
     verify_seconds: float
     total_seconds: float
+    verify_widths: tuple[int, ...] = ()
+    tree_steps: int = 0
 
     @property
     def acceptance_rate(self) -> float:
         return Tally.of(self).acceptance_rate
+
+    @property
+    def mean_verify_width(self) -> float:
+        return Tally.of(self).mean_verify_width
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -94,6 +109,8 @@ class GenerationStats:
         data: dict[str, object] = asdict(self)
         data["drafted_by_position"] = list(self.drafted_by_position)
         data["accepted_by_position"] = list(self.accepted_by_position)
+        data["verify_widths"] = list(self.verify_widths)
+        data["mean_verify_width"] = self.mean_verify_width
         data["acceptance_rate"] = self.acceptance_rate
         data["mean_accepted_tokens"] = self.mean_accepted_tokens
         data["acceptance_by_position"] = list(self.acceptance_by_position)
@@ -107,24 +124,34 @@ class StatsRecorder:
 
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
+    verify_widths: list[int] = field(default_factory=list)
     verify_steps: int = 0
+    tree_steps: int = 0
     draft_forwards: int = 0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
 
-    def record_step(self, drafted: int, accepted: int, forwards: int = 0) -> None:
-        """One verification step that checked `drafted` drafts, accepted the first `accepted`,
-        after `forwards` draft-model passes."""
+    def record_step(self, drafted: int, accepted: int, forwards: int = 0,
+                    by_depth: list[int] | None = None) -> None:
+        """One verification step that checked `drafted` drafts, accepted `accepted` of them, after `forwards`
+        draft-model passes. A path's drafts lie one per position (the first `accepted` accepted); a token
+        tree's `by_depth[d]` nodes lie at position d (its `accepted` path one node per position)."""
+        by_depth = [1] * drafted if by_depth is None else by_depth
+        if sum(by_depth) != drafted or accepted > len(by_depth):
+            raise ValueError(f"{drafted} drafts, {accepted} accepted do not fit nodes per depth {by_depth}")
         self.draft_forwards += forwards
-        grow = drafted - len(self.drafted_by_position)
+        grow = len(by_depth) - len(self.drafted_by_position)
         if grow > 0:
             self.drafted_by_position.extend([0] * grow)
             self.accepted_by_position.extend([0] * grow)
-        for position in range(drafted):
-            self.drafted_by_position[position] += 1
+        for position, count in enumerate(by_depth):
+            self.drafted_by_position[position] += count
             if position < accepted:
                 self.accepted_by_position[position] += 1
+        self.verify_widths.extend([0] * (drafted + 1 - len(self.verify_widths)))
+        self.verify_widths[drafted] += 1
+        self.tree_steps += any(count > 1 for count in by_depth)
         self.verify_steps += 1
 
     def finish(self, new_tokens: int, total_seconds: float) -> GenerationStats:
@@ -140,4 +167,6 @@ class StatsRecorder:
             draft_seconds=self.draft_seconds,
             verify_seconds=self.verify_seconds,
             total_seconds=total_seconds,
+            verify_widths=tuple(self.verify_widths),
+            tree_steps=self.tree_steps,
         )

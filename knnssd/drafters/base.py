@@ -5,7 +5,7 @@ holds whatever adapts during it (the adaptive confidence threshold, the n-gram i
 serves many generations. The loop calls `session.propose(request)` before each verification and
 `session.observe(drafted, accepted)` after it. Plain decoding is the loop with no drafter at all.
 
-Each drafter kind has its own module beside this one: `layer_skip`, `prompt_lookup`, `hybrid`.
+Each drafter kind has its own module beside this one: `layer_skip`, `prompt_lookup`, `hybrid`, `suffix_tree`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ class DraftRequest:
     The cache holds exactly `position` committed tokens; `last_token` (1, 1) is the
     newest committed token, at position `position`, not yet in the cache. A drafter
     may extend the cache while drafting but must leave it at `position` tokens.
-    `max_tokens` is the most tokens it may propose (the loop cuts longer drafts).
+    `max_tokens` is the most tokens it may propose (the loop cuts longer drafts); for a token
+    tree it is the deepest a node may lie (a tree commits at most its depth), and deeper
+    nodes are cut.
     `history` is every committed token id, prompt first, ending with `last_token`
     (length `position + 1`); the loop appends to it in place, so a drafter that
     indexes it can read only what is new since its last call. Do not modify it.
@@ -48,11 +50,21 @@ class Draft:
     distributions q when sampling, None when greedy or when the tokens were chosen
     deterministically (prompt lookup: q is a point mass); `forwards` the draft-model
     forward passes spent (0 for lookup; k, or k + 1 when a low-confidence token was
-    dropped, for layer skipping)."""
+    dropped, for layer skipping).
+
+    `parents` None: the tokens are one path, token i following token i - 1. Otherwise a
+    token tree: `parents` (k,) int64, the index of each node's parent node, -1 for a node
+    that follows the last committed token directly; nodes in topological order
+    (parents[i] < i). A tree is verified in one pass (`knnssd.tree`) under greedy decoding;
+    under sampling the loop keeps its first path (node 0, then each node's first child in
+    node order), so a tree drafter lists its best child first. A tree's drafts are chosen
+    deterministically: `probs` must be None.
+    """
 
     tokens: torch.Tensor
     probs: torch.Tensor | None
     forwards: int = 0
+    parents: torch.Tensor | None = None
 
 
 class DraftSession(Protocol):
