@@ -17,6 +17,7 @@ _EXPORTS = {
     "LayerSkipConfig": "knnssd.drafters", "Drafter": "knnssd.drafters", "LayerSkipDrafter": "knnssd.drafters",
     "KnnSsdError": "knnssd.errors", "skip_sublayers": "knnssd.sublayers", "HybridDrafter": "knnssd.drafters",
     "PromptLookupConfig": "knnssd.drafters", "PromptLookupDrafter": "knnssd.drafters",
+    "SuffixTreeConfig": "knnssd.drafters", "SuffixTreeDrafter": "knnssd.drafters",
     "LoadedModel": "knnssd.models", "load_model": "knnssd.models", "encode_prompt": "knnssd.prompts",
     "BundleRuntime": "knnssd.runtime", "load_bundle": "knnssd.runtime",
     "SamplingConfig": "knnssd.sampling", "SkipSet": "knnssd.skipset", "GenerationStats": "knnssd.stats",

@@ -7,6 +7,9 @@
      "max_draft_tokens": 10}                                          n-gram lookup (PromptLookupConfig)
     {"kind": "hybrid", "prompt_lookup": {...}, "layer_skip": {...}}   lookup, else layer skipping
                                                                       (the two objects without "kind")
+    {"kind": "suffix_tree", "max_ngram": 4, "min_ngram": 1, "max_occurrences": 16,
+     "max_depth": 10, "max_tree_nodes": 15, "min_path_prob": 0.1}     a token tree of the latest suffix's
+                                                                      continuations (SuffixTreeConfig)
 
 Field names and defaults are those of the config classes; a field a policy leaves out takes its class default,
 and a field the class does not have, or of the wrong JSON type, is refused.
@@ -19,12 +22,12 @@ from typing import Any
 
 from knnssd.checks import config_from_json
 from knnssd.drafters import (Drafter, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
-                             PromptLookupDrafter)
+                             PromptLookupDrafter, SuffixTreeConfig, SuffixTreeDrafter)
 from knnssd.errors import KnnSsdError
 from knnssd.jsonarg import json_source
 from knnssd.skipset import SkipSet
 
-POLICY_KINDS = ("none", "layer_skip", "prompt_lookup", "hybrid")
+POLICY_KINDS = ("none", "layer_skip", "prompt_lookup", "hybrid", "suffix_tree")
 
 
 def policy_of(drafter: Drafter | None) -> dict[str, Any]:
@@ -49,6 +52,11 @@ def layer_skip_parts(policy: dict[str, Any]) -> tuple[SkipSet, LayerSkipConfig]:
 def lookup_config(policy: dict[str, Any]) -> PromptLookupConfig:
     """The config of a prompt-lookup policy (or the prompt_lookup part of a hybrid)."""
     return config_from_json(PromptLookupConfig, _fields(policy, "prompt_lookup"), "the prompt_lookup policy")
+
+
+def suffix_tree_config(policy: dict[str, Any]) -> SuffixTreeConfig:
+    """The config of a suffix-tree policy."""
+    return config_from_json(SuffixTreeConfig, _fields(policy, "suffix_tree"), "the suffix_tree policy")
 
 
 def _layer_skip(policy: dict[str, Any], num_layers: int) -> LayerSkipDrafter:
@@ -86,6 +94,8 @@ def drafter_from_policy(policy: dict[str, Any], num_layers: int) -> Drafter | No
         return _layer_skip(policy, num_layers)
     if kind == "prompt_lookup":
         return PromptLookupDrafter(lookup_config(policy))
+    if kind == "suffix_tree":
+        return SuffixTreeDrafter(suffix_tree_config(policy))
     lookup, layer_skip = _hybrid_parts(policy)
     return HybridDrafter(PromptLookupDrafter(lookup_config(lookup)), _layer_skip(layer_skip, num_layers))
 
@@ -114,6 +124,10 @@ def describe_policy(policy: dict[str, Any]) -> str:
     if kind == "prompt_lookup":
         config = lookup_config(policy)
         return f"prompt_lookup n={config.min_ngram}-{config.max_ngram} k<={config.max_draft_tokens}"
+    if kind == "suffix_tree":
+        tree = suffix_tree_config(policy)
+        return (f"suffix_tree n={tree.min_ngram}-{tree.max_ngram} occ<={tree.max_occurrences} "
+                f"depth<={tree.max_depth} nodes<={tree.max_tree_nodes} p>={tree.min_path_prob}")
     if kind == "hybrid":
         lookup, layer_skip = _hybrid_parts(policy)
         return (f"hybrid({describe_policy({'kind': 'prompt_lookup', **lookup})}; "

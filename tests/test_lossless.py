@@ -12,11 +12,74 @@ from knnssd.kernels import transformers_kernels
 from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter
 from knnssd.drafters import HybridDrafter
 from knnssd.drafters import PromptLookupConfig, PromptLookupDrafter
+from knnssd.drafters import Draft, SuffixTreeConfig, SuffixTreeDrafter
 from knnssd.prompts import encode_prompt
 from knnssd.skipset import SkipSet
 from tests.conftest import FAMILIES, spec_bench_rows, tiny_model
 
 NUM_LAYERS = 4
+
+
+class OracleTreeDrafter:
+    """A hand-made adversarial token tree around the model's true greedy continuation (recomputed without a
+    cache each step): a wrong branch first, then a branch right for a random number of tokens and then wrong,
+    a deep branch that leaves it halfway and continues right (so the accepted path is neither the first branch
+    nor in one piece of node order), a duplicate of the first true token, noise nodes on random parents, and
+    true paths deeper than the loop's budget (which the loop must cut). Up to `max_nodes` nodes: more than 16
+    leaves the grouped attention for transformers' own."""
+
+    def __init__(self, seed: int = 0, max_nodes: int = 20) -> None:
+        self.seed, self.max_nodes = seed, max_nodes
+
+    def start(self):
+        self.rng = torch.Generator().manual_seed(self.seed)
+        return self
+
+    def describe(self):
+        return {"kind": "oracle_tree"}
+
+    def observe(self, drafted, accepted):
+        pass
+
+    def randint(self, low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=self.rng))
+
+    def truth(self, model, history: list[int], length: int) -> list[int]:
+        ids = list(history)
+        for _ in range(length):
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+            ids.append(int(logits.argmax()))
+        return ids[len(history):]
+
+    def propose(self, request):
+        vocab = request.model.config.vocab_size
+        depth = min(request.max_tokens + 2, 8)  # past the budget near max_new_tokens
+        truth = self.truth(request.model, request.history, depth)
+        tokens, parents = [], []
+
+        def add(token: int, parent: int) -> int:
+            tokens.append(token % vocab)
+            parents.append(parent)
+            return len(tokens) - 1
+
+        node = -1
+        for step in range(self.randint(1, 3)):  # wrong from its first token
+            node = add(truth[step] + 1 + step, node)
+        right = self.randint(0, depth - 1)
+        node, path = -1, []
+        for step in range(right):
+            node = add(truth[step], node)
+            path.append(node)
+        add(truth[right] + 2, node)
+        if path:
+            cut = self.randint(0, len(path) - 1)
+            node = path[cut]
+            for step in range(cut + 1, depth):
+                node = add(truth[step], node)
+        add(truth[0], -1)
+        while len(tokens) < self.max_nodes:
+            add(self.randint(0, vocab - 1), self.randint(-1, len(tokens) - 1))
+        return Draft(tokens=torch.tensor(tokens), probs=None, parents=torch.tensor(parents))
 
 
 def drafters_under_test():
@@ -34,6 +97,13 @@ def drafters_under_test():
         ("lookup-4gram", PromptLookupDrafter(PromptLookupConfig(max_ngram=4, min_ngram=2, max_draft_tokens=3))),
         ("hybrid", HybridDrafter(PromptLookupDrafter(PromptLookupConfig(min_ngram=2)),
                                  LayerSkipDrafter(SkipSet.of(attn=[1, 3]), LayerSkipConfig(threshold=0.0)))),
+        ("suffix-tree", SuffixTreeDrafter()),
+        ("suffix-tree-wide", SuffixTreeDrafter(SuffixTreeConfig(max_ngram=2, max_depth=20, max_tree_nodes=24,
+                                                                min_path_prob=0.01))),
+        ("suffix-tree-store", SuffixTreeDrafter.with_store(
+            [torch.randint(3, 128, (60,), generator=torch.Generator().manual_seed(n)) for n in range(4)],
+            SuffixTreeConfig(max_ngram=1, min_path_prob=0.05))),
+        ("oracle-tree", OracleTreeDrafter(seed=0)),
     ]
 
 
@@ -82,6 +152,20 @@ def test_max_new_tokens_is_exact_with_long_drafts():
         assert len(got.token_ids) == n and got.finish_reason == "length"
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trees_near_max_new_tokens_are_cut_to_the_budget(family):
+    """The oracle's true path runs 2 tokens past the budget: the loop cuts the tree to depth budget - 1,
+    accepts it whole, and stops exactly at max_new_tokens."""
+    model = tiny_model(family, seed=4)
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    expected = generate(model, prompt, GenerationConfig(max_new_tokens=14, eos_token_ids=())).token_ids
+    for n in (1, 2, 3, 4, 13, 14):
+        got = generate(model, prompt, GenerationConfig(max_new_tokens=n, eos_token_ids=()), OracleTreeDrafter(seed=n))
+        assert got.token_ids == expected[:n] and got.finish_reason == "length"
+        assert got.stats.drafted_tokens > 0 or n <= 2  # with room for the bonus token only, nothing is drafted
+        assert got.stats.accepted_tokens + got.stats.verify_steps == n - 1
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_lossless_on_every_spec_bench_category(smollm2):
     """One Spec-Bench prompt per category (13), chat template, 64 new tokens, a real skip set."""
@@ -91,7 +175,8 @@ def test_smollm2_greedy_lossless_on_every_spec_bench_category(smollm2):
     assert len(first_by_category) == 13
     layer_skip = LayerSkipDrafter(SkipSet.of(attn=[5, 9, 13, 17, 21, 25], mlp=[26, 28]))
     drafters = {"layer_skip": layer_skip, "prompt_lookup": PromptLookupDrafter(),
-                "hybrid": HybridDrafter(PromptLookupDrafter(PromptLookupConfig(min_ngram=2)), layer_skip)}
+                "hybrid": HybridDrafter(PromptLookupDrafter(PromptLookupConfig(min_ngram=2)), layer_skip),
+                "suffix_tree": SuffixTreeDrafter()}
     accepted = defaultdict(float)
     for category, text in sorted(first_by_category.items()):
         prompt = encode_prompt(smollm2.tokenizer, text, chat=True)
