@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -13,6 +15,7 @@ import pytest
 import uvicorn
 
 from knnssd.models import LoadedModel, load_model
+from knnssd.sampling import SamplingConfig
 from knnssd.serve.app import build_app
 from knnssd.serve.follow import Follower
 from knnssd.serve.settings import ServeSettings
@@ -87,3 +90,89 @@ class LiveServer:
         text = httpx.get(self.url + "/metrics").text
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One request of a load test."""
+
+    prompt: int
+    max_tokens: int
+    chat: bool
+    stream: bool
+    seed: int | None  # None: greedy; else sampled at temperature 0.8 with this seed
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": PROMPTS[self.prompt]}]
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig() if self.seed is None else SamplingConfig(temperature=0.8, seed=self.seed)
+
+
+def load_specs(count: int, max_tokens: tuple[int, int] = (60, 200)) -> list[Spec]:
+    """`count` varied requests: completions and chat, streamed and not, greedy and seeded sampling."""
+    low, high = max_tokens
+    return [Spec(prompt=i % len(PROMPTS), max_tokens=low + (i * 37) % (high - low), chat=i % 3 == 1,
+                 stream=i % 2 == 1, seed=None if i % 4 < 2 else 100 + i) for i in range(count)]
+
+
+def sequential_answer(runtime, spec: Spec) -> str:
+    """The text one request gets alone, through the bundle runtime in this process."""
+    ids = runtime.encode_chat(spec.messages()) if spec.chat else \
+        runtime.loaded.tokenizer(PROMPTS[spec.prompt], return_tensors="pt")["input_ids"]
+    return runtime.generate(ids, max_new_tokens=spec.max_tokens, sampling=spec.sampling()).text
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one load-test request got: its text and extension field, or a refusal (status, Retry-After)."""
+
+    spec: Spec
+    text: str | None = None
+    knnssd: dict | None = None
+    status: int = 200
+    retry_after: str | None = None
+
+
+def send(client, model: str, spec: Spec) -> Outcome:
+    import openai
+
+    options = dict(model=model, max_tokens=spec.max_tokens, temperature=0.0 if spec.seed is None else 0.8,
+                   seed=spec.seed, stream=spec.stream)
+    try:
+        if spec.chat:
+            out = client.chat.completions.create(messages=spec.messages(), **options)
+        else:
+            out = client.completions.create(prompt=PROMPTS[spec.prompt], **options)
+        if not spec.stream:
+            choice = out.choices[0]
+            return Outcome(spec, choice.message.content if spec.chat else choice.text, out.knnssd)
+        chunks = list(out)
+        text = "".join((c.choices[0].delta.content or "") if spec.chat else c.choices[0].text
+                       for c in chunks if c.choices)
+        return Outcome(spec, text, chunks[-1].knnssd)
+    except openai.APIStatusError as exc:
+        return Outcome(spec, status=exc.status_code, retry_after=exc.response.headers.get("retry-after"))
+
+
+def run_load(server: LiveServer, model: str, specs: list[Spec], clients: int, seconds: float,
+             between=None) -> list[Outcome]:
+    """`specs` sent by `clients` concurrent clients (each its own connection pool), each in turn; `between(i)`
+    runs after the i-th answer of client 0 (to move an alias mid-load). Bounded: every request must be answered
+    within `seconds` all together."""
+    shares = [specs[i::clients] for i in range(clients)]
+
+    def client_run(index: int) -> list[Outcome]:
+        client = server.client(timeout=seconds)
+        outcomes = []
+        for i, spec in enumerate(shares[index]):
+            outcomes.append(send(client, model, spec))
+            if between is not None and index == 0:
+                between(i)
+        return outcomes
+
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client_run, i) for i in range(clients)]
+        done, pending = wait(futures, timeout=seconds)
+        assert not pending, f"{len(pending)} clients still waiting after {seconds} s: a request hung"
+    return [outcome for future in futures for outcome in future.result()]

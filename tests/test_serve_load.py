@@ -1,0 +1,50 @@
+"""Load on loopback: 48 requests from 8 concurrent clients against a queue of 3. Every request is answered with
+its sequential answer or refused with a clean 429 and Retry-After; none hangs; the gauges return to zero."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from knnssd.runtime import load_bundle
+from knnssd.serve.follow import Follower
+from knnssd.serve.settings import ServeSettings
+from tests.serving import (LiveServer, bundle_folder, load_specs, run_load, sequential_answer,  # noqa: F401
+                           served_model)
+
+NAME = "tiny-bundle"
+
+
+@pytest.fixture(scope="module")
+def runtime(bundle_folder, served_model):
+    return load_bundle(str(bundle_folder), model=served_model)
+
+
+def test_48_requests_from_8_clients(bundle_folder, runtime):
+    specs = load_specs(48)
+    expected = {spec: sequential_answer(runtime, spec) for spec in specs}
+    settings = ServeSettings(max_queue=3, request_timeout=60)
+    with LiveServer(Follower(str(bundle_folder), device="cpu", threads=1), settings) as server:
+        start = time.monotonic()
+        outcomes = run_load(server, NAME, specs, clients=8, seconds=120)
+        elapsed = time.monotonic() - start
+        metrics = server.metrics()
+    assert len(outcomes) == 48
+    answered = [o for o in outcomes if o.status == 200]
+    refused = [o for o in outcomes if o.status != 200]
+    for outcome in answered:
+        assert outcome.text == expected[outcome.spec], outcome.spec
+        assert outcome.knnssd["bundle"] == NAME
+    for outcome in refused:
+        assert outcome.status == 429 and int(outcome.retry_after) >= 1, outcome
+    assert answered and refused, f"{len(answered)} answered, {len(refused)} refused: the test should see both"
+    assert any(o.spec.seed is not None for o in answered) and any(o.spec.stream for o in answered)
+
+    def total(status: str) -> float:
+        return sum(v for (name, labels), v in metrics.items() if name == "knnssd_requests_total"
+                   and dict(labels)["status"] == status and dict(labels)["endpoint"] != "/v1/models")
+    assert (total("200"), total("429")) == (len(answered), len(refused))
+    assert metrics[("knnssd_queue_depth", ())] == 0 and metrics[("knnssd_requests_running", ())] == 0
+    print(f"\n48 requests, 8 clients, queue 3: {len(answered)} answered, {len(refused)} refused with 429, "
+          f"{elapsed:.1f} s")
