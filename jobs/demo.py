@@ -65,12 +65,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="Hugging Face id, local folder, or built-in name")
-    parser.add_argument("--skip-set", default=SMOLLM2_SKIP_SET, help="the layer-skip drafter's skip set (JSON)")
-    parser.add_argument("--per-domain", type=int, default=2, help="built-in prompts per domain")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    parser = ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
+    parser.add_argument("--model", default="smollm2-135m", help="Hugging Face id, local folder, or built-in name.")
+    parser.add_argument("--skip-set", default=SMOLLM2_SKIP_SET, help="the layer-skip drafter's skip set (JSON).")
+    parser.add_argument("--per-domain", type=int, default=2, help="built-in prompts per domain.")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt.")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
     args = parser.parse_args(argv)
     return run_main(lambda: run(args))
 

@@ -30,37 +30,37 @@ from pipeline.study import PEERS, STREAMS, EvalConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     p.add_argument("--bundle", default=None,
-                   help="registry reference (name, name@vN, name@alias) or folder (needed unless --rerender)")
-    p.add_argument("--data", default=None, help="prompt file (default: the bundle's calibration data)")
+                   help="registry reference (name, name@vN, name@alias) or folder (needed unless --rerender).")
+    p.add_argument("--data", default=None, help="prompt file (default: the bundle's calibration data).")
     p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens,
-                   help="tokens each method generates per prompt")
-    p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (default all)")
-    p.add_argument("--streams", default=",".join(STREAMS), help="task, mixed or both")
-    p.add_argument("--fix-domains", default=None, help="domains whose policy runs as Self-SD(Fix) (default all; 'none' for none)")
+                   help="tokens each method generates per prompt.")
+    p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (default all).")
+    p.add_argument("--streams", default=",".join(STREAMS), help="task, mixed or both.")
+    p.add_argument("--fix-domains", default=None, help="domains whose policy runs as Self-SD(Fix) (default all; 'none' for none).")
     p.add_argument("--peers", default=",".join(EvalConfig.peers),
                    help=f"transformers' methods to time, of {','.join(PEERS)} (hf-early-exit is slow: about 0.2x "
-                        "here, so opt-in), or 'none'")
-    p.add_argument("--lookup-tokens", type=int, default=EvalConfig.lookup_tokens, help="peers' prompt_lookup_num_tokens")
-    p.add_argument("--early-exit-layer", type=int, default=None, help="peers' assistant_early_exit (default L/2)")
+                        "here, so opt-in), or 'none'.")
+    p.add_argument("--lookup-tokens", type=int, default=EvalConfig.lookup_tokens, help="peers' prompt_lookup_num_tokens.")
+    p.add_argument("--early-exit-layer", type=int, default=None, help="peers' assistant_early_exit (default L/2).")
     p.add_argument("--policy", action="append", default=[], metavar="NAME=JSON",
                    help="also run this draft policy for every prompt, as method NAME (repeatable), e.g. "
-                        "--policy lookup='{\"kind\": \"prompt_lookup\"}'")
-    p.add_argument("--seed", type=int, default=EvalConfig.seed, help="seed of the mixed stream's shuffle")
+                        "--policy lookup='{\"kind\": \"prompt_lookup\"}'.")
+    p.add_argument("--seed", type=int, default=EvalConfig.seed, help="seed of the mixed stream's shuffle.")
     p.add_argument("--ood-domains", default=None,
                    help="domains of the data the bundle was NOT calibrated on: their prompts run as a third, "
-                        "out-of-distribution stream (fallback rate, routing, speedup)")
+                        "out-of-distribution stream (fallback rate, routing, speedup).")
     p.add_argument("--rerender", default=None, metavar="DIR",
-                   help="measure nothing: rebuild the tables, plot and report of an earlier run's folder")
-    p.add_argument("--out", default=None, help="output folder (default evaluation/<bundle>-<time>)")
+                   help="measure nothing: rebuild the tables, plot and report of an earlier run's folder.")
+    p.add_argument("--out", default=None, help="output folder (default evaluation/<bundle>-<time>).")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--no-log", action="store_true", help="do not log the evaluation to MLflow")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS; none: run here)")
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+    p.add_argument("--no-log", action="store_true", help="do not log the evaluation to MLflow.")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS; none: run here).")
     add_engine_flags(p, "every method")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda where there is one)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda where there is one).")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA).")
     return p
 
 

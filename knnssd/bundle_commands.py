@@ -29,10 +29,10 @@ FIGURES = (("predicted_speedup", "predicted", 10, 3), ("speedup", "confirmed", 1
            ("mean_accepted_tokens", "mat", 6, 2), ("acceptance_rate", "accept", 8, 2), ("trials", "trials", 8, 0),
            ("mismatch_rate", "mismatch", 9, 2))
 LOG = logging.getLogger("knnssd")
-TRACKING_HELP = "MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+TRACKING_HELP = "MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."
 TRUSTED_KEY_HELP = (f"a public key (PEM) the bundle must be signed by; repeat for several (default: "
-                    f"${TRUSTED_KEYS_ENV}, paths separated by '{os.pathsep}'; none: the bundle is unauthenticated)")
-REF_HELP = "NAME@vN, NAME@ALIAS, NAME, or a bundle folder as a path (./folder)"
+                    f"${TRUSTED_KEYS_ENV}, paths separated by '{os.pathsep}'; none: the bundle is unauthenticated).")
+REF_HELP = "NAME@vN, NAME@ALIAS, NAME, or a bundle folder as a path (./folder)."
 
 
 def add_trusted_key_flag(parser: argparse.ArgumentParser) -> None:

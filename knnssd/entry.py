@@ -49,12 +49,25 @@ def run_main(body: Callable[[], int | None]) -> int:
         return 130
 
 
+class DefaultsOnceFormatter(argparse.HelpFormatter):
+    """Each flag's default printed once: "(default: X)" goes before the help's final period, unless the help
+    already says what its default is, or the default says nothing (None, False: the flag is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text.lower() or action.default in (None, False)
+                or action.default is argparse.SUPPRESS):
+            return text
+        return text.removesuffix(".") + " (default: %(default)s)" + ("." if text.endswith(".") else "")
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with every flag's default in its help, and a bad flag reported like any bad input: one line
-    `error: ... (fix: ...)`, exit 2 (argparse's own form is a usage block and "prog: error: ...")."""
+    """argparse with every flag's default in its help, once (`DefaultsOnceFormatter`), and a bad flag reported
+    like any bad input: one line `error: ... (fix: ...)`, exit 2 (argparse's own form is a usage block and
+    "prog: error: ...")."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsOnceFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -65,6 +78,6 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_engine_flags(parser: argparse.ArgumentParser, who: str) -> None:
     """--threads and --no-fast-kernels, the same on every entry; `who` says what decodes ("every trial", ...)."""
     parser.add_argument("--threads", type=int, default=None,
-                        help=f"torch threads {who} decodes with (default: $KNNSSD_THREADS, else every core)")
+                        help=f"torch threads {who} decodes with (default: $KNNSSD_THREADS, else every core).")
     parser.add_argument("--no-fast-kernels", action="store_true",
-                        help="keep transformers' own linear layers in verify passes (knnssd/kernels.py), to compare")
+                        help="keep transformers' own linear layers in verify passes (knnssd/kernels.py), to compare.")

@@ -25,32 +25,32 @@ LOG = logging.getLogger("knnssd.serve")
 
 def add_command(commands: Any) -> None:
     """The `serve` sub-command, added to the `knnssd` parser's sub-parsers."""
-    serve = commands.add_parser("serve", help="serve a routing bundle over an OpenAI-compatible HTTP API")
+    serve = commands.add_parser("serve", help="serve a routing bundle over an OpenAI-compatible HTTP API.")
     serve.add_argument("--bundle", required=True,
                        help="NAME@vN, NAME@ALIAS, NAME@latest, NAME, or a bundle folder; an alias (or latest) is "
-                            "followed: see --refresh-seconds")
+                            "followed: see --refresh-seconds.")
     serve.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
-                                              "sqlite:///mlflow.db)")
+                                              "sqlite:///mlflow.db).")
     serve.add_argument("--allow-model-mismatch", action="store_true",
-                       help="serve a bundle although the model's hash differs from the bundle's model")
-    serve.add_argument("--host", default=ServeSettings.host, help="address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=int, default=ServeSettings.port, help="port to listen on (0: any free one)")
+                       help="serve a bundle although the model's hash differs from the bundle's model.")
+    serve.add_argument("--host", default=ServeSettings.host, help="address to listen on (0.0.0.0: every interface).")
+    serve.add_argument("--port", type=int, default=ServeSettings.port, help="port to listen on (0: any free one).")
     serve.add_argument("--max-queue", type=int, default=ServeSettings.max_queue,
-                       help="requests that may wait while one generates; more get 429 with Retry-After")
+                       help="requests that may wait while one generates; more get 429 with Retry-After.")
     serve.add_argument("--request-timeout", type=float, default=ServeSettings.request_timeout,
-                       help="seconds from admission to the last token; past it the request ends with an error")
+                       help="seconds from admission to the last token; past it the request ends with an error.")
     serve.add_argument("--refresh-seconds", type=float, default=ServeSettings.refresh_seconds,
-                       help="how often to look for a moved alias in the registry (0: never)")
+                       help="how often to look for a moved alias in the registry (0: never).")
     serve.add_argument("--admin-token", default=None,
                        help="turns POST /admin/reload on, for clients sending 'Authorization: Bearer TOKEN' "
-                            "(default: $KNNSSD_ADMIN_TOKEN, else off)")
+                            "(default: $KNNSSD_ADMIN_TOKEN, else off).")
     serve.add_argument("--max-body-bytes", type=int, default=ServeSettings.max_body_bytes,
-                       help="larger request bodies get 413")
+                       help="larger request bodies get 413.")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                       help="uvicorn's and knnssd's log level")
+                       help="uvicorn's and knnssd's log level.")
     add_engine_flags(serve, "the server")
-    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
+    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA).")
     serve.set_defaults(handler=run_serve)
 
 
