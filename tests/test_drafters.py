@@ -1,4 +1,5 @@
-"""Prompt lookup's n-gram index, the hybrid's choice of source, and draft policies as JSON."""
+"""Prompt lookup's n-gram index, the suffix tree's merged continuations, the hybrid's choice of source, and
+draft policies as JSON."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter
 from knnssd.errors import KnnSsdError
 from knnssd.drafters import HybridDrafter
 from knnssd.drafters import NgramIndex, PromptLookupConfig, PromptLookupDrafter
+from knnssd.drafters import DraftRequest, SuffixTreeConfig, SuffixTreeDrafter
+from knnssd.sampling import SamplingConfig
+from knnssd.tree import first_path
 from knnssd.policy import describe_policy, drafter_from_policy, policy_of
 from knnssd.skipset import SkipSet
 from tests.conftest import tiny_model
@@ -136,3 +140,102 @@ def test_a_drafter_that_drops_committed_cache_is_refused():
 def test_mistyped_policy_fields_are_refused(policy, words):
     with pytest.raises(KnnSsdError, match=words):
         drafter_from_policy(policy, num_layers=4)
+
+
+def suffix_request(history, max_tokens=20):
+    """What a suffix-tree session reads of a request: the history, the budget and the device."""
+    return DraftRequest(model=None, cache=None, last_token=torch.tensor([[history[-1]]]), position=len(history) - 1,
+                        max_tokens=max_tokens, sampling=SamplingConfig(), generator=None, history=history)
+
+
+def as_paths(draft):
+    """Every root-to-node path of a draft as a tuple of tokens, in node order."""
+    tokens = draft.tokens.tolist()
+    parents = draft.parents.tolist() if draft.parents is not None else list(range(-1, len(tokens) - 1))
+    paths = []
+    for node, parent in enumerate(parents):
+        paths.append((paths[parent] if parent >= 0 else ()) + (tokens[node],))
+    return paths
+
+
+def test_suffix_tree_merges_continuations_by_count():
+    # "1 2" occurred 3 times before the end: followed by 3 4, 3 5 and 7 -> node "3" has count 2 of 3
+    history = [1, 2, 3, 4, 9, 1, 2, 3, 5, 9, 1, 2, 7, 9, 1, 2]
+    session = SuffixTreeDrafter(SuffixTreeConfig(max_ngram=2, max_depth=2, min_path_prob=0.3)).start()
+    draft = session.propose(suffix_request(history))
+    # probabilities: 3: 2/3, 7: 1/3, then at depth 2 all 1/3, newest occurrence first: 7 9, 3 5, 3 4
+    assert as_paths(draft) == [(3,), (7,), (7, 9), (3, 5), (3, 4)]
+    assert draft.parents.tolist() == [-1, -1, 1, 0, 0] and draft.probs is None
+    assert [tuple(first_path(draft).tokens.tolist())] == [(3, 5)]  # the most probable child first
+    fewer = SuffixTreeDrafter(SuffixTreeConfig(max_ngram=2, max_depth=2, min_path_prob=0.5)).start()
+    assert as_paths(fewer.propose(suffix_request(history))) == [(3,)]
+    capped = SuffixTreeDrafter(SuffixTreeConfig(max_ngram=2, max_depth=2, max_tree_nodes=3, min_path_prob=0.3))
+    assert as_paths(capped.start().propose(suffix_request(history))) == [(3,), (7,), (7, 9)]
+
+
+def test_suffix_tree_with_one_occurrence_is_prompt_lookup():
+    history = [7, 1, 2, 3, 9, 9, 1, 2, 3, 5, 6, 1, 2]
+    lookup = NgramIndex(PromptLookupConfig(max_ngram=3, max_draft_tokens=4))
+    lookup.update(history)
+    draft = SuffixTreeDrafter(SuffixTreeConfig(max_ngram=3, max_occurrences=1, max_depth=4)).start().propose(
+        suffix_request(history))
+    assert draft.parents is None and draft.tokens.tolist() == lookup.continuation(history, 4) == [3, 5, 6, 1]
+
+
+def test_suffix_tree_depth_follows_the_budget_and_nothing_matches_gives_an_empty_draft():
+    history = [4, 5, 6, 7, 8, 4, 5]
+    session = SuffixTreeDrafter().start()
+    assert session.propose(suffix_request(history, max_tokens=2)).tokens.tolist() == [6, 7]
+    assert session.propose(suffix_request(history + [99])).tokens.shape == (0,)
+
+
+def test_suffix_tree_index_takes_new_tokens_only_and_keeps_the_latest_occurrences():
+    config = SuffixTreeConfig(max_ngram=2, max_occurrences=3)
+    session = SuffixTreeDrafter(config).start()
+    history = [1, 2] * 10
+    session.propose(suffix_request(history))
+    assert session.index.indexed == len(history) - 1
+    assert list(session.index.ends[(1, 2)]) == [13, 15, 17]  # capped: the trie never grows with the text
+    history += [1, 2]
+    session.propose(suffix_request(history))
+    assert session.index.indexed == len(history) - 1 and list(session.index.ends[(1, 2)]) == [15, 17, 19]
+
+
+def test_suffix_tree_store_is_a_second_source_and_continuations_stop_at_array_ends():
+    store = [[8, 1, 2, 6, 6], [3, 1, 2], [1, 2, 7]]
+    drafter = SuffixTreeDrafter.with_store(store, SuffixTreeConfig(max_ngram=2, max_depth=3, min_path_prob=0.1))
+    draft = drafter.start().propose(suffix_request([5, 1, 2]))
+    # the text has no earlier "1 2"; the store has three, one at an array's end (no continuation, not indexed)
+    assert sorted(as_paths(draft)) == [(6,), (6, 6), (7,)]
+    assert drafter.store.arrays == 3
+    text_first = drafter.start().propose(suffix_request([1, 2, 9, 1, 2]))
+    assert as_paths(text_first)[0] == (9,)  # equal counts: the text's occurrence before the store's
+    with pytest.raises(KnnSsdError, match="token ids"):
+        SuffixTreeDrafter.with_store([[1, 2, -3]])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"min_path_prob": 0}, "min_path_prob"), ({"min_path_prob": 1.5}, "min_path_prob"),
+    ({"min_path_prob": "0.1"}, "must be a number"), ({"max_tree_nodes": 0}, "max_tree_nodes"),
+    ({"max_ngram": 1, "min_ngram": 2}, "min_ngram <= max_ngram"), ({"max_depth": 2.0}, "must be an integer"),
+])
+def test_bad_suffix_tree_config(kwargs, words):
+    with pytest.raises(KnnSsdError, match=words):
+        SuffixTreeConfig(**kwargs)
+
+
+def test_suffix_tree_policy_round_trip_and_description():
+    drafter = SuffixTreeDrafter(SuffixTreeConfig(max_ngram=3, max_tree_nodes=7, min_path_prob=0.2))
+    policy = policy_of(drafter)
+    assert policy["kind"] == "suffix_tree" and drafter_from_policy(policy, num_layers=4) == drafter
+    assert describe_policy(policy) == "suffix_tree n=1-3 occ<=16 depth<=10 nodes<=7 p>=0.2"
+    with pytest.raises(KnnSsdError, match="unknown fields"):
+        drafter_from_policy({"kind": "suffix_tree", "max_nodes": 3}, num_layers=4)
+
+
+def test_suffix_tree_drafts_trees_on_repetitive_text():
+    model = tiny_model("llama", seed=0)
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 9, 8, 5, 6, 7, 3] * 3])
+    stats = generate(model, prompt, GenerationConfig(max_new_tokens=30, eos_token_ids=()),
+                     SuffixTreeDrafter(SuffixTreeConfig(min_path_prob=0.05))).stats
+    assert stats.draft_forwards == 0 and stats.tree_steps > 0 and stats.mean_verify_width > 2

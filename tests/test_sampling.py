@@ -11,8 +11,8 @@ import torch
 from scipy.stats import chisquare
 
 from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters import (HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
-                             PromptLookupDrafter)
+from knnssd.drafters import (DraftRequest, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
+                             PromptLookupDrafter, SuffixTreeConfig, SuffixTreeDrafter)
 from knnssd.errors import KnnSsdError
 from knnssd.sublayers import skip_sublayers
 from knnssd.sampling import SamplingConfig, verify_sampling, warp_probs
@@ -84,7 +84,19 @@ DRAFTERS = {
     "prompt_lookup": PromptLookupDrafter(PromptLookupConfig(max_ngram=2, max_draft_tokens=4)),
     # on the test prompt 2-grams match in about 1 generation in 10, so both sources draft
     "hybrid": HybridDrafter(PromptLookupDrafter(PromptLookupConfig(max_ngram=2, min_ngram=2)), LAYER_SKIP),
+    # a token tree under greedy decoding (see the test below); under sampling the loop verifies its first path
+    "suffix_tree": SuffixTreeDrafter(SuffixTreeConfig(max_ngram=2, max_depth=4)),
 }
+
+
+def test_the_suffix_tree_drafts_a_tree_on_the_test_prompt():
+    """After the test prompt and a first token 1, the unigram "1" occurred twice, followed by 1 and by 3: a tree,
+    which the sampling test above then sees reduced to its first path."""
+    history = [1, 1, 3, 5, 5, 5, 1]
+    request = DraftRequest(model=None, cache=None, last_token=torch.tensor([[1]]), position=6, max_tokens=2,
+                           sampling=SAMPLING, generator=None, history=history)
+    draft = DRAFTERS["suffix_tree"].start().propose(request)
+    assert draft.parents is not None and sorted(draft.tokens.tolist()[:2]) == [1, 3]
 
 
 @pytest.mark.parametrize("name", sorted(DRAFTERS))
