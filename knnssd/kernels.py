@@ -33,30 +33,24 @@ On CUDA nothing changes (cuBLAS serves small batches well: v = 1.03 on an H200, 
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from knnssd import attention
+from knnssd.kernel_build import compile_error, compiled_kernel
 
-LOG = logging.getLogger("knnssd")
 MAX_FAST_ROWS = 16  # verify passes have at most 13 rows at the default draft lengths; longer inputs are prefills
 PACK_ROWS = 8  # the row count MKL packs for, and that packed8 pads its input to
 COMPILED_ROWS = {rows: "rows" for rows in range(2, MAX_FAST_ROWS + 1)}
 LIBRARY_ROWS = {**{rows: "linear" for rows in (2, 3)}, **{rows: "packed8" for rows in range(4, PACK_ROWS + 1)},
                 **{rows: "transposed" for rows in range(PACK_ROWS + 1, MAX_FAST_ROWS + 1)}}
 MAX_PACKED_BYTES = 8 << 30  # packed copies beyond this total: transposed instead of packed8
-SOURCE = Path(__file__).with_name("csrc") / "rows_gemm.cpp"
-_COMPILED: dict[str, Any] = {}  # the built extension, or the reason it is not there ("error")
 
 
 @dataclass(frozen=True)
@@ -101,76 +95,65 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS)
 
 
-def _cpu_flags() -> str:
+class PackedWeight:
+    """MKL's packed copy of one weight that follows the weight: packed again at the first use after the weight
+    changed (`load_state_dict` copies in place, `assign=True` puts a new tensor, any in-place edit), so the
+    library path never multiplies by stale values. A change is seen by the weight's storage, shape and
+    version counter."""
+
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None = None) -> None:
+        self._key = _weight_key(weight) if packed is not None else None
+        self._packed = packed
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor:
+        key = _weight_key(weight)
+        if key != self._key:
+            self._packed, self._key = pack(weight), key
+        return self._packed
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
+        version = weight._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter (and cannot change outside it)
+        version = None
+    return weight.data_ptr(), tuple(weight.shape), version
 
 
-def compiled_kernel() -> Any:
-    """The rows_gemm extension, built once per machine kind into the knnssd cache; None (with the reason logged
-    and kept in `compile_error()`) where it cannot be: no AVX-512, no compiler or ninja, KNNSSD_NO_COMPILE."""
-    if "module" in _COMPILED or "error" in _COMPILED:
-        return _COMPILED.get("module")
-    flags = _cpu_flags()
-    if os.environ.get("KNNSSD_NO_COMPILE"):
-        _COMPILED["error"] = "C++ kernel skipped: KNNSSD_NO_COMPILE is set"
-    elif " avx512f" not in flags:
-        _COMPILED["error"] = "C++ kernel needs AVX-512, which this CPU lacks"
-    else:
-        try:
-            from torch.utils.cpp_extension import load
-
-            from knnssd.cachedir import cache_root
-
-            key = hashlib.sha256((SOURCE.read_text() + flags + torch.__version__).encode()).hexdigest()[:12]
-            build = cache_root() / "kernels" / f"rows_gemm-{key}"
-            build.mkdir(parents=True, exist_ok=True)
-            if not any(build.glob("*.so")):
-                LOG.info("knnssd: building the verify-pass kernel once (about 40 s) into %s", build)
-            _COMPILED["module"] = load(name=f"knnssd_rows_gemm_{key}", sources=[str(SOURCE)],
-                                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                                       build_directory=str(build), verbose=False)
-        except Exception as exc:  # noqa: BLE001 - any build failure means: use the library methods
-            _COMPILED["error"] = f"C++ kernel not built ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-    if "error" in _COMPILED:
-        LOG.info("knnssd: %s; verify passes use the library methods", _COMPILED["error"])
-    return _COMPILED.get("module")
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (rows, in), weight (out, in)) -> (rows, out)
 
 
-def compile_error() -> str:
-    return _COMPILED.get("error", "")
-
-
-def runner(method: str, weight: torch.Tensor, packed: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function x (rows, in) -> x @ weight.T (rows, out) by `method`."""
+def product(method: str, packed: PackedWeight | None = None) -> Product:
+    """A function (x, weight) -> x @ weight.T by `method`; the weight is passed at each call (never captured),
+    so a model whose weights are replaced or loaded again computes with its current ones."""
     if method == "linear":
-        return lambda x: F.linear(x, weight)
+        return F.linear
     if method == "transposed":
-        return lambda x: (weight @ x.T).T
+        return lambda x, weight: (weight @ x.T).T
     if method == "rows":
-        kernel = compiled_kernel().rows_gemm
-        return lambda x: kernel(x, weight)
+        return compiled_kernel().rows_gemm
     if packed is None:
-        raise ValueError("packed8 needs a packed weight")
+        raise ValueError("packed8 needs a PackedWeight")
 
-    def packed8(x: torch.Tensor) -> torch.Tensor:
+    def packed8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         padded = x if rows == PACK_ROWS else torch.cat([x, x.new_zeros(PACK_ROWS - rows, x.shape[1])])
-        return torch.ops.mkl._mkl_linear(padded, packed, weight, None, PACK_ROWS)[:rows]
+        return torch.ops.mkl._mkl_linear(padded, packed.of(weight), weight, None, PACK_ROWS)[:rows]
     return packed8
 
 
+def runner(method: str, weight: torch.Tensor, packed: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function x (rows, in) -> x @ weight.T (rows, out) by `method` (`packed`: `pack(weight)` for packed8)."""
+    run = product(method, PackedWeight(weight, packed) if packed is not None else None)
+    return lambda x: run(x, weight)
+
+
 def _fast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
-    if rows < 2 or rows > MAX_FAST_ROWS or x.dtype != self.weight.dtype:
-        return F.linear(x, self.weight, self.bias)
-    out = self._knnssd_run[rows - 2](x.reshape(rows, x.shape[-1]))
-    return out.reshape(*x.shape[:-1], self.weight.shape[0])
+    rows, weight = x.numel() // x.shape[-1], self.weight
+    if rows < 2 or rows > MAX_FAST_ROWS or x.dtype != weight.dtype or not weight.is_contiguous():
+        return F.linear(x, weight, self.bias)
+    out = self._knnssd_run[rows - 2](x.reshape(rows, x.shape[-1]), weight)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = MAX_PACKED_BYTES,
@@ -199,8 +182,8 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
         methods = tuple(LIBRARY_ROWS[rows] if LIBRARY_ROWS[rows] != "packed8" or packs else "transposed"
                         for rows in range(2, MAX_FAST_ROWS + 1))
     for linear in linears:
-        weight = linear.weight.detach()
-        linear._knnssd_run = tuple(runner(method, weight, packs.get(id(linear.weight))) for method in methods)
+        packed = PackedWeight(linear.weight, packs[id(linear.weight)]) if packs else None
+        linear._knnssd_run = tuple(product(method, packed) for method in methods)
         linear.forward = types.MethodType(_fast_forward, linear)
     grouped = attention.uses(model, attention.BASE_IMPLEMENTATION) and any(
         getattr(m, "num_key_value_groups", 1) > 1 for m in model.modules())

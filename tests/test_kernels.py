@@ -169,3 +169,146 @@ def test_grouped_attention_computes_what_transformers_sdpa_computes(family):
     assert model.config._attn_implementation == attention.BASE_IMPLEMENTATION
     no_groups = tiny_model(family, num_key_value_heads=4)  # one query head per key/value head: nothing to fold
     assert no_groups.config._attn_implementation == attention.BASE_IMPLEMENTATION
+
+
+# -- issue 23: weights that change after load, a dead build's lock, the GIL -----------------------------------
+@pytest.mark.parametrize("plan", ["compiled", "library"])
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_model_loaded_again_with_load_state_dict_still_matches_transformers(plan, assign):
+    """load_state_dict copies new weights in place (or, with assign=True, puts new tensors): the verify-pass
+    methods must compute with them, MKL's packed copies included (they used to keep the weights of load time)."""
+    if plan == "compiled" and compiled_kernel() is None:
+        pytest.skip("the C++ kernel is not built on this machine")
+    if plan == "library" and not mkl_packed_available():
+        pytest.skip("no MKL packed GEMM in this torch")
+    target = tiny_model("llama", seed=11, fast_kernels=False)
+    model = tiny_model("llama", seed=12, fast_kernels=False)
+    chosen = accelerate(model, compiled=plan == "compiled")
+    assert chosen.method(6) == ("rows" if plan == "compiled" else "packed8")
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(3))  # 6 rows in every linear
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    model.load_state_dict(target.state_dict(), assign=assign)
+    with torch.inference_mode():
+        expected, got = target(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not torch.allclose(before, expected, atol=1e-2)  # the two models really differ
+    assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
+
+
+def test_a_stale_build_lock_is_broken_and_a_live_one_waited_for_within_the_bound(tmp_path):
+    """torch's build lock (`FileBaton`, waited for with no timeout) left by a killed build: the watchdog removes
+    one older than the bound at once, and a fresh one once it reaches the bound; torch's own wait then returns."""
+    import os
+    import threading
+    import time
+
+    from torch.utils.file_baton import FileBaton
+
+    from knnssd.kernel_build import stale_lock_breaker
+
+    def waits(lock, seconds):
+        """Whether torch's FileBaton.wait() on `lock` returns within `seconds`."""
+        done = threading.Event()
+        waiter = threading.Thread(target=lambda: (FileBaton(str(lock), wait_seconds=0.01).wait(), done.set()),
+                                  daemon=True)
+        waiter.start()
+        return done.wait(seconds)
+
+    stale = tmp_path / "stale-lock"
+    stale.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    assert not waits(stale, 0.3)  # without the watchdog: torch waits (forever)
+    with stale_lock_breaker(stale, stale_after=600, poll=0.05):
+        assert waits(stale, 5)
+    assert not stale.exists()
+
+    fresh = tmp_path / "fresh-lock"
+    fresh.touch()
+    with stale_lock_breaker(fresh, stale_after=1.0, poll=0.05):
+        time.sleep(0.3)
+        assert fresh.exists()  # a live build's lock is left alone until the bound
+        assert waits(fresh, 5)
+
+
+def test_a_build_failure_without_a_message_falls_back_with_a_reason(monkeypatch):
+    """An exception with an empty message used to escape the fallback as an IndexError."""
+    import torch.utils.cpp_extension
+
+    from knnssd import kernel_build
+
+    assert kernel_build.failure_reason(RuntimeError()) == "C++ kernel not built (RuntimeError)"
+    assert kernel_build.failure_reason(OSError("no ninja\nmore")) == "C++ kernel not built (OSError: no ninja)"
+    if " avx512f" not in kernel_build._cpu_flags():
+        pytest.skip("this CPU never reaches the build")
+    monkeypatch.delenv("KNNSSD_NO_COMPILE", raising=False)
+    monkeypatch.setattr(kernel_build, "_COMPILED", {})
+
+    def failing_build(*args, **kwargs):  # a fault a real build cannot be made to produce on demand
+        raise RuntimeError()
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", failing_build)
+    assert kernel_build.compiled_kernel() is None
+    assert kernel_build.compile_error() == "C++ kernel not built (RuntimeError)"
+
+
+def test_the_kernel_releases_the_gil_so_another_thread_runs_during_the_product():
+    """Another Python thread woken just before one rows_gemm call runs in the first half of the call. With the
+    GIL held for the whole call it could run only when the call returns (the old kernel: 88.0 ms into an 88.1 ms
+    call)."""
+    import threading
+    import time
+
+    if compiled_kernel() is None:
+        pytest.skip("the C++ kernel is not built on this machine")
+    kernel = compiled_kernel().rows_gemm
+    weight = torch.randn(8192, 4096)  # 128 MB: one call takes tens of milliseconds
+    x = torch.randn(MAX_FAST_ROWS, 4096)
+    kernel(x, weight)  # warm
+    for attempt in range(3):  # a loaded machine may schedule the woken thread late; once in three is proof
+        go, ran_at = threading.Event(), []
+        other = threading.Thread(target=lambda: (go.wait(), ran_at.append(time.perf_counter())))
+        other.start()
+        time.sleep(0.05)  # the other thread now waits on the event
+        go.set()
+        started = time.perf_counter()
+        kernel(x, weight)
+        finished = time.perf_counter()
+        other.join()
+        print(f"attempt {attempt}: call {1e3 * (finished - started):.1f} ms, other thread ran "
+              f"{1e3 * (ran_at[0] - started):.1f} ms after the call started")
+        if ran_at[0] < started + (finished - started) / 2:  # not merely at the GIL hand-over when the call returns
+            return
+    pytest.fail("the other thread never ran while the kernel computed: the GIL is held")
+
+
+def test_the_kernel_refuses_tensors_not_on_the_cpu():
+    if compiled_kernel() is None:
+        pytest.skip("the C++ kernel is not built on this machine")
+    kernel = compiled_kernel().rows_gemm
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        kernel(torch.ones(2, 4, device="meta"), torch.ones(3, 4))
+
+
+@pytest.mark.slow
+def test_a_kernel_load_after_a_killed_build_does_not_hang(tmp_path):
+    """A fresh cache with the lock a killed build leaves behind: the load (a real build, about 40 s) finishes."""
+    import subprocess
+    import sys
+
+    from knnssd.kernel_build import _cpu_flags
+
+    if " avx512f" not in _cpu_flags():
+        pytest.skip("this CPU never reaches the build")
+    script = ("import os, time\n"
+              "from knnssd.kernel_build import kernel_build_dir\n"
+              "build = kernel_build_dir(); build.mkdir(parents=True); lock = build / 'lock'; lock.touch()\n"
+              "os.utime(lock, (time.time() - 7200, time.time() - 7200))\n"
+              "from knnssd.kernels import compiled_kernel, compile_error\n"
+              "print('built' if compiled_kernel() is not None else 'fallback: ' + compile_error())\n")
+    env = {**__import__("os").environ, "KNNSSD_CACHE": str(tmp_path / "cache")}
+    env.pop("KNNSSD_NO_COMPILE", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "built", done.stdout + done.stderr
+    assert "removed the kernel build lock" in done.stderr

@@ -11,8 +11,8 @@
 // - a software prefetch kPrefetch floats (8 KB) ahead of every weight row being read, issued as the loop consumes
 //   each cache line: memory requests stay in flight while the core multiplies. Prefetching a whole row at once, or
 //   only the next row, left the multiply-adds and the memory reads in series (8 rows: +40% over one row).
-// Parallel over weight-row blocks with ATen's thread pool (torch's thread count). Built at first use by
-// knnssd/kernels.py.
+// Parallel over weight-row blocks with ATen's thread pool (torch's thread count), with the GIL released. Built at
+// first use by knnssd/kernels.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -90,10 +90,21 @@ torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rows_gemm: need x (m, k) and w (n, k)");
   TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "rows_gemm: float32 only");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "rows_gemm: 1 to 16 rows");
-  TORCH_CHECK(w.is_contiguous() && !x.is_cuda() && !w.is_cuda(), "rows_gemm: contiguous CPU weight");
+  TORCH_CHECK(x.is_cpu() && w.is_cpu(), "rows_gemm: CPU tensors only");
+  TORCH_CHECK(w.is_contiguous(), "rows_gemm: contiguous weight");
   x = x.contiguous();
   auto out = torch::empty({x.size(0), w.size(0)}, x.options());
-  dispatch<1>(x.size(0), x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), w.size(0), x.size(1));
+  const int64_t rows = x.size(0), n = w.size(0), k = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  {
+    // Only raw pointers and integers past this point: no Python object is touched while the GIL is released,
+    // so other Python threads (a server's other requests) run during the product. x, w and out stay alive:
+    // this frame holds their tensors.
+    pybind11::gil_scoped_release no_gil;
+    dispatch<1>(rows, xp, wp, op, n, k);
+  }
   return out;
 }
 
