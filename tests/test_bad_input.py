@@ -35,7 +35,29 @@ def files(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(root / "gpt2")
+    signed_bundles(root)
     return root
+
+
+def signed_bundles(root):
+    """Key pairs `trusted` and `other`; bundles: `unsigned`, `foreign` (signed by the other key), `tampered`
+    (signed by the trusted key, then a file changed)."""
+    import shutil
+
+    from knnssd.models import load_model
+    from knnssd.signing import generate_key_pair, sign_bundle
+    from tests.bundles import tiny_bundle
+
+    generate_key_pair(root / "trusted")
+    generate_key_pair(root / "other")
+    tiny_bundle(load_model(str(root / "model"), device="cpu"), root / "unsigned")
+    sign_bundle(shutil.copytree(root / "unsigned", root / "foreign"), root / "other.key")
+    sign_bundle(shutil.copytree(root / "unsigned", root / "tampered"), root / "trusted.key")
+    (root / "tampered" / "anchors.json").write_text('{"dim": 64, "labels": []}')
+
+
+def trusted(f, bundle):
+    return ["bundles", "show", str(f / bundle), "--trusted-key", str(f / "trusted.pub")]
 
 
 def generate_args(files, *extra):
@@ -100,6 +122,22 @@ CASES = [
     ("generate", lambda f: ["bundles", "list", "nobody", "--tracking-uri", f"sqlite:///{f}/empty-store.db"],
      "no bundle named 'nobody'"),
     # jobs/calibrate.py
+    # signatures and trust (knnssd/signing.py)
+    ("generate", lambda f: trusted(f, "unsigned"), "is unsigned, and trusted keys are configured"),
+    ("generate", lambda f: trusted(f, "foreign"), "signed by a key that is not among the trusted ones"),
+    ("generate", lambda f: trusted(f, "tampered"), "files differ from the ones its signature covers"),
+    ("generate", lambda f: ["bundles", "compare", str(f / "unsigned"), str(f / "foreign"), "--trusted-key",
+                            str(f / "other.pub")], "is unsigned"),
+    ("generate", lambda f: ["bundles", "show", str(f / "unsigned"), "--trusted-key", str(f / "nope.pub")],
+     "does not exist"),
+    ("generate", lambda f: ["bundles", "show", str(f / "unsigned"), "--trusted-key", str(f / "trusted.key")],
+     "is not a PEM public key"),
+    ("generate", lambda f: generate_args(f, "--bundle", str(f / "foreign"), "--trusted-key", str(f / "trusted.pub")),
+     "not among the trusted ones"),
+    ("generate", lambda f: ["keys", "generate", "--out", str(f / "trusted")], "already exists"),
+    ("calibrate", lambda f: calibrate_args(f, "--signing-key", str(f / "nope.key")), "does not exist"),
+    ("calibrate", lambda f: calibrate_args(f, "--signing-key", str(f / "trusted.pub")),
+     "is not an unencrypted PEM private key"),
     ("calibrate", lambda f: calibrate_args(f, "--held-out-fraction", "0"), "held-out fraction must be in (0, 1)"),
     ("calibrate", lambda f: calibrate_args(f, "--anchors-per-domain", "0"), "anchors per domain must be"),
     ("calibrate", lambda f: calibrate_args(f, "--anchors-per-domain", "-2"), "anchors per domain must be"),

@@ -189,3 +189,48 @@ def test_concurrent_generate_calls_equal_sequential_ones(loaded, bundle_dir):
     assert concurrent == sequential
     plain = [generate(loaded.model, runtime.encode(p), GenerationConfig(max_new_tokens=10)).token_ids for p in prompts]
     assert sequential == plain
+
+
+def test_a_bundle_with_no_anchors_is_refused_when_read(bundle_dir):
+    """It used to pass verification and fail with an IndexError at the first routed prompt."""
+    meta = json.loads((bundle_dir / "anchors.json").read_text())
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((0, meta["dim"]), dtype="<f4"), allow_pickle=False)
+    rewrite_consistently(bundle_dir, "anchors.npy", buffer.getvalue())
+    rewrite_consistently(bundle_dir, "anchors.json", json.dumps({**meta, "labels": []}).encode())
+    with pytest.raises(BundleError, match="lists no anchors"):
+        read_bundle(bundle_dir)
+
+
+def test_an_npz_anchors_file_is_a_clear_error(bundle_dir):
+    """np.load gives an NpzFile for an .npz archive; it used to fail with an AttributeError."""
+    buffer = io.BytesIO()
+    np.savez(buffer, anchors=np.load(bundle_dir / "anchors.npy"))
+    rewrite_consistently(bundle_dir, "anchors.npy", buffer.getvalue())
+    with pytest.raises(BundleError, match="an .npz archive"):
+        read_bundle(bundle_dir)
+
+
+def test_a_folder_named_like_a_registry_reference_never_replaces_it(loaded, bundle_dir, tmp_path, monkeypatch):
+    """`name@v3` is a registry reference even where a folder of that name exists here (it used to load the folder
+    and skip the registry's digest check); the folder is loaded when written as a path."""
+    from knnssd.bundle import is_folder_reference
+    from knnssd.sources import fetch_bundle
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KNNSSD_CACHE", str(tmp_path / "cache"))
+    bundle_dir.rename(tmp_path / "tiny@v3")
+    assert not is_folder_reference("tiny@v3") and not is_folder_reference("tiny")
+    assert all(is_folder_reference(ref) for ref in ("./tiny@v3", "out/b", "/abs/b", "~/b", "."))
+    with pytest.raises(KnnSsdError, match=r"no bundle named 'tiny'.*a folder of that name exists here.*\./tiny@v3"):
+        fetch_bundle("tiny@v3", tracking_uri=f"sqlite:///{tmp_path}/empty.db")
+    assert load_bundle("./tiny@v3", model=loaded).bundle.domains == ("low", "high")
+
+
+def test_a_router_without_anchors_is_refused(bundle_dir):
+    import faiss
+
+    from knnssd.routing import Router
+
+    with pytest.raises(KnnSsdError, match="at least one anchor"):
+        Router(index=faiss.IndexFlatIP(64), anchor_domains=(), domains=("low",), fallback_distance=0.5)
