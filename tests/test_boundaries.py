@@ -74,3 +74,18 @@ def test_evaluation_report_needs_no_torch():
     """`jobs/evaluate.py --rerender` re-reports a run from its CSV alone."""
     modules = imported_after("import jobs.evaluate, pipeline.report")
     assert "torch" not in modules
+
+
+def test_only_the_server_imports_its_web_stack():
+    """FastAPI, uvicorn and prometheus-client (the `serve` extra) stay inside knnssd/serve/, and `knnssd` without
+    `serve` (and the server's own command module, which `knnssd.cli` imports) loads none of them."""
+    web = {"fastapi", "uvicorn", "prometheus_client", "starlette"}
+    for module, imports in package_imports("knnssd").items():
+        if not module.startswith("knnssd/serve/"):
+            assert not imports & web, module
+    assert not imported_after("import knnssd.cli, knnssd.serve.command") & web
+
+
+def test_the_server_imports_no_ray_or_mlflow_until_it_follows_a_registry():
+    modules = imported_after("import knnssd.serve.app, knnssd.serve.command")
+    assert not modules & {"ray", "optuna", "mlflow", "registry", "pipeline"}

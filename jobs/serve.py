@@ -1,0 +1,144 @@
+"""Serve a routing bundle on Ray Serve: the app of `knnssd serve` (knnssd/serve/app.py) in every replica, each
+replica holding the bundle and its model, behind Ray Serve's HTTP proxy; same API, same metrics per replica.
+
+    python jobs/serve.py --bundle smollm2-135m@production --replicas 2 --port 8000
+    python jobs/serve.py --bundle smollm2-135m@production --min-replicas 1 --max-replicas 4   # autoscaling
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/serve.py --bundle smollm2-135m@production --replicas 2
+    serve run --working-dir . jobs.serve:app bundle=smollm2-135m@production replicas=2
+
+Each replica follows the registry alias on its own (`--refresh-seconds`), so a moved alias reaches every
+replica within one refresh. Requests are routed by Ray Serve to the replica with fewer ongoing requests; a
+replica admits at most `--max-queue` + 1 (its own bound, also Ray Serve's `max_ongoing_requests`), and each
+generates one request at a time: no batching of several requests into one verify pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout or a Ray working dir
+
+from ray import serve  # noqa: E402
+
+from knnssd.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
+from knnssd.errors import KnnSsdError  # noqa: E402
+from knnssd.serve.settings import ServeSettings  # noqa: E402
+
+# Ray Serve scales up when replicas average more ongoing requests than this (one generates, the rest wait).
+TARGET_ONGOING_REQUESTS = 2
+
+
+@serve.deployment(name="knnssd")
+@serve.ingress()
+class KnnSsdServer:
+    """One replica: the bundle loaded and verified in the constructor, the FastAPI app built on it."""
+
+    def __init__(self, bundle: str, settings: dict[str, Any] | None = None, tracking_uri: str | None = None,
+                 load_options: dict[str, Any] | None = None) -> None:
+        from knnssd.entry import quiet_loaders
+        from knnssd.serve.follow import Follower
+
+        quiet_loaders()
+        self.settings = ServeSettings(**(settings or {}))
+        self.follower = Follower(bundle, tracking_uri, **(load_options or {}))
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from knnssd.serve.app import build_app
+
+        return build_app(self.follower, self.settings)
+
+
+def deployment(bundle: str, settings: ServeSettings = ServeSettings(), replicas: int = 1,
+               min_replicas: int | None = None, max_replicas: int | None = None, replica_cpus: float = 1.0,
+               tracking_uri: str | None = None, load_options: dict[str, Any] | None = None) -> Any:
+    """The Ray Serve application: `replicas` fixed replicas, or autoscaling between `min_replicas` and
+    `max_replicas` on ongoing requests; each replica asks for `replica_cpus` CPUs (fractions allowed)."""
+    if max_replicas is not None:
+        low = 1 if min_replicas is None else min_replicas
+        if not 0 <= low <= max_replicas or max_replicas < 1:
+            raise KnnSsdError(f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got "
+                              f"{low} and {max_replicas}", fix="e.g. --min-replicas 1 --max-replicas 4")
+        scaling: dict[str, Any] = {"autoscaling_config": {"min_replicas": low, "max_replicas": max_replicas,
+                                                          "target_ongoing_requests": TARGET_ONGOING_REQUESTS}}
+    elif replicas >= 1:
+        scaling = {"num_replicas": replicas}
+    else:
+        raise KnnSsdError(f"--replicas must be >= 1, got {replicas}", fix="e.g. --replicas 2")
+    if not replica_cpus > 0:
+        raise KnnSsdError(f"--replica-cpus must be > 0, got {replica_cpus}", fix="e.g. --replica-cpus 1")
+    fields = {name: getattr(settings, name) for name in ("max_queue", "request_timeout", "refresh_seconds",
+                                                          "admin_token", "max_body_bytes")}
+    return KnnSsdServer.options(max_ongoing_requests=settings.max_queue + 1,
+                                ray_actor_options={"num_cpus": replica_cpus}, **scaling).bind(
+        bundle, fields, tracking_uri, load_options or {})
+
+
+def app(args: dict[str, str]) -> Any:
+    """Builder for `serve run jobs.serve:app bundle=REF [replicas=N] [replica_cpus=C] [tracking_uri=URI]
+    [threads=T] [max_queue=Q] [refresh_seconds=S]`."""
+    if "bundle" not in args:
+        raise KnnSsdError("serve run jobs.serve:app needs bundle=REF", fix="e.g. serve run jobs.serve:app "
+                          "bundle=smollm2-135m@production")
+    settings = ServeSettings(max_queue=int(args.get("max_queue", ServeSettings.max_queue)),
+                             refresh_seconds=float(args.get("refresh_seconds", ServeSettings.refresh_seconds)))
+    options = {"threads": int(args["threads"])} if "threads" in args else {}
+    return deployment(args["bundle"], settings, replicas=int(args.get("replicas", 1)),
+                      replica_cpus=float(args.get("replica_cpus", 1.0)), tracking_uri=args.get("tracking_uri"),
+                      load_options=options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="serve a routing bundle on Ray Serve")
+    parser.add_argument("--bundle", required=True, help="NAME@vN, NAME@ALIAS, NAME@latest, NAME, or a bundle folder")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
+                                               "sqlite:///mlflow.db)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a "
+                                                         "local Ray started here)")
+    parser.add_argument("--host", default=ServeSettings.host, help="Ray Serve's HTTP proxy address")
+    parser.add_argument("--port", type=int, default=ServeSettings.port, help="Ray Serve's HTTP proxy port")
+    parser.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
+    parser.add_argument("--min-replicas", type=int, default=None, help="with --max-replicas: autoscale from here")
+    parser.add_argument("--max-replicas", type=int, default=None,
+                        help=f"autoscale up to this many replicas (target {TARGET_ONGOING_REQUESTS} ongoing "
+                             "requests per replica)")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each replica asks Ray for")
+    parser.add_argument("--max-queue", type=int, default=ServeSettings.max_queue, help="per replica")
+    parser.add_argument("--request-timeout", type=float, default=ServeSettings.request_timeout)
+    parser.add_argument("--refresh-seconds", type=float, default=ServeSettings.refresh_seconds)
+    parser.add_argument("--admin-token", default=None, help="turns POST /admin/reload on (per replica)")
+    add_engine_flags(parser, "each replica")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    from pipeline.cluster import connect
+
+    settings = ServeSettings(host=args.host, port=args.port, max_queue=args.max_queue,
+                             request_timeout=args.request_timeout, refresh_seconds=args.refresh_seconds,
+                             admin_token=args.admin_token)
+    application = deployment(args.bundle, settings, replicas=args.replicas, min_replicas=args.min_replicas,
+                             max_replicas=args.max_replicas, replica_cpus=args.replica_cpus,
+                             tracking_uri=args.tracking_uri,
+                             load_options={"threads": args.threads, "fast_kernels": not args.no_fast_kernels})
+    connect(args.address)  # run as a script, this module is __main__: Ray ships the deployment class by value
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(application, name="knnssd", route_prefix="/")
+    print(f"serving {args.bundle} on Ray Serve at http://{settings.host}:{settings.port}/v1 (Ctrl-C stops)",
+          flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

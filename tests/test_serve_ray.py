@@ -1,0 +1,84 @@
+"""The same app on Ray Serve (jobs/serve.py): two replicas on a local Ray behind Ray Serve's HTTP proxy, driven by
+the openai client; both replicas answer, each answer equals plain decoding, /metrics parses."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from knnssd.decoding import GenerationConfig, generate
+from knnssd.serve.settings import ServeSettings
+from tests.conftest import REPO_ROOT
+from tests.serving import PROMPTS, bundle_folder, served_model  # noqa: F401 (fixtures)
+from tests.services import free_port
+
+
+@pytest.fixture(scope="module")
+def ray_serve():
+    """Ray (the cluster of $KNNSSD_TEST_RAY_ADDRESS, else a local one on 2 CPUs) with Ray Serve's proxy on a
+    free loopback port; shut down afterwards."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}  # replicas import jobs.serve from this checkout
+    address = os.environ.get("KNNSSD_TEST_RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env)
+    else:
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env=env)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_two_replicas_behind_the_proxy(ray_serve, bundle_folder, served_model):
+    from openai import OpenAI
+    from ray import serve
+
+    from jobs.serve import deployment
+
+    application = deployment(str(bundle_folder), ServeSettings(max_queue=8), replicas=2, replica_cpus=0.5,
+                             load_options={"threads": 1})
+    serve.run(application, name="knnssd", route_prefix="/")
+    deadline = time.monotonic() + 120
+    while httpx.get(ray_serve + "/ready").status_code != 200:  # the proxy answers once a replica is up
+        assert time.monotonic() < deadline, "Ray Serve's replicas did not get ready"
+        time.sleep(0.5)
+    replicas = serve.status().applications["knnssd"].deployments["knnssd"].replica_states
+    assert replicas.get("RUNNING") == 2, replicas
+
+    expected = {}
+    for prompt in PROMPTS:
+        ids = served_model.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        tokens = generate(served_model.model, ids, GenerationConfig(max_new_tokens=48)).token_ids
+        expected[prompt] = served_model.tokenizer.decode(list(tokens), skip_special_tokens=True)
+    client = OpenAI(base_url=ray_serve + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def ask(i: int) -> tuple[str, str, str]:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        raw = client.completions.with_raw_response.create(model="tiny-bundle", prompt=prompt, max_tokens=48,
+                                                          temperature=0)
+        return prompt, raw.parse().choices[0].text, raw.headers["x-knnssd-server"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(24)))
+    assert all(text == expected[prompt] for prompt, text, _ in answers)
+    servers = {server for _, _, server in answers}
+    assert len(servers) == 2, servers  # both replicas answered
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny-bundle", prompt=PROMPTS[0], max_tokens=48, temperature=0, stream=True))
+    assert streamed == expected[PROMPTS[0]]
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name for f in text_string_to_metric_families(httpx.get(ray_serve + "/metrics").text)}
+    assert {"knnssd_requests", "knnssd_time_to_first_token_seconds", "knnssd_spec_decode_num_draft_tokens"} \
+        <= families
+    serve.delete("knnssd")
