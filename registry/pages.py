@@ -89,25 +89,38 @@ SHARED_VIEW_KEY = "knnssd-bundles"
 SHARED_VIEW_TAG = f"mlflow.sharedViewState.{SHARED_VIEW_KEY}"
 
 
+# The view's columns, what a user came to compare first: per-domain speedups, then mean accepted tokens, then
+# whether each domain's own policy won the held-out check, then the policies' kinds.
+COLUMN_GROUPS = ("metrics.`speedup/", "metrics.`mean_accepted_tokens/", "metrics.`heldout_own_wins/",
+                 "params.`policy.")
+
+
 def view_columns(manifest: dict[str, Any]) -> list[str]:
-    """The runs-table columns that compare bundles: per domain (and reference policy) the calibrated speedup,
-    mean accepted tokens and the policy's kind."""
+    """The runs-table columns that compare bundles, in `COLUMN_GROUPS` order: per domain (and reference
+    policy) the calibrated speedup, mean accepted tokens, the held-out check's verdict and the policy's kind."""
     names = [d["name"] for d in manifest["domains"]] + list(manifest.get("reference_policies", {}))
     columns = [f"metrics.`speedup/{name}`" for name in names]
-    columns += [f"metrics.`heldout_own_wins/{d['name']}`" for d in manifest["domains"]]
     columns += [f"metrics.`mean_accepted_tokens/{name}`" for name in names]
+    columns += [f"metrics.`heldout_own_wins/{d['name']}`" for d in manifest["domains"]]
     columns += [f"params.`policy.{name}.kind`" for name in names]
     return columns
 
 
+def _group(column: str) -> int:
+    return next((i for i, prefix in enumerate(COLUMN_GROUPS) if column.startswith(prefix)), len(COLUMN_GROUPS))
+
+
 def shared_view(previous: str | None, manifest: dict[str, Any]) -> str:
-    """The view's JSON: the columns it had (other bundles' domains stay) plus this bundle's."""
+    """The view's JSON: the columns it had (other bundles' domains stay) plus this bundle's, as selected
+    columns and as the column order. The order matters: MLflow's runs table lists selected metric columns by
+    name (`heldout_own_wins/...` before `speedup/...`) unless the view's `columnOrder` says otherwise."""
     try:
         state = json.loads(previous) if previous else {}
     except json.JSONDecodeError:
         state = {}
-    columns = list(dict.fromkeys([*state.get("selectedColumns", []), *view_columns(manifest)]))
-    return json.dumps({**state, "selectedColumns": columns})
+    merged = list(dict.fromkeys([*state.get("selectedColumns", []), *view_columns(manifest)]))
+    columns = sorted(merged, key=_group)  # stable: each group keeps the order the bundles added its columns in
+    return json.dumps({**state, "selectedColumns": columns, "columnOrder": columns})
 
 
 def runs_table_path(experiment_id: str) -> str:

@@ -32,11 +32,26 @@ BROWSER = [CHROMIUM or "chromium", "--headless=new", "--no-sandbox", "--disable-
            "--virtual-time-budget=20000", "--window-size=1500,900"]
 
 
+def page_dom(url: str) -> str:
+    """The page's DOM after the React app rendered (dumped once the virtual time ran out)."""
+    return subprocess.run([*BROWSER, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+
+
 def page_text(url: str) -> str:
-    """The page's visible text after the React app rendered (the DOM dumped once the virtual time ran out)."""
-    dom = subprocess.run([*BROWSER, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
-    dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", dom, flags=re.S)
+    """The page's visible text after the React app rendered."""
+    dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", page_dom(url), flags=re.S)
     return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))
+
+
+def header_order(url: str) -> list[str]:
+    """The runs table's column ids as the grid shows them, left to right: ag-grid places header cells by
+    `aria-colindex`, which is not their order in the DOM."""
+    cells = []
+    for tag in re.findall(r"<div[^>]*\bcol-id=[^>]*>", page_dom(url)):
+        column, index = re.search(r'col-id="([^"]*)"', tag), re.search(r'aria-colindex="(\d+)"', tag)
+        if column and index and "ag-header-cell" in tag:
+            cells.append((int(index.group(1)), html.unescape(column.group(1))))
+    return [column for _, column in sorted(set(cells))]
 
 
 def screenshot(url: str, path: Path) -> Path:
@@ -70,9 +85,26 @@ def test_bundle_versions_compare_in_the_mlflow_ui(tracking_uri, loaded, tmp_path
                      "policy.low.max_ngram", "manifest_sha256"):
         assert expected in text, expected
 
+    # a bundle with a held-out check: the per-domain speedups come before its heldout_own_wins flags
+    from pipeline.validation import validation_table
+    from tests.test_validation import result
+
+    policies = {"low": TINY_POLICIES["low"], "high": TINY_POLICIES["high"]}
+    validation = validation_table([result("low", {"low": 1.2, "high": 1.0}), result("high", {"low": 1.1, "high": 1.0})],
+                                  policies, {"low": "low", "high": "high"})
+    third = registry.publish(tiny_bundle(loaded, tmp_path / "b3", tag="v3", calibration={"tag": "v3",
+                                                                                          "validation": validation}),
+                             name, experiment=experiment)
+    assert third.experiment_id == first.experiment_id
+    assert f"{name}@v3" in page_text(runs_url)
+    shown = header_order(runs_url)
+    order = [next((i for i, c in enumerate(shown) if column in c), -1)
+             for column in ("speedup/low", "speedup/high", "mean_accepted_tokens/low", "heldout_own_wins/low")]
     shots = [screenshot(runs_url, tmp_path / "mlflow-runs.png"), screenshot(compare_url, tmp_path / "mlflow-compare.png")]
     keep = os.environ.get("KNNSSD_UI_SCREENSHOTS")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         for shot in shots:
             shutil.copy(shot, Path(keep) / shot.name)
+    assert -1 not in order and order == sorted(order), shown  # speedups first, as the view lists them
+    assert all("speedup/" in column for column in [c for c in shown if c.startswith("metrics.")][:2]), shown
