@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from knnssd.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
-from pipeline.study import PEERS, STREAMS, EvalConfig  # noqa: E402
+from pipeline.evalconfig import PEERS, STREAMS, EvalConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from knnssd.kernels import transformers_kernels
 from knnssd.policy import drafter_from_policy
 
 if TYPE_CHECKING:
-    from pipeline.study import EvalConfig
+    from pipeline.evalconfig import EvalConfig
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,61 @@ def test_pipeline_imports_no_jobs():
         assert "jobs" not in imports, module
 
 
+MAX_MODULE_LINES = 300  # the project's rule for pipeline/ (and new modules)
+
+
+def test_no_pipeline_module_is_over_the_line_limit():
+    long = {str(path.relative_to(REPO_ROOT)): len(path.read_text().splitlines())
+            for path in sorted((REPO_ROOT / "pipeline").glob("*.py"))}
+    assert not {path: lines for path, lines in long.items() if lines > MAX_MODULE_LINES}
+
+
+def module_imports(path: Path, package: str) -> set[str]:
+    """The modules of `package` that `path` imports (`package.x`, or `x` from `from package import x`),
+    wherever the import statement stands, under TYPE_CHECKING too."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith(f"{package}."))
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            if node.module == package:
+                found.update(f"{package}.{alias.name}" for alias in node.names)
+            elif node.module.startswith(f"{package}."):
+                found.add(node.module)
+    return {name for name in found if (REPO_ROOT / (name.replace(".", "/") + ".py")).is_file()}
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` (module -> modules it imports) as a path, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [node, target] if target in path else [node, target]
+            if target not in state:
+                found = visit(target, path + [node])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            found = visit(start, [])
+            if found:
+                return found
+    return None
+
+
+def test_pipeline_modules_import_each_other_without_a_cycle():
+    graph = {f"pipeline.{path.stem}": module_imports(path, "pipeline")
+             for path in sorted((REPO_ROOT / "pipeline").glob("*.py"))}
+    assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
+
+
 def test_core_imports_no_ray_optuna_mlflow_at_run_time():
     modules = imported_after("import knnssd, knnssd.cli, knnssd.runtime, knnssd.generate_command, knnssd.bundle")
     assert not modules & {"ray", "optuna", "mlflow", "registry", "pipeline"}
