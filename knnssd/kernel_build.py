@@ -62,29 +62,49 @@ def break_if_stale(lock: Path, stale_after: float) -> bool:
 
 
 @contextmanager
-def stale_lock_breaker(lock: Path, stale_after: float = STALE_LOCK_S, poll: float = LOCK_POLL_S) -> Iterator[None]:
-    """Within the block, a watchdog thread removes `lock` once it is `stale_after` seconds old.
+def stale_lock_breaker(lock: Path, stale_after: float | None = None,
+                       poll: float = LOCK_POLL_S) -> Iterator[threading.Event]:
+    """Within the block, `lock` is removed once it is `stale_after` seconds old: at once if it already is, then
+    by a watchdog thread every `poll` seconds. Yields an event that is set if the watchdog removed it.
 
     torch's extension build serialises on a lock file in the build folder and waits for it with no timeout
     (`torch.utils.file_baton.FileBaton.wait`): a process killed mid-build would leave every later load waiting
     forever. The lock of a live build is a few seconds to minutes old (a build takes about 40 s), so one older
-    than the bound is a dead build's: removing it ends the wait, and the load then builds or fails (and falls
-    back to the library methods), never hangs."""
-    stop = threading.Event()
+    than the bound is a dead build's: removing it ends the wait. Never hangs; at worst the load fails and the
+    library methods take over."""
+    stale_after = STALE_LOCK_S if stale_after is None else stale_after
+    stop, broken = threading.Event(), threading.Event()
+    break_if_stale(lock, stale_after)  # before the block: the build then takes the lock itself
 
     def watch() -> None:
-        while True:
-            break_if_stale(lock, stale_after)
-            if stop.wait(poll):
-                return
+        while not stop.wait(poll):
+            if break_if_stale(lock, stale_after):
+                broken.set()
 
     watchdog = threading.Thread(target=watch, name="knnssd-build-lock", daemon=True)
     watchdog.start()
     try:
-        yield
+        yield broken
     finally:
         stop.set()
         watchdog.join()
+
+
+def _load(build: Path) -> Any:
+    """torch's build-and-import of the kernel in `build`, never waiting forever on a dead build's lock. A load that
+    waited for a build that then died finds nothing to import and fails (the library methods take over); the
+    next load finds no lock and builds."""
+    from torch.utils.cpp_extension import load
+
+    with stale_lock_breaker(build / "lock") as broken:  # torch's build lock file
+        try:
+            return load(name=f"knnssd_rows_gemm_{build.name.split('-')[-1]}", sources=[str(SOURCE)],
+                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                        build_directory=str(build), verbose=False)
+        except ImportError:
+            if broken.is_set():
+                raise RuntimeError("the build this load waited for died; the next load builds the kernel") from None
+            raise
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -106,16 +126,11 @@ def compiled_kernel() -> Any:
         _COMPILED["error"] = "C++ kernel needs AVX-512, which this CPU lacks"
     else:
         try:
-            from torch.utils.cpp_extension import load
-
             build = kernel_build_dir()
             build.mkdir(parents=True, exist_ok=True)
             if not any(build.glob("*.so")):
                 LOG.info("knnssd: building the verify-pass kernel once (about 40 s) into %s", build)
-            with stale_lock_breaker(build / "lock"):  # torch's build lock file
-                _COMPILED["module"] = load(name=f"knnssd_rows_gemm_{build.name.split('-')[-1]}",
-                                           sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                           extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+            _COMPILED["module"] = _load(build)
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the library methods
             _COMPILED["error"] = failure_reason(exc)
     if "error" in _COMPILED:

@@ -1,0 +1,138 @@
+"""How often a verify pass's argmax differs from plain decoding's on the real model: the near-tie rate.
+
+Plain decoding runs every step as a 1-token forward (`F.linear`, what transformers computes). A verify pass runs
+the same positions as one forward over 2-16 rows, whose linear layers use the small-batch kernel
+(`knnssd/kernels.py`): the same products summed in another order, so logits differ in the last bits. Where the
+two best logits are closer than that difference, the argmax can flip, and greedy self-speculative output would
+then differ from plain decoding's.
+
+Per prompt: greedy plain decoding of `--max-new-tokens` tokens, keeping each step's logits (1-token passes).
+Then, for every verify width w in `--widths`, the same continuation is replayed as verify passes of w rows each
+(the last committed token plus w - 1 "drafts" equal to plain decoding's own tokens, positions explicit, cache
+rolled back to the committed tokens after each pass, exactly as `knnssd.decoding.verify` does). At every position
+the verify pass's argmax is compared with the 1-token pass's. Printed per category: positions compared, argmax
+flips, positions whose 1-token top-2 gap is below 1e-3 (near ties), the smallest gap seen, and the largest
+|logit difference| between the two passes.
+
+    .venv/bin/python benchmarks/near_ties.py --prompts-per-category 3 --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import load_spec_bench, machine_description, pick_prompts  # noqa: E402
+from knnssd.decoding import model_eos_ids, prefill, project_logits  # noqa: E402
+from knnssd.kvcache import rollback  # noqa: E402
+from knnssd.models import load_model  # noqa: E402
+from knnssd.prompts import encode_prompt  # noqa: E402
+from knnssd.sampling import SamplingConfig  # noqa: E402
+
+NEAR_TIE = 1e-3
+
+
+def forward(model, cache, tokens: list[int], position: int) -> torch.Tensor:
+    """Logits (len(tokens), vocab) of one forward over `tokens` at explicit positions from `position`."""
+    ids = torch.tensor([tokens])
+    positions = torch.arange(position, position + len(tokens)).unsqueeze(0)
+    hidden = model.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).last_hidden_state[0]
+    return project_logits(model, hidden)
+
+
+@torch.inference_mode()
+def plain_path(model, ids: torch.Tensor, max_new: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Plain greedy decoding: the committed tokens after the prompt and each step's logits (vocab,) that chose
+    them (one per 1-token pass; None for the prefill's first token)."""
+    state = prefill(model, ids, SamplingConfig(), None, time.perf_counter)
+    eos = set(model_eos_ids(model))
+    logits: list[torch.Tensor | None] = [None]  # the first token comes from the prefill, never compared
+    tokens, position = [state.first_token], state.prompt_length
+    while len(tokens) < max_new and tokens[-1] not in eos:
+        step = forward(model, state.cache, [tokens[-1]], position)[0]
+        logits.append(step)
+        tokens.append(int(step.argmax()))
+        position += 1
+    return tokens, logits
+
+
+@torch.inference_mode()
+def compare_width(model, ids: torch.Tensor, tokens: list[int], plain: list[torch.Tensor], width: int) -> list[dict]:
+    """Replay `tokens` as verify passes of `width` rows; one record per compared position."""
+    state = prefill(model, ids, SamplingConfig(), None, time.perf_counter)
+    history = list(ids[0].tolist()) + tokens
+    prompt_length = state.prompt_length
+    records, committed = [], 0  # committed: new tokens whose KV is in the cache
+    while committed < len(tokens) - 1:
+        rows = min(width, len(tokens) - committed)  # row i predicts new token committed + i + 1
+        if rows < 2:
+            break
+        position = prompt_length + committed
+        logits = forward(model, state.cache, history[position:position + rows], position)
+        for i in range(rows):
+            target = committed + i + 1
+            if target >= len(tokens):
+                break
+            reference = plain[target]
+            top2 = reference.topk(2).values
+            records.append({"flip": int(logits[i].argmax()) != int(reference.argmax()),
+                            "gap": float(top2[0] - top2[1]),
+                            "diff": float((logits[i] - reference).abs().max())})
+        committed += rows
+        rollback(state.cache, prompt_length + committed)
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="Spec-Bench question.jsonl (default ../shared/data/spec_bench/question.jsonl)")
+    parser.add_argument("--prompts-per-category", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--widths", default="2-16", help="verify widths, e.g. 2-16 or 2,4,8")
+    args = parser.parse_args(argv)
+    if "-" in args.widths:
+        low, high = (int(x) for x in args.widths.split("-"))
+        widths = list(range(low, high + 1))
+    else:
+        widths = [int(x) for x in args.widths.split(",")]
+    loaded = load_model("smollm2-135m")
+    print(f"# {machine_description()}; kernel plan: {loaded.kernels.describe()}")
+    rows = load_spec_bench(args.data)
+    categories = sorted({row["category"] for row in rows})
+    per_category: dict[str, list[dict]] = defaultdict(list)
+    started = time.perf_counter()
+    for category, text in pick_prompts(rows, categories, args.prompts_per_category):
+        ids = encode_prompt(loaded.tokenizer, text, chat=True)
+        tokens, plain = plain_path(loaded.model, ids, args.max_new_tokens)
+        for width in widths:
+            per_category[category] += compare_width(loaded.model, ids, tokens, plain, width)
+        print(f"# {category}: {len(per_category[category])} positions, {time.perf_counter() - started:.0f} s",
+              file=sys.stderr, flush=True)
+    print(f"# {args.prompts_per_category} prompts per category, {args.max_new_tokens} new tokens, verify widths "
+          f"{args.widths}, {time.perf_counter() - started:.0f} s")
+    header = f"{'category':<16} {'positions':>9} {'flips':>6} {'gaps<1e-3':>9} {'min gap':>9} {'max |dlogit|':>12}"
+    print(header)
+    total = []
+    for category in categories + ["all"]:
+        records = total if category == "all" else per_category[category]
+        if category != "all":
+            total += records
+        flips = sum(r["flip"] for r in records)
+        ties = sum(r["gap"] < NEAR_TIE for r in records)
+        print(f"{category:<16} {len(records):>9} {flips:>6} {ties:>9} {min(r['gap'] for r in records):>9.2e} "
+              f"{max(r['diff'] for r in records):>12.2e}")
+    flips = [r for r in total if r["flip"]]
+    print(f"# flip rate {len(flips) / len(total):.2e} per verified position; flipped positions' 1-token gaps: "
+          + (", ".join(f"{r['gap']:.1e}" for r in flips) or "none"))
+
+
+if __name__ == "__main__":
+    main()
