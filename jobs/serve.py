@@ -28,6 +28,8 @@ from ray import serve  # noqa: E402
 
 from knnssd.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
+from knnssd.bundle_commands import TRACKING_HELP  # noqa: E402
+from knnssd.serve.command import BUNDLE_HELP, add_serving_flags, settings_from  # noqa: E402
 from knnssd.serve.settings import ServeSettings  # noqa: E402
 
 # Ray Serve scales up when replicas average more ongoing requests than this (one generates, the rest wait).
@@ -94,24 +96,22 @@ def app(args: dict[str, str]) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="serve a routing bundle on Ray Serve")
-    parser.add_argument("--bundle", required=True, help="NAME@vN, NAME@ALIAS, NAME@latest, NAME, or a bundle folder")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
-                                               "sqlite:///mlflow.db)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a "
-                                                         "local Ray started here)")
-    parser.add_argument("--host", default=ServeSettings.host, help="Ray Serve's HTTP proxy address")
-    parser.add_argument("--port", type=int, default=ServeSettings.port, help="Ray Serve's HTTP proxy port")
-    parser.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
-    parser.add_argument("--min-replicas", type=int, default=None, help="with --max-replicas: autoscale from here")
+    parser = ArgumentParser(description="Serve a routing bundle on Ray Serve: the app of knnssd serve in every "
+                                        "replica, behind Ray Serve's HTTP proxy.")
+    parser.add_argument("--bundle", required=True, help=BUNDLE_HELP)
+    parser.add_argument("--tracking-uri", help=TRACKING_HELP)
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started here).")
+    parser.add_argument("--host", default=ServeSettings.host, help="Ray Serve's HTTP proxy address.")
+    parser.add_argument("--port", type=int, default=ServeSettings.port, help="Ray Serve's HTTP proxy port.")
+    parser.add_argument("--replicas", type=int, default=1, help="fixed number of replicas.")
+    parser.add_argument("--min-replicas", type=int, default=None,
+                        help="with --max-replicas: the fewest replicas autoscaling keeps (default: 1).")
     parser.add_argument("--max-replicas", type=int, default=None,
-                        help=f"autoscale up to this many replicas (target {TARGET_ONGOING_REQUESTS} ongoing "
-                             "requests per replica)")
-    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each replica asks Ray for")
-    parser.add_argument("--max-queue", type=int, default=ServeSettings.max_queue, help="per replica")
-    parser.add_argument("--request-timeout", type=float, default=ServeSettings.request_timeout)
-    parser.add_argument("--refresh-seconds", type=float, default=ServeSettings.refresh_seconds)
-    parser.add_argument("--admin-token", default=None, help="turns POST /admin/reload on (per replica)")
+                        help=f"autoscale up to this many replicas, adding one above {TARGET_ONGOING_REQUESTS} "
+                             "ongoing requests per replica.")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each replica asks Ray for.")
+    add_serving_flags(parser)
     add_engine_flags(parser, "each replica")
     return parser
 
@@ -119,13 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     from pipeline.cluster import connect
 
-    settings = ServeSettings(host=args.host, port=args.port, max_queue=args.max_queue,
-                             request_timeout=args.request_timeout, refresh_seconds=args.refresh_seconds,
-                             admin_token=args.admin_token)
+    settings = settings_from(args, args.host, args.port)
     application = deployment(args.bundle, settings, replicas=args.replicas, min_replicas=args.min_replicas,
                              max_replicas=args.max_replicas, replica_cpus=args.replica_cpus,
                              tracking_uri=args.tracking_uri,
-                             load_options={"threads": args.threads, "fast_kernels": not args.no_fast_kernels})
+                             load_options={"threads": args.threads, "fast_kernels": not args.no_fast_kernels,
+                                           "trusted_keys": tuple(args.trusted_key) if args.trusted_key else None})
     connect(args.address)  # run as a script, this module is __main__: Ray ships the deployment class by value
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application, name="knnssd", route_prefix="/")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import replace
 
 import httpx
 import pytest
@@ -16,7 +15,7 @@ from knnssd.runtime import load_bundle
 from knnssd.serve.follow import Follower
 from knnssd.serve.settings import ServeSettings
 from registry.mlflow_store import BundleRegistry
-from tests.bundles import TINY_POLICIES, tiny_bundle
+from tests.bundles import tiny_bundle
 from tests.serving import LiveServer, load_specs, run_load, sequential_answer, served_model  # noqa: F401
 from tests.services import external_mlflow_uri, start_mlflow_server, stop
 
