@@ -19,18 +19,14 @@ from tests.services import free_port
 
 @pytest.fixture(scope="module")
 def ray_serve():
-    """Ray (the cluster of $KNNSSD_TEST_RAY_ADDRESS, else a local one on 2 CPUs) with Ray Serve's proxy on a
-    free loopback port; shut down afterwards."""
+    """A local Ray of its own on 2 CPUs (as tests/test_calibrate_job.py starts one; $KNNSSD_TEST_RAY_ADDRESS is
+    a job API for `ray job submit`, not a driver address) with Ray Serve's proxy on a free loopback port."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
 
     env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}  # replicas import jobs.serve from this checkout
-    address = os.environ.get("KNNSSD_TEST_RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=env)
-    else:
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env=env)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env=env)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
