@@ -213,12 +213,15 @@ def build_app(follower: Follower, settings: ServeSettings) -> FastAPI:
                 raise job.timeout_error()
 
     async def gather(job: Job, request: Request) -> Answer:
-        while True:
-            event = await next_event(job, request)
-            if isinstance(event, Done):
-                return event.answer
-            if isinstance(event, Failed):
-                raise event.error
+        try:
+            while True:
+                event = await next_event(job, request)
+                if isinstance(event, Done):
+                    return event.answer
+                if isinstance(event, Failed):
+                    raise event.error
+        finally:
+            job.cancel()  # a no-op once answered; stops the generation if this coroutine was cancelled (shutdown)
 
     async def stream(request: Request, job: Job, envelope: Envelope, include_usage: bool) -> AsyncIterator[bytes]:
         status: int = 499  # unless it ends otherwise, the client went away (the generator is cancelled)

@@ -100,6 +100,7 @@ class Engine:
         self._lock = threading.Lock()
         self._admitted = 0  # waiting + generating
         self._running = 0
+        self._current: Job | None = None  # the job generating now
         self._mean_seconds = 1.0  # moving average of a request's time on the model, for Retry-After
         self.ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -109,7 +110,14 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the worker: the job generating now ends at its next step, the ones waiting are dropped."""
         if self._thread is not None:
+            while not self._queue.empty():
+                waiting = self._queue.get_nowait()
+                if waiting is not None:
+                    waiting.cancel()
+            if self._current is not None:
+                self._current.cancel()
             self._queue.put(None)
             self._thread.join(timeout=30)
             self._thread = None
@@ -146,6 +154,7 @@ class Engine:
             start = time.monotonic()
             with self._lock:
                 self._gauges(running=True)
+                self._current = job
             try:
                 self._run(job)
             except KnnSsdError as exc:
@@ -159,6 +168,7 @@ class Engine:
                     self._admitted -= 1
                     self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - start)
                     self._gauges(running=False)
+                    self._current = None
 
     def _warm(self) -> None:
         """One tiny generation with each distinct drafter, so the first request does not pay one-off costs."""
