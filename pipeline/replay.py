@@ -9,9 +9,22 @@ prompt is fixed by that prompt's greedy continuation:
   with the full model's cache for positions < p. One parallel pass of the skipping model over the whole
   continuation, each query seeing the full model's keys and values before it and its own at its position (a
   4-D attention mask), gives that prediction and its confidence at every position at once: exact for the first
-  drafted token. A later drafted token is read at its own position in the same pass, which differs from the
-  real draft only in that the drafted positions before it hold the full model's keys and values instead of the
-  draft's own. `tests/test_replay.py` bounds the error against the real loop, and BENCHMARKS.md reports it.
+  drafted token, up to rounding (the pass multiplies many rows at once where the real draft runs 1-token
+  forwards, so an argmax near-tie or a confidence right at the threshold can come out the other way).
+  Where replay departs from the real loop after that:
+  * while the draft is right, a later drafted token is read at its own position in the same pass, so the
+    drafted positions before it hold the full model's keys and values where the real draft holds the skipping
+    model's own: its token and confidence are approximations, and so is the number of tokens accepted;
+  * after the first wrong drafted token the two part ways entirely: the real drafter feeds its own wrong token
+    and keeps drafting from it, while replay reads predictions made from the true continuation. Every drafted
+    token after the first wrong one, its confidence, and so where the draft stops (the drafted count, hence the
+    verify width) and the number of draft forwards are those of another text. The step's accepted count is
+    not affected (acceptance ends at the first wrong token), but its price is, and with an `adaptive`
+    threshold, which moves with each step's drafted and accepted counts, so is every later step;
+  * the prediction ends at the trace's last token: where plain decoding stopped at EOS before its budget, a
+    real draft may run past that position, and replay's draft stops there.
+  `tests/test_replay.py` bounds the error against the real loop, and `benchmarks/replay_check.py` measures it
+  (accepted tokens, verify steps, drafted tokens and draft forwards) on Spec-Bench.
 - a hybrid replays the real lookup session and the layer-skip replay, as `HybridSession` combines them.
 
 `replay` mirrors the decoding loop (`knnssd.decoding.decode`): the same budget, the same draft cut, acceptance

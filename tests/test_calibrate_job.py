@@ -79,6 +79,9 @@ def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path, capsy
         metrics = domain["metrics"]
         assert metrics["trials"] == 3 and metrics["predicted_speedup"] > 0 and metrics["confirmed_speedup"] > 0
         assert metrics["mismatch_rate"] == 0.0
+        # confirmation says which candidate it kept and why, after at most --confirm-rounds rounds
+        assert 1 <= metrics["confirm_rounds"] <= SearchConfig.confirm_rounds and metrics["confirmation"]
+    assert "confirmation (the best predicted candidate is kept" in out
     validation = manifest["calibration"]["validation"]
     assert set(validation["domains"]) == {"low", "high"}
     assert all(set(row["speedups"]) == {"low", "high", "mix"} and row["mismatch_rate"] == 0.0
