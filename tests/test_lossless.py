@@ -143,6 +143,18 @@ def test_eos_stops_like_generate():
         assert got.finish_reason == "eos"
 
 
+def test_eos_inside_an_accepted_tree_path_ends_generation():
+    """The oracle's true branch runs past EOS: the step accepts drafts beyond it, and the loop commits up to EOS."""
+    model = tiny_model("llama", seed=3)
+    prompt = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    free_run = generate(model, prompt, GenerationConfig(max_new_tokens=30, eos_token_ids=()))
+    eos = free_run.token_ids[7]
+    got = generate(model, prompt, GenerationConfig(max_new_tokens=30, eos_token_ids=(eos,)), OracleTreeDrafter(seed=1))
+    assert got.token_ids == free_run.token_ids[:free_run.token_ids.index(eos) + 1] and got.finish_reason == "eos"
+    # committed tokens after the prefill's = accepted + one bonus per step, unless tokens past EOS were dropped
+    assert got.stats.accepted_tokens + got.stats.verify_steps > len(got.token_ids) - 1
+
+
 def test_max_new_tokens_is_exact_with_long_drafts():
     model = tiny_model("qwen2", seed=4)
     prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
