@@ -8,7 +8,8 @@ cost 2-4 ms of a 45-55 ms pass on SmolLM2 at context 200 (BENCHMARKS.md section 
 
 `grouped_sdpa` does what transformers does for one token, for 2-16 tokens: query (batch, heads, q, dim) becomes
 (batch, kv_heads, groups * q, dim), row g * q + i being query head (kv_head * groups + g) at position i; the mask
-(batch, 1, q, kv) is repeated over the groups to (batch, 1, groups * q, kv); one SDPA call on the cache as it is.
+(batch, 1, q, kv), causal or a token tree's (`knnssd.tree.tree_mask`, bool), is repeated over the groups to
+(batch, 1, groups * q, kv); one SDPA call on the cache as it is.
 Each output element is the same dot products and softmax over the same keys as transformers' path. Everything
 else (one token, prefills, no mask, per-head masks, softcap, sinks, position biases, attention weights asked
 for) goes to transformers' own `sdpa_attention_forward` unchanged.
