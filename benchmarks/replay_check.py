@@ -1,7 +1,7 @@
 """How far calibration's trial score is from the real thing: replayed events vs the real loop, predicted speedup
 vs wall clock, on Spec-Bench prompts.
 
-    python benchmarks/replay_check.py [--per-category 1] [--max-new-tokens 32] [--out FILE.json]
+    python benchmarks/replay_check.py [--per-category 1] [--max-new-tokens 32] [--repeats 9] [--out FILE.json]
 
 For every prompt: plain decoding (traced), then each policy through the real decoding loop, timed between two
 plain runs, and the same policy replayed (`pipeline.replay`) and priced with a step-cost table timed here first
@@ -9,6 +9,9 @@ plain runs, and the same policy replayed (`pipeline.replay`) and priced with a s
 
     accepted error   (replayed accepted tokens - real) / real      (prompt lookup: 0 by construction)
     steps error      (replayed verify steps - real) / real
+    drafted error    (replayed drafted tokens - real) / real       (the verify widths a trial is priced by)
+    forwards error   (replayed draft forwards - real) / real       (what its layer-skip drafts are priced by;
+                                                                    "-" where the real run had none)
     prediction error predicted speedup / wall-clock speedup - 1     (sum of plain / sum of policy seconds)
 
 and the median |prediction error| over (prompt, policy) pairs and over policies pooled.
@@ -35,6 +38,13 @@ from pipeline.replay import full_cache, predict, replay, trace_prompt  # noqa: E
 from pipeline.scoring import policy_skip_set  # noqa: E402
 
 
+def relative_error(rows: list[dict], event: str) -> float | None:
+    """(replayed - real) / real of an event count pooled over `rows`; None where the real runs had none."""
+    real = sum(r[f"real_{event}"] for r in rows)
+    replayed = sum(r[f"replay_{event}"] for r in rows)
+    return (replayed - real) / real if real else (None if replayed == 0 else float("inf"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -42,6 +52,8 @@ def main() -> None:
     parser.add_argument("--categories", default=",".join(ALL_CATEGORIES))
     parser.add_argument("--per-category", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="timings per entry of the step-cost table (the event counts do not depend on it).")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     loaded = load_model(args.model)
@@ -50,7 +62,7 @@ def main() -> None:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)
     warm_up(model, encode_prompt(loaded.tokenizer, "warm up", chat=True))
     started = time.perf_counter()
-    costs = time_step_costs(model)
+    costs = time_step_costs(model, repeats=args.repeats)
     print(f"step costs timed in {time.perf_counter() - started:.0f} s: " +
           ", ".join(f"{k} {v:.2f}" for k, v in costs.relative().items()), flush=True)
     rows = []
@@ -71,10 +83,14 @@ def main() -> None:
                          "predicted_seconds": costs.generation_seconds(trace, replayed, skip),
                          "real_accepted": real.stats.accepted_tokens, "replay_accepted": replayed.tally.accepted,
                          "real_steps": real.stats.verify_steps, "replay_steps": len(replayed.steps),
+                         "real_drafted": real.stats.drafted_tokens, "replay_drafted": replayed.tally.drafted,
+                         "real_forwards": real.stats.draft_forwards,
+                         "replay_forwards": sum(step.forwards for step in replayed.steps),
                          "identical": real.token_ids == trace.tokens})
         print(f"[{index + 1}/{len(prompts)}] {category} ({ids.shape[1]} prompt tokens)", flush=True)
     summary = {}
-    print(f"\n{'policy':<12}{'wall':>8}{'predicted':>10}{'error':>8}{'accepted err':>14}{'steps err':>11}")
+    print(f"\n{'policy':<12}{'wall':>8}{'predicted':>10}{'error':>8}{'accepted err':>14}{'steps err':>11}"
+          f"{'drafted err':>13}{'forwards err':>14}")
     for name in DEFAULT_POLICIES:
         mine = [r for r in rows if r["policy"] == name]
         wall = sum(r["plain_seconds"] for r in mine) / sum(r["seconds"] for r in mine)
@@ -83,10 +99,14 @@ def main() -> None:
         accepted_error = (sum(r["replay_accepted"] for r in mine) - real_accepted) / max(1, real_accepted)
         steps_error = (sum(r["replay_steps"] for r in mine) - sum(r["real_steps"] for r in mine)) / sum(
             r["real_steps"] for r in mine)
+        drafted_error = relative_error(mine, "drafted")
+        forwards_error = relative_error(mine, "forwards")
         summary[name] = {"wall": wall, "predicted": predicted, "error": predicted / wall - 1,
-                         "accepted_error": accepted_error, "steps_error": steps_error}
+                         "accepted_error": accepted_error, "steps_error": steps_error,
+                         "drafted_error": drafted_error, "forwards_error": forwards_error}
         print(f"{name:<12}{wall:>8.3f}{predicted:>10.3f}{predicted / wall - 1:>+8.1%}{accepted_error:>+14.1%}"
-              f"{steps_error:>+11.1%}")
+              f"{steps_error:>+11.1%}{drafted_error:>+13.1%}"
+              + (f"{forwards_error:>+14.1%}" if forwards_error is not None else f"{'-':>14}"))
     pair_errors = [abs((r["predicted_plain_seconds"] / r["predicted_seconds"]) /
                        (r["plain_seconds"] / r["seconds"]) - 1) for r in rows]
     pooled = statistics.median(abs(s["error"]) for s in summary.values())
