@@ -14,7 +14,11 @@ the verify pass's argmax is compared with the 1-token pass's. Printed per catego
 flips, positions whose 1-token top-2 gap is below 1e-3 (near ties), the smallest gap seen, and the largest
 |logit difference| between the two passes.
 
-    .venv/bin/python benchmarks/near_ties.py --prompts-per-category 3 --max-new-tokens 64
+    KNNSSD_THREADS=1 .venv/bin/python benchmarks/near_ties.py --prompts-per-category 3 --max-new-tokens 64
+
+About 11 minutes on one thread (`benchmarks/results/near-ties.log`). One thread because each output of the
+kernel is summed by one thread whatever the count, and on a shared, loaded 2-core machine two threads ran about
+50x slower (threads of a parallel region preempted at its barriers).
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts-per-category", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--widths", default="2-16", help="verify widths, e.g. 2-16 or 2,4,8")
+    parser.add_argument("--categories", default=None, help="comma-separated Spec-Bench categories (default: all)")
     args = parser.parse_args(argv)
     if "-" in args.widths:
         low, high = (int(x) for x in args.widths.split("-"))
@@ -106,16 +111,17 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model("smollm2-135m")
     print(f"# {machine_description()}; kernel plan: {loaded.kernels.describe()}")
     rows = load_spec_bench(args.data)
-    categories = sorted({row["category"] for row in rows})
+    categories = args.categories.split(",") if args.categories else sorted({row["category"] for row in rows})
     per_category: dict[str, list[dict]] = defaultdict(list)
     started = time.perf_counter()
     for category, text in pick_prompts(rows, categories, args.prompts_per_category):
         ids = encode_prompt(loaded.tokenizer, text, chat=True)
         tokens, plain = plain_path(loaded.model, ids, args.max_new_tokens)
-        for width in widths:
-            per_category[category] += compare_width(loaded.model, ids, tokens, plain, width)
-        print(f"# {category}: {len(per_category[category])} positions, {time.perf_counter() - started:.0f} s",
-              file=sys.stderr, flush=True)
+        records = [r for width in widths for r in compare_width(loaded.model, ids, tokens, plain, width)]
+        per_category[category] += records
+        print(f"# {category} prompt: {len(records)} positions, {sum(r['flip'] for r in records)} flips, "
+              f"{sum(r['gap'] < NEAR_TIE for r in records)} gaps < 1e-3, min gap {min(r['gap'] for r in records):.2e}"
+              f", {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     print(f"# {args.prompts_per_category} prompts per category, {args.max_new_tokens} new tokens, verify widths "
           f"{args.widths}, {time.perf_counter() - started:.0f} s")
     header = f"{'category':<16} {'positions':>9} {'flips':>6} {'gaps<1e-3':>9} {'min gap':>9} {'max |dlogit|':>12}"
