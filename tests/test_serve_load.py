@@ -48,3 +48,13 @@ def test_48_requests_from_8_clients(bundle_folder, runtime):
     assert metrics[("knnssd_queue_depth", ())] == 0 and metrics[("knnssd_requests_running", ())] == 0
     print(f"\n48 requests, 8 clients, queue 3: {len(answered)} answered, {len(refused)} refused with 429, "
           f"{elapsed:.1f} s")
+
+
+def test_a_sequential_client_is_never_refused(bundle_folder):
+    """--max-queue 0 admits only the request being generated: a client that waits for each answer before it
+    sends the next must still never see a 429 (the slot is freed before the answer leaves the server)."""
+    specs = [spec for spec in load_specs(12, max_tokens=(2, 6))]
+    settings = ServeSettings(max_queue=0, request_timeout=60)
+    with LiveServer(Follower(str(bundle_folder), device="cpu", threads=1), settings) as server:
+        outcomes = run_load(server, NAME, specs, clients=1, seconds=120)
+    assert [o.status for o in outcomes] == [200] * len(specs), [o for o in outcomes if o.status != 200]

@@ -155,20 +155,25 @@ class Engine:
             with self._lock:
                 self._gauges(running=True)
                 self._current = job
+            final: Event | None = None
             try:
-                self._run(job)
+                final = self._run(job)
             except KnnSsdError as exc:
-                job.emit(Failed(ApiError(400, str(exc), code="invalid_value")))
+                final = Failed(ApiError(400, str(exc), code="invalid_value"))
             except Exception as exc:  # noqa: BLE001 - a bug must still answer the request, and is logged
                 LOG.exception("generation failed")
-                job.emit(Failed(ApiError(500, f"internal error while generating: {type(exc).__name__}: {exc}",
-                                         type="server_error", code="internal_error")))
+                final = Failed(ApiError(500, f"internal error while generating: {type(exc).__name__}: {exc}",
+                                        type="server_error", code="internal_error"))
             finally:
+                # The slot is free before the answer leaves: a client that sends its next request as soon as
+                # it has this one's answer must find room for it.
                 with self._lock:
                     self._admitted -= 1
                     self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - start)
                     self._gauges(running=False)
                     self._current = None
+                if final is not None:
+                    job.emit(final)
 
     def _warm(self) -> None:
         """One tiny generation with each distinct drafter, so the first request does not pay one-off costs."""
@@ -180,12 +185,12 @@ class Engine:
                 seen.add(id(drafter))
                 warm_up(runtime.loaded.model, ids, drafter)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> Event | None:
+        """Generate `job`, streaming its text; returns its final event (None: its client left)."""
         if job.cancelled:
-            return  # its client left while it waited
+            return None  # its client left while it waited
         if time.monotonic() > job.deadline:
-            job.emit(Failed(job.timeout_error()))
-            return
+            return Failed(job.timeout_error())
         serving: Serving = self.follower.current  # this request runs on this version to its end
         stream = TextStream(serving.runtime.loaded.tokenizer, job.work.stops)
         first: list[float] = []
@@ -208,10 +213,9 @@ class Engine:
         domain = "fallback" if routed.route.fallback else routed.route.domain
         self.metrics.record_generation(domain, routed.route.fallback, result.stats)
         if job.cancelled:
-            return
+            return None
         if result.finish_reason == "stopped" and not stream.stopped:
-            job.emit(Failed(job.timeout_error()))
-            return
+            return Failed(job.timeout_error())
         tokens = len(result.token_ids)
         self.metrics.ttft.observe(first[0] - job.admitted)
         if tokens > 1:
@@ -220,5 +224,5 @@ class Engine:
         finish = "stop" if stream.stopped else FINISH_REASONS[result.finish_reason]
         self.metrics.success.labels(finish).inc()
         info: dict[str, Any] = {**serving.runtime.describe(routed), "bundle": serving.label}
-        job.emit(Done(Answer(text=stream.text, finish_reason=finish, prompt_tokens=int(work.ids.shape[1]),
-                             completion_tokens=tokens, knnssd=info)))
+        return Done(Answer(text=stream.text, finish_reason=finish, prompt_tokens=int(work.ids.shape[1]),
+                           completion_tokens=tokens, knnssd=info))

@@ -75,8 +75,8 @@ class Metrics:
         """The routing and speculative-decoding counts of one generation."""
         self.routed.labels(domain, str(fallback).lower()).inc()
         self.generation_tokens.inc(stats.new_tokens)
-        drafted = stats.drafted_by_position
-        self.drafts.labels(domain).inc(drafted[0] if drafted else 0)
+        plain_passes = stats.verify_widths[0] if stats.verify_widths else 0  # width 1: nothing drafted
+        self.drafts.labels(domain).inc(stats.verify_steps - plain_passes)  # a tree's step counts once
         self.draft_tokens.labels(domain).inc(stats.drafted_tokens)
         self.accepted_tokens.labels(domain).inc(stats.accepted_tokens)
         self.verify_steps.labels(domain).inc(stats.verify_steps)
