@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ class KnnSsdServer:
 
         quiet_loaders()
         self.settings = ServeSettings(**(settings or {}))
-        self.follower = Follower(bundle, tracking_uri, **(load_options or {}))
+        options, self._keys = keys_as_files(load_options or {})
+        self.follower = Follower(bundle, tracking_uri, **options)
 
     def __serve_build_asgi_app__(self) -> Any:
         from knnssd.serve.app import build_app
@@ -76,9 +78,35 @@ def deployment(bundle: str, settings: ServeSettings = ServeSettings(), replicas:
         raise KnnSsdError(f"--replica-cpus must be > 0, got {replica_cpus}", fix="e.g. --replica-cpus 1")
     fields = {name: getattr(settings, name) for name in ("max_queue", "request_timeout", "refresh_seconds",
                                                           "admin_token", "max_body_bytes")}
+    load_options = with_trusted_keys(load_options or {})
     return KnnSsdServer.options(max_ongoing_requests=settings.max_queue + 1,
                                 ray_actor_options={"num_cpus": replica_cpus}, **scaling).bind(
-        bundle, fields, tracking_uri, load_options or {})
+        bundle, fields, tracking_uri, load_options)
+
+
+def with_trusted_keys(load_options: dict[str, Any]) -> dict[str, Any]:
+    """`load_options` with the trusted keys resolved HERE (the given `trusted_keys`, else $KNNSSD_TRUSTED_KEYS of
+    this process) and sent by content: a replica on another node has neither this process's environment nor
+    its key files, and must not load a bundle unauthenticated because of that."""
+    from knnssd.signing import trusted_keys
+
+    options = {key: value for key, value in load_options.items() if key != "trusted_keys"}
+    options["trusted_key_pems"] = [path.read_text() for path in trusted_keys(load_options.get("trusted_keys"))]
+    return options
+
+
+def keys_as_files(load_options: dict[str, Any]) -> tuple[dict[str, Any], tempfile.TemporaryDirectory | None]:
+    """In a replica: the driver's trusted keys (`with_trusted_keys`) written to files of its own, as
+    `trusted_keys` for `load_bundle` (an empty tuple: the driver trusted none). Keep the folder while serving."""
+    options = dict(load_options)
+    if "trusted_key_pems" not in options:
+        return options, None
+    folder = tempfile.TemporaryDirectory(prefix="knnssd-trusted-")
+    paths = [Path(folder.name) / f"trusted-{i}.pub" for i in range(len(options["trusted_key_pems"]))]
+    for path, pem in zip(paths, options.pop("trusted_key_pems")):
+        path.write_text(pem)
+    options["trusted_keys"] = tuple(str(path) for path in paths)
+    return options, folder
 
 
 def app(args: dict[str, str]) -> Any:
