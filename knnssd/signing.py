@@ -135,6 +135,14 @@ def check_signing_key(private_key: PathLike) -> Path:
     return path
 
 
+def signed_files():
+    """model-signing's hashing config for a bundle: every file but the signature, `.git*` files included (its
+    default leaves them out, so a file added under such a name would not be refused)."""
+    import model_signing
+
+    return model_signing.hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE], ignore_git_paths=False)
+
+
 def sign_bundle(folder: PathLike, private_key: PathLike) -> Path:
     """Sign every file of the bundle folder (any earlier signature is replaced); returns the signature path."""
     import model_signing
@@ -143,7 +151,7 @@ def sign_bundle(folder: PathLike, private_key: PathLike) -> Path:
     signature = folder / SIGNATURE_FILE
     signature.unlink(missing_ok=True)
     config = model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key)
-    config.set_hashing_config(model_signing.hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE]))
+    config.set_hashing_config(signed_files())
     config.sign(folder, signature)
     return signature
 
@@ -166,7 +174,7 @@ def verify_signature(folder: PathLike, keys: Sequence[Path]) -> Authenticity:
     failures = []
     for key in keys:
         config = model_signing.verifying.Config().use_elliptic_key_verifier(public_key=key)
-        config.set_hashing_config(model_signing.hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE]))
+        config.set_hashing_config(signed_files())
         try:
             with contextlib.redirect_stdout(sys.stderr):  # model-signing prints warnings on stdout
                 config.verify(folder, signature)

@@ -352,8 +352,8 @@ class BundleRegistry:
             try:
                 os.rename(folder, target)
             except OSError:
-                if not _verified(target, expected):  # not a concurrent fetch that won: a real failure
-                    raise
+                if not (_signature_holds(target, keys) and _verified(target, expected)):
+                    raise  # not a concurrent fetch that won with the same verified bundle: a real failure
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target

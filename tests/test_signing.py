@@ -72,7 +72,7 @@ def test_without_a_trusted_key_a_bundle_is_unauthenticated_and_says_so(signed, l
     assert "is unauthenticated" in caplog.text
 
 
-@pytest.mark.parametrize("change", ["edit", "add", "remove", "unsign", "garbage-signature"])
+@pytest.mark.parametrize("change", ["edit", "add", "add-git-file", "remove", "unsign", "garbage-signature"])
 def test_a_changed_signed_bundle_is_refused(signed, keys, change):
     if change == "edit":  # even a consistent rewrite: the file and its checksum in the manifest
         policies = json.loads((signed / "policies.json").read_text())
@@ -81,6 +81,9 @@ def test_a_changed_signed_bundle_is_refused(signed, keys, change):
         words = "files differ from the ones its signature covers"
     elif change == "add":
         (signed / "extra.py").write_text("print('hello')")
+        words = "files differ from the ones its signature covers"
+    elif change == "add-git-file":  # model-signing leaves .git* files out unless told not to
+        (signed / ".gitattributes").write_text("* filter=anything")
         words = "files differ from the ones its signature covers"
     elif change == "remove":
         (signed / "anchors.json").unlink()
