@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--skip-set", help='JSON {"attn": [...], "mlp": [...]} or a path to a JSON file; '
                                         "without it, plain decoding.")
     gen.add_argument("--policy", help='a whole draft policy as JSON or a file: {"kind": "prompt_lookup", '
-                     '"max_ngram": 3, "max_draft_tokens": 10}, {"kind": "hybrid", ...}; see knnssd/policy.py.')
+                     '"max_ngram": 3, "max_draft_tokens": 10}, {"kind": "hybrid", ...}, {"kind": "suffix_tree", '
+                     '"max_tree_nodes": 15} (a token tree); see knnssd/policy.py.')
     gen.add_argument("--threshold", type=float, default=LayerSkipConfig.threshold,
                      help="with --skip-set: stop drafting below this top-1 probability.")
     gen.add_argument("--max-draft-tokens", type=int, default=LayerSkipConfig.max_draft_tokens,
