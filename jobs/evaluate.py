@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
+from knnssd.bundle_commands import add_trusted_key_flag  # noqa: E402
 from knnssd.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
 from pipeline.evalconfig import PEERS, STREAMS, EvalConfig  # noqa: E402
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default evaluation/<bundle>-<time>).")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+    add_trusted_key_flag(p)
     p.add_argument("--no-log", action="store_true", help="do not log the evaluation to MLflow.")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS; none: run here).")
     add_engine_flags(p, "every method")
@@ -110,13 +112,17 @@ def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | 
 
 
 def run_study(bundle: str, tracking_uri: str | None, device: str | None, dtype: str | None, data: str | None,
-              config: EvalConfig, threads: int, fast_kernels: bool):
-    """Load the bundle and its model, pick the prompts, run the study. Returns (manifest, prompts, rows)."""
+              config: EvalConfig, threads: int, fast_kernels: bool, trusted_key_pems: list[str]):
+    """Load the bundle (verified against the driver's trusted keys, sent by content: a Ray task on another node
+    has neither its environment nor its key files) and its model, pick the prompts, run the study.
+    Returns (manifest, prompts, rows)."""
     from knnssd.runtime import load_bundle
+    from knnssd.signing import keys_from_contents
     from pipeline.study import evaluate
 
-    runtime = load_bundle(bundle, tracking_uri=tracking_uri, device=device, dtype=dtype, threads=threads,
-                          fast_kernels=fast_kernels)
+    with keys_from_contents(trusted_key_pems) as keys:
+        runtime = load_bundle(bundle, tracking_uri=tracking_uri, device=device, dtype=dtype, threads=threads,
+                              fast_kernels=fast_kernels, trusted_keys=keys)
     prompts, unseen = evaluation_prompts(runtime.bundle.manifest, data, config.prompts_per_domain,
                                          config.ood_domains)
     return runtime.bundle.manifest, prompts + unseen, evaluate(runtime, prompts, config,
@@ -126,11 +132,12 @@ def run_study(bundle: str, tracking_uri: str | None, device: str | None, dtype: 
 
 def run_study_where_asked(args: argparse.Namespace, config: EvalConfig):
     """The study in this process, or as one Ray task (a GPU where the cluster has one) given an address."""
+    from knnssd.signing import key_contents
     from knnssd.threads import resolve_threads
 
     threads = resolve_threads(args.threads)
     call = (args.bundle, args.tracking_uri, args.device, args.dtype, args.data, config, threads,
-            not args.no_fast_kernels)
+            not args.no_fast_kernels, key_contents(args.trusted_key))
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         return run_study(*call)
     import ray

@@ -16,8 +16,8 @@ generates one request at a time: no batching of several requests into one verify
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from knnssd.errors import KnnSsdError  # noqa: E402
 from knnssd.bundle_commands import TRACKING_HELP  # noqa: E402
 from knnssd.serve.command import BUNDLE_HELP, add_serving_flags, settings_from  # noqa: E402
 from knnssd.serve.settings import ServeSettings  # noqa: E402
+from knnssd.signing import key_contents, keys_from_contents  # noqa: E402
 
 # Ray Serve scales up when replicas average more ongoing requests than this (one generates, the rest wait).
 TARGET_ONGOING_REQUESTS = 2
@@ -49,7 +50,10 @@ class KnnSsdServer:
 
         quiet_loaders()
         self.settings = ServeSettings(**(settings or {}))
-        options, self._keys = keys_as_files(load_options or {})
+        options = dict(load_options or {})
+        # The driver's trusted keys, as files of this replica's own for as long as it serves (`deployment`).
+        self._keys = contextlib.ExitStack()
+        options["trusted_keys"] = self._keys.enter_context(keys_from_contents(options.pop("trusted_key_pems", [])))
         self.follower = Follower(bundle, tracking_uri, **options)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -78,35 +82,11 @@ def deployment(bundle: str, settings: ServeSettings = ServeSettings(), replicas:
         raise KnnSsdError(f"--replica-cpus must be > 0, got {replica_cpus}", fix="e.g. --replica-cpus 1")
     fields = {name: getattr(settings, name) for name in ("max_queue", "request_timeout", "refresh_seconds",
                                                           "admin_token", "max_body_bytes")}
-    load_options = with_trusted_keys(load_options or {})
+    load_options = dict(load_options or {})  # the trusted keys resolved here, sent by content
+    load_options["trusted_key_pems"] = key_contents(load_options.pop("trusted_keys", None))
     return KnnSsdServer.options(max_ongoing_requests=settings.max_queue + 1,
                                 ray_actor_options={"num_cpus": replica_cpus}, **scaling).bind(
         bundle, fields, tracking_uri, load_options)
-
-
-def with_trusted_keys(load_options: dict[str, Any]) -> dict[str, Any]:
-    """`load_options` with the trusted keys resolved HERE (the given `trusted_keys`, else $KNNSSD_TRUSTED_KEYS of
-    this process) and sent by content: a replica on another node has neither this process's environment nor
-    its key files, and must not load a bundle unauthenticated because of that."""
-    from knnssd.signing import trusted_keys
-
-    options = {key: value for key, value in load_options.items() if key != "trusted_keys"}
-    options["trusted_key_pems"] = [path.read_text() for path in trusted_keys(load_options.get("trusted_keys"))]
-    return options
-
-
-def keys_as_files(load_options: dict[str, Any]) -> tuple[dict[str, Any], tempfile.TemporaryDirectory | None]:
-    """In a replica: the driver's trusted keys (`with_trusted_keys`) written to files of its own, as
-    `trusted_keys` for `load_bundle` (an empty tuple: the driver trusted none). Keep the folder while serving."""
-    options = dict(load_options)
-    if "trusted_key_pems" not in options:
-        return options, None
-    folder = tempfile.TemporaryDirectory(prefix="knnssd-trusted-")
-    paths = [Path(folder.name) / f"trusted-{i}.pub" for i in range(len(options["trusted_key_pems"]))]
-    for path, pem in zip(paths, options.pop("trusted_key_pems")):
-        path.write_text(pem)
-    options["trusted_keys"] = tuple(str(path) for path in paths)
-    return options, folder
 
 
 def app(args: dict[str, str]) -> Any:

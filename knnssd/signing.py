@@ -23,9 +23,10 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from knnssd.errors import KnnSsdError
 
@@ -70,6 +71,24 @@ def trusted_keys(explicit: Sequence[PathLike] | None = None) -> tuple[Path, ...]
     for key in keys:
         _load_public_key(key)
     return keys
+
+
+def key_contents(explicit: Sequence[PathLike] | None = None) -> list[str]:
+    """The trusted keys (`trusted_keys(explicit)`: the given paths, else $KNNSSD_TRUSTED_KEYS here) as PEM text,
+    to send to another process: a Ray worker or replica on another node has neither this process's environment
+    nor its key files, and must not load a bundle unauthenticated because of that."""
+    return [path.read_text() for path in trusted_keys(explicit)]
+
+
+@contextlib.contextmanager
+def keys_from_contents(pems: Sequence[str]) -> Iterator[tuple[str, ...]]:
+    """In the receiving process: `pems` (from `key_contents`) written to files of its own for the block, as
+    `trusted_keys` for `load_bundle` (an empty tuple: the sender trusted none, so nothing is read from here)."""
+    with tempfile.TemporaryDirectory(prefix="knnssd-trusted-") as folder:
+        paths = [Path(folder) / f"trusted-{i}.pub" for i in range(len(pems))]
+        for path, pem in zip(paths, pems):
+            path.write_text(pem)
+        yield tuple(str(path) for path in paths)
 
 
 def _load_public_key(path: Path):

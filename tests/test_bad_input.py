@@ -163,6 +163,8 @@ CASES = [
     ("evaluate", lambda f: ["--bundle", "no/such/bundle"], "does not exist"),
     ("evaluate", lambda f: ["--bundle", "bad name!"], "malformed bundle reference"),
     ("evaluate", lambda f: ["--bundle", str(f / "empty-folder")], "not a routing bundle"),
+    ("evaluate", lambda f: ["--bundle", str(f / "unsigned"), "--trusted-key", str(f / "trusted.pub"), "--no-log"],
+     "is unsigned, and trusted keys are configured"),
     ("evaluate", lambda f: ["--bundle", "x", "--prompts-per-domain", "0"], "must be >= 1"),
     ("evaluate", lambda f: ["--bundle", "x", "--streams", "sideways"], "unknown stream sideways"),
     ("evaluate", lambda f: ["--bundle", "x", "--policy", 'l={"kind": "prompt_lookup", "max_ngram": 2.5}'],

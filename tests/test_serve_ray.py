@@ -83,17 +83,14 @@ def test_two_replicas_behind_the_proxy(ray_serve, bundle_folder, served_model):
 def test_replicas_get_the_drivers_trusted_keys_by_content(bundle_folder, tmp_path, monkeypatch):
     """A replica on another node has neither the driver's $KNNSSD_TRUSTED_KEYS nor its key files: the driver
     sends the keys' contents, and a replica given them refuses an unsigned bundle (no Ray needed to show it)."""
-    from jobs.serve import keys_as_files, with_trusted_keys
     from knnssd.serve.follow import Follower
-    from knnssd.signing import SignatureError, generate_key_pair
+    from knnssd.signing import SignatureError, generate_key_pair, key_contents, keys_from_contents
 
     _, public = generate_key_pair(tmp_path / "release")
     monkeypatch.setenv("KNNSSD_TRUSTED_KEYS", str(public))
-    options = with_trusted_keys({"threads": 1})
-    assert options["trusted_key_pems"] == [public.read_text()] and "trusted_keys" not in options
+    pems = key_contents(None)  # what deployment() sends: the driver's environment's keys
+    assert pems == [public.read_text()]
     monkeypatch.delenv("KNNSSD_TRUSTED_KEYS")  # the replica's own environment has no key
-    replica_options, folder = keys_as_files(options)  # what the replica's constructor does
-    with pytest.raises(SignatureError):
-        Follower(str(bundle_folder), device="cpu", **replica_options)
-    folder.cleanup()
-    assert with_trusted_keys({})["trusted_key_pems"] == []  # none configured: none sent
+    with keys_from_contents(pems) as keys, pytest.raises(SignatureError):  # what the replica's constructor does
+        Follower(str(bundle_folder), device="cpu", trusted_keys=keys)
+    assert key_contents(None) == []  # none configured: none sent
