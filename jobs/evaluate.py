@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
-from knnssd.bundle_commands import add_trusted_key_flag  # noqa: E402
-from knnssd.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
+from knnssd.entry import ArgumentParser, add_engine_flags, add_trusted_key_flag, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
 from pipeline.evalconfig import PEERS, STREAMS, EvalConfig  # noqa: E402
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from typing import Any
 
 from knnssd.bundle import Bundle, manifest_rows, read_bundle
+from knnssd.entry import add_trusted_key_flag
 from knnssd.errors import KnnSsdError
 from knnssd.policy import describe_policy
 from knnssd.reports import format_validation
@@ -30,14 +30,7 @@ FIGURES = (("predicted_speedup", "predicted", 10, 3), ("speedup", "confirmed", 1
            ("mismatch_rate", "mismatch", 9, 2))
 LOG = logging.getLogger("knnssd")
 TRACKING_HELP = "MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."
-TRUSTED_KEY_HELP = (f"a public key (PEM) the bundle must be signed by; repeat for several (default: "
-                    f"${TRUSTED_KEYS_ENV}, paths separated by '{os.pathsep}'; none: the bundle is unauthenticated).")
 REF_HELP = "NAME@vN, NAME@ALIAS, NAME, or a bundle folder as a path (./folder)."
-
-
-def add_trusted_key_flag(parser: argparse.ArgumentParser) -> None:
-    """--trusted-key PATH, repeatable: the same on every command that reads bundles."""
-    parser.add_argument("--trusted-key", action="append", metavar="PATH", default=None, help=TRUSTED_KEY_HELP)
 
 
 def add_commands(commands: Any) -> None:

@@ -15,8 +15,8 @@ import json
 import sys
 from typing import Sequence
 
-from knnssd.bundle_commands import add_commands as add_bundle_commands, add_key_commands, add_trusted_key_flag
-from knnssd.entry import ArgumentParser, add_engine_flags, run_main
+from knnssd.bundle_commands import add_commands as add_bundle_commands, add_key_commands
+from knnssd.entry import ArgumentParser, add_engine_flags, add_trusted_key_flag, run_main
 from knnssd.serve.command import add_command as add_serve_command
 
 

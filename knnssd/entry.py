@@ -21,6 +21,16 @@ from knnssd.errors import KnnSsdError
 QUIET_LOGGERS = ("faiss", "mlflow", "alembic")
 
 
+
+def add_trusted_key_flag(parser: argparse.ArgumentParser) -> None:
+    """--trusted-key PATH, repeatable: the same on every command that reads bundles (no torch needed here)."""
+    from knnssd.signing import TRUSTED_KEYS_ENV
+
+    parser.add_argument("--trusted-key", action="append", metavar="PATH", default=None,
+                        help=f"a public key (PEM) the bundle must be signed by; repeat for several (default: "
+                             f"${TRUSTED_KEYS_ENV}, paths separated by '{os.pathsep}'; none: the bundle is "
+                             f"unauthenticated).")
+
 def quiet_loaders() -> None:
     """knnssd's INFO messages on stderr; FAISS's loader, MLflow's store set-up and transformers' progress bars
     silenced (warnings still show)."""

@@ -16,8 +16,8 @@ import socket
 import sys
 from typing import Any
 
-from knnssd.bundle_commands import TRACKING_HELP, add_trusted_key_flag
-from knnssd.entry import add_engine_flags
+from knnssd.bundle_commands import TRACKING_HELP
+from knnssd.entry import add_engine_flags, add_trusted_key_flag
 from knnssd.errors import KnnSsdError
 from knnssd.serve.settings import ServeSettings
 
