@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -60,3 +62,15 @@ def stop(process: subprocess.Popen) -> None:
 
 def external_mlflow_uri() -> str | None:
     return os.environ.get("KNNSSD_TEST_MLFLOW_URI") or None
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    """An MLflow tracking server: .ci/run's (KNNSSD_TEST_MLFLOW_URI), else one started for the module."""
+    uri = external_mlflow_uri()
+    if uri:
+        yield uri
+        return
+    process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield uri
+    stop(process)

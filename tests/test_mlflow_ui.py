@@ -22,7 +22,7 @@ import pytest
 from registry.mlflow_store import BundleRegistry
 from registry.pages import compare_path, runs_table_path
 from tests.bundles import TINY_POLICIES, loaded, tiny_bundle  # noqa: F401 (fixture)
-from tests.test_registry import tracking_uri  # noqa: F401 (fixture)
+from tests.services import tracking_uri  # noqa: F401 (fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

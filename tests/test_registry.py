@@ -15,18 +15,7 @@ from knnssd.runtime import load_bundle
 from knnssd.bundle import BundleError, read_bundle
 from registry.mlflow_store import BundleRef, BundleRegistry
 from tests.bundles import loaded, tiny_bundle  # noqa: F401 (fixture)
-from tests.services import external_mlflow_uri, free_port, start_mlflow_server, stop
-
-
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory):
-    uri = external_mlflow_uri()
-    if uri:
-        yield uri
-        return
-    process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
-    yield uri
-    stop(process)
+from tests.services import free_port, tracking_uri  # noqa: F401 (fixture)
 
 
 @pytest.fixture()

@@ -17,23 +17,12 @@ from knnssd.serve.settings import ServeSettings
 from registry.mlflow_store import BundleRegistry
 from tests.bundles import tiny_bundle
 from tests.serving import LiveServer, load_specs, run_load, sequential_answer, served_model  # noqa: F401
-from tests.services import external_mlflow_uri, start_mlflow_server, stop
+from tests.services import tracking_uri  # noqa: F401 (fixture)
 
 TOKEN = "admin-token-for-tests"
 # A second version that routes differently: prompt lookup on one domain, plain decoding on the other.
 POLICIES_V2 = {"low": {"kind": "prompt_lookup", "max_ngram": 2, "min_ngram": 1, "max_draft_tokens": 5},
                "high": {"kind": "none"}}
-
-
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory):
-    uri = external_mlflow_uri()
-    if uri:
-        yield uri
-        return
-    process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
-    yield uri
-    stop(process)
 
 
 @pytest.fixture()
