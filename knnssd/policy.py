@@ -8,8 +8,10 @@
     {"kind": "hybrid", "prompt_lookup": {...}, "layer_skip": {...}}   lookup, else layer skipping
                                                                       (the two objects without "kind")
     {"kind": "suffix_tree", "max_ngram": 4, "min_ngram": 1, "max_occurrences": 16,
-     "max_depth": 10, "max_tree_nodes": 15, "min_path_prob": 0.1}     a token tree of the latest suffix's
-                                                                      continuations (SuffixTreeConfig)
+     "max_depth": 10, "max_tree_nodes": 15, "min_path_prob": 0.1,    a token tree of the latest suffix's
+     "use_store": false}                                              continuations (SuffixTreeConfig), in
+                                                                      the text and, with use_store, in the
+                                                                      store the drafter is made with
 
 Field names and defaults are those of the config classes; a field a policy leaves out takes its class default,
 and a field the class does not have, or of the wrong JSON type, is refused.
@@ -18,7 +20,7 @@ and a field the class does not have, or of the wrong JSON type, is refused.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 from knnssd.checks import config_from_json
 from knnssd.drafters import (Drafter, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
@@ -82,8 +84,12 @@ def _kind(policy: Any) -> str:
     return kind
 
 
-def drafter_from_policy(policy: dict[str, Any], num_layers: int) -> Drafter | None:
-    """The drafter a policy describes, validated against a model of `num_layers` layers."""
+def drafter_from_policy(policy: dict[str, Any], num_layers: int,
+                        store: Sequence[Sequence[int]] | None = None) -> Drafter | None:
+    """The drafter a policy describes, validated against a model of `num_layers` layers.
+
+    `store`: token arrays (e.g. a bundle's store for the policy's domain) that a suffix-tree policy with
+    use_store drafts from; such a policy without a store is refused. Other policies ignore it."""
     kind = _kind(policy)
     if kind == "none":
         if set(policy) != {"kind"}:
@@ -95,7 +101,14 @@ def drafter_from_policy(policy: dict[str, Any], num_layers: int) -> Drafter | No
     if kind == "prompt_lookup":
         return PromptLookupDrafter(lookup_config(policy))
     if kind == "suffix_tree":
-        return SuffixTreeDrafter(suffix_tree_config(policy))
+        config = suffix_tree_config(policy)
+        if not config.use_store:
+            return SuffixTreeDrafter(config)
+        if store is None:
+            raise KnnSsdError("this suffix_tree policy drafts from a store (use_store true) but none was given",
+                              fix="use the policy through its bundle (which ships the store), pass store=..., "
+                                  'or set "use_store": false')
+        return SuffixTreeDrafter.with_store(store, config)
     lookup, layer_skip = _hybrid_parts(policy)
     return HybridDrafter(PromptLookupDrafter(lookup_config(lookup)), _layer_skip(layer_skip, num_layers))
 
@@ -127,7 +140,8 @@ def describe_policy(policy: dict[str, Any]) -> str:
     if kind == "suffix_tree":
         tree = suffix_tree_config(policy)
         return (f"suffix_tree n={tree.min_ngram}-{tree.max_ngram} occ<={tree.max_occurrences} "
-                f"depth<={tree.max_depth} nodes<={tree.max_tree_nodes} p>={tree.min_path_prob}")
+                f"depth<={tree.max_depth} nodes<={tree.max_tree_nodes} p>={tree.min_path_prob}"
+                + (" +store" if tree.use_store else ""))
     if kind == "hybrid":
         lookup, layer_skip = _hybrid_parts(policy)
         return (f"hybrid({describe_policy({'kind': 'prompt_lookup', **lookup})}; "

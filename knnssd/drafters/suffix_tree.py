@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from knnssd.checks import require_int, require_number
+from knnssd.checks import require_bool, require_int, require_number
 from knnssd.drafters.base import Draft, DraftRequest
 from knnssd.errors import KnnSsdError
 
@@ -46,6 +46,7 @@ class SuffixTreeConfig:
     max_depth: int = 10
     max_tree_nodes: int = 15
     min_path_prob: float = 0.1
+    use_store: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_ngram", "min_ngram", "max_occurrences", "max_depth", "max_tree_nodes"):
@@ -56,6 +57,7 @@ class SuffixTreeConfig:
         if self.min_ngram > self.max_ngram:
             raise KnnSsdError(f"need min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
                               f"max_ngram={self.max_ngram}", fix="e.g. min_ngram 1, max_ngram 4 (the defaults)")
+        require_bool(self.use_store, "use_store")
         require_number(self.min_path_prob, "min_path_prob", "0.1")
         if not 0 < self.min_path_prob <= 1:
             raise KnnSsdError(f"min_path_prob must lie in (0, 1], got {self.min_path_prob}",
