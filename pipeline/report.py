@@ -4,7 +4,10 @@ Needs no torch: `jobs/evaluate.py --rerender` rebuilds a run's report from its p
 
     speedup       = sum of plain seconds / sum of the method's seconds, over the same prompts, with a 95%
                     paired-bootstrap interval over prompts (speedup_low, speedup_high; `pipeline.bootstrap`)
-    mean_accepted, acceptance: pooled by knnssd.stats.Tally (our methods; 0 for transformers' peers)
+    mean_accepted, acceptance, mean_verify_width: pooled by knnssd.stats.Tally (our methods; 0 for
+                    transformers' peers); mean_verify_width = (drafted + steps) / steps, the tokens a verify pass
+                    actually ran on (a tree's nodes plus the last committed token; 1.0 for plain decoding)
+    tree_share    = verify steps that verified a token tree / verify steps
     identical     = fraction of prompts whose tokens equal plain decoding's
     routing_accuracy (knn) = fraction routed to the prompt's true domain (a fallback counts as a miss)
 """
@@ -20,6 +23,7 @@ from typing import Any
 from knnssd.reports import bar_chart, write_csv
 from knnssd.stats import Tally
 from pipeline.bootstrap import MIN_VERDICT_PROMPTS, TOO_FEW, difference_interval, speedup_interval, verdict
+from pipeline.evalconfig import BUILT_IN_METHODS, PEERS
 
 OVERALL = "overall"
 # Spec-Bench's leaderboard columns: its 8 MT-bench categories pooled (or merged into "chat"), then the five tasks.
@@ -43,6 +47,7 @@ class PromptRun:
     steps: int
     identical: bool
     routed_to: str
+    tree_steps: int = 0  # absent from per_prompt.csv files written before token trees: read as 0
 
 
 def summarise(rows: list[PromptRun]) -> list[dict[str, Any]]:
@@ -60,6 +65,8 @@ def summarise(rows: list[PromptRun]) -> list[dict[str, Any]]:
             "speedup": interval.estimate, "speedup_low": interval.low, "speedup_high": interval.high,
             "mean_accepted": tally.mean_accepted_tokens,
             "acceptance": tally.acceptance_rate,
+            "mean_verify_width": tally.mean_verify_width,
+            "tree_share": sum(r.tree_steps for r in group) / tally.steps if tally.steps else 0.0,
             "identical": sum(r.identical for r in group) / len(group),
             "routing_accuracy": (sum(r.routed_to == r.domain for r in group) / len(group)
                                  if method == "knn" else float("nan")),
@@ -80,9 +87,16 @@ def paired(rows: list[PromptRun], stream: str, domain: str) -> tuple[list[float]
             {m: [by[(m, o)].seconds for o in orders] for m in methods if all((m, o) in by for o in orders)})
 
 
+def other_methods(methods: list[str]) -> list[str]:
+    """Methods KNN-SSD is judged against besides Fix and Mix: extra named policies (e.g. single-path prompt
+    lookup) and transformers' assisted generation."""
+    return [m for m in methods if m in PEERS or (m not in BUILT_IN_METHODS and not m.startswith("fix-"))]
+
+
 def verdicts(rows: list[PromptRun]) -> list[str]:
     """Plain statements per stream and domain (overall last): does KNN-SSD beat Self-SD(Fix) (the mean of the
-    fixed policies, and how many of them it beats) and Self-SD(Mix)? "beats" / "loses to" only where the 95%
+    fixed policies, and how many of them it beats), Self-SD(Mix), and each of `other_methods` (e.g. a
+    single-path prompt lookup given by --policy)? "beats" / "loses to" only where the 95%
     paired-bootstrap interval of the speedup difference excludes zero; otherwise "no significant difference
     from", with the interval; on fewer than MIN_VERDICT_PROMPTS prompts no verdict ("too few prompts").
     Figures included, whatever the answer."""
@@ -106,10 +120,11 @@ def verdicts(rows: list[PromptRun]) -> list[str]:
                          f"{len(fixes)} fixed policies")
                 parts.append(f"{on_average} Self-SD(Fix) on average (speedup difference "
                              f"{difference.describe(signed=True)}{tally})")
-            if "mix" in seconds:
-                difference = difference_interval(plain, knn, [seconds["mix"]])
-                parts.append(f"{verdict(difference, count)} Self-SD(Mix) (speedup difference "
-                             f"{difference.describe(signed=True)})")
+            for name, label in [("mix", "Self-SD(Mix)")] + [(m, f'"{m}"') for m in other_methods(list(seconds))]:
+                if name in seconds:
+                    difference = difference_interval(plain, knn, [seconds[name]])
+                    parts.append(f"{verdict(difference, count)} {label} (speedup difference "
+                                 f"{difference.describe(signed=True)})")
             knn_speedup = speedup_interval(plain, knn)
             lines.append(f"{stream} stream, {domain} ({count} prompts): KNN-SSD {knn_speedup.describe()} "
                          + ("; ".join(parts) if parts else "(no Fix or Mix to compare)"))
@@ -171,7 +186,8 @@ def read_rows(path: Any) -> list[PromptRun]:
                 stream=r["stream"], order=int(r["order"]), domain=r["domain"], method=r["method"],
                 seconds=float(r["seconds"]), plain_seconds=float(r["plain_seconds"]), new_tokens=int(r["new_tokens"]),
                 accepted=int(r["accepted"]), drafted=int(r["drafted"]), steps=int(r["steps"]),
-                identical=r["identical"] == "True", routed_to=r["routed_to"]))
+                identical=r["identical"] == "True", routed_to=r["routed_to"],
+                tree_steps=int(r.get("tree_steps") or 0)))
     return rows
 
 
@@ -193,6 +209,22 @@ def format_table(table: list[dict[str, Any]], stream: str) -> str:
     knn = cell.get(("knn", OVERALL))
     if knn is not None:
         lines.append(f"routing accuracy (knn): {knn['routing_accuracy']:.3f}")
+    return "\n".join(lines)
+
+
+def format_acceptance(table: list[dict[str, Any]], stream: str) -> str:
+    """Per method (ours: the loop's counts) and domain (then overall): mean accepted tokens per verify step /
+    mean verify width, e.g. "1.43/8.09"; the last column is the share of verify steps that verified a tree."""
+    rows = [r for r in table if r["stream"] == stream and r["mean_verify_width"] > 0]
+    domains = list(dict.fromkeys(r["domain"] for r in rows if r["domain"] != OVERALL)) + [OVERALL]
+    cell = {(r["method"], r["domain"]): r for r in rows}
+    width = max(12, max(len(d) for d in domains) + 1)
+    lines = [f"{'method':<20}" + "".join(f"{d[:width - 1]:>{width}}" for d in domains) + f"{'tree steps':>12}"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = [cell.get((method, d)) for d in domains]
+        texts = ["%.2f/%.2f" % (c["mean_accepted"], c["mean_verify_width"]) if c else "-" for c in cells]
+        lines.append(f"{method:<20}" + "".join(f"{t:>{width}}" for t in texts)
+                     + f"{cell[(method, OVERALL)]['tree_share']:>12.0%}")
     return "\n".join(lines)
 
 
@@ -230,7 +262,9 @@ def write_outputs(rows: list[PromptRun], table: list[dict[str, Any]], folder: An
     plot(table, folder / "speedup.png", title)
     report = []
     for stream in dict.fromkeys(r["stream"] for r in table):
-        report += [f"speedup over plain decoding, {stream} stream:", format_table(table, stream), ""]
+        report += [f"speedup over plain decoding, {stream} stream:", format_table(table, stream), "",
+                   f"mean accepted tokens per verify step / mean verify width, {stream} stream:",
+                   format_acceptance(table, stream), ""]
         board = leaderboard(rows, stream)
         if board:
             report += [f"Spec-Bench leaderboard columns, {stream} stream (speedup [95% CI]):", board, ""]

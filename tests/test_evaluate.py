@@ -167,3 +167,60 @@ def test_out_of_distribution_domains_must_be_unseen_and_present():
         ood_prompts(table, ["a"], ("a",), 2)
     with pytest.raises(KnnSsdError, match="not in the data"):
         ood_prompts(table, ["a"], ("code",), 2)
+
+
+def test_verify_width_and_tree_share_are_pooled_per_method():
+    """Plain verifies one token a step; a tree method's width is (drafted + steps) / steps, pooled over prompts;
+    transformers' peers have no loop counts (0, shown as '-')."""
+    from pipeline.report import format_acceptance
+
+    rows = [run("plain", "a", 2.0, 2.0, steps=8), run("plain", "b", 2.0, 2.0, steps=8),
+            run("tree", "a", 1.0, 2.0, accepted=6, drafted=20, steps=2),
+            run("tree", "b", 1.0, 2.0, accepted=2, drafted=10, steps=6),
+            run("hf-prompt-lookup", "a", 1.0, 2.0, steps=0), run("hf-prompt-lookup", "b", 1.0, 2.0, steps=0)]
+    rows[2] = PromptRun(**{**asdict(rows[2]), "tree_steps": 2})
+    rows[3] = PromptRun(**{**asdict(rows[3]), "tree_steps": 1})
+    table = {(r["method"], r["domain"]): r for r in summarise(rows)}
+    assert table[("plain", "a")]["mean_verify_width"] == table[("plain", "overall")]["mean_verify_width"] == 1.0
+    assert table[("plain", "overall")]["mean_accepted"] == 1.0 and table[("plain", "a")]["tree_share"] == 0.0
+    assert table[("tree", "a")]["mean_verify_width"] == pytest.approx((20 + 2) / 2)
+    assert table[("tree", "overall")]["mean_verify_width"] == pytest.approx((30 + 8) / 8)
+    assert table[("tree", "overall")]["mean_accepted"] == pytest.approx((8 + 8) / 8)
+    assert table[("tree", "overall")]["tree_share"] == pytest.approx(3 / 8)
+    assert table[("hf-prompt-lookup", "a")]["mean_verify_width"] == 0.0
+    text = format_acceptance(summarise(rows), "task")
+    assert "hf-prompt-lookup" not in text
+    plain_line, tree_line = text.splitlines()[1:]
+    assert plain_line.split() == ["plain", "1.00/1.00", "1.00/1.00", "1.00/1.00", "0%"]
+    assert tree_line.split() == ["tree", "4.00/11.00", "1.33/2.67", "2.00/4.75", "38%"]
+
+
+def test_knn_is_judged_against_named_policies_and_transformers_lookup():
+    """Besides Fix and Mix, KNN-SSD gets a paired verdict against every extra named policy (the single-path
+    lookup a token-tree bundle must beat) and transformers' prompt lookup; not against plain or the oracle."""
+    rows = []
+    for i in range(12):
+        rows += [run("plain", "a", 2.0, 2.0, order=i), run("knn", "a", 1.0, 2.0, order=i),
+                 run("mix", "a", 1.0 + 0.2 * (i % 2) - 0.1, 2.0, order=i), run("oracle", "a", 1.0, 2.0, order=i),
+                 run("lookup", "a", 1.5, 2.0, order=i), run("hf-prompt-lookup", "a", 0.8, 2.0, order=i),
+                 run("hf-plain", "a", 2.0, 2.0, order=i)]
+    overall = verdicts(rows)[-1]
+    assert overall.startswith("task stream, overall (12 prompts): KNN-SSD 2.000")
+    assert 'beats "lookup" (speedup difference +0.667 [95% CI +0.667, +0.667])' in overall
+    assert 'loses to "hf-prompt-lookup" (speedup difference -0.500' in overall
+    assert "Self-SD(Mix)" in overall and "oracle" not in overall and "hf-plain" not in overall
+
+
+def test_per_prompt_tables_from_before_token_trees_still_rerender(tmp_path):
+    """A per_prompt.csv without the tree_steps column (every run in benchmarks/results so far) reads as 0."""
+    from pipeline.report import read_rows
+
+    path = tmp_path / "per_prompt.csv"
+    fields = [f for f in PromptRun.__dataclass_fields__ if f != "tree_steps"]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerow({f: v for f, v in asdict(run("knn", "a", 1.0, 2.0, accepted=3, drafted=4, steps=2)).items()
+                         if f != "tree_steps"})
+    (row,) = read_rows(path)
+    assert row.tree_steps == 0 and row.drafted == 4
