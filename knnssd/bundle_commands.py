@@ -105,6 +105,14 @@ def figures(metrics: dict[str, Any]) -> str:
 
 
 FIGURE_HEADER = "".join(f"{label:>{width}}" for _, label, width, _ in FIGURES)
+STORE_WIDTH = 30
+
+
+def store_cell(store: dict[str, Any] | None) -> str:
+    """A store's size for tables: '8 arrays 1024 tok 4.1 KiB', or '-' without one."""
+    if not store:
+        return "-"
+    return f"{store['arrays']} arrays {store['tokens']} tok {store['bytes'] / 1024:.1f} KiB"
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -118,14 +126,17 @@ def run_show(args: argparse.Namespace) -> int:
     print(f"signature: {bundle.authenticity.describe()}")
     print(f"fallback beyond cosine distance {manifest['routing']['fallback_distance']:.4f}: "
           f"{describe_policy(manifest['fallback_policy'])}")
-    print(f"\n{'domain':<16}{'anchors':>8}{FIGURE_HEADER}  policy")
+    print(f"\n{'domain':<16}{'anchors':>8}{FIGURE_HEADER}  {'store':<{STORE_WIDTH}}policy")
     for name, row in manifest_rows(manifest).items():
-        print(f"{name:<16}{row['anchors']:>8}{figures(row['metrics'])}  {describe_policy(row['policy'])}")
+        print(f"{name:<16}{row['anchors']:>8}{figures(row['metrics'])}  {store_cell(row['store']):<{STORE_WIDTH}}"
+              f"{describe_policy(row['policy'])}")
     if manifest.get("reference_policies"):
-        print("(rows in parentheses: reference policies searched for comparison, never routed to)")
+        print("(rows in parentheses: reference policies searched for comparison, never routed to; their store is "
+              "the union of every domain's)")
     print("predicted: the search's replayed, priced speedup; confirmed: wall clock over plain decoding, on more "
           "prompts; mat (mean accepted tokens per step), accept (acceptance rate), mismatch (share of prompts whose "
-          "tokens differed from plain decoding): from the confirmation")
+          "tokens differed from plain decoding): from the confirmation; store: the domain's own greedy outputs that "
+          "a suffix_tree +store policy drafts from (arrays, token ids, file size)")
     validation = manifest.get("calibration", {}).get("validation")
     if validation and validation.get("domains"):
         print("\n" + format_validation(validation))

@@ -5,7 +5,9 @@
     >>> out.route.domain, out.route.distance, out.route.fallback, out.text
 
 Per prompt: one prefill (which also yields the prompt embedding: no extra forward pass), a FAISS
-nearest-anchor search, then the decoding loop with that domain's draft policy. Needs neither Ray nor Optuna;
+nearest-anchor search, then the decoding loop with that domain's draft policy. A suffix-tree policy with
+use_store drafts from its domain's store in the bundle; the fallback policy and the mix reference
+(`reference_drafter("mix")`) from the union of every domain's store. Needs neither Ray nor Optuna;
 MLflow only to fetch a bundle by registry reference (a bundle folder needs none).
 """
 
@@ -20,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from knnssd import signing
-from knnssd.bundle import FALLBACK_KEY, Bundle, read_bundle
+from knnssd.bundle import FALLBACK_KEY, Bundle, read_bundle, split_store, union_store
 from knnssd.decoding import GenerationConfig, GenerationResult, TokenHook, begin, decode
 from knnssd.drafters import Drafter
 from knnssd.errors import KnnSsdError
@@ -59,10 +61,45 @@ class BundleRuntime:
         self.loaded = loaded
         self.router = Router(index=bundle.index, anchor_domains=bundle.anchor_domains, domains=bundle.domains,
                              fallback_distance=bundle.fallback_distance)
-        layers = loaded.num_layers
+        self._check_store_ids()
         self.drafters: dict[str, Drafter | None] = {
-            name: drafter_from_policy(policy, layers) for name, policy in bundle.policies.items()}
+            name: self._drafter(policy, name) for name, policy in bundle.policies.items()}
         self.chat = bool(bundle.manifest.get("prompt_format", {}).get("chat", True))
+
+    def _check_store_ids(self) -> None:
+        vocab = getattr(self.loaded.model.config, "vocab_size", None)
+        for domain, store in self.bundle.stores.items():
+            if vocab is not None and store.size and int(store.max()) >= vocab:
+                raise KnnSsdError(f"the store of domain {domain!r} in bundle {self.bundle.folder} holds token id "
+                                  f"{int(store.max())}, outside the vocabulary of model {self.loaded.name} "
+                                  f"({vocab} ids)", fix="use the bundle's own model, or recalibrate for this one")
+
+    def store_arrays(self, name: str) -> list[tuple[int, ...]] | None:
+        """The token arrays the policy of `name` drafts from: a domain's own store; for "mix" (the mix reference)
+        or the fallback key, the union of every domain's store. None where there is none."""
+        if name in self.bundle.domains:
+            store = self.bundle.stores.get(name)
+        elif name in ("mix", FALLBACK_KEY):
+            store = union_store(self.bundle.stores, self.bundle.domains) if self.bundle.stores else None
+        else:
+            raise KnnSsdError(f"bundle {self.bundle.folder} has no domain {name!r}",
+                              fix=f"use one of {', '.join(self.bundle.domains)}, 'mix' or '{FALLBACK_KEY}'")
+        return None if store is None else split_store(store)
+
+    def _drafter(self, policy: dict[str, Any], name: str) -> Drafter | None:
+        """The drafter of `policy`, with `name`'s store where the policy drafts from one (checked at load)."""
+        uses_store = isinstance(policy, dict) and policy.get("kind") == "suffix_tree" and policy.get("use_store")
+        return drafter_from_policy(policy, self.loaded.num_layers, store=self.store_arrays(name) if uses_store
+                                   else None)
+
+    def reference_drafter(self, name: str = "mix") -> Drafter | None:
+        """The drafter of reference policy `name` (the manifest's "reference_policies"; never routed to), the
+        mix reference drafting from the union of every domain's store: the Self-SD(Mix) baseline."""
+        references = self.bundle.manifest.get("reference_policies", {})
+        if name not in references:
+            raise KnnSsdError(f"bundle {self.bundle.folder} has no reference policy {name!r}",
+                              fix=f"use one of {sorted(references) or 'none: calibrate with the mix study'}")
+        return self._drafter(references[name]["policy"], "mix")
 
     def encode(self, prompt: str) -> torch.Tensor:
         """Prompt ids (1, T), formatted as at calibration (chat template or not)."""

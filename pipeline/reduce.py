@@ -117,8 +117,10 @@ def build_bundle_spec(
     prompt_format: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
     reference_policies: dict[str, dict[str, Any]] | None = None,
+    stores: dict[str, np.ndarray] | None = None,
 ) -> BundleSpec:
-    """Everything the bundle needs, from (n, dim) calibration embeddings with their domain labels."""
+    """Everything the bundle needs, from (n, dim) calibration embeddings with their domain labels; `stores`:
+    {domain: (n,) int32 joined store} (`knnssd.bundle.join_store`), written into the bundle as they are."""
     domains = tuple(policies)
     anchors, owners = build_anchors(embeddings, labels, domains, config)
     return BundleSpec(
@@ -126,6 +128,7 @@ def build_bundle_spec(
         policies=policies, fallback_policy=conservative_policy(policies, config),
         fallback_distance=fallback_distance(embeddings, labels, domains, config), metrics=metrics,
         prompt_format=prompt_format or {"chat": True}, reference_policies=reference_policies or {},
+        stores=stores or {},
         calibration={**(calibration or {}), "anchors_per_domain": config.anchors_per_domain,
                      "fallback_quantile": config.fallback_quantile, "fallback_margin": config.fallback_margin},
     )

@@ -4,12 +4,68 @@ A domain's store is the model's greedy continuation of each of the domain's cali
 policy with `use_store` drafts from it as well as from the text (`knnssd.drafters.suffix_tree`). A trial that
 measures calibration prompt p drafts from the store without p's own output (`DomainStore.arrays(exclude=p)`),
 else it would look its own future up; held-out prompts and the bundle use the whole store.
+
+`build_outputs` decodes the prompts in batches (transformers' `generate`, greedy, left padding): the store stage
+of calibration (`pipeline.tasks.build_store`, one Ray task per domain) and what the bundle keeps
+(`knnssd.bundle`, stores/<i>.npy).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from knnssd.bundle import join_store
+from knnssd.decoding import model_eos_ids
+from knnssd.errors import KnnSsdError
+from knnssd.kernels import transformers_kernels
+
+
+def build_outputs(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
+                  batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> list[tuple[int, ...]]:
+    """The model's greedy continuation of each prompt, `batch_size` prompts per `generate` call.
+
+    prompts: token ids, each (1, T_i) or (T_i,), already formatted (`knnssd.prompts.encode_prompt`). Returns one
+    tuple of new token ids per prompt, in order, at most `max_new_tokens` long and cut after its first EOS (kept,
+    as `knnssd.decoding.generate` keeps it). `progress(done, total)` is called after each batch.
+
+    Batches are left-padded with an attention mask, so a batched continuation may differ from the unbatched
+    greedy one where two next tokens are near-tied (padding changes the float sums slightly). That is fine for a
+    store: it is draft knowledge only, and verification keeps every output lossless whatever is drafted.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise KnnSsdError(f"store outputs need max_new_tokens >= 1, got {max_new_tokens!r}",
+                          fix="use e.g. --store-tokens 128")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise KnnSsdError(f"the store batch size must be an integer >= 1, got {batch_size!r}",
+                          fix="use e.g. --store-batch 8")
+    eos = model_eos_ids(model)
+    pad = next((p for p in (getattr(model.generation_config, "pad_token_id", None), model.config.pad_token_id,
+                            *eos) if p is not None), 0)
+    device = next(model.parameters()).device
+    rows = [prompt.reshape(-1).to(torch.long) for prompt in prompts]
+    outputs: list[tuple[int, ...]] = []
+    with transformers_kernels(model), torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            width = max(len(row) for row in batch)
+            ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, row in enumerate(batch):  # left padding: every row's last token is at the same position
+                ids[i, width - len(row):] = row
+                mask[i, width - len(row):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                                 pad_token_id=int(pad), eos_token_id=list(eos) or None)
+            for new in out[:, width:].tolist():
+                cut = next((i + 1 for i, token in enumerate(new) if token in eos), len(new))
+                outputs.append(tuple(new[:cut]))
+            if progress is not None:
+                progress(len(outputs), len(rows))
+    return outputs
 
 
 @dataclass(frozen=True)
@@ -32,6 +88,10 @@ class DomainStore:
     @property
     def tokens(self) -> int:
         return sum(len(output) for output in self.outputs)
+
+    def joined(self) -> np.ndarray:
+        """(tokens + arrays,) int32: every output followed by -1, as the bundle stores it (`join_store`)."""
+        return join_store(self.outputs)
 
     @classmethod
     def union(cls, stores: Iterable["DomainStore"], domain: str) -> "DomainStore":

@@ -48,18 +48,20 @@ def summary_markdown(manifest: dict[str, Any], title: str) -> str:
     lines = [f"**{title}**: KNN-SSD routing bundle for `{manifest['model_id']}` "
              f"(model hash `{manifest['model_hash'][:12]}`), {len(manifest['domains'])} domains, "
              f"created {manifest.get('created_at', '?')}.", "",
-             "| domain | anchors | policy | predicted | confirmed | mean accepted | acceptance | trials |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| domain | anchors | policy | predicted | confirmed | mean accepted | acceptance | trials | store tokens |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in manifest_rows(manifest).items():
         metrics = row["metrics"]
         lines.append(f"| {name} | {row['anchors'] or '-'} | `{describe_policy(row['policy'])}` | "
                      f"{_figure(metrics, 'predicted_speedup', 3)} | {_figure(metrics, 'speedup', 3)} | "
                      f"{_figure(metrics, 'mean_accepted_tokens', 2)} | "
-                     f"{_figure(metrics, 'acceptance_rate', 2)} | {_figure(metrics, 'trials', 0)} |")
+                     f"{_figure(metrics, 'acceptance_rate', 2)} | {_figure(metrics, 'trials', 0)} | "
+                     f"{row['store']['tokens'] if row.get('store') else '-'} |")
     lines += ["", f"Fallback beyond cosine distance {manifest['routing']['fallback_distance']:.4f}: "
                   f"`{describe_policy(manifest['fallback_policy'])}`. Predicted: the search's replayed and priced "
                   "speedup; confirmed: wall clock over plain decoding timed beside it, on more prompts. Rows in "
-                  "parentheses are reference policies, never routed to."]
+                  "parentheses are reference policies, never routed to. Store tokens: the domain's own greedy outputs "
+                  "a suffix_tree +store policy drafts from (a reference's: the union of all)."]
     validation = manifest.get("calibration", {}).get("validation")
     if validation and validation.get("domains"):
         from knnssd.reports import format_validation
