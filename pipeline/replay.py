@@ -25,11 +25,18 @@ prompt is fixed by that prompt's greedy continuation:
     real draft may run past that position, and replay's draft stops there.
   `tests/test_replay.py` bounds the error against the real loop, and `benchmarks/replay_check.py` measures it
   (accepted tokens, verify steps, drafted tokens and draft forwards) on Spec-Bench.
-- a hybrid replays the real lookup session and the layer-skip replay, as `HybridSession` combines them.
+- a hybrid replays the real lookup session and the layer-skip replay, as `HybridSession` combines them;
+- a suffix tree, like prompt lookup, drafts from the committed tokens (and its store) alone: replaying the real
+  `SuffixTreeSession` gives exactly the real run's trees.
 
-`replay` mirrors the decoding loop (`knnssd.decoding.decode`): the same budget, the same draft cut, acceptance
-as the longest prefix of the draft that matches the continuation, the bonus token, EOS. Its output is the
-counted events (`Replayed`), which `pipeline.costs.StepCosts` prices.
+`replay` mirrors the decoding loop (`knnssd.decoding.decode`): the same budget, the same draft cut
+(`knnssd.decoding.within_contract`: a path cut to the budget, a tree to that depth), acceptance as the loop's
+(a path: the longest prefix that matches the continuation; a tree: `knnssd.tree.accept_greedy`'s rule, the
+deepest node whose whole path matches, the first in node order among equals), the bonus token, EOS. Its output
+is the counted events (`Replayed`), which `pipeline.costs.StepCosts` prices. One departure for every kind: where
+plain decoding stopped at EOS, the target's choice after the EOS is not in the trace, so replay accepts no draft
+token past it while a real verify pass could (the loop then commits nothing past the EOS either, but counts those
+tokens accepted).
 """
 
 from __future__ import annotations
@@ -41,14 +48,15 @@ from transformers import DynamicCache, PreTrainedModel
 
 from knnssd.decoding import GenerationConfig, GenerationResult, generate
 from knnssd.drafters import (Draft, DraftRequest, Drafter, HybridDrafter, HybridSession, LayerSkipConfig,
-                             LayerSkipDrafter, PromptLookupDrafter)
+                             LayerSkipDrafter, PromptLookupDrafter, SuffixTreeDrafter)
 from knnssd.drafters.layer_skip import confident_enough
 from knnssd.errors import KnnSsdError
 from knnssd.kernels import transformers_kernels
 from knnssd.kvcache import rollback
 from knnssd.skipset import SkipSet
-from knnssd.stats import Tally
+from knnssd.stats import StatsRecorder, Tally
 from knnssd.sublayers import model_lock, skip_sublayers
+from knnssd.tree import accept_greedy, depths, nodes_per_depth, within_depth
 
 
 @dataclass(frozen=True)
@@ -80,11 +88,19 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Step:
-    """One verification step: `drafted` tokens checked, `accepted` of them kept, after `forwards` draft passes."""
+    """One verification step: `drafted` tokens checked (a tree's nodes), `accepted` of them kept, after
+    `forwards` draft passes; `by_depth`: a tree's nodes per depth (`knnssd.tree.nodes_per_depth`), None for a
+    path."""
 
     drafted: int
     accepted: int
     forwards: int
+    by_depth: tuple[int, ...] | None = None
+
+    @property
+    def width(self) -> int:
+        """Tokens in the verify pass: the last committed token and every drafted token (or tree node)."""
+        return self.drafted + 1
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,15 @@ class Replayed:
     def tally(self) -> Tally:
         return Tally(accepted=sum(s.accepted for s in self.steps), drafted=sum(s.drafted for s in self.steps),
                      steps=len(self.steps))
+
+    def recorded(self) -> StatsRecorder:
+        """The steps recorded as the decoding loop records them (verify widths, tree steps, drafts and acceptance
+        by position, draft forwards), to compare with a real run's `GenerationStats`."""
+        recorder = StatsRecorder()
+        for step in self.steps:
+            recorder.record_step(step.drafted, step.accepted, step.forwards,
+                                 None if step.by_depth is None else list(step.by_depth))
+        return recorder
 
 
 def trace_of(prompt_ids: torch.Tensor, result: GenerationResult, max_new_tokens: int) -> Trace:
@@ -198,8 +223,9 @@ class ReplayedLayerSkip:
 
 
 def replay_session(drafter: Drafter, prediction: Prediction | None, prompt_length: int):
-    """The session that replays `drafter`: the real one for lookup, a `ReplayedLayerSkip` for layer skipping."""
-    if isinstance(drafter, PromptLookupDrafter):
+    """The session that replays `drafter`: the real one for lookup and suffix trees, a `ReplayedLayerSkip` for
+    layer skipping."""
+    if isinstance(drafter, (PromptLookupDrafter, SuffixTreeDrafter)):
         return drafter.start()
     if prediction is None:
         raise ValueError("a layer-skip replay needs the skipping model's prediction")
@@ -209,7 +235,41 @@ def replay_session(drafter: Drafter, prediction: Prediction | None, prompt_lengt
         return HybridSession(drafter.lookup.start(),
                              ReplayedLayerSkip(drafter.layer_skip.config, prediction, prompt_length))
     raise KnnSsdError(f"drafter {type(drafter).__name__} cannot be replayed",
-                      fix="replay the built-in drafters (layer_skip, prompt_lookup, hybrid)")
+                      fix="replay the built-in drafters (layer_skip, prompt_lookup, hybrid, suffix_tree)")
+
+
+def within_budget(draft: Draft, max_tokens: int) -> Draft:
+    """The draft as `knnssd.decoding.within_contract` cuts it under greedy decoding: a tree to depth
+    `max_tokens` (a path when what is left is one), a path to `max_tokens` tokens."""
+    if draft.parents is not None:
+        return within_depth(draft, max_tokens)
+    return Draft(tokens=draft.tokens[:max_tokens], probs=None, forwards=draft.forwards)
+
+
+def accepted_nodes(draft: Draft, following: tuple[int, ...]) -> int:
+    """How many draft tokens the loop accepts when the target's greedy choices are `following` (the
+    continuation after the last committed token): a path's longest matching prefix; a tree's accepted path by
+    `knnssd.tree.accept_greedy` itself. The target after a node is `following[depth]` when the node's path
+    matches (else it is never read); beyond `following`'s end it is unknown and matches no token."""
+    tokens = draft.tokens.tolist()
+    if draft.parents is None:
+        accepted = 0
+        for token, expected in zip(tokens, following):
+            if token != expected:
+                break
+            accepted += 1
+        return accepted
+    parents = draft.parents.tolist()
+    targets = [following[0] if following else None]  # row 0: after the root; row 1 + i: after node i
+    targets += [following[d] if d < len(following) else None for d in depths(parents)]
+    # accept_greedy takes logits: one-hot rows over the tokens seen, re-indexed (the unknown target is a column
+    # of its own that no node token has)
+    alphabet = {token: index for index, token in enumerate(dict.fromkeys(tokens + targets))}
+    logits = torch.zeros(len(targets), len(alphabet))
+    logits[torch.arange(len(targets)), torch.tensor([alphabet[t] for t in targets])] = 1.0
+    path, _ = accept_greedy([alphabet[t] for t in tokens], parents, logits)
+    return len(path)
+
 
 
 def replay(drafter: Drafter, trace: Trace, prediction: Prediction | None = None) -> Replayed:
@@ -229,14 +289,14 @@ def replay(drafter: Drafter, trace: Trace, prediction: Prediction | None = None)
                                                  position=len(history) - 1, max_tokens=budget - 1,
                                                  sampling=GenerationConfig().sampling, generator=None,
                                                  history=history))
-            drafted, forwards = draft.tokens[: budget - 1].tolist(), draft.forwards
-        accepted = 0
-        for token, expected in zip(drafted, continuation[committed:]):
-            if token != expected:
-                break
-            accepted += 1
+            draft = within_budget(draft, budget - 1)
+            drafted, forwards, by_depth = draft.tokens.tolist(), draft.forwards, nodes_per_depth(draft)
+            accepted = accepted_nodes(draft, continuation[committed:])
+        else:
+            accepted, by_depth = 0, None
         session.observe(len(drafted), accepted)
-        steps.append(Step(drafted=len(drafted), accepted=accepted, forwards=forwards))
+        steps.append(Step(drafted=len(drafted), accepted=accepted, forwards=forwards,
+                          by_depth=None if by_depth is None else tuple(by_depth)))
         take = min(accepted + 1, len(continuation) - committed)
         history.extend(continuation[committed:committed + take])
         committed += take

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters import (HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
-                             PromptLookupDrafter)
+from knnssd.drafters import (Draft, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
+                             PromptLookupDrafter, SuffixTreeConfig, SuffixTreeDrafter)
 from knnssd.skipset import SkipSet
 from pipeline.costs import StepCosts, non_decreasing
-from pipeline.replay import full_cache, predict, replay, replay_mask, trace_prompt
+from knnssd.tree import accept_greedy
+from pipeline.replay import accepted_nodes, full_cache, predict, replay, replay_mask, trace_prompt
 from pipeline.scoring import build_workload, score_policy
 from tests.conftest import FAMILIES, tiny_model
 
@@ -19,6 +20,15 @@ def repetitive_prompt(seed: int, length: int = 30) -> torch.Tensor:
     torch.manual_seed(seed)
     ids = torch.randint(3, 128, (1, length))
     return torch.cat([ids, ids[:, :12]], dim=1)  # a repeat, so lookup finds matches
+
+
+def branching_prompt(seed: int) -> torch.Tensor:
+    """Random tokens, then a 3-gram seen three times with three continuations, ending on it: the first draft of
+    a suffix tree is a tree of three branches."""
+    torch.manual_seed(seed)
+    gram, tails = torch.randint(3, 128, (1, 3)), torch.randint(3, 128, (3, 1, 4))
+    return torch.cat([torch.randint(3, 128, (1, 10))] + [torch.cat([gram, tail], dim=1) for tail in tails] + [gram],
+                     dim=1)
 
 
 def real_events(model, ids, drafter, max_new_tokens):
@@ -40,6 +50,63 @@ def test_prompt_lookup_replay_equals_the_real_loop_exactly(family, config):
         ids = repetitive_prompt(seed)
         drafter = PromptLookupDrafter(config)
         assert replayed_events(replay(drafter, trace_prompt(model, ids, 40))) == real_events(model, ids, drafter, 40)
+
+
+def counted(stats):
+    """Every event count of a generation that pricing or a report reads."""
+    return {"steps": stats.verify_steps, "drafted": stats.drafted_tokens, "accepted": stats.accepted_tokens,
+            "forwards": stats.draft_forwards, "widths": stats.verify_widths, "tree_steps": stats.tree_steps,
+            "drafted_by_position": stats.drafted_by_position, "accepted_by_position": stats.accepted_by_position}
+
+
+def store_of(model, seeds, max_new_tokens=40):
+    """The model's own greedy outputs of other prompts: a store as calibration builds one."""
+    return [generate(model, repetitive_prompt(seed), GenerationConfig(max_new_tokens=max_new_tokens)).token_ids
+            for seed in seeds]
+
+
+TREE_CONFIGS = [SuffixTreeConfig(), SuffixTreeConfig(max_ngram=2, max_tree_nodes=4, max_depth=3, min_path_prob=0.02),
+                SuffixTreeConfig(min_ngram=2, max_ngram=3, max_occurrences=4, max_depth=10, min_path_prob=0.3),
+                SuffixTreeConfig(max_ngram=1, max_occurrences=32, max_tree_nodes=15, max_depth=2, min_path_prob=0.05)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("with_store", [False, True])
+def test_suffix_tree_replay_equals_the_real_loop_exactly(family, with_store):
+    """Drafted nodes, accepted tokens, verify widths, tree steps and acceptance by position: all equal, for
+    several configs, prompts and budgets (7 new tokens: the budget cuts trees by depth)."""
+    model = tiny_model(family)
+    store = store_of(model, (7, 8, 9)) if with_store else None
+    trees = 0
+    for config in TREE_CONFIGS:
+        drafter = SuffixTreeDrafter.with_store(store, config) if with_store else SuffixTreeDrafter(config)
+        for ids in (repetitive_prompt(0), repetitive_prompt(1), branching_prompt(0), branching_prompt(1)):
+            for max_new_tokens in (40, 7):
+                real = generate(model, ids, GenerationConfig(max_new_tokens=max_new_tokens), drafter)
+                replayed = replay(drafter, trace_prompt(model, ids, max_new_tokens))
+                assert counted(replayed.recorded().finish(0, 0.0)) == counted(real.stats), (config, max_new_tokens)
+                assert [s.width for s in replayed.steps] == [s.drafted + 1 for s in replayed.steps]
+                trees += real.stats.tree_steps
+    assert trees > 0  # the comparison covered real trees, not only paths
+
+
+def test_tree_acceptance_is_accept_greedys_rule_with_the_continuation_as_targets():
+    """Random trees against random continuations: replay's accepted count equals accept_greedy's on logits whose
+    argmax is the continuation along each node's path."""
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        k = int(torch.randint(1, 12, (1,), generator=rng))
+        parents = [int(torch.randint(-1, i, (1,), generator=rng)) for i in range(k)]
+        tokens = torch.randint(0, 3, (k,), generator=rng)
+        following = tuple(torch.randint(0, 3, (int(torch.randint(1, 8, (1,), generator=rng)),), generator=rng).tolist())
+        depths_ = []
+        for parent in parents:
+            depths_.append(1 if parent < 0 else depths_[parent] + 1)
+        rows = [following[0]] + [following[d] if d < len(following) else 3 for d in depths_]
+        logits = torch.nn.functional.one_hot(torch.tensor(rows), 4).float()
+        path, _ = accept_greedy(tokens.tolist(), parents, logits)
+        draft = Draft(tokens=tokens, probs=None, parents=torch.tensor(parents, dtype=torch.long))
+        assert accepted_nodes(draft, following) == len(path)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
