@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One method on one prompt."""
+    """One method on one prompt: its new tokens, seconds, and the loop's counts (`knnssd.stats`; 0 for
+    transformers' peers): accepted and drafted tokens, verify steps and how many of them verified a token tree.
+    A step's verify width is its drafted tokens (a tree's nodes) plus the last committed token, so the mean
+    verify width is (drafted + steps) / steps."""
 
     tokens: tuple[int, ...]
     seconds: float
@@ -29,6 +32,14 @@ class Outcome:
     drafted: int = 0
     steps: int = 0
     routed_to: str = ""
+    tree_steps: int = 0
+
+    @classmethod
+    def of(cls, result: Any, seconds: float, routed_to: str = "") -> "Outcome":
+        """From a `GenerationResult` of the decoding loop."""
+        s = result.stats
+        return cls(tuple(result.token_ids), seconds, s.accepted_tokens, s.drafted_tokens, s.verify_steps,
+                   routed_to, s.tree_steps)
 
 
 Runner = Callable[[torch.Tensor, str], Outcome]
@@ -37,17 +48,15 @@ Runner = Callable[[torch.Tensor, str], Outcome]
 def _ours(model: Any, drafter: Any, max_new_tokens: int) -> Runner:
     def run(ids: torch.Tensor, domain: str) -> Outcome:
         result = generate(model, ids, GenerationConfig(max_new_tokens=max_new_tokens), drafter)
-        s = result.stats
-        return Outcome(result.token_ids, s.total_seconds, s.accepted_tokens, s.drafted_tokens, s.verify_steps)
+        return Outcome.of(result, result.stats.total_seconds)
     return run
 
 
 def _routed(runtime: Any, max_new_tokens: int) -> Runner:
     def run(ids: torch.Tensor, domain: str) -> Outcome:
         out = runtime.generate(ids, max_new_tokens=max_new_tokens)
-        s = out.result.stats
-        return Outcome(out.result.token_ids, s.total_seconds + out.routing_seconds, s.accepted_tokens,
-                       s.drafted_tokens, s.verify_steps, "(fallback)" if out.route.fallback else out.route.domain)
+        return Outcome.of(out.result, out.result.stats.total_seconds + out.routing_seconds,
+                          "(fallback)" if out.route.fallback else out.route.domain)
     return run
 
 
@@ -73,12 +82,21 @@ def _hf(model: Any, max_new_tokens: int, **assist: Any) -> Runner:
     return run
 
 
+def mix_drafter(runtime: Any) -> tuple[bool, Any]:
+    """(whether the bundle has a mix reference, its drafter): the mix study's policy drafting from the union of
+    every domain's store (`BundleRuntime.reference_drafter`)."""
+    if "mix" not in runtime.bundle.manifest.get("reference_policies", {}):
+        return False, None
+    return True, runtime.reference_drafter("mix")
+
+
 def build_methods(runtime: Any, config: "EvalConfig") -> dict[str, Runner]:
-    """Every method of the study for `runtime` (a `BundleRuntime`), plain first."""
+    """Every method of the study for `runtime` (a `BundleRuntime`), plain first. Self-SD(Fix) and the oracle use
+    the runtime's own drafters (`runtime.drafters`, each built with its domain's store), so they draft exactly
+    as KNN-SSD does when it routes there; extra named policies draft from no store."""
     model, layers = runtime.loaded.model, runtime.loaded.num_layers
-    manifest = runtime.bundle.manifest
     domains = list(runtime.bundle.domains)
-    drafters = {d: drafter_from_policy(runtime.bundle.policies[d], layers) for d in domains}
+    drafters = {d: runtime.drafters[d] for d in domains}
     fix = domains if config.fix_domains is None else list(config.fix_domains)
     unknown = [d for d in fix if d not in domains]
     if unknown:
@@ -87,9 +105,9 @@ def build_methods(runtime: Any, config: "EvalConfig") -> dict[str, Runner]:
     n = config.max_new_tokens
     methods: dict[str, Runner] = {"plain": _ours(model, None, n)}
     methods.update({f"fix-{d}": _ours(model, drafters[d], n) for d in fix})
-    mix = manifest.get("reference_policies", {}).get("mix")
-    if mix is not None:
-        methods["mix"] = _ours(model, drafter_from_policy(mix["policy"], layers), n)
+    has_mix, mix = mix_drafter(runtime)
+    if has_mix:
+        methods["mix"] = _ours(model, mix, n)
     methods["knn"] = _routed(runtime, n)
     methods["oracle"] = _oracle(model, drafters, n)
     methods.update({name: _ours(model, drafter_from_policy(policy, layers), n) for name, policy in config.policies})

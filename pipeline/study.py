@@ -4,13 +4,16 @@ On held-out prompts of every domain, one run measures, interleaved prompt by pro
 method back to back, in an order rotated from prompt to prompt, so machine drift hits all methods alike):
 
     plain            the decoding loop with no drafter: the denominator of every speedup
-    fix-<domain>     Self-SD(Fix): that domain's calibrated policy for every prompt
+    fix-<domain>     Self-SD(Fix): that domain's calibrated policy for every prompt (drafting from that
+                     domain's store where the policy uses one)
     mix              Self-SD(Mix): one policy searched by the same pipeline on all domains' prompts together
-                     (the bundle's reference policy "mix"; absent if calibration ran with --no-mix)
+                     (the bundle's reference policy "mix", drafting from the union of every domain's store;
+                     absent if calibration ran with --no-mix)
     knn              KNN-SSD: the bundle routes each prompt from its own prefill embedding (routing time counted)
     oracle           each prompt gets its true domain's policy
     <name>           any extra policy given by name (`EvalConfig.policies`), for every prompt: e.g. each
-                     drafter kind alone
+                     drafter kind alone, or the single-path prompt lookup a token-tree bundle should beat
+                     (the report gives KNN-SSD's verdict against each)
     hf-plain         transformers' own greedy `generate` (the peers' own baseline)
     hf-prompt-lookup transformers' assisted generation with prompt lookup (`prompt_lookup_num_tokens`)
     hf-early-exit    transformers' assisted generation with its early-exit assistant (`assistant_early_exit`)
@@ -24,6 +27,8 @@ Figures per stream, method and domain (and "overall", pooled over every prompt o
     speedup       = sum of plain seconds / sum of the method's seconds, over the same prompts
     mean_accepted = (accepted + verify steps) / verify steps, pooled (our methods only)
     acceptance    = accepted / drafted, pooled (our methods only)
+    mean_verify_width = (drafted + verify steps) / verify steps, pooled: the tokens a verify pass ran on, a
+                    token tree's nodes plus the last committed token (1.0 for plain; our methods only)
     identical     = fraction of prompts whose tokens equal plain decoding's
     routing_accuracy (knn) = fraction routed to the prompt's true domain (a fallback counts as a miss)
 """
@@ -69,7 +74,7 @@ def run_stream(stream: str, prompts: list[tuple[str, str]], encode: Callable[[st
             rows.append(PromptRun(stream=stream, order=i, domain=domain, method=name, seconds=out.seconds,
                                   plain_seconds=plain.seconds, new_tokens=len(out.tokens), accepted=out.accepted,
                                   drafted=out.drafted, steps=out.steps, identical=out.tokens == plain.tokens,
-                                  routed_to=out.routed_to))
+                                  routed_to=out.routed_to, tree_steps=out.tree_steps))
         knn = outcomes.get("knn")
         log(f"[{stream} {i + 1}/{len(ordered)}] {domain}: " + ", ".join(
             f"{name} {plain.seconds / outcomes[name].seconds:.2f}x" for name in names if name != "plain")
