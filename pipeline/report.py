@@ -22,10 +22,9 @@ from typing import Any
 
 from knnssd.reports import bar_chart, write_csv
 from knnssd.stats import Tally
-from pipeline.bootstrap import MIN_VERDICT_PROMPTS, TOO_FEW, difference_interval, speedup_interval, verdict
-from pipeline.evalconfig import BUILT_IN_METHODS, PEERS
+from pipeline.bootstrap import speedup_interval
+from pipeline.comparisons import OVERALL, judgements
 
-OVERALL = "overall"
 # Spec-Bench's leaderboard columns: its 8 MT-bench categories pooled (or merged into "chat"), then the five tasks.
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 LEADERBOARD = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
@@ -75,58 +74,17 @@ def summarise(rows: list[PromptRun]) -> list[dict[str, Any]]:
     return table
 
 
-def paired(rows: list[PromptRun], stream: str, domain: str) -> tuple[list[float], dict[str, list[float]]]:
-    """Plain seconds and each method's seconds on the same prompts of (stream, domain; OVERALL: all), in
-    prompt order; a method missing any of those prompts is left out."""
-    chosen = [r for r in rows if r.stream == stream and domain in (OVERALL, r.domain)]
-    orders = sorted({r.order for r in chosen})
-    by = {(r.method, r.order): r for r in chosen}
-    plain = {r.order: r.plain_seconds for r in chosen}
-    methods = dict.fromkeys(r.method for r in chosen)
-    return ([plain[o] for o in orders],
-            {m: [by[(m, o)].seconds for o in orders] for m in methods if all((m, o) in by for o in orders)})
-
-
-def other_methods(methods: list[str]) -> list[str]:
-    """Methods KNN-SSD is judged against besides Fix and Mix: extra named policies (e.g. single-path prompt
-    lookup) and transformers' assisted generation."""
-    return [m for m in methods if m in PEERS or (m not in BUILT_IN_METHODS and not m.startswith("fix-"))]
-
-
 def verdicts(rows: list[PromptRun]) -> list[str]:
-    """Plain statements per stream and domain (overall last): does KNN-SSD beat Self-SD(Fix) (the mean of the
-    fixed policies, and how many of them it beats), Self-SD(Mix), and each of `other_methods` (e.g. a
-    single-path prompt lookup given by --policy)? "beats" / "loses to" only where the 95%
-    paired-bootstrap interval of the speedup difference excludes zero; otherwise "no significant difference
-    from", with the interval; on fewer than MIN_VERDICT_PROMPTS prompts no verdict ("too few prompts").
-    Figures included, whatever the answer."""
+    """Plain statements per stream and domain (overall last), one per `pipeline.comparisons.comparisons`: "beats" / "loses to" only
+    where the 95% paired-bootstrap interval of the speedup difference excludes zero; otherwise "no significant
+    difference from", with the interval; on fewer than MIN_VERDICT_PROMPTS prompts no verdict ("too few
+    prompts"). Figures included, whatever the answer."""
     lines = []
     for stream in dict.fromkeys(r.stream for r in rows):
-        domains = list(dict.fromkeys(r.domain for r in rows if r.stream == stream))
-        for domain in domains + [OVERALL]:
-            plain, seconds = paired(rows, stream, domain)
-            if "knn" not in seconds:
-                continue
-            knn = seconds["knn"]
-            fixes = sorted(m for m in seconds if m.startswith("fix-"))
-            parts = []
-            count = len(plain)
-            if fixes:
-                difference = difference_interval(plain, knn, [seconds[f] for f in fixes])
-                on_average = verdict(difference, count)
-                each = [verdict(difference_interval(plain, knn, [seconds[f]]), count) for f in fixes]
-                tally = (f"; verdicts need {MIN_VERDICT_PROMPTS} prompts" if on_average == TOO_FEW else
-                         f"; significantly above {each.count('beats')}, below {each.count('loses to')} of "
-                         f"{len(fixes)} fixed policies")
-                parts.append(f"{on_average} Self-SD(Fix) on average (speedup difference "
-                             f"{difference.describe(signed=True)}{tally})")
-            for name, label in [("mix", "Self-SD(Mix)")] + [(m, f'"{m}"') for m in other_methods(list(seconds))]:
-                if name in seconds:
-                    difference = difference_interval(plain, knn, [seconds[name]])
-                    parts.append(f"{verdict(difference, count)} {label} (speedup difference "
-                                 f"{difference.describe(signed=True)})")
-            knn_speedup = speedup_interval(plain, knn)
-            lines.append(f"{stream} stream, {domain} ({count} prompts): KNN-SSD {knn_speedup.describe()} "
+        for domain, count, knn, found in judgements(rows, stream):
+            parts = [f"{c.verdict} {c.label} (speedup difference {c.difference.describe(signed=True)}"
+                     + (f"; {c.note})" if c.note else ")") for c in found]
+            lines.append(f"{stream} stream, {domain} ({count} prompts): KNN-SSD {knn.describe()} "
                          + ("; ".join(parts) if parts else "(no Fix or Mix to compare)"))
     return lines
 
@@ -253,15 +211,18 @@ def metric_key(row: dict[str, Any], figure: str) -> str:
 
 
 def write_outputs(rows: list[PromptRun], table: list[dict[str, Any]], folder: Any, title: str) -> list[str]:
-    """per_prompt.csv, summary.csv, summary.json, speedup.png and report.txt in `folder`; returns the report."""
+    """per_prompt.csv, summary.csv, summary.json, speedup.png, report.txt and tables.md (`pipeline.markdown`)
+    in `folder`; returns the report."""
+    from pipeline.markdown import markdown_tables
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_csv([asdict(r) for r in rows], folder / "per_prompt.csv")
     write_csv(table, folder / "summary.csv")
     (folder / "summary.json").write_text(json.dumps(table, indent=2))
     plot(table, folder / "speedup.png", title)
-    report = []
-    for stream in dict.fromkeys(r["stream"] for r in table):
+    report, streams = [], list(dict.fromkeys(r["stream"] for r in table))
+    for stream in streams:
         report += [f"speedup over plain decoding, {stream} stream:", format_table(table, stream), "",
                    f"mean accepted tokens per verify step / mean verify width, {stream} stream:",
                    format_acceptance(table, stream), ""]
@@ -277,4 +238,5 @@ def write_outputs(rows: list[PromptRun], table: list[dict[str, Any]], folder: An
     if peers:
         report.append(f"transformers' peers differ from plain greedy decoding on: {peers}")
     (folder / "report.txt").write_text("\n".join(report) + "\n")
+    (folder / "tables.md").write_text(markdown_tables(table, {s: judgements(rows, s) for s in streams}))
     return report

@@ -224,3 +224,22 @@ def test_per_prompt_tables_from_before_token_trees_still_rerender(tmp_path):
                          if f != "tree_steps"})
     (row,) = read_rows(path)
     assert row.tree_steps == 0 and row.drafted == 4
+
+
+def test_markdown_tables_hold_the_summary_and_the_verdicts(tmp_path):
+    """tables.md: the speedup and acceptance tables of the summary, and one verdict column per baseline."""
+    from pipeline.report import write_outputs
+
+    rows = []
+    for i in range(12):
+        rows += [run("plain", "a", 2.0, 2.0, order=i, steps=8), run("knn", "a", 1.0, 2.0, order=i, accepted=8,
+                                                                     drafted=16, steps=4),
+                 run("fix-a", "a", 1.5, 2.0, order=i, accepted=2, drafted=4, steps=6),
+                 run("lookup", "a", 1.5, 2.0, order=i, accepted=2, drafted=4, steps=6)]
+    write_outputs(rows, summarise(rows), tmp_path, "t")
+    text = (tmp_path / "tables.md").read_text()
+    assert "| **knn** | **2.00 [2.00, 2.00]** | **2.00 [2.00, 2.00]** |" in text
+    assert "| knn | 3.00 / 5.00 | 3.00 / 5.00 | 0% |" in text and "| plain | 1.00 / 1.00 |" in text
+    assert '| domain (prompts) | KNN-SSD | vs Self-SD(Fix) on average | vs "lookup" |' in text
+    assert ('| overall (12) | 2.00 [2.00, 2.00] | beats, +0.667 [+0.667, +0.667] (significantly above 1, below 0 of '
+            '1 fixed policies) | beats, +0.667 [+0.667, +0.667] |') in text

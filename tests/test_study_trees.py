@@ -143,3 +143,6 @@ def test_report_shows_the_acceptance_table_and_the_verdicts_against_lookup_and_m
     for judged in ("Self-SD(Fix)", "Self-SD(Mix)", '"lookup"', '"hf-prompt-lookup"'):
         assert f"too few prompts to compare with {judged}" in overall  # 4 prompts: intervals, no verdicts
     assert "lossless: every method of ours token-identical" in report
+    tables = (out / "tables.md").read_text()
+    assert f"| fix-low | {fix_low[1].replace('/', ' / ')} |" in tables
+    assert '| vs Self-SD(Mix) | vs "lookup" | vs "hf-prompt-lookup" |' in tables
