@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookup-tokens", type=int, default=EvalConfig.lookup_tokens, help="peers' prompt_lookup_num_tokens.")
     p.add_argument("--early-exit-layer", type=int, default=None, help="peers' assistant_early_exit (default L/2).")
     p.add_argument("--policy", action="append", default=[], metavar="NAME=JSON",
-                   help="also run this draft policy for every prompt, as method NAME (repeatable), e.g. "
-                        "--policy lookup='{\"kind\": \"prompt_lookup\"}'.")
+                   help="also run this draft policy for every prompt, as method NAME (repeatable; the report "
+                        "gives KNN-SSD's verdict against it), e.g. --policy lookup='{\"kind\": \"prompt_lookup\"}'.")
     p.add_argument("--seed", type=int, default=EvalConfig.seed, help="seed of the mixed stream's shuffle.")
     p.add_argument("--ood-domains", default=None,
                    help="domains of the data the bundle was NOT calibrated on: their prompts run as a third, "
