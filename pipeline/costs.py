@@ -122,7 +122,7 @@ class StepCosts:
         context = len(trace.prompt)
         seconds = self.prefill_seconds(context)
         for step in replayed.steps:
-            seconds += self.verify_seconds(step.drafted + 1, context)
+            seconds += self.verify_seconds(step.width, context)  # a tree pass priced as a path of its width
             if skip_set is not None and step.forwards:  # forward i of the step sees context + i cached tokens
                 seconds += step.forwards * self.draft_seconds(skip_set, context + (step.forwards - 1) / 2)
             context += step.accepted + 1

@@ -12,6 +12,9 @@ changes) hits both sides of each ratio alike:
 The first plain run of each prompt is kept as its trace (`pipeline.replay.Trace`), so whoever also predicts
 these policies' speedups on the same prompts (`pipeline.scoring`) needs no plain decoding of its own.
 
+A suffix-tree policy that drafts from a store gets, per prompt, the store without that prompt's own output
+(`pipeline.drafting`): `stores` names each such policy's store and `texts` the prompts.
+
 Greedy fp32 on CPU matches plain decoding except at a numerical near-tie, which a k-token verify can round
 differently from a 1-token step (0 flips in 35,310 verified rows on SmolLM2, benchmarks/near_ties.py: rare, not
 excluded); bf16 on CUDA rounds far coarser. A mismatch is recorded here rather than ending a calibration.
@@ -27,9 +30,10 @@ import torch
 from transformers import PreTrainedModel
 
 from knnssd.decoding import GenerationConfig, generate, warm_up
-from knnssd.policy import drafter_from_policy
 from knnssd.stats import Tally
+from pipeline.drafting import PolicyDrafters
 from pipeline.replay import Trace, trace_of
+from pipeline.stores import DomainStore
 
 
 @dataclass(frozen=True)
@@ -66,27 +70,34 @@ class Measured:
 
 def measure_policies(model: PreTrainedModel, policies: dict[str, dict[str, Any]], prompt_ids: list[torch.Tensor],
                      max_new_tokens: int, num_layers: int, seed: int = 0,
-                     progress: Callable[[int, int], None] | None = None) -> Measured:
-    """Time every policy (name -> policy JSON) on every prompt (1, T), interleaved with plain decoding."""
+                     progress: Callable[[int, int], None] | None = None,
+                     stores: dict[str, DomainStore | None] | None = None, texts: list[str] | None = None,
+                     drafters: PolicyDrafters | None = None) -> Measured:
+    """Time every policy (name -> policy JSON) on every prompt (1, T), interleaved with plain decoding.
+    `stores`: policy name -> the store it drafts from (if it does); `texts`: the prompts' texts."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
-    drafters = {name: drafter_from_policy(policy, num_layers) for name, policy in policies.items()}
+    stores, texts = stores or {}, texts or [None] * len(prompt_ids)
+    make = drafters or PolicyDrafters(num_layers)
+    per_prompt = [{name: make.drafter(policy, stores.get(name), text) for name, policy in policies.items()}
+                  for text in texts]  # every drafter made (and refused) before any timing
+    names = list(policies)
     rng = random.Random(seed)
     warm_up(model, prompt_ids[0])
-    for drafter in drafters.values():
+    for drafter in per_prompt[0].values():
         if drafter is not None:
             warm_up(model, prompt_ids[0], drafter)
     plain_runs: list[float] = []
-    runs: dict[str, list[float]] = {name: [] for name in drafters}
-    tallies = {name: Tally() for name in drafters}
-    mismatches = {name: 0 for name in drafters}
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    tallies = {name: Tally() for name in names}
+    mismatches = {name: 0 for name in names}
     traces = []
     for index, ids in enumerate(prompt_ids):
         first = generate(model, ids, config)
         traces.append(trace_of(ids, first, max_new_tokens))
-        order = list(drafters)
+        order = list(names)
         rng.shuffle(order)
         for name in order:
-            result = generate(model, ids, config, drafters[name])
+            result = generate(model, ids, config, per_prompt[index][name])
             runs[name].append(result.stats.total_seconds)
             tallies[name] += Tally.of(result.stats)
             mismatches[name] += result.token_ids != first.token_ids
@@ -95,12 +106,12 @@ def measure_policies(model: PreTrainedModel, policies: dict[str, dict[str, Any]]
         if progress is not None:
             progress(index + 1, len(prompt_ids))
     plain_total = sum(plain_runs)
-    seconds = {name: sum(runs[name]) for name in drafters}
+    seconds = {name: sum(runs[name]) for name in names}
     timed = {name: WallClock(speedup=plain_total / seconds[name],
                              mean_accepted_tokens=tallies[name].mean_accepted_tokens,
                              acceptance_rate=tallies[name].acceptance_rate, plain_seconds=plain_total,
                              seconds=seconds[name], mismatch_rate=mismatches[name] / len(prompt_ids),
                              prompts=len(prompt_ids), threads=torch.get_num_threads())
-             for name in drafters}
+             for name in names}
     return Measured(policies=timed, traces=tuple(traces), plain_seconds=tuple(plain_runs),
                     seconds={name: tuple(values) for name, values in runs.items()})

@@ -7,6 +7,9 @@ whichever worker traced the prompts: nothing in the price is measured during the
 prefill too is priced from the table). A node's workers share one table; a worker on another node prices with
 its own, so scores from different nodes are comparable only as far as their tables agree
 (`pipeline.confirm.top_candidates` therefore dedupes by policy as well as by score).
+
+A suffix-tree policy that drafts from its domain's store replays each prompt drafting from the store without that
+prompt's own output (`pipeline.drafting`), so a workload knows its prompts' texts.
 """
 
 from __future__ import annotations
@@ -17,19 +20,26 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from knnssd.policy import drafter_from_policy, layer_skip_parts
+from knnssd.policy import layer_skip_parts
 from knnssd.skipset import SkipSet
 from knnssd.stats import Tally
 from pipeline.costs import StepCosts
+from pipeline.drafting import PolicyDrafters
 from pipeline.replay import Trace, full_cache, predict, replay, trace_prompt
+from pipeline.stores import DomainStore
 
 
 @dataclass(frozen=True)
 class Workload:
-    """The prompts a search scores on: each one's plain greedy trace and the full model's cache over it."""
+    """The prompts a search scores on: each one's plain greedy trace and the full model's cache over it, and its
+    text (None: unknown; a store-drafting policy then drafts from the whole store)."""
 
     traces: tuple[Trace, ...]
     caches: tuple[DynamicCache, ...]
+    texts: tuple[str | None, ...] = ()
+
+    def text(self, index: int) -> str | None:
+        return self.texts[index] if index < len(self.texts) else None
 
 
 @dataclass(frozen=True)
@@ -48,14 +58,17 @@ class Score:
                 "predicted_seconds": self.seconds}
 
 
-def build_workload(model: PreTrainedModel, prompt_ids: list[torch.Tensor], max_new_tokens: int) -> Workload:
-    """Plain decoding of each prompt (1, T), and its cache for layer-skip replays."""
-    return workload_of(model, [trace_prompt(model, ids, max_new_tokens) for ids in prompt_ids])
+def build_workload(model: PreTrainedModel, prompt_ids: list[torch.Tensor], max_new_tokens: int,
+                   texts: Sequence[str] = ()) -> Workload:
+    """Plain decoding of each prompt (1, T) of text texts[i], and its cache for layer-skip replays."""
+    return workload_of(model, [trace_prompt(model, ids, max_new_tokens) for ids in prompt_ids], texts)
 
 
-def workload_of(model: PreTrainedModel, traces: Sequence[Trace]) -> Workload:
-    """The workload of prompts already decoded plainly: each trace's cache for layer-skip replays."""
-    return Workload(traces=tuple(traces), caches=tuple(full_cache(model, trace) for trace in traces))
+def workload_of(model: PreTrainedModel, traces: Sequence[Trace], texts: Sequence[str] = ()) -> Workload:
+    """The workload of prompts (of texts `texts`) already decoded plainly: each trace's cache for layer-skip
+    replays."""
+    return Workload(traces=tuple(traces), caches=tuple(full_cache(model, trace) for trace in traces),
+                    texts=tuple(texts))
 
 
 def policy_skip_set(policy: dict[str, Any]) -> SkipSet | None:
@@ -69,13 +82,16 @@ def policy_skip_set(policy: dict[str, Any]) -> SkipSet | None:
 
 
 def score_policy(model: PreTrainedModel, policy: dict[str, Any], num_layers: int, workload: Workload,
-                 costs: StepCosts) -> Score:
-    """Replay `policy` on every prompt of `workload` and price it."""
-    drafter = drafter_from_policy(policy, num_layers)
+                 costs: StepCosts, store: DomainStore | None = None,
+                 drafters: PolicyDrafters | None = None) -> Score:
+    """Replay `policy` on every prompt of `workload` and price it. `store`: the policy's domain store, for a
+    suffix tree that drafts from it; `drafters`: the worker's (keeps indexed stores across trials)."""
+    drafters = drafters or PolicyDrafters(num_layers)
     skip_set = policy_skip_set(policy)
     plain = seconds = 0.0
     tally = Tally()
-    for trace, cache in zip(workload.traces, workload.caches):
+    for index, (trace, cache) in enumerate(zip(workload.traces, workload.caches)):
+        drafter = drafters.drafter(policy, store, workload.text(index))
         plain += costs.plain_seconds(trace)
         if drafter is None:
             seconds += costs.plain_seconds(trace)

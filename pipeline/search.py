@@ -12,6 +12,9 @@ in storage (a journal file by default, or an RDB URL), so a search that is kille
 finished trials are kept, and only the rest are run. Several workers may run one study at once (`workers`): the
 driver prepares it first (seeds, interrupted trials), each worker stops once the study holds `trials` completed
 trials (Optuna's `MaxTrialsCallback`), and TPE runs with `constant_liar` so workers do not sample alike.
+
+A domain with a store (`pipeline.stores.DomainStore`) searches whether its suffix-tree policies draft from it;
+the study's name then includes the store's fingerprint, so a run with another store (or none) never resumes it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from optuna.study import MaxTrialsCallback
 
 from knnssd.policy import describe_policy
 from pipeline.costs import StepCosts
+from pipeline.drafting import PolicyDrafters
 from pipeline.scoring import Workload, score_policy
+from pipeline.stores import DomainStore
 from pipeline.space import SearchConfig, kind_quota, policy_skip_ratio, seed_trials, suggest_policy
 
 ATTEMPTS_PER_TRIAL = 5  # a worker gives up after this many attempts per completed trial (skip-ratio prunes)
@@ -48,10 +53,19 @@ def prompts_fingerprint(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:8]
 
 
-def study_name(model_hash: str, domain: str, config: SearchConfig, prompts: list[str]) -> str:
-    """A study's identity: model, domain, measurement settings and the prompts it calibrates on, so a run on
-    other data (the same domain names, the same work dir) never resumes a study measured on other prompts."""
-    return f"knnssd-{model_hash[:12]}-{domain}-{config.fingerprint()}-{prompts_fingerprint(prompts)}"
+def store_fingerprint(store: DomainStore) -> str:
+    """8 hex digits of sha256 over a store's prompts and outputs."""
+    return hashlib.sha256(json.dumps([store.prompts, store.outputs]).encode()).hexdigest()[:8]
+
+
+def study_name(model_hash: str, domain: str, config: SearchConfig, prompts: list[str],
+               store: DomainStore | None = None) -> str:
+    """A study's identity: model, domain, measurement settings, the prompts it calibrates on and the store its
+    suffix trees may draft from, so a run on other data (the same domain names, the same work dir) never resumes
+    a study measured on other prompts or another store (whose trials would score differently, and whose
+    parameters differ: use_store exists only with a store)."""
+    name = f"knnssd-{model_hash[:12]}-{domain}-{config.fingerprint()}-{prompts_fingerprint(prompts)}"
+    return name + (f"-store{store_fingerprint(store)}" if store is not None else "")
 
 
 def open_study(storage: str, name: str, config: SearchConfig) -> optuna.Study:
@@ -85,12 +99,13 @@ def completed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def prepare_study(storage: str, name: str, num_layers: int, config: SearchConfig) -> tuple[int, int]:
+def prepare_study(storage: str, name: str, num_layers: int, config: SearchConfig,
+                  has_store: bool = False) -> tuple[int, int]:
     """Before any worker runs: mark interrupted trials failed and enqueue the seeds of a new study.
     Returns (completed trials, interrupted trials)."""
     study = open_study(storage, name, config)
     stale = fail_stale_trials(study)
-    enqueue_seeds(study, num_layers, config)
+    enqueue_seeds(study, num_layers, config, has_store)
     return len(completed_trials(study)), stale
 
 
@@ -110,24 +125,30 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
     return ran
 
 
-def enqueue_seeds(study: optuna.Study, num_layers: int, config: SearchConfig) -> None:
+def enqueue_seeds(study: optuna.Study, num_layers: int, config: SearchConfig, has_store: bool = False) -> None:
     """The seeds, then the kind quota, as the first trials of a new study (a resumed one has them already)."""
     if study.get_trials(deepcopy=False):
         return
-    for params in (seed_trials(num_layers, config) + kind_quota(num_layers, config))[: max(0, config.trials - 1)]:
+    first = seed_trials(num_layers, config, has_store) + kind_quota(num_layers, config, has_store)
+    for params in first[: max(0, config.trials - 1)]:
         study.enqueue_trial(params)
 
 
 def make_objective(model: Any, num_layers: int, workload: Workload, costs: StepCosts, config: SearchConfig,
-                   progress: Callable[[str], None]) -> Callable[[optuna.Trial], float]:
+                   progress: Callable[[str], None],
+                   store: DomainStore | None = None) -> Callable[[optuna.Trial], float]:
+    """The trial objective on `workload`; `store`: the domain's store (suffix trees may then draft from it, each
+    prompt from the store without its own output: the workload carries the prompts' texts)."""
+    drafters = PolicyDrafters(num_layers)  # the worker's indexed stores, reused across trials
+
     def objective(trial: optuna.Trial) -> float:
-        policy = suggest_policy(trial, num_layers, config)
+        policy = suggest_policy(trial, num_layers, config, has_store=store is not None)
         ratio = policy_skip_ratio(policy, num_layers)
         trial.set_user_attr("policy", policy)
         trial.set_user_attr("skip_ratio", ratio or 0.0)
         if ratio is not None and not config.min_skip_ratio <= ratio <= config.max_skip_ratio:
             raise optuna.TrialPruned()
-        score = score_policy(model, policy, num_layers, workload, costs)
+        score = score_policy(model, policy, num_layers, workload, costs, store, drafters)
         for key, value in score.to_dict().items():
             trial.set_user_attr(key, value)
         if trial.number % 10 == 0 or score.predicted_speedup > best_so_far(trial.study):

@@ -5,7 +5,9 @@ parameters, which TPE handles):
   layer_skip     the 2L binary choices "skip attention / MLP of layer i", the confidence threshold, and the
                  maximum draft length;
   prompt_lookup  the largest and smallest n-gram sizes, and the maximum draft length;
-  hybrid         both sets above (lookup where the text matches, layer skipping elsewhere).
+  hybrid         both sets above (lookup where the text matches, layer skipping elsewhere);
+  suffix_tree    the n-gram sizes, the occurrences merged, the tree's node budget and depth, the least path
+                 probability kept and, only where the domain has a store (`has_store`), whether to draft from it.
 The first trials of a new study are seeds (`seed_trials`), then trials with only the kind fixed
 (`kind_quota`). Trials whose skip ratio falls outside [min_skip_ratio, max_skip_ratio] are pruned before any
 work (`pipeline.search`).
@@ -21,19 +23,23 @@ from typing import Any
 
 import optuna
 
-from knnssd.drafters import LayerSkipConfig, PromptLookupConfig
+from knnssd.drafters import LayerSkipConfig, PromptLookupConfig, SuffixTreeConfig
 from knnssd.errors import KnnSsdError
 from knnssd.skipset import SkipSet
 
 # Bumped whenever the objective's measurement or search space changes, so a resumed study never mixes
 # incomparable trials.
-MEASUREMENT_VERSION = 6  # 6: prefill priced from the table, draft forwards at their context
-SEARCHABLE_KINDS = ("layer_skip", "prompt_lookup", "hybrid")
+MEASUREMENT_VERSION = 7  # 7: suffix-tree policies and stores; 6: prefill priced from the table, draft forwards at their context
+SEARCHABLE_KINDS = ("layer_skip", "prompt_lookup", "hybrid", "suffix_tree")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 LAYER_SKIP_DRAFT_RANGE = (2, 12)  # max_draft_tokens searched for layer skipping
 LOOKUP_DRAFT_RANGE = (2, 15)  # max_draft_tokens searched for prompt lookup (widths up to 16: the fast kernels)
 NGRAM_RANGE = (1, 4)  # max_ngram
 MIN_NGRAM_RANGE = (1, 2)  # min_ngram (at most max_ngram)
+TREE_NODES_RANGE = (4, 15)  # suffix_tree max_tree_nodes: verify widths up to 16, what the step-cost table times
+TREE_DEPTH_RANGE = (2, 10)  # suffix_tree max_depth
+PATH_PROBS = (0.02, 0.05, 0.1, 0.2, 0.3)  # suffix_tree min_path_prob
+OCCURRENCES = (4, 8, 16, 32)  # suffix_tree max_occurrences
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class SearchConfig:
     kinds: tuple[str, ...] = SEARCHABLE_KINDS
     seed_layer_skip: LayerSkipConfig = LayerSkipConfig()
     seed_lookup: PromptLookupConfig = PromptLookupConfig()
+    seed_tree: SuffixTreeConfig = SuffixTreeConfig()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))
@@ -92,10 +99,19 @@ class SearchConfig:
                 ("layer-skip max_draft_tokens", self.seed_layer_skip.max_draft_tokens, LAYER_SKIP_DRAFT_RANGE),
                 ("prompt-lookup max_draft_tokens", self.seed_lookup.max_draft_tokens, LOOKUP_DRAFT_RANGE),
                 ("prompt-lookup max_ngram", self.seed_lookup.max_ngram, NGRAM_RANGE),
-                ("prompt-lookup min_ngram", self.seed_lookup.min_ngram, MIN_NGRAM_RANGE)):
+                ("prompt-lookup min_ngram", self.seed_lookup.min_ngram, MIN_NGRAM_RANGE),
+                ("suffix-tree max_ngram", self.seed_tree.max_ngram, NGRAM_RANGE),
+                ("suffix-tree min_ngram", self.seed_tree.min_ngram, MIN_NGRAM_RANGE),
+                ("suffix-tree max_tree_nodes", self.seed_tree.max_tree_nodes, TREE_NODES_RANGE),
+                ("suffix-tree max_depth", self.seed_tree.max_depth, TREE_DEPTH_RANGE)):
             if not low <= value <= high:
                 raise KnnSsdError(f"the seed {name} {value} is outside the searched range {low}..{high}",
                                   fix=f"choose a value in {low}..{high}")
+        for name, value, grid in (("suffix-tree min_path_prob", self.seed_tree.min_path_prob, PATH_PROBS),
+                                  ("suffix-tree max_occurrences", self.seed_tree.max_occurrences, OCCURRENCES)):
+            if value not in grid:
+                raise KnnSsdError(f"the seed {name} {value} is not on the search grid",
+                                  fix=f"choose one of {', '.join(map(str, grid))}")
 
     def fingerprint(self) -> str:
         """What makes trials comparable: measurement settings and method (not the budget, the confirmation or
@@ -126,9 +142,22 @@ def skip_params(skip: SkipSet, num_layers: int) -> dict[str, Any]:
     return params
 
 
-def seed_trials(num_layers: int, config: SearchConfig) -> list[dict[str, Any]]:
+def tree_params(tree: SuffixTreeConfig, has_store: bool) -> dict[str, Any]:
+    """A suffix-tree config as trial parameters; use_store only where the study has a store to draft from."""
+    params: dict[str, Any] = {"suffix_tree.max_ngram": tree.max_ngram, "suffix_tree.min_ngram": tree.min_ngram,
+                              "suffix_tree.max_occurrences": tree.max_occurrences,
+                              "suffix_tree.max_depth": tree.max_depth,
+                              "suffix_tree.max_tree_nodes": tree.max_tree_nodes,
+                              "suffix_tree.min_path_prob": tree.min_path_prob}
+    if has_store:
+        params["suffix_tree.use_store"] = True
+    return params
+
+
+def seed_trials(num_layers: int, config: SearchConfig, has_store: bool = False) -> list[dict[str, Any]]:
     """First trials of a new study, one per kind before the rest: prompt lookup with the configured n-gram
-    size and draft length, then the layer-skip seed sets, then a hybrid of the two, as far as `kinds` allow."""
+    size and draft length, then the layer-skip seed sets, then a hybrid of the two, then the seed suffix tree
+    (drafting from the store where the study has one), as far as `kinds` allow."""
     lookup = {"prompt_lookup.max_ngram": config.seed_lookup.max_ngram,
               "prompt_lookup.min_ngram": config.seed_lookup.min_ngram,
               "prompt_lookup.max_draft_tokens": config.seed_lookup.max_draft_tokens}
@@ -142,15 +171,17 @@ def seed_trials(num_layers: int, config: SearchConfig) -> list[dict[str, Any]]:
         seeds.extend({"kind": "layer_skip", **layer, **skip_params(skip, num_layers)} for skip in skips)
     if "hybrid" in config.kinds and skips:
         seeds.append({"kind": "hybrid", **lookup, **layer, **skip_params(skips[0], num_layers)})
+    if "suffix_tree" in config.kinds:
+        seeds.append({"kind": "suffix_tree", **tree_params(config.seed_tree, has_store)})
     return seeds
 
 
-def kind_quota(num_layers: int, config: SearchConfig) -> list[dict[str, Any]]:
+def kind_quota(num_layers: int, config: SearchConfig, has_store: bool = False) -> list[dict[str, Any]]:
     """After the seeds, trials with only their kind fixed (the sampler picks the rest), round-robin over the
     kinds, until each kind has `kind_share` of the budget: TPE otherwise learns early that one kind scores best
     and spends nearly every trial on it (88 of 100 on prompt lookup in BENCHMARKS.md section 13), leaving the
     others barely searched."""
-    seeds = seed_trials(num_layers, config)
+    seeds = seed_trials(num_layers, config, has_store)
     wanted = {kind: max(0, math.ceil(config.kind_share * config.trials)
                         - sum(seed["kind"] == kind for seed in seeds)) for kind in config.kinds}
     quota = []
@@ -168,9 +199,26 @@ def suggest_skip_set(trial: optuna.Trial, num_layers: int) -> SkipSet:
     return SkipSet.of(attn=attn, mlp=mlp)
 
 
-def suggest_policy(trial: optuna.Trial, num_layers: int, config: SearchConfig) -> dict[str, Any]:
-    """A draft policy (bundle JSON form) from the trial's parameters."""
+def suggest_tree(trial: optuna.Trial, has_store: bool) -> dict[str, Any]:
+    """A suffix-tree policy's fields. use_store is a parameter only in a study with a store (a study without one
+    never suggests it, so its policies never need one); min_ngram is capped by max_ngram as for lookup."""
+    max_ngram = trial.suggest_int("suffix_tree.max_ngram", *NGRAM_RANGE)
+    return {"max_ngram": max_ngram,
+            "min_ngram": min(max_ngram, trial.suggest_int("suffix_tree.min_ngram", *MIN_NGRAM_RANGE)),
+            "max_occurrences": trial.suggest_categorical("suffix_tree.max_occurrences", list(OCCURRENCES)),
+            "max_depth": trial.suggest_int("suffix_tree.max_depth", *TREE_DEPTH_RANGE),
+            "max_tree_nodes": trial.suggest_int("suffix_tree.max_tree_nodes", *TREE_NODES_RANGE),
+            "min_path_prob": trial.suggest_categorical("suffix_tree.min_path_prob", list(PATH_PROBS)),
+            "use_store": bool(has_store and trial.suggest_categorical("suffix_tree.use_store", [False, True]))}
+
+
+def suggest_policy(trial: optuna.Trial, num_layers: int, config: SearchConfig,
+                   has_store: bool = False) -> dict[str, Any]:
+    """A draft policy (bundle JSON form) from the trial's parameters; `has_store`: the study's domain has a
+    store that suffix-tree policies may draft from."""
     kind = trial.suggest_categorical("kind", list(config.kinds))
+    if kind == "suffix_tree":
+        return {"kind": kind, **suggest_tree(trial, has_store)}
     parts: dict[str, dict[str, Any]] = {}
     if kind in ("prompt_lookup", "hybrid"):
         max_ngram = trial.suggest_int("prompt_lookup.max_ngram", *NGRAM_RANGE)

@@ -9,6 +9,9 @@
 - `confirm_domain`: the study's top candidates re-measured in wall clock on more prompts, in rounds
   until a difference is larger than its spread (`pipeline.confirm`), and the choice.
 - `validate_domain`: every policy on one domain's held-out prompts, wall clock and predicted.
+The search, confirm and validate tasks receive the stores their suffix-tree policies may draft from
+(`pipeline.stores.DomainStore`, by value) and the prompts' texts: a store-drafting policy measured on a
+calibration prompt drafts from the store without that prompt's output (`pipeline.drafting`).
 - `embed_prompts`: the runtime's prompt embedding (final hidden state mean-pooled over the prompt, from the
   prefill) for a chunk of prompts.
 """
@@ -33,11 +36,13 @@ from knnssd.policy import describe_policy
 from knnssd.prompts import encode_prompt
 from knnssd.sampling import SamplingConfig
 from pipeline.costs import StepCosts, step_costs_for, table_key
+from pipeline.drafting import PolicyDrafters
 from pipeline.measure import Measured, measure_policies
 from pipeline.scoring import build_workload, score_policy, workload_of
 from pipeline.confirm import choose_policy, confirm, pooled_figures, top_candidates
 from pipeline.search import completed_trials, make_objective, open_worker_study, run_worker
 from pipeline.space import SearchConfig, policy_skip_ratio
+from pipeline.stores import DomainStore
 
 MAX_RETRIES = 3
 
@@ -76,13 +81,17 @@ def where(loaded: LoadedModel) -> dict[str, Any]:
 
 
 def time_and_predict(loaded: LoadedModel, policies: dict[str, dict[str, Any]], ids: list[torch.Tensor],
-                     max_new_tokens: int, costs: StepCosts, seed: int) -> dict[str, dict[str, float]]:
+                     max_new_tokens: int, costs: StepCosts, seed: int, texts: list[str],
+                     stores: dict[str, DomainStore | None]) -> dict[str, dict[str, float]]:
     """Per policy name: its wall-clock figures against plain decoding (`measure_policies`) and, in
-    "predicted_speedup", its replayed and priced speedup on the same prompts, traced by the same plain runs."""
-    measured = measure_policies(loaded.model, policies, ids, max_new_tokens, loaded.num_layers, seed=seed)
-    workload = workload_of(loaded.model, measured.traces)
+    "predicted_speedup", its replayed and priced speedup on the same prompts (of `texts`), traced by the same
+    plain runs; `stores`: policy name -> the store it drafts from."""
+    drafters = PolicyDrafters(loaded.num_layers)
+    measured = measure_policies(loaded.model, policies, ids, max_new_tokens, loaded.num_layers, seed=seed,
+                                stores=stores, texts=texts, drafters=drafters)
+    workload = workload_of(loaded.model, measured.traces, texts)
     return {name: {**measured.policies[name].to_dict(), "predicted_speedup": score_policy(
-        loaded.model, policy, loaded.num_layers, workload, costs).predicted_speedup}
+        loaded.model, policy, loaded.num_layers, workload, costs, stores.get(name), drafters).predicted_speedup}
         for name, policy in policies.items()}
 
 
@@ -97,8 +106,9 @@ def identify_model(spec: ModelSpec, costs_dir: str) -> dict[str, Any]:
 
 @ray.remote(max_retries=MAX_RETRIES)
 def search_worker(spec: ModelSpec, domain: str, prompts: list[str], config: SearchConfig, storage: str,
-                  study: str, worker: int, costs_dir: str) -> dict[str, Any]:
-    """Run trials of `study` (prepared by the driver) until it holds `config.trials` completed ones."""
+                  study: str, worker: int, costs_dir: str, store: DomainStore | None = None) -> dict[str, Any]:
+    """Run trials of `study` (prepared by the driver) until it holds `config.trials` completed ones; `store`:
+    the domain's store (None: none, and no trial drafts from one)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     loaded = spec.load()
@@ -107,20 +117,21 @@ def search_worker(spec: ModelSpec, domain: str, prompts: list[str], config: Sear
     handle.set_user_attr(f"worker_pid.{worker}", os.getpid())
     ran = 0
     if len(completed_trials(handle)) < config.trials:
-        ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in prompts[: config.prompts_per_trial]]
-        workload = build_workload(loaded.model, ids, config.max_new_tokens)
+        texts = prompts[: config.prompts_per_trial]
+        ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in texts]
+        workload = build_workload(loaded.model, ids, config.max_new_tokens, texts)
         objective = make_objective(loaded.model, loaded.num_layers, workload, costs, config,
-                                   lambda message: _log(domain, message))
+                                   lambda message: _log(domain, message), store)
         ran = run_worker(handle, objective, config)
     return {"domain": domain, "worker": worker, "trials_run": ran, "seconds": time.perf_counter() - started}
 
 
 @ray.remote(max_retries=MAX_RETRIES)
 def confirm_domain(spec: ModelSpec, domain: str, prompts: list[str], config: SearchConfig, storage: str,
-                   study: str, costs_dir: str) -> dict[str, Any]:
+                   study: str, costs_dir: str, store: DomainStore | None = None) -> dict[str, Any]:
     """The study's top candidates timed against plain decoding on up to `config.confirm_prompts` prompts (more
     than a trial scored), in up to `config.confirm_rounds` rounds, each also predicted on them; the choice as
-    `pipeline.confirm` makes it."""
+    `pipeline.confirm` makes it. `store`: the domain's store, as the search had it."""
     started = time.perf_counter()
     loaded = spec.load()
     costs = worker_costs(loaded, costs_dir, domain)
@@ -129,20 +140,24 @@ def confirm_domain(spec: ModelSpec, domain: str, prompts: list[str], config: Sea
     chosen = top_candidates(handle, config.confirm_candidates)
     candidates, decision = [], None
     if chosen:
-        ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in prompts[: config.confirm_prompts]]
+        texts = prompts[: config.confirm_prompts]
+        ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in texts]
         policies = {str(t.number): t.user_attrs["policy"] for t in chosen}  # best predicted first
+        drafters = PolicyDrafters(loaded.num_layers)
 
         def measure_round(index: int) -> Measured:
             _log(domain, f"confirming {len(chosen)} candidates on {len(ids)} prompts in wall clock, round {index + 1}")
             return measure_policies(loaded.model, policies, ids, config.max_new_tokens, loaded.num_layers,
-                                    seed=config.seed + index)
+                                    seed=config.seed + index, stores={name: store for name in policies}, texts=texts,
+                                    drafters=drafters)
 
         decision, rounds = confirm(list(policies), measure_round, config.confirm_rounds, seed=config.seed)
         figures = pooled_figures(rounds)
-        workload = workload_of(loaded.model, rounds[0].traces)
+        workload = workload_of(loaded.model, rounds[0].traces, texts)
         for trial in chosen:
             policy = trial.user_attrs["policy"]
-            predicted = score_policy(loaded.model, policy, loaded.num_layers, workload, costs).predicted_speedup
+            predicted = score_policy(loaded.model, policy, loaded.num_layers, workload, costs, store,
+                                     drafters).predicted_speedup
             confirmed = figures[str(trial.number)]
             candidates.append({"trial": trial.number, "policy": policy, "search_predicted": float(trial.value),
                                "predicted": predicted, "confirmed": confirmed,
@@ -157,14 +172,17 @@ def confirm_domain(spec: ModelSpec, domain: str, prompts: list[str], config: Sea
 
 @ray.remote(max_retries=MAX_RETRIES)
 def validate_domain(spec: ModelSpec, domain: str, prompts: list[str], policies: dict[str, dict[str, Any]],
-                    max_new_tokens: int, costs_dir: str, seed: int = 0) -> dict[str, Any]:
+                    max_new_tokens: int, costs_dir: str, seed: int = 0,
+                    stores: dict[str, DomainStore | None] | None = None) -> dict[str, Any]:
     """Every policy (name -> policy) on the domain's held-out prompts: wall clock against plain decoding, and
-    predicted by replay on the same prompts."""
+    predicted by replay on the same prompts. `stores`: policy name -> the store it drafts from (its domain's;
+    the whole store, as the bundle's runtime drafts: held-out prompts are in no store)."""
     loaded = spec.load()
     costs = worker_costs(loaded, costs_dir, domain)
     ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in prompts]
     return {"domain": domain, "prompts": len(ids),
-            "policies": time_and_predict(loaded, policies, ids, max_new_tokens, costs, seed)}
+            "policies": time_and_predict(loaded, policies, ids, max_new_tokens, costs, seed, list(prompts),
+                                         stores or {})}
 
 
 @ray.remote(max_retries=MAX_RETRIES)
@@ -177,3 +195,4 @@ def embed_prompts(spec: ModelSpec, prompts: list[str]) -> np.ndarray:
         state = prefill(loaded.model, ids, SamplingConfig(), None, lambda: 0.0)
         rows.append(state.embedding.cpu().numpy())
     return np.stack(rows).astype(np.float32)
+

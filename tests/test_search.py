@@ -87,7 +87,56 @@ def test_every_kind_gets_its_share_of_the_first_trials():
     config = SearchConfig(trials=100, kind_share=0.15)
     first = seed_trials(30, config) + kind_quota(30, config)
     counts = {kind: sum(t["kind"] == kind for t in first) for kind in config.kinds}
-    assert counts == {"layer_skip": 15, "prompt_lookup": 15, "hybrid": 15}
+    assert counts == {"layer_skip": 15, "prompt_lookup": 15, "hybrid": 15, "suffix_tree": 15}
     quota = kind_quota(30, config)
     assert [t["kind"] for t in quota[:3]] != ["layer_skip"] * 3  # round-robin, not one kind after another
     assert kind_quota(30, SearchConfig(trials=100, kind_share=0.0)) == []
+
+
+def test_suffix_trees_are_searched_by_default_and_seeded_with_the_drafters_defaults():
+    from knnssd.drafters import SuffixTreeConfig
+    from pipeline.space import SEARCHABLE_KINDS
+
+    assert "suffix_tree" in SearchConfig().kinds == SEARCHABLE_KINDS
+    for has_store in (False, True):
+        tree = next(t for t in seed_trials(30, SearchConfig(), has_store) if t["kind"] == "suffix_tree")
+        defaults = SuffixTreeConfig()
+        assert tree["suffix_tree.max_tree_nodes"] == defaults.max_tree_nodes
+        assert tree["suffix_tree.min_path_prob"] == defaults.min_path_prob
+        assert tree.get("suffix_tree.use_store", False) is has_store  # the seed drafts from the store where one exists
+    with pytest.raises(KnnSsdError, match="not on the search grid"):
+        SearchConfig(seed_tree=SuffixTreeConfig(min_path_prob=0.15))
+    with pytest.raises(KnnSsdError, match="outside the searched range"):
+        SearchConfig(seed_tree=SuffixTreeConfig(max_tree_nodes=16))  # a 17-token pass: beyond the timed widths
+
+
+@pytest.mark.parametrize("has_store", [False, True])
+def test_suffix_tree_trials_draft_from_a_store_only_where_the_domain_has_one(has_store):
+    """Random trials of a suffix-tree-only study: every policy builds, stays within the timed widths, and
+    use_store is suggested (both ways) only with a store; a study without one never suggests it."""
+    import optuna
+
+    from knnssd.policy import suffix_tree_config
+    from pipeline.space import suggest_policy
+
+    config = SearchConfig(kinds=("suffix_tree",))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    policies = []
+    for _ in range(40):
+        trial = study.ask()
+        policies.append(suggest_policy(trial, 30, config, has_store))
+        study.tell(trial, 1.0)
+    trees = [suffix_tree_config(p) for p in policies]
+    assert all(p["kind"] == "suffix_tree" for p in policies)
+    assert all(t.max_tree_nodes + 1 <= 16 and t.min_ngram <= t.max_ngram for t in trees)
+    assert {t.use_store for t in trees} == ({False, True} if has_store else {False})
+    assert any("suffix_tree.use_store" in t.params for t in study.trials) is has_store
+
+
+def test_a_study_with_a_store_is_another_study():
+    from pipeline.stores import DomainStore
+
+    store = DomainStore("coding", ("write a sort",), ((5, 6, 7),))
+    other = DomainStore("coding", ("write a sort",), ((5, 6, 8),))
+    names = {study_name("f" * 64, "coding", SearchConfig(), ["write a sort"], s) for s in (None, store, other)}
+    assert len(names) == 3

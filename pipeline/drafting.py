@@ -1,0 +1,61 @@
+"""The drafter of a policy for one prompt, in calibration: a store-drafting suffix tree never sees the prompt's own
+output.
+
+A suffix-tree policy with `use_store` drafts from its domain's store (`pipeline.stores.DomainStore`), the model's
+greedy outputs of the domain's calibration prompts. Measured on calibration prompt p, it must draft from the store
+without p's output, else it would look up its own future; so every prompt drafts from `store.arrays(exclude=p)`.
+A held-out prompt is in no store, so it drafts from the whole store, as the bundle's runtime does.
+
+Indexing a store is the costly part of making such a drafter, and a search makes one per trial and prompt, so
+`PolicyDrafters` keeps the indexed stores (`SuffixStore`) of a worker, one per (store, prompt excluded, n-gram
+range, occurrences kept): what the index depends on. Other policies are made as `knnssd.policy` makes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from knnssd.drafters import Drafter, SuffixStore, SuffixTreeDrafter
+from knnssd.errors import KnnSsdError
+from knnssd.policy import drafter_from_policy, suffix_tree_config
+from pipeline.stores import DomainStore
+
+MAX_INDEXED = 512  # indexed stores kept per worker (a search needs prompts x n-gram ranges x occurrence caps)
+
+
+def uses_store(policy: dict[str, Any]) -> bool:
+    """Whether the policy drafts from a store."""
+    return policy.get("kind") == "suffix_tree" and suffix_tree_config(policy).use_store
+
+
+class PolicyDrafters:
+    """Drafters of policies for prompts, with the stores they draft from indexed once per worker.
+
+    Example:
+        >>> drafters = PolicyDrafters(num_layers=30)
+        >>> drafter = drafters.drafter({"kind": "suffix_tree", "use_store": True}, store, prompt_text)
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.indexed: dict[tuple, tuple[DomainStore, SuffixStore]] = {}
+
+    def drafter(self, policy: dict[str, Any], store: DomainStore | None, prompt: str | None = None) -> Drafter | None:
+        """The drafter of `policy` measured on the prompt of text `prompt`; `store`: the policy's domain store
+        (None: the domain has none, and a use_store policy is refused)."""
+        if not uses_store(policy):
+            return drafter_from_policy(policy, self.num_layers)
+        if store is None:
+            raise KnnSsdError(f"the policy {policy} drafts from a store, but its domain has none",
+                              fix='build the domain\'s store first, or set "use_store": false')
+        if prompt is None:
+            raise KnnSsdError("a store-drafting policy is measured on a prompt whose text is unknown, so its own "
+                              "output could not be left out of the store", fix="pass the prompts' texts")
+        config = suffix_tree_config(policy)
+        exclude = prompt if prompt in store.prompts else None
+        key = (id(store), exclude, config.min_ngram, config.max_ngram, config.max_occurrences)
+        if key not in self.indexed:
+            if len(self.indexed) >= MAX_INDEXED:
+                self.indexed.pop(next(iter(self.indexed)))  # the oldest
+            self.indexed[key] = (store, SuffixStore.of(store.arrays(exclude=exclude), config))  # store: keeps id
+        return SuffixTreeDrafter(config, self.indexed[key][1])

@@ -1,0 +1,103 @@
+"""Suffix-tree policies in calibration: a store-drafting trial on prompt p never sees p's own output
+(`pipeline.drafting`), in the priced replay and in wall clock, and a tree pass is priced at its width."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from knnssd.decoding import GenerationConfig, generate
+from knnssd.drafters import SuffixTreeConfig, SuffixTreeDrafter
+from knnssd.errors import KnnSsdError
+from pipeline.drafting import PolicyDrafters
+from pipeline.measure import measure_policies
+from pipeline.replay import Replayed, Step, Trace, replay, trace_prompt
+from pipeline.scoring import build_workload, score_policy
+from pipeline.stores import DomainStore
+from tests.conftest import tiny_model
+from tests.test_replay import costs
+
+POLICY = {"kind": "suffix_tree", "use_store": True, "max_ngram": 2, "min_path_prob": 0.02}
+TEXTS = ("prompt zero", "prompt one", "prompt two")
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny model, three prompts, and the store of its greedy outputs of them (each output's own prompt is
+    in the store: the case where leaving it out matters)."""
+    model = tiny_model("llama")
+    ids = [torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(100 + seed)) for seed in range(3)]
+    outputs = tuple(generate(model, i, GenerationConfig(max_new_tokens=TOKENS)).token_ids for i in ids)
+    return model, ids, DomainStore("d", TEXTS, outputs)
+
+
+def test_a_prompt_drafts_from_the_store_without_its_own_output(setup):
+    model, ids, store = setup
+    drafters = PolicyDrafters(num_layers=4)
+    config = SuffixTreeConfig(max_ngram=2, min_path_prob=0.02, use_store=True)
+    for index, text in enumerate(TEXTS):
+        drafter = drafters.drafter(POLICY, store, text)
+        others = [o for j, o in enumerate(store.outputs) if j != index]
+        assert drafter.store.arrays == 2 and drafter.store.tokens == SuffixTreeDrafter.with_store(others, config).store.tokens
+        trace = trace_prompt(model, ids[index], TOKENS)
+        left_out = replay(drafter, trace)
+        assert left_out == replay(SuffixTreeDrafter.with_store(others, config), trace)
+        own_future = replay(SuffixTreeDrafter.with_store(store.outputs, config), trace)
+        assert own_future.tally.accepted > left_out.tally.accepted  # what the exclusion keeps out
+    held_out = drafters.drafter(POLICY, store, "a held-out prompt")
+    assert held_out.store.arrays == 3  # a prompt in no store drafts from all of it
+    assert drafters.drafter(POLICY, store, TEXTS[0]).store is drafters.drafter(POLICY, store, TEXTS[0]).store  # indexed once
+
+
+def test_store_policies_need_a_store_and_the_prompts_text(setup):
+    _, _, store = setup
+    drafters = PolicyDrafters(num_layers=4)
+    with pytest.raises(KnnSsdError, match="its domain has none"):
+        drafters.drafter(POLICY, None, TEXTS[0])
+    with pytest.raises(KnnSsdError, match="text is unknown"):
+        drafters.drafter(POLICY, store, None)
+    assert drafters.drafter({**POLICY, "use_store": False}, None).store is None
+
+
+def test_a_trial_score_leaves_each_prompts_own_output_out(setup):
+    """The priced replay of a store-drafting policy on calibration prompts equals pricing each prompt with the
+    store of the others, and scores below what reading its own future would."""
+    model, ids, store = setup
+    workload = build_workload(model, ids, TOKENS, TEXTS)
+    table = costs(verify=(0.05, 0.051, 0.052), draft=0.0)
+    scored = score_policy(model, POLICY, 4, workload, table, store)
+    config = SuffixTreeConfig(max_ngram=2, min_path_prob=0.02, use_store=True)
+    expected = plain = 0.0
+    for index, trace in enumerate(workload.traces):
+        others = [o for j, o in enumerate(store.outputs) if j != index]
+        expected += table.generation_seconds(trace, replay(SuffixTreeDrafter.with_store(others, config), trace), None)
+        plain += table.plain_seconds(trace)
+    assert scored.predicted_speedup == pytest.approx(plain / expected)
+    peeking = build_workload(model, ids, TOKENS)  # texts unknown: refused, rather than drafting from everything
+    with pytest.raises(KnnSsdError, match="text is unknown"):
+        score_policy(model, POLICY, 4, peeking, table, store)
+
+
+def test_wall_clock_measurement_leaves_each_prompts_own_output_out(setup):
+    model, ids, store = setup
+    config = SuffixTreeConfig(max_ngram=2, min_path_prob=0.02, use_store=True)
+    measured = measure_policies(model, {"tree": POLICY}, ids, TOKENS, 4, stores={"tree": store}, texts=list(TEXTS))
+    accepted = sum(generate(model, i, GenerationConfig(max_new_tokens=TOKENS), SuffixTreeDrafter.with_store(
+        [o for j, o in enumerate(store.outputs) if j != index], config)).stats.accepted_tokens
+        for index, i in enumerate(ids))
+    steps = sum(generate(model, i, GenerationConfig(max_new_tokens=TOKENS), SuffixTreeDrafter.with_store(
+        [o for j, o in enumerate(store.outputs) if j != index], config)).stats.verify_steps
+        for index, i in enumerate(ids))
+    assert measured.policies["tree"].mean_accepted_tokens == pytest.approx((accepted + steps) / steps)
+    assert measured.policies["tree"].mismatch_rate == 0.0
+
+
+def test_a_tree_pass_is_priced_at_its_width():
+    table = costs()
+    trace = Trace(prompt=tuple(range(16)), tokens=(1, 2, 3, 4, 5), max_new_tokens=5, prefill_seconds=0.0, seconds=0.0)
+    tree = Replayed(steps=(Step(drafted=3, accepted=2, forwards=0, by_depth=(2, 1)), Step(drafted=0, accepted=0,
+                                                                                        forwards=0)))
+    assert tree.steps[0].width == 4
+    expected = table.prefill_seconds(16) + table.verify_seconds(4, 16) + table.verify_seconds(1, 19)
+    assert table.generation_seconds(trace, tree, None) == pytest.approx(expected)
