@@ -1,8 +1,9 @@
 """What one decoding step costs, per width, beside the memory-bound floor: the verify tax, measured.
 
-    python benchmarks/step_cost.py [--model smollm2-135m] [--contexts 200,1500] [--repeats 15] [--out FILE.json]
+    python benchmarks/step_cost.py [--model smollm2-135m] [--contexts 200,1500] [--widths 1-16,32] [--repeats 15]
+                                   [--out FILE.json]
 
-For each context, widths 1-13 are timed as a real decode runs them: every verify pass of width w follows a
+For each context, widths 1-16 and 32 are timed as a real decode runs them: every verify pass of width w follows a
 1-token step (shapes switch as they do in decoding), the widths in a shuffled order each round, the cache cropped
 back after each pass so the context stays put. Both engines in the same run, interleaved round by round:
 "fast" (the linear-layer methods `knnssd.kernels` chose at load) and "transformers" (F.linear everywhere).
@@ -34,7 +35,16 @@ from knnssd.kernels import transformers_kernels  # noqa: E402
 from knnssd.kvcache import new_cache, rollback  # noqa: E402
 from knnssd.models import load_model  # noqa: E402
 
-WIDTHS = tuple(range(1, 14))
+WIDTHS = (*range(1, 17), 32)
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """'1-16,32' -> (1, 2, ..., 16, 32); width 1 (the plain step) is always included."""
+    widths = {1}
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        widths.update(range(int(low), int(high or low) + 1))
+    return tuple(sorted(widths))
 
 
 def stream_bandwidth_gbs(megabytes: int = 256, repeats: int = 7) -> float:
@@ -78,22 +88,22 @@ def pass_ms(model, cache, context: int, width: int) -> float:
 
 
 @torch.inference_mode()
-def step_costs(model, context: int, repeats: int, seed: int = 0) -> dict[str, dict[int, float]]:
+def step_costs(model, context: int, repeats: int, widths: tuple[int, ...] = WIDTHS, seed: int = 0) -> dict[str, dict[int, float]]:
     """{engine: {width: median ms}}, both engines interleaved round by round, widths shuffled each round."""
     cache = new_cache(model)
     prompt = torch.randint(100, 1000, (1, context), generator=torch.Generator().manual_seed(seed))
     model.model(input_ids=prompt, cache=cache, use_cache=True)
-    samples: dict[str, dict[int, list[float]]] = {e: {w: [] for w in WIDTHS} for e in ("fast", "transformers")}
+    samples: dict[str, dict[int, list[float]]] = {e: {w: [] for w in widths} for e in ("fast", "transformers")}
     order = random.Random(seed)
     for round_ in range(repeats + 1):  # round 0 warms up and is dropped
         for engine in ("fast", "transformers") if round_ % 2 else ("transformers", "fast"):
-            widths = list(WIDTHS[1:])
-            order.shuffle(widths)
+            shuffled = list(widths[1:])
+            order.shuffle(shuffled)
             if engine == "fast":
-                runs = _pairs(model, cache, context, widths)
+                runs = _pairs(model, cache, context, shuffled)
             else:
                 with transformers_kernels(model):
-                    runs = _pairs(model, cache, context, widths)
+                    runs = _pairs(model, cache, context, shuffled)
             if round_:
                 for width, ms in runs:
                     samples[engine][width].append(ms)
@@ -164,6 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--contexts", default="200,1500")
+    parser.add_argument("--widths", default="1-16,32", help="widths to time, e.g. 1-16,32 (default)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-profile", action="store_true")
@@ -177,14 +188,15 @@ def main() -> None:
     result = {"machine": machine_description(), "model": loaded.name, "kernels": loaded.kernels.describe(),
               "bandwidth_gbs": bandwidth, "contexts": {}}
     for context in (int(c) for c in args.contexts.split(",")):
-        costs = step_costs(model, context, args.repeats)
+        widths = parse_widths(args.widths)
+        costs = step_costs(model, context, args.repeats, widths)
         floor = bytes_per_step(model, context) / (bandwidth * 1e9) * 1e3
         result["contexts"][context] = {"floor_ms": floor, "ms": costs}
         print(f"\ncontext {context}: stream {bandwidth:.1f} GB/s, {bytes_per_step(model, context) / 1e6:.0f} MB a "
               f"step -> floor {floor:.1f} ms")
         plain = min(costs[e][1] for e in costs)
         print(f"{'width':>6}" + "".join(f"{e + ' ms':>18}{'v':>7}" for e in costs) + f"{'v*':>7}")
-        for width in WIDTHS:
+        for width in widths:
             print(f"{width:>6}" + "".join(f"{costs[e][width]:>18.1f}{costs[e][width] / costs[e][1]:>7.2f}"
                                           for e in costs) + f"{costs['fast'][width] / plain:>7.2f}")
     if not args.no_profile:
