@@ -107,9 +107,11 @@ def mix_search(search: SearchConfig, domains: int) -> SearchConfig:
 
 
 def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, Any],
-                 log: Callable[[str], None]) -> list[dict[str, Any]]:
+                 log: Callable[[str], None], stores: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One study per domain, plus the mix study (all domains' prompts together) when `config.mix`: each prepared
-    here (seeds, interrupted trials), run by `search.workers` workers, then confirmed in wall clock."""
+    here (seeds, interrupted trials), run by `search.workers` workers, then confirmed in wall clock. `stores`:
+    domain (and MIX) -> its `DomainStore`, which its suffix-tree trials may draft from (a domain without one
+    never suggests use_store)."""
     import ray
 
     from pipeline.cluster import task_resources
@@ -119,17 +121,19 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
     studies = {domain: (prompts_of(table, domain, CALIBRATION), config.search) for domain in domains_of(table)}
     if config.mix:
         studies[MIX] = (mixed_prompts(table), mix_search(config.search, len(studies)))
-    names = {domain: study_name(model["model_hash"], domain, search, prompts)
+    store = {domain: (stores or {}).get(domain) for domain in studies}
+    names = {domain: study_name(model["model_hash"], domain, search, prompts, store[domain])
              for domain, (prompts, search) in studies.items()}
     for domain, (prompts, search) in studies.items():
-        completed, stale = prepare_study(config.storage_url, names[domain], model["num_layers"], search)
+        completed, stale = prepare_study(config.storage_url, names[domain], model["num_layers"], search,
+                                         has_store=store[domain] is not None)
         log(f"search: [{domain}] study {names[domain]}: {completed} of {search.trials} trials completed"
             + (f", {stale} interrupted trial(s) marked failed" if stale else ""))
     workers = {}
     for domain, (prompts, search) in studies.items():
         for worker in range(search.workers):
             ref = search_worker.options(**resources).remote(config.model, domain, prompts, search, config.storage_url,
-                                                           names[domain], worker, config.costs_dir)
+                                                           names[domain], worker, config.costs_dir, store[domain])
             workers[ref] = domain
     log(f"search: {len(studies)} studies ({', '.join(studies)}), {config.search.trials} completed trials each, "
         f"{config.search.workers} worker(s) per study, each on {resources}")
@@ -149,7 +153,7 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
                 prompts, search = studies[domain]
                 confirming[confirm_domain.options(**resources).remote(
                     config.model, domain, prompts, search, config.storage_url, names[domain],
-                    config.costs_dir)] = domain
+                    config.costs_dir, store[domain])] = domain
             continue
         confirming.pop(ref)
         result = ray.get(ref)
@@ -163,21 +167,27 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
 
 
 def run_validation(config: CalibrationConfig, table: pa.Table, policies: dict[str, dict[str, Any]],
-                   log: Callable[[str], None]) -> dict[str, Any]:
-    """Every distinct policy on each domain's first `config.validate_prompts` held-out prompts."""
+                   log: Callable[[str], None], stores: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every distinct policy on each domain's first `config.validate_prompts` held-out prompts. `stores`: a
+    policy that drafts from a store drafts from its own domain's (MIX: the union), so two domains' equal
+    store-drafting policies are two policies."""
     import ray
 
     from pipeline.cluster import task_resources
+    from pipeline.drafting import uses_store
     from pipeline.tasks import validate_domain
 
-    unique, alias = distinct_policies(policies)
+    distinct, alias = distinct_policies({name: {**policy, "store of": name} if uses_store(policy) else policy
+                                         for name, policy in policies.items()})
+    unique = {name: policies[name] for name in distinct}
+    drafting_from = {name: (stores or {}).get(name) for name, policy in unique.items() if uses_store(policy)}
     resources = task_resources(config.model.threads)
     domains = [d for d in domains_of(table) if d in policies]
     log(f"held-out check: {len(unique)} distinct policies on up to {config.validate_prompts} held-out prompts "
         f"of each of {len(domains)} domains")
     refs = [validate_domain.options(**resources).remote(
         config.model, domain, prompts_of(table, domain, HELD_OUT)[: config.validate_prompts], unique,
-        config.search.max_new_tokens, config.costs_dir, config.search.seed) for domain in domains]
+        config.search.max_new_tokens, config.costs_dir, config.search.seed, drafting_from) for domain in domains]
     results = []
     for ref in refs:
         results.append(ray.get(ref))

@@ -14,6 +14,7 @@ The search, confirm and validate tasks receive the stores their suffix-tree poli
 calibration prompt drafts from the store without that prompt's output (`pipeline.drafting`).
 - `embed_prompts`: the runtime's prompt embedding (final hidden state mean-pooled over the prompt, from the
   prefill) for a chunk of prompts.
+- `build_store`: a domain's store, the model's greedy outputs on its calibration prompts (`pipeline.stores`).
 """
 
 from __future__ import annotations
@@ -196,3 +197,15 @@ def embed_prompts(spec: ModelSpec, prompts: list[str]) -> np.ndarray:
         rows.append(state.embedding.cpu().numpy())
     return np.stack(rows).astype(np.float32)
 
+@ray.remote(max_retries=MAX_RETRIES)
+def build_store(spec: ModelSpec, domain: str, prompts: list[str], max_new_tokens: int,
+                batch_size: int) -> DomainStore:
+    """The domain's store: the model's greedy continuation of each prompt, decoded in batches
+    (`pipeline.stores.build_outputs`), at most `max_new_tokens` each."""
+    from pipeline.stores import DomainStore, build_outputs
+
+    loaded = spec.load()
+    ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in prompts]
+    outputs = build_outputs(loaded.model, ids, max_new_tokens, batch_size,
+                            progress=lambda done, total: _log(domain, f"store: {done}/{total} prompts"))
+    return DomainStore(domain=domain, prompts=tuple(prompts), outputs=tuple(outputs))
