@@ -27,7 +27,7 @@ from pipeline.space import SEARCHABLE_KINDS, SearchConfig  # noqa: E402
 from pipeline.tasks import ModelSpec  # noqa: E402
 
 SMOKE = {"trials": 4, "prompts_per_trial": 2, "confirm_prompts": 2, "confirm_candidates": 2, "validate_prompts": 1,
-         "max_new_tokens": 12, "max_per_domain": 6}
+         "max_new_tokens": 12, "max_per_domain": 6, "store_tokens": 16}
 
 
 def parse_pairs(text: str | None, flag: str) -> dict[str, str]:
@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out prompts per domain for the final check of every policy.")
     p.add_argument("--max-new-tokens", type=int, default=SearchConfig.max_new_tokens,
                    help="tokens generated per prompt in trials, confirmation and the held-out check.")
+    p.add_argument("--store-tokens", type=int, default=CalibrationConfig.store_tokens,
+                   help="new tokens of the model's own greedy output kept per calibration prompt in its domain's "
+                        "store (every calibration prompt is used; suffix_tree policies with use_store draft from "
+                        "it; the bundle ships it).")
+    p.add_argument("--store-batch", type=int, default=CalibrationConfig.store_batch,
+                   help="calibration prompts decoded together (left-padded) while building a store.")
     p.add_argument("--max-per-domain", type=int, default=None, help="use at most N prompts per domain.")
     p.add_argument("--held-out-fraction", type=float, default=0.25,
                    help="share of each domain's prompts held out for the final check and evaluation.")
@@ -144,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         reduce=ReduceConfig(anchors_per_domain=args.anchors_per_domain, seed=args.seed),
         work_dir=args.work_dir, storage=args.storage, tracking_uri=args.tracking_uri, publish=not args.no_publish,
         ray_address=args.address, mix=not args.no_mix, validate_prompts=args.validate_prompts,
+        store_tokens=args.store_tokens, store_batch=args.store_batch,
         signing_key=str(check_signing_key(args.signing_key)) if args.signing_key else None)
 
 

@@ -75,6 +75,13 @@ def test_local_run_publishes_a_bundle_and_prints_a_summary(tiny, tmp_path, capsy
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["reference_policies"]) == {"mix"}
     assert [d["name"] for d in manifest["domains"]] == ["low", "high"]
+    # each domain's store: one greedy output per calibration prompt, in the bundle and logged
+    import pyarrow.parquet as pq
+
+    data = pq.read_table(tmp_path / "w" / "data.parquet").to_pylist()
+    assert [(s["domain"], s["arrays"]) for s in manifest["stores"]] == [
+        (d, sum(r["domain"] == d and r["split"] == "calibration" for r in data)) for d in ("low", "high")]
+    assert all(s["tokens"] > 0 for s in manifest["stores"]) and "store: [high]" in out
     for domain in manifest["domains"]:  # predicted and confirmed speedups, trials, and no mismatch on CPU fp32
         metrics = domain["metrics"]
         assert metrics["trials"] == 3 and metrics["predicted_speedup"] > 0 and metrics["confirmed_speedup"] > 0
@@ -250,6 +257,7 @@ def test_ray_job_submit_against_a_head_node(tiny, tmp_path):
     (["--columns", "domain=topic"], "has no column 'topic'"),
     (["--prompts-per-trial", "9"], "too few"),
     (["--bundle-name", "bad name!"], "malformed bundle reference"),
+    (["--store-tokens", "0"], "--store-tokens and --store-batch must be >= 1"),
 ])
 def test_bad_input_fails_before_ray_starts(tiny, tmp_path, extra, words):
     args = job_args(tiny, tmp_path / "w", "--trials", "2")

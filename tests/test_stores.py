@@ -263,3 +263,26 @@ def test_build_outputs_refuses_bad_budgets(loaded):
 def test_domain_store_joined_is_what_the_bundle_keeps():
     store = DomainStore("d", ("a", "b"), ((1, 2), (3,)))
     assert store.joined().dtype == np.int32 and split_store(store.joined()) == [(1, 2), (3,)]
+
+
+def test_the_store_stage_runs_one_ray_task_per_domain(loaded, outputs):
+    """`build_stores` on a real local Ray: each domain's store holds its prompts' greedy outputs (batched,
+    which on this tiny model equals unbatched greedy), and "mix" is their union."""
+    import ray
+
+    from pipeline.cluster import connect
+    from pipeline.store_stage import build_stores
+    from pipeline.tasks import ModelSpec
+
+    logged = []
+    connect(None)
+    try:
+        stores = build_stores(ModelSpec(name=loaded.source, chat=False, threads=1), TINY_PROMPTS, NEW_TOKENS, 4,
+                              logged.append, mix="mix")
+    finally:
+        ray.shutdown()
+    assert list(stores) == ["low", "high", "mix"]
+    for domain, texts in TINY_PROMPTS.items():
+        assert stores[domain].prompts == tuple(texts) and list(stores[domain].outputs) == outputs[domain]
+    assert stores["mix"].outputs == stores["low"].outputs + stores["high"].outputs
+    assert any(line.startswith("store: [low] 6 outputs") for line in logged), logged
