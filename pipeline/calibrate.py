@@ -1,5 +1,5 @@
-"""Calibration end to end: data -> per-domain search and confirmation (Ray) -> embeddings (Ray) -> reduce ->
-held-out check (Ray) -> bundle -> MLflow.
+"""Calibration end to end: data -> per-domain stores of the model's own outputs (Ray) -> per-domain search and
+confirmation (Ray) -> embeddings (Ray) -> reduce -> held-out check (Ray) -> bundle (with the stores) -> MLflow.
 
 Every input is checked before Ray starts. Stage outputs land in `work_dir` as they finish (data.parquet,
 step-costs/, search.json, embeddings.parquet, validation.json, the bundle folder), and the Optuna journal keeps
@@ -29,6 +29,7 @@ from pipeline.data import CALIBRATION, HELD_OUT, DataConfig, domains_of, load_ca
 from pipeline.reduce import ReduceConfig, build_bundle_spec
 from pipeline.search import prepare_study, study_name
 from pipeline.space import SearchConfig
+from pipeline.store_stage import build_stores
 from pipeline.summary import flat_params, provenance
 from pipeline.tasks import ModelSpec
 from pipeline.validation import distinct_policies, validation_table
@@ -54,11 +55,16 @@ class CalibrationConfig:
     mix: bool = True
     validate_prompts: int = 3
     signing_key: str | None = None  # a private key: the published bundle is signed (knnssd.signing)
+    store_tokens: int = 128  # new tokens per calibration prompt in its domain's store (pipeline.stores)
+    store_batch: int = 8  # prompts decoded together while building a store
 
     def __post_init__(self) -> None:  # the thread count every task decodes with, fixed on the driver
         object.__setattr__(self, "model", replace(self.model, threads=resolve_threads(self.model.threads)))
         if self.validate_prompts < 1:
             raise KnnSsdError("--validate-prompts must be >= 1", fix="use e.g. 3 held-out prompts per domain")
+        if self.store_tokens < 1 or self.store_batch < 1:
+            raise KnnSsdError(f"--store-tokens and --store-batch must be >= 1, got {self.store_tokens} and "
+                              f"{self.store_batch}", fix="use e.g. --store-tokens 128 --store-batch 8")
 
     @property
     def costs_dir(self) -> str:
@@ -221,7 +227,9 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
     log(f"data: {table.num_rows} prompts in {len(domains_of(table))} domains -> {work / 'data.parquet'}")
     connect(config.ray_address)
     model = identify(config, log)
-    everything = run_searches(config, table, model, log)
+    stores = build_stores(config.model, {d: prompts_of(table, d, CALIBRATION) for d in domains_of(table)},
+                          config.store_tokens, config.store_batch, log, mix=MIX if config.mix else None)
+    everything = run_searches(config, table, model, log, stores)
     (work / "search.json").write_text(json.dumps(everything, indent=2))
     searches = [r for r in everything if r["domain"] != MIX]
     references = {MIX: {"policy": r["policy"], "metrics": r["metrics"]} for r in everything if r["domain"] == MIX}
@@ -231,7 +239,7 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
                    work / "embeddings.parquet")
     log(f"embed: {embeddings.shape[0]} prompts x {embeddings.shape[1]} -> {work / 'embeddings.parquet'}")
     policies = {r["domain"]: r["policy"] for r in everything}
-    validation = run_validation(config, table, policies, log)
+    validation = run_validation(config, table, policies, log, stores)
     (work / "validation.json").write_text(json.dumps(validation, indent=2))
     spec = build_bundle_spec(
         model_id=config.model.name, model_hash=searches[0]["model_hash"], embeddings=embeddings,
@@ -240,7 +248,9 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
         prompt_format={"chat": config.model.chat},
         calibration={"search": asdict(config.search), "data": asdict(config.data),
                      "provenance": provenance(table, searches), "step_costs": model["costs"],
-                     "validation": validation}, reference_policies=references)
+                     "stores": {"max_new_tokens": config.store_tokens, "batch": config.store_batch},
+                     "validation": validation}, reference_policies=references,
+        stores={domain: store.joined() for domain, store in stores.items() if domain != MIX})
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     folder = write_bundle(spec, work / "bundles" / f"{config.bundle_name}-{stamp}")
     log(f"reduce: {spec.anchors.shape[0]} anchors, fallback beyond distance {spec.fallback_distance:.4f} -> {folder}")
