@@ -197,6 +197,7 @@ def embed_prompts(spec: ModelSpec, prompts: list[str]) -> np.ndarray:
         rows.append(state.embedding.cpu().numpy())
     return np.stack(rows).astype(np.float32)
 
+
 @ray.remote(max_retries=MAX_RETRIES)
 def build_store(spec: ModelSpec, domain: str, prompts: list[str], max_new_tokens: int,
                 batch_size: int) -> DomainStore:
