@@ -15,6 +15,7 @@ from pipeline.replay import Replayed, Step, Trace, replay, trace_prompt
 from pipeline.scoring import build_workload, score_policy
 from pipeline.stores import DomainStore
 from tests.conftest import tiny_model
+from tests.test_calibrate_job import tiny  # noqa: F401 - the saved tiny model and its data
 from tests.test_replay import costs
 
 POLICY = {"kind": "suffix_tree", "use_store": True, "max_ngram": 2, "min_path_prob": 0.02}
@@ -39,7 +40,8 @@ def test_a_prompt_drafts_from_the_store_without_its_own_output(setup):
     for index, text in enumerate(TEXTS):
         drafter = drafters.drafter(POLICY, store, text)
         others = [o for j, o in enumerate(store.outputs) if j != index]
-        assert drafter.store.arrays == 2 and drafter.store.tokens == SuffixTreeDrafter.with_store(others, config).store.tokens
+        assert drafter.store.arrays == 2
+        assert drafter.store.tokens == SuffixTreeDrafter.with_store(others, config).store.tokens
         trace = trace_prompt(model, ids[index], TOKENS)
         left_out = replay(drafter, trace)
         assert left_out == replay(SuffixTreeDrafter.with_store(others, config), trace)
@@ -47,7 +49,8 @@ def test_a_prompt_drafts_from_the_store_without_its_own_output(setup):
         assert own_future.tally.accepted > left_out.tally.accepted  # what the exclusion keeps out
     held_out = drafters.drafter(POLICY, store, "a held-out prompt")
     assert held_out.store.arrays == 3  # a prompt in no store drafts from all of it
-    assert drafters.drafter(POLICY, store, TEXTS[0]).store is drafters.drafter(POLICY, store, TEXTS[0]).store  # indexed once
+    first, again = (drafters.drafter(POLICY, store, TEXTS[0]) for _ in range(2))
+    assert first.store is again.store  # indexed once
 
 
 def test_store_policies_need_a_store_and_the_prompts_text(setup):
@@ -101,3 +104,47 @@ def test_a_tree_pass_is_priced_at_its_width():
     assert tree.steps[0].width == 4
     expected = table.prefill_seconds(16) + table.verify_seconds(4, 16) + table.verify_seconds(1, 19)
     assert table.generation_seconds(trace, tree, None) == pytest.approx(expected)
+
+
+def test_calibration_searches_and_validates_store_drafting_trees_on_ray(tmp_path, tiny):  # noqa: F811
+    """run_searches with a store: suffix-tree trials draft from it (use_store suggested both ways) and finish;
+    run_validation measures two domains' equal store-drafting policies as two policies, each with its store."""
+    import ray
+
+    from pipeline.calibrate import CalibrationConfig, identify, run_searches, run_validation
+    from pipeline.data import CALIBRATION, DataConfig, load_calibration_table, prompts_of
+    from pipeline.search import make_storage
+    from pipeline.space import SearchConfig
+    from pipeline.tasks import ModelSpec
+
+    spec = ModelSpec(name=str(tiny / "model"), chat=False, threads=1)
+    config = CalibrationConfig(model=spec, bundle_name="t", data=DataConfig(path=str(tiny / "data.jsonl")),
+                               search=SearchConfig(trials=8, prompts_per_trial=2, max_new_tokens=8, confirm_prompts=2,
+                                                   confirm_rounds=1, kinds=("prompt_lookup", "suffix_tree")),
+                               work_dir=str(tmp_path / "w"), mix=False, validate_prompts=1)
+    table = load_calibration_table(config.data, min_calibration=2)
+    loaded = spec.load()
+    stores = {}
+    for domain in ("low", "high"):
+        texts = prompts_of(table, domain, CALIBRATION)
+        outputs = tuple(generate(loaded.model, loaded.tokenizer(t, return_tensors="pt").input_ids,
+                                 GenerationConfig(max_new_tokens=8)).token_ids for t in texts)
+        stores[domain] = DomainStore(domain, tuple(texts), outputs)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        model = identify(config, print)
+        results = run_searches(config, table, model, print, stores={"low": stores["low"]})  # "high": no store
+        policy = {"kind": "suffix_tree", "use_store": True}
+        validation = run_validation(config, table, {"low": policy, "high": policy}, print, stores)
+    finally:
+        ray.shutdown()
+    import optuna
+
+    trials = {r["domain"]: optuna.load_study(study_name=r["study"], storage=make_storage(config.storage_url)).trials
+              for r in results}
+    used = {domain: {t.user_attrs["policy"].get("use_store") for t in found
+                     if t.user_attrs.get("policy", {}).get("kind") == "suffix_tree"} for domain, found in trials.items()}
+    assert used == {"low": {False, True}, "high": {False}}
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for found in trials.values() for t in found)
+    assert set(validation["policies"]) == {"low", "high"}  # not merged: each drafts from its own store
+    assert all(row["mismatch_rate"] == 0.0 for row in validation["domains"].values())
