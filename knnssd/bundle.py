@@ -41,6 +41,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -280,12 +281,16 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(folder: Path, manifest: dict[str, Any], extra: Sequence[str] = ()) -> None:
-    """Check that every file the bundle needs (BUNDLE_FILES and the `extra` store files) exists with the sha256
-    the manifest records."""
+def verify_files(folder: Path, manifest: dict[str, Any], extra: Sequence[str] | None = None) -> None:
+    """Check that every file the bundle needs (BUNDLE_FILES and the `extra` store files; None: the store files
+    the manifest lists, by their well-formed names only) exists with the sha256 the manifest records."""
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise BundleError(f"the manifest of {folder} has no table of checksums", fix="rebuild the bundle")
+    if extra is None:
+        entries = manifest.get("stores", []) if isinstance(manifest.get("stores"), list) else []
+        extra = [e["file"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)
+                 and re.fullmatch(rf"{STORES_DIR}/\d+\.npy", e["file"])]
     for name in (*BUNDLE_FILES, *extra):
         if name not in files:
             raise BundleError(f"the manifest of {folder} lists no checksum for {name}", fix="rebuild the bundle")

@@ -18,6 +18,7 @@ from knnssd.errors import KnnSsdError
 from knnssd.runtime import load_bundle
 from pipeline.stores import DomainStore, build_outputs
 from tests.bundles import TINY_PROMPTS, loaded, tiny_bundle  # noqa: F401 (fixture)
+from tests.services import tracking_uri  # noqa: F401 (fixture)
 
 STORE_POLICY = {"kind": "suffix_tree", "max_ngram": 4, "min_ngram": 1, "max_occurrences": 4, "max_depth": 8,
                 "max_tree_nodes": 8, "min_path_prob": 0.1, "use_store": True}
@@ -286,3 +287,22 @@ def test_the_store_stage_runs_one_ray_task_per_domain(loaded, outputs):
         assert stores[domain].prompts == tuple(texts) and list(stores[domain].outputs) == outputs[domain]
     assert stores["mix"].outputs == stores["low"].outputs + stores["high"].outputs
     assert any(line.startswith("store: [low] 6 outputs") for line in logged), logged
+
+
+def test_stores_travel_through_the_registry_and_its_cache(folder, loaded, outputs, tracking_uri, tmp_path,
+                                                          monkeypatch):
+    """Published to a real MLflow server, fetched into the cache (stores/ is a subfolder) and verified; a
+    damaged cached store is downloaded again."""
+    import uuid
+
+    from registry.mlflow_store import BundleRegistry
+
+    monkeypatch.setenv("KNNSSD_CACHE", str(tmp_path / "cache"))
+    name = f"stores-{uuid.uuid4().hex[:8]}"
+    BundleRegistry(tracking_uri).publish(folder, name)
+    runtime = load_bundle(f"{name}@v1", model=loaded, tracking_uri=tracking_uri)
+    assert runtime.store_arrays("low") == [tuple(a) for a in outputs["low"]]
+    cached = runtime.bundle.folder / "stores" / "1.npy"
+    cached.write_bytes(cached.read_bytes()[:-4])
+    again = load_bundle(f"{name}@v1", model=loaded, tracking_uri=tracking_uri)
+    assert again.store_arrays("high") == [tuple(a) for a in outputs["high"]]
