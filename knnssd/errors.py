@@ -21,3 +21,12 @@ class KnnSsdError(ValueError):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem} (fix: {fix})" if fix else problem)
+
+
+class BundleError(KnnSsdError):
+    """A bundle that cannot be used: missing, tampered, truncated, or of another schema (`knnssd.bundle`)."""
+
+    @classmethod
+    def inconsistent(cls, folder: object, what: str) -> BundleError:
+        """A bundle whose files disagree with each other or with the format: `what` says how."""
+        return cls(f"bundle {folder} is inconsistent: {what}", fix="rebuild or re-publish the bundle")
