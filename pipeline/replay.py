@@ -241,9 +241,8 @@ def replay_session(drafter: Drafter, prediction: Prediction | None, prompt_lengt
 def within_budget(draft: Draft, max_tokens: int) -> Draft:
     """The draft as `knnssd.decoding.within_contract` cuts it under greedy decoding: a tree to depth
     `max_tokens` (a path when what is left is one), a path to `max_tokens` tokens."""
-    if draft.parents is not None:
-        return within_depth(draft, max_tokens)
-    return Draft(tokens=draft.tokens[:max_tokens], probs=None, forwards=draft.forwards)
+    return within_depth(draft, max_tokens) if draft.parents is not None else Draft(
+        tokens=draft.tokens[:max_tokens], probs=None, forwards=draft.forwards)
 
 
 def accepted_nodes(draft: Draft, following: tuple[int, ...]) -> int:
@@ -253,12 +252,8 @@ def accepted_nodes(draft: Draft, following: tuple[int, ...]) -> int:
     matches (else it is never read); beyond `following`'s end it is unknown and matches no token."""
     tokens = draft.tokens.tolist()
     if draft.parents is None:
-        accepted = 0
-        for token, expected in zip(tokens, following):
-            if token != expected:
-                break
-            accepted += 1
-        return accepted
+        return next((i for i, (token, expected) in enumerate(zip(tokens, following)) if token != expected),
+                    min(len(tokens), len(following)))
     parents = draft.parents.tolist()
     targets = [following[0] if following else None]  # row 0: after the root; row 1 + i: after node i
     targets += [following[d] if d < len(following) else None for d in depths(parents)]

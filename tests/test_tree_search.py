@@ -143,7 +143,8 @@ def test_calibration_searches_and_validates_store_drafting_trees_on_ray(tmp_path
     trials = {r["domain"]: optuna.load_study(study_name=r["study"], storage=make_storage(config.storage_url)).trials
               for r in results}
     used = {domain: {t.user_attrs["policy"].get("use_store") for t in found
-                     if t.user_attrs.get("policy", {}).get("kind") == "suffix_tree"} for domain, found in trials.items()}
+                     if t.user_attrs.get("policy", {}).get("kind") == "suffix_tree"}
+            for domain, found in trials.items()}
     assert used == {"low": {False, True}, "high": {False}}
     assert all(t.state == optuna.trial.TrialState.COMPLETE for found in trials.values() for t in found)
     assert set(validation["policies"]) == {"low", "high"}  # not merged: each drafts from its own store
