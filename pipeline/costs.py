@@ -5,8 +5,10 @@ trial is scored by pricing its events with a table each node times once, with re
 
     verify(w, c)   one loop step verifying w tokens (w = 1 is a plain decoding step) with c tokens cached, each
                    timed right after a 1-token step as a real decode switches shapes, the cache cropped back so
-                   the context stays put; median of `repeats`, made non-decreasing in w (pool-adjacent-violators:
-                   a wider pass never costs less), at two contexts (`CONTEXTS`), interpolated in width and context
+                   the context stays put; median of `repeats`, made non-decreasing in w from w = 2 on
+                   (pool-adjacent-violators: a wider pass of the same kernel never costs less; the 1-token step
+                   runs another one, F.linear, and is kept as timed: on some CPUs a 2-16-token pass of the
+                   small-batch kernel costs less than it, BENCHMARKS.md section 23), at two contexts (`CONTEXTS`), interpolated in width and context
     draft(S, c)    one 1-token draft forward of the model skipping S with c tokens cached:
                    draft_forward(c) - |S.attn| * attention(c) - |S.mlp| * mlp(c), the three timed through the real
                    `LayerSkipSession` (nothing skipped, every attention skipped, every MLP skipped) at both
@@ -211,6 +213,14 @@ def non_decreasing(values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(mean for mean, count in blocks for _ in range(int(count)))
 
 
+def monotone_passes(row: tuple[float, ...]) -> tuple[float, ...]:
+    """A timed verify row (width 1 first): the 1-token step as timed, the wider passes made non-decreasing.
+
+    Pooling the 1-token step with the wider passes would be wrong where the fast kernels make a 2-token pass
+    cheaper than a 1-token step (F.linear): it priced the plain step at 23 ms where it took 40 (2026-12-01)."""
+    return (row[0], *non_decreasing(row[1:]))
+
+
 def time_step_costs(model: PreTrainedModel, repeats: int = 9, widths: tuple[int, ...] = TIMED_WIDTHS,
                     contexts: tuple[int, int] = CONTEXTS, seed: int = 0) -> StepCosts:
     """Time the table on `model` at `contexts` (capped to the model's context), a fixed token pattern in the
@@ -224,7 +234,7 @@ def time_step_costs(model: PreTrainedModel, repeats: int = 9, widths: tuple[int,
         for context in contexts:
             row, draft, seconds = _time_context(model, [3 + (7 * i) % (vocab - 3) for i in range(context)], widths,
                                                 repeats, rng)
-            rows.append(non_decreasing(row))
+            rows.append(monotone_passes(row))
             drafts.append(draft)
             prefills.append(seconds)
     layers = num_decoder_layers(model)
@@ -247,10 +257,15 @@ def kernel_key(plan: KernelPlan | None) -> str:
     return "fast-" + hashlib.sha256(methods.encode()).hexdigest()[:8]
 
 
+TABLE_VERSION = 2  # 2: the 1-token step kept as timed (`monotone_passes`); 1 pooled it with wider passes
+
+
 def table_key(loaded: LoadedModel) -> str:
-    """What a step-cost table is valid for: this machine, the model, device, dtype, threads and kernel plan."""
+    """What a step-cost table is valid for: this machine, the model, device, dtype, threads and kernel plan, and
+    how tables are made (TABLE_VERSION), so a table of an older method is timed again, not read."""
     return (f"{socket.gethostname()}-{loaded.model_hash[:12]}-{loaded.device.type}-"
-            f"{str(loaded.dtype).removeprefix('torch.')}-{loaded.threads}t-{kernel_key(loaded.kernels)}")
+            f"{str(loaded.dtype).removeprefix('torch.')}-{loaded.threads}t-{kernel_key(loaded.kernels)}"
+            f"-t{TABLE_VERSION}")
 
 
 def _read(path: Path, log: Callable[[str], None]) -> StepCosts | None:

@@ -29,8 +29,9 @@ from knnssd.skipset import SkipSet
 
 # Bumped whenever the objective's measurement or search space changes, so a resumed study never mixes
 # incomparable trials.
-MEASUREMENT_VERSION = 7  # 7: suffix-tree policies and stores; 6: prefill priced from the table, draft forwards
-#                          at their context
+# 8: the plain step priced as timed, not pooled with wider passes; 7: suffix-tree policies and stores;
+# 6: prefill priced from the table, draft forwards at their context
+MEASUREMENT_VERSION = 8
 SEARCHABLE_KINDS = ("layer_skip", "prompt_lookup", "hybrid", "suffix_tree")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 LAYER_SKIP_DRAFT_RANGE = (2, 12)  # max_draft_tokens searched for layer skipping

@@ -9,7 +9,7 @@ from knnssd.decoding import GenerationConfig, generate
 from knnssd.drafters import (Draft, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
                              PromptLookupDrafter, SuffixTreeConfig, SuffixTreeDrafter)
 from knnssd.skipset import SkipSet
-from pipeline.costs import StepCosts, non_decreasing
+from pipeline.costs import StepCosts, monotone_passes, non_decreasing
 from knnssd.tree import accept_greedy
 from pipeline.replay import accepted_nodes, full_cache, predict, replay, replay_mask, trace_prompt
 from pipeline.scoring import build_workload, score_policy
@@ -184,6 +184,12 @@ def test_step_costs_interpolate_in_width_and_context_and_price_skips():
 def test_non_decreasing_pools_adjacent_violators():
     assert non_decreasing((1.0, 1.3, 1.2, 1.5)) == pytest.approx((1.0, 1.25, 1.25, 1.5))
     assert non_decreasing((2.0, 1.0, 1.0)) == pytest.approx((4 / 3,) * 3)
+
+
+def test_the_plain_step_is_priced_as_timed_not_pooled_with_wider_passes():
+    """A 1-token step (F.linear) may cost more than a 2-token pass of the fast kernel: it keeps its own time."""
+    assert monotone_passes((40.0, 21.0, 22.0, 21.5, 30.0)) == pytest.approx((40.0, 21.0, 21.75, 21.75, 30.0))
+    assert monotone_passes((20.0, 21.0, 22.0)) == (20.0, 21.0, 22.0)
 
 
 def test_a_trial_score_is_reproducible_and_ranks_free_drafts_above_plain():
