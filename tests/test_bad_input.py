@@ -158,7 +158,7 @@ CASES = [
     ("calibrate", lambda f: calibrate_args(f, "--confirm-prompts", "1"), "must be >= --prompts-per-trial"),
     ("calibrate", lambda f: calibrate_args(f, "--workers-per-domain", "0"), "--workers-per-domain must be >= 1"),
     ("calibrate", lambda f: calibrate_args(f, "--validate-prompts", "0"), "--validate-prompts must be >= 1"),
-    ("calibrate", lambda f: calibrate_args(f, "--kind-share", "0.5"), "--kind-share 0.5 must be in [0, 1 / 3 kinds]"),
+    ("calibrate", lambda f: calibrate_args(f, "--kind-share", "0.5"), "--kind-share 0.5 must be in [0, 1 / 4 kinds]"),
     # jobs/evaluate.py
     ("evaluate", lambda f: ["--bundle", "no/such/bundle"], "does not exist"),
     ("evaluate", lambda f: ["--bundle", "bad name!"], "malformed bundle reference"),
