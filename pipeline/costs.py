@@ -5,10 +5,9 @@ trial is scored by pricing its events with a table each node times once, with re
 
     verify(w, c)   one loop step verifying w tokens (w = 1 is a plain decoding step) with c tokens cached, each
                    timed right after a 1-token step as a real decode switches shapes, the cache cropped back so
-                   the context stays put; median of `repeats`, made non-decreasing in w from w = 2 on
-                   (pool-adjacent-violators: a wider pass of the same kernel never costs less; the 1-token step
-                   runs another one, F.linear, and is kept as timed: on some CPUs a 2-16-token pass of the
-                   small-batch kernel costs less than it, BENCHMARKS.md section 23), at two contexts (`CONTEXTS`), interpolated in width and context
+                   the context stays put; median of `repeats`, made non-decreasing in w from w = 2 on (a
+                   wider pass of the same kernel never costs less; the 1-token step, F.linear, is kept as timed:
+                   it may cost more than a 2-16-token kernel pass, BENCHMARKS.md 23), at two contexts (`CONTEXTS`), interpolated in width and context
     draft(S, c)    one 1-token draft forward of the model skipping S with c tokens cached:
                    draft_forward(c) - |S.attn| * attention(c) - |S.mlp| * mlp(c), the three timed through the real
                    `LayerSkipSession` (nothing skipped, every attention skipped, every MLP skipped) at both
@@ -214,10 +213,8 @@ def non_decreasing(values: tuple[float, ...]) -> tuple[float, ...]:
 
 
 def monotone_passes(row: tuple[float, ...]) -> tuple[float, ...]:
-    """A timed verify row (width 1 first): the 1-token step as timed, the wider passes made non-decreasing.
-
-    Pooling the 1-token step with the wider passes would be wrong where the fast kernels make a 2-token pass
-    cheaper than a 1-token step (F.linear): it priced the plain step at 23 ms where it took 40 (2026-12-01)."""
+    """A timed verify row (width 1 first): the 1-token step as timed (pooled, it was priced at 23 ms for 40 on
+    2026-12-01), the wider passes made non-decreasing."""
     return (row[0], *non_decreasing(row[1:]))
 
 
