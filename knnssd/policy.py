@@ -84,6 +84,11 @@ def _kind(policy: Any) -> str:
     return kind
 
 
+def uses_store(policy: dict[str, Any]) -> bool:
+    """Whether a (valid) policy drafts from a store: a suffix tree with use_store."""
+    return _kind(policy) == "suffix_tree" and suffix_tree_config(policy).use_store
+
+
 def drafter_from_policy(policy: dict[str, Any], num_layers: int,
                         store: Sequence[Sequence[int]] | None = None) -> Drafter | None:
     """The drafter a policy describes, validated against a model of `num_layers` layers.

@@ -27,7 +27,7 @@ from knnssd.decoding import GenerationConfig, GenerationResult, TokenHook, begin
 from knnssd.drafters import Drafter
 from knnssd.errors import KnnSsdError
 from knnssd.models import LoadedModel, load_model
-from knnssd.policy import drafter_from_policy
+from knnssd.policy import drafter_from_policy, uses_store
 from knnssd.prompts import encode_prompt
 from knnssd.routing import Route, Router
 from knnssd.sampling import SamplingConfig
@@ -88,9 +88,8 @@ class BundleRuntime:
 
     def _drafter(self, policy: dict[str, Any], name: str) -> Drafter | None:
         """The drafter of `policy`, with `name`'s store where the policy drafts from one (checked at load)."""
-        uses_store = isinstance(policy, dict) and policy.get("kind") == "suffix_tree" and policy.get("use_store")
-        return drafter_from_policy(policy, self.loaded.num_layers, store=self.store_arrays(name) if uses_store
-                                   else None)
+        return drafter_from_policy(policy, self.loaded.num_layers,
+                                   store=self.store_arrays(name) if uses_store(policy) else None)
 
     def reference_drafter(self, name: str = "mix") -> Drafter | None:
         """The drafter of reference policy `name` (the manifest's "reference_policies"; never routed to), the

@@ -169,7 +169,13 @@ def accept_greedy(tokens: list[int], parents: list[int], logits: torch.Tensor) -
         (path, next_token): the accepted nodes root to leaf (the deepest accepted node, the first in node order
         among equally deep ones) and the target's argmax after the path's last node (or after the root).
     """
-    targets = logits.argmax(dim=-1).tolist()  # (k + 1,)
+    return accept_targets(tokens, parents, logits.argmax(dim=-1).tolist())
+
+
+def accept_targets(tokens: list[int], parents: list[int], targets: list) -> tuple[list[int], object]:
+    """`accept_greedy` given the target's choices instead of its logits: targets[0] after the root, targets[1 + i]
+    after node i (any value; one that equals no token, e.g. None where the choice is unknown, accepts nothing).
+    Replay (`pipeline.replay`) calls it with plain decoding's continuation as the targets."""
     accepted = [False] * len(tokens)
     node_depths = depths(parents)
     best = -1

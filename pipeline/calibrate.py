@@ -180,7 +180,7 @@ def run_validation(config: CalibrationConfig, table: pa.Table, policies: dict[st
     import ray
 
     from pipeline.cluster import task_resources
-    from pipeline.drafting import uses_store
+    from knnssd.policy import uses_store
     from pipeline.tasks import validate_domain
 
     distinct, alias = distinct_policies({name: {**policy, "store of": name} if uses_store(policy) else policy

@@ -17,15 +17,10 @@ from typing import Any
 
 from knnssd.drafters import Drafter, SuffixStore, SuffixTreeDrafter
 from knnssd.errors import KnnSsdError
-from knnssd.policy import drafter_from_policy, suffix_tree_config
+from knnssd.policy import drafter_from_policy, suffix_tree_config, uses_store
 from pipeline.stores import DomainStore
 
 MAX_INDEXED = 512  # indexed stores kept per worker (a search needs prompts x n-gram ranges x occurrence caps)
-
-
-def uses_store(policy: dict[str, Any]) -> bool:
-    """Whether the policy drafts from a store."""
-    return policy.get("kind") == "suffix_tree" and suffix_tree_config(policy).use_store
 
 
 class PolicyDrafters:

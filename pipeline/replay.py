@@ -56,7 +56,7 @@ from knnssd.kvcache import rollback
 from knnssd.skipset import SkipSet
 from knnssd.stats import StatsRecorder, Tally
 from knnssd.sublayers import model_lock, skip_sublayers
-from knnssd.tree import accept_greedy, depths, nodes_per_depth, within_depth
+from knnssd.tree import accept_targets, depths, nodes_per_depth, within_depth
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ def accepted_nodes(draft: Draft, following: tuple[int, ...]) -> int:
     """How many draft tokens the loop accepts when the target's greedy choices are `following` (the
     continuation after the last committed token): a path's longest matching prefix; a tree's accepted path by
     `knnssd.tree.accept_greedy` itself. The target after a node is `following[depth]` when the node's path
-    matches (else it is never read); beyond `following`'s end it is unknown and matches no token."""
+    matches (else it is never read); beyond `following`'s end it is unknown (None) and matches no token."""
     tokens = draft.tokens.tolist()
     if draft.parents is None:
         return next((i for i, (token, expected) in enumerate(zip(tokens, following)) if token != expected),
@@ -257,12 +257,7 @@ def accepted_nodes(draft: Draft, following: tuple[int, ...]) -> int:
     parents = draft.parents.tolist()
     targets = [following[0] if following else None]  # row 0: after the root; row 1 + i: after node i
     targets += [following[d] if d < len(following) else None for d in depths(parents)]
-    # accept_greedy takes logits: one-hot rows over the tokens seen, re-indexed (the unknown target is a column
-    # of its own that no node token has)
-    alphabet = {token: index for index, token in enumerate(dict.fromkeys(tokens + targets))}
-    logits = torch.zeros(len(targets), len(alphabet))
-    logits[torch.arange(len(targets)), torch.tensor([alphabet[t] for t in targets])] = 1.0
-    path, _ = accept_greedy([alphabet[t] for t in tokens], parents, logits)
+    path, _ = accept_targets(tokens, parents, targets)
     return len(path)
 
 
