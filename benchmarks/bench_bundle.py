@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_description  # noqa: E402
-from knnssd.decoding import GenerationConfig, generate, prefill  # noqa: E402
-from knnssd.policy import drafter_from_policy  # noqa: E402
-from knnssd.runtime import load_bundle  # noqa: E402
-from knnssd.sampling import SamplingConfig  # noqa: E402
+from knnssd.engine.decoding import GenerationConfig, generate, prefill  # noqa: E402
+from knnssd.engine.policy import drafter_from_policy  # noqa: E402
+from knnssd.bundle.runtime import load_bundle  # noqa: E402
+from knnssd.engine.sampling import SamplingConfig  # noqa: E402
 from pipeline.data import HELD_OUT, domains_of, prompts_of  # noqa: E402
 
 

@@ -33,10 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import load_spec_bench, machine_description, pick_prompts  # noqa: E402
-from knnssd.decoding import GenerationConfig, generate, warm_up  # noqa: E402
-from knnssd.models import load_model  # noqa: E402
-from knnssd.policy import drafter_from_policy  # noqa: E402
-from knnssd.prompts import encode_prompt  # noqa: E402
+from knnssd.engine.decoding import GenerationConfig, generate, warm_up  # noqa: E402
+from knnssd.engine.models import load_model  # noqa: E402
+from knnssd.engine.policy import drafter_from_policy  # noqa: E402
+from knnssd.engine.prompts import encode_prompt  # noqa: E402
 
 ALL_CATEGORIES = ("translation", "summarization", "qa", "math_reasoning", "rag", "writing", "roleplay", "reasoning",
                   "math", "coding", "extraction", "stem", "humanities")

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from knnssd.decoding import GenerationConfig, verify, device_clock, generate  # noqa: E402
-from knnssd.drafters import Draft, LayerSkipConfig, DraftRequest, LayerSkipDrafter  # noqa: E402
-from knnssd.kvcache import new_cache, rollback  # noqa: E402
-from knnssd.sampling import SamplingConfig  # noqa: E402
-from knnssd.skipset import SkipSet  # noqa: E402
+from knnssd.engine.decoding import GenerationConfig, verify, device_clock, generate  # noqa: E402
+from knnssd.engine.drafters import Draft, LayerSkipConfig, DraftRequest, LayerSkipDrafter  # noqa: E402
+from knnssd.engine.kvcache import new_cache, rollback  # noqa: E402
+from knnssd.engine.sampling import SamplingConfig  # noqa: E402
+from knnssd.engine.skipset import SkipSet  # noqa: E402
 from tests.conftest import FAMILIES, tiny_model  # noqa: E402
 from tests.test_lossless import drafters_under_test, reference  # noqa: E402
 

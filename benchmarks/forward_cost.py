@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from knnssd.kvcache import new_cache  # noqa: E402
-from knnssd.sublayers import skip_sublayers  # noqa: E402
-from knnssd.models import load_model  # noqa: E402
-from knnssd.skipset import SkipSet  # noqa: E402
+from knnssd.engine.kvcache import new_cache  # noqa: E402
+from knnssd.engine.sublayers import skip_sublayers  # noqa: E402
+from knnssd.engine.models import load_model  # noqa: E402
+from knnssd.engine.skipset import SkipSet  # noqa: E402
 
 
 def median_ms(samples: list[float]) -> float:

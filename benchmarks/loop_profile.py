@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_description  # noqa: E402
-from knnssd.decoding import GenerationConfig, verify, generate  # noqa: E402
-from knnssd.drafters import Draft, LayerSkipConfig, LayerSkipDrafter  # noqa: E402
-from knnssd.kvcache import new_cache, rollback  # noqa: E402
-from knnssd.models import load_model  # noqa: E402
-from knnssd.sampling import SamplingConfig  # noqa: E402
-from knnssd.skipset import SkipSet  # noqa: E402
+from knnssd.engine.decoding import GenerationConfig, verify, generate  # noqa: E402
+from knnssd.engine.drafters import Draft, LayerSkipConfig, LayerSkipDrafter  # noqa: E402
+from knnssd.engine.kvcache import new_cache, rollback  # noqa: E402
+from knnssd.engine.models import load_model  # noqa: E402
+from knnssd.engine.sampling import SamplingConfig  # noqa: E402
+from knnssd.engine.skipset import SkipSet  # noqa: E402
 
 
 def median_ms(samples: list[float]) -> float:

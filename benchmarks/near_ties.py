@@ -2,14 +2,14 @@
 
 Plain decoding runs every step as a 1-token forward (`F.linear`, what transformers computes). A verify pass runs
 the same positions as one forward over 2-16 rows, whose linear layers use the small-batch kernel
-(`knnssd/kernels.py`): the same products summed in another order, so logits differ in the last bits. Where the
+(`knnssd/engine/kernels.py`): the same products summed in another order, so logits differ in the last bits. Where the
 two best logits are closer than that difference, the argmax can flip, and greedy self-speculative output would
 then differ from plain decoding's.
 
 Per prompt: greedy plain decoding of `--max-new-tokens` tokens, keeping each step's logits (1-token passes).
 Then, for every verify width w in `--widths`, the same continuation is replayed as verify passes of w rows each
 (the last committed token plus w - 1 "drafts" equal to plain decoding's own tokens, positions explicit, cache
-rolled back to the committed tokens after each pass, exactly as `knnssd.decoding.verify` does). At every position
+rolled back to the committed tokens after each pass, exactly as `knnssd.engine.decoding.verify` does). At every position
 the verify pass's argmax is compared with the 1-token pass's. Printed per category: positions compared, argmax
 flips, positions whose 1-token top-2 gap is below 1e-3 (near ties), the smallest gap seen, and the largest
 |logit difference| between the two passes.
@@ -34,11 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import load_spec_bench, machine_description, pick_prompts  # noqa: E402
-from knnssd.decoding import model_eos_ids, prefill, project_logits  # noqa: E402
-from knnssd.kvcache import rollback  # noqa: E402
-from knnssd.models import load_model  # noqa: E402
-from knnssd.prompts import encode_prompt  # noqa: E402
-from knnssd.sampling import SamplingConfig  # noqa: E402
+from knnssd.engine.decoding import model_eos_ids, prefill, project_logits  # noqa: E402
+from knnssd.engine.kvcache import rollback  # noqa: E402
+from knnssd.engine.models import load_model  # noqa: E402
+from knnssd.engine.prompts import encode_prompt  # noqa: E402
+from knnssd.engine.sampling import SamplingConfig  # noqa: E402
 
 NEAR_TIE = 1e-3
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_description  # noqa: E402
-from knnssd.kernels import compiled_kernel, compile_error  # noqa: E402
+from knnssd.engine.kernels import compiled_kernel, compile_error  # noqa: E402
 
 LAYER_SHAPES = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536))
 LAYERS, LM_HEAD = 30, (49152, 576)

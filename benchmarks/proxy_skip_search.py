@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import load_spec_bench, pick_prompts  # noqa: E402
-from knnssd.decoding import GenerationConfig, generate  # noqa: E402
-from knnssd.sublayers import skip_sublayers  # noqa: E402
-from knnssd.models import load_model  # noqa: E402
-from knnssd.prompts import encode_prompt  # noqa: E402
-from knnssd.skipset import SkipSet  # noqa: E402
+from knnssd.engine.decoding import GenerationConfig, generate  # noqa: E402
+from knnssd.engine.sublayers import skip_sublayers  # noqa: E402
+from knnssd.engine.models import load_model  # noqa: E402
+from knnssd.engine.prompts import encode_prompt  # noqa: E402
+from knnssd.engine.skipset import SkipSet  # noqa: E402
 
 
 @torch.inference_mode()

@@ -35,10 +35,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_engine import ALL_CATEGORIES, DEFAULT_POLICIES  # noqa: E402
 from benchmarks.common import load_spec_bench, machine_description, pick_prompts  # noqa: E402
-from knnssd.decoding import GenerationConfig, generate, warm_up  # noqa: E402
-from knnssd.models import load_model  # noqa: E402
-from knnssd.policy import drafter_from_policy  # noqa: E402
-from knnssd.prompts import encode_prompt  # noqa: E402
+from knnssd.engine.decoding import GenerationConfig, generate, warm_up  # noqa: E402
+from knnssd.engine.models import load_model  # noqa: E402
+from knnssd.engine.policy import drafter_from_policy  # noqa: E402
+from knnssd.engine.prompts import encode_prompt  # noqa: E402
 from pipeline.costs import time_step_costs  # noqa: E402
 from pipeline.drafting import uses_store  # noqa: E402
 from pipeline.replay import full_cache, predict, replay, trace_prompt  # noqa: E402

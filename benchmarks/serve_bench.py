@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import load_spec_bench, machine_description  # noqa: E402
 from knnssd.bundle import BundleSpec, read_bundle, write_bundle, VECTORS_FILE  # noqa: E402
-from knnssd.models import builtin_folder, builtin_model  # noqa: E402
-from knnssd.sources import fetch_bundle  # noqa: E402
+from knnssd.engine.models import builtin_folder, builtin_model  # noqa: E402
+from knnssd.bundle.sources import fetch_bundle  # noqa: E402
 from pipeline.bootstrap import speedup_interval  # noqa: E402
 from tests.services import free_port  # noqa: E402
 

@@ -6,7 +6,7 @@
 For each context, widths 1-16 and 32 are timed as a real decode runs them: every verify pass of width w follows a
 1-token step (shapes switch as they do in decoding), the widths in a shuffled order each round, the cache cropped
 back after each pass so the context stays put. Both engines in the same run, interleaved round by round:
-"fast" (the linear-layer methods `knnssd.kernels` chose at load) and "transformers" (F.linear everywhere).
+"fast" (the linear-layer methods `knnssd.engine.kernels` chose at load) and "transformers" (F.linear everywhere).
 
     plain step   median ms of the 1-token steps;   v(w) = median ms of width-w passes / plain step
     v*(w)        the fast engine's width-w median over the faster of the two engines' plain steps, so that a
@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_description  # noqa: E402
-from knnssd.decoding import GenerationConfig, generate, warm_up  # noqa: E402
-from knnssd.kernels import transformers_kernels  # noqa: E402
-from knnssd.kvcache import new_cache, rollback  # noqa: E402
-from knnssd.models import load_model  # noqa: E402
+from knnssd.engine.decoding import GenerationConfig, generate, warm_up  # noqa: E402
+from knnssd.engine.kernels import transformers_kernels  # noqa: E402
+from knnssd.engine.kvcache import new_cache, rollback  # noqa: E402
+from knnssd.engine.models import load_model  # noqa: E402
 
 WIDTHS = (*range(1, 17), 32)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
-from knnssd.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
+from knnssd.cli.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
-from knnssd.signing import check_signing_key  # noqa: E402
+from knnssd.bundle.signing import check_signing_key  # noqa: E402
 from pipeline.calibrate import CalibrationConfig  # noqa: E402
 from pipeline.data import SPEC_BENCH_MT_CATEGORIES, DataConfig  # noqa: E402
 from pipeline.reduce import ReduceConfig  # noqa: E402
@@ -173,8 +173,8 @@ def final_demo(ref: str, config, work_dir: Path) -> None:
     """Load the published bundle and answer one held-out prompt per domain through it."""
     import pyarrow.parquet as pq
 
-    from knnssd.decoding import GenerationConfig, generate, warm_up
-    from knnssd.runtime import load_bundle
+    from knnssd.engine.decoding import GenerationConfig, generate, warm_up
+    from knnssd.bundle.runtime import load_bundle
     from pipeline.data import HELD_OUT, domains_of, prompts_of
 
     runtime = load_bundle(ref, tracking_uri=config.tracking_uri, device=config.model.device,

@@ -15,14 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
-from knnssd.decoding import GenerationConfig, generate, warm_up  # noqa: E402
+from knnssd.engine.decoding import GenerationConfig, generate, warm_up  # noqa: E402
 from knnssd.demo_prompts import DEMO_PROMPTS, demo_domains  # noqa: E402
-from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter  # noqa: E402
-from knnssd.entry import ArgumentParser, run_main  # noqa: E402
+from knnssd.engine.drafters import LayerSkipConfig, LayerSkipDrafter  # noqa: E402
+from knnssd.cli.entry import ArgumentParser, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
-from knnssd.models import load_model  # noqa: E402
-from knnssd.prompts import encode_prompt  # noqa: E402
-from knnssd.skipset import SkipSet  # noqa: E402
+from knnssd.engine.models import load_model  # noqa: E402
+from knnssd.engine.prompts import encode_prompt  # noqa: E402
+from knnssd.engine.skipset import SkipSet  # noqa: E402
 
 # Found by benchmarks/proxy_skip_search.py on Spec-Bench for SmolLM2-135M (see BENCHMARKS.md).
 SMOLLM2_SKIP_SET = '{"attn": [4, 6, 25], "mlp": []}'

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
-from knnssd.entry import ArgumentParser, add_engine_flags, add_trusted_key_flag, run_main  # noqa: E402
+from knnssd.cli.entry import ArgumentParser, add_engine_flags, add_trusted_key_flag, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
 from pipeline.evalconfig import PEERS, STREAMS, EvalConfig  # noqa: E402
 
@@ -70,7 +70,7 @@ def split_list(text: str | None) -> tuple[str, ...]:
 
 
 def named_policies(items: list[str]) -> tuple[tuple[str, dict], ...]:
-    from knnssd.policy import describe_policy, parse_policy
+    from knnssd.engine.policy import describe_policy, parse_policy
 
     pairs = []
     for item in items:
@@ -115,8 +115,8 @@ def run_study(bundle: str, tracking_uri: str | None, device: str | None, dtype: 
     """Load the bundle (verified against the driver's trusted keys, sent by content: a Ray task on another node
     has neither its environment nor its key files) and its model, pick the prompts, run the study.
     Returns (manifest, prompts, rows)."""
-    from knnssd.runtime import load_bundle
-    from knnssd.signing import keys_from_contents
+    from knnssd.bundle.runtime import load_bundle
+    from knnssd.bundle.signing import keys_from_contents
     from pipeline.study import evaluate
 
     with keys_from_contents(trusted_key_pems) as keys:
@@ -131,8 +131,8 @@ def run_study(bundle: str, tracking_uri: str | None, device: str | None, dtype: 
 
 def run_study_where_asked(args: argparse.Namespace, config: EvalConfig):
     """The study in this process, or as one Ray task (a GPU where the cluster has one) given an address."""
-    from knnssd.signing import key_contents
-    from knnssd.threads import resolve_threads
+    from knnssd.bundle.signing import key_contents
+    from knnssd.engine.threads import resolve_threads
 
     threads = resolve_threads(args.threads)
     call = (args.bundle, args.tracking_uri, args.device, args.dtype, args.data, config, threads,
@@ -167,7 +167,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         return 0
     if not args.bundle:
         raise KnnSsdError("no bundle to evaluate", fix="pass --bundle NAME@vN (or a bundle folder)")
-    from knnssd.threads import resolve_threads
+    from knnssd.engine.threads import resolve_threads
 
     manifest, prompts, rows = run_study_where_asked(args, config)
     table = summarise(rows)
@@ -177,7 +177,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     report = write_outputs(rows, table, out, f"{manifest['model_id']} ({args.bundle})")
     print("\n" + "\n".join(report))
     if config.ood_domains:
-        from knnssd.policy import describe_policy
+        from knnssd.engine.policy import describe_policy
 
         print(f"(a prompt that falls back is decoded with the bundle's fallback policy: "
               f"{describe_policy(manifest['fallback_policy'])}, beyond cosine distance "

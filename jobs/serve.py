@@ -27,12 +27,12 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout or a Ray working dir
 
 from ray import serve  # noqa: E402
 
-from knnssd.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
+from knnssd.cli.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
-from knnssd.bundle_commands import TRACKING_HELP  # noqa: E402
-from knnssd.serve.command import BUNDLE_HELP, add_serving_flags, settings_from  # noqa: E402
+from knnssd.cli.bundles import TRACKING_HELP  # noqa: E402
+from knnssd.cli.serve import BUNDLE_HELP, add_serving_flags, settings_from  # noqa: E402
 from knnssd.serve.settings import ServeSettings  # noqa: E402
-from knnssd.signing import key_contents, keys_from_contents  # noqa: E402
+from knnssd.bundle.signing import key_contents, keys_from_contents  # noqa: E402
 
 # Ray Serve scales up when replicas average more ongoing requests than this (one generates, the rest wait).
 TARGET_ONGOING_REQUESTS = 2
@@ -45,7 +45,7 @@ class KnnSsdServer:
 
     def __init__(self, bundle: str, settings: dict[str, Any] | None = None, tracking_uri: str | None = None,
                  load_options: dict[str, Any] | None = None) -> None:
-        from knnssd.entry import quiet_loaders
+        from knnssd.cli.entry import quiet_loaders
         from knnssd.serve.follow import Follower
 
         quiet_loaders()

@@ -12,15 +12,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GenerationConfig": "knnssd.decoding", "GenerationResult": "knnssd.decoding", "decode": "knnssd.decoding",
-    "generate": "knnssd.decoding", "prefill": "knnssd.decoding",
-    "LayerSkipConfig": "knnssd.drafters", "Drafter": "knnssd.drafters", "LayerSkipDrafter": "knnssd.drafters",
-    "KnnSsdError": "knnssd.errors", "skip_sublayers": "knnssd.sublayers", "HybridDrafter": "knnssd.drafters",
-    "PromptLookupConfig": "knnssd.drafters", "PromptLookupDrafter": "knnssd.drafters",
-    "SuffixTreeConfig": "knnssd.drafters", "SuffixTreeDrafter": "knnssd.drafters",
-    "LoadedModel": "knnssd.models", "load_model": "knnssd.models", "encode_prompt": "knnssd.prompts",
-    "BundleRuntime": "knnssd.runtime", "load_bundle": "knnssd.runtime",
-    "SamplingConfig": "knnssd.sampling", "SkipSet": "knnssd.skipset", "GenerationStats": "knnssd.stats",
+    **dict.fromkeys(("GenerationConfig", "GenerationResult", "decode", "generate", "prefill"), "knnssd.engine.decoding"),
+    **dict.fromkeys(("Drafter", "HybridDrafter", "LayerSkipConfig", "LayerSkipDrafter", "PromptLookupConfig",
+                     "PromptLookupDrafter", "SuffixTreeConfig", "SuffixTreeDrafter"), "knnssd.engine.drafters"),
+    "KnnSsdError": "knnssd.errors", "skip_sublayers": "knnssd.engine.sublayers",
+    "LoadedModel": "knnssd.engine.models", "load_model": "knnssd.engine.models",
+    "encode_prompt": "knnssd.engine.prompts", "SamplingConfig": "knnssd.engine.sampling",
+    "SkipSet": "knnssd.engine.skipset", "GenerationStats": "knnssd.engine.stats",
+    "BundleRuntime": "knnssd.bundle.runtime", "load_bundle": "knnssd.bundle.runtime",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from knnssd.errors import KnnSsdError
-from knnssd.models import check_model
-from knnssd.policy import describe_policy
-from knnssd.threads import resolve_threads
+from knnssd.engine.models import check_model
+from knnssd.engine.policy import describe_policy
+from knnssd.engine.threads import resolve_threads
 from pipeline.data import CALIBRATION, HELD_OUT, DataConfig, domains_of, load_calibration_table, prompts_of
 from pipeline.reduce import ReduceConfig, build_bundle_spec
 from pipeline.search import prepare_study, study_name
@@ -54,7 +54,7 @@ class CalibrationConfig:
     embed_chunk: int = 16
     mix: bool = True
     validate_prompts: int = 3
-    signing_key: str | None = None  # a private key: the published bundle is signed (knnssd.signing)
+    signing_key: str | None = None  # a private key: the published bundle is signed (knnssd.bundle.signing)
     store_tokens: int = 128  # new tokens per calibration prompt in its domain's store (pipeline.stores)
     store_batch: int = 8  # prompts decoded together while building a store
 
@@ -180,7 +180,7 @@ def run_validation(config: CalibrationConfig, table: pa.Table, policies: dict[st
     import ray
 
     from pipeline.cluster import task_resources
-    from knnssd.policy import uses_store
+    from knnssd.engine.policy import uses_store
     from pipeline.tasks import validate_domain
 
     distinct, alias = distinct_policies({name: {**policy, "store of": name} if uses_store(policy) else policy

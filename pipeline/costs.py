@@ -45,14 +45,14 @@ import torch
 from filelock import FileLock
 from transformers import PreTrainedModel
 
-from knnssd.decoding import GenerationConfig, begin, device_clock, prefill, verify
-from knnssd.drafters import Draft, DraftRequest, LayerSkipConfig, LayerSkipDrafter
-from knnssd.kernels import KernelPlan
-from knnssd.kvcache import rollback
-from knnssd.models import LoadedModel
-from knnssd.sampling import SamplingConfig
-from knnssd.skipset import SkipSet
-from knnssd.sublayers import model_lock, num_decoder_layers
+from knnssd.engine.decoding import GenerationConfig, begin, device_clock, prefill, verify
+from knnssd.engine.drafters import Draft, DraftRequest, LayerSkipConfig, LayerSkipDrafter
+from knnssd.engine.kernels import KernelPlan
+from knnssd.engine.kvcache import rollback
+from knnssd.engine.models import LoadedModel
+from knnssd.engine.sampling import SamplingConfig
+from knnssd.engine.skipset import SkipSet
+from knnssd.engine.sublayers import model_lock, num_decoder_layers
 from pipeline.replay import Replayed, Trace
 
 TIMED_WIDTHS = (1, 2, 3, 4, 6, 8, 11, 16)  # the search drafts at most 15 tokens: widths up to 16

@@ -8,16 +8,16 @@ A held-out prompt is in no store, so it drafts from the whole store, as the bund
 
 Indexing a store is the costly part of making such a drafter, and a search makes one per trial and prompt, so
 `PolicyDrafters` keeps the indexed stores (`SuffixStore`) of a worker, one per (store, prompt excluded, n-gram
-range, occurrences kept): what the index depends on. Other policies are made as `knnssd.policy` makes them.
+range, occurrences kept): what the index depends on. Other policies are made as `knnssd.engine.policy` makes them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from knnssd.drafters import Drafter, SuffixStore, SuffixTreeDrafter
+from knnssd.engine.drafters import Drafter, SuffixStore, SuffixTreeDrafter
 from knnssd.errors import KnnSsdError
-from knnssd.policy import drafter_from_policy, suffix_tree_config, uses_store
+from knnssd.engine.policy import drafter_from_policy, suffix_tree_config, uses_store
 from pipeline.stores import DomainStore
 
 MAX_INDEXED = 512  # indexed stores kept per worker (a search needs prompts x n-gram ranges x occurrence caps)

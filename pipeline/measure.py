@@ -29,8 +29,8 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel
 
-from knnssd.decoding import GenerationConfig, generate, warm_up
-from knnssd.stats import Tally
+from knnssd.engine.decoding import GenerationConfig, generate, warm_up
+from knnssd.engine.stats import Tally
 from pipeline.drafting import PolicyDrafters
 from pipeline.replay import Trace, trace_of
 from pipeline.stores import DomainStore

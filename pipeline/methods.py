@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from knnssd.decoding import GenerationConfig, device_clock, generate
+from knnssd.engine.decoding import GenerationConfig, device_clock, generate
 from knnssd.errors import KnnSsdError
-from knnssd.kernels import transformers_kernels
-from knnssd.policy import drafter_from_policy
+from knnssd.engine.kernels import transformers_kernels
+from knnssd.engine.policy import drafter_from_policy
 
 if TYPE_CHECKING:
     from pipeline.evalconfig import EvalConfig
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One method on one prompt: its new tokens, seconds, and the loop's counts (`knnssd.stats`; 0 for
+    """One method on one prompt: its new tokens, seconds, and the loop's counts (`knnssd.engine.stats`; 0 for
     transformers' peers): accepted and drafted tokens, verify steps and how many of them verified a token tree.
     A step's verify width is its drafted tokens (a tree's nodes) plus the last committed token, so the mean
     verify width is (drafted + steps) / steps."""

@@ -15,9 +15,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from knnssd.bundle import BundleSpec, normalise
-from knnssd.drafters import PromptLookupConfig
+from knnssd.engine.drafters import PromptLookupConfig
 from knnssd.errors import KnnSsdError
-from knnssd.policy import layer_skip_parts, lookup_config
+from knnssd.engine.policy import layer_skip_parts, lookup_config
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ prompt is fixed by that prompt's greedy continuation:
 - a suffix tree, like prompt lookup, drafts from the committed tokens (and its store) alone: replaying the real
   `SuffixTreeSession` gives exactly the real run's trees.
 
-`replay` mirrors the decoding loop (`knnssd.decoding.decode`): the same budget, the same draft cut
-(`knnssd.decoding.within_contract`: a path cut to the budget, a tree to that depth), acceptance as the loop's
-(a path: the longest prefix that matches the continuation; a tree: `knnssd.tree.accept_greedy`'s rule, the
+`replay` mirrors the decoding loop (`knnssd.engine.decoding.decode`): the same budget, the same draft cut
+(`knnssd.engine.decoding.within_contract`: a path cut to the budget, a tree to that depth), acceptance as the loop's
+(a path: the longest prefix that matches the continuation; a tree: `knnssd.engine.tree.accept_greedy`'s rule, the
 deepest node whose whole path matches, the first in node order among equals), the bonus token, EOS. Its output
 is the counted events (`Replayed`), which `pipeline.costs.StepCosts` prices. One departure for every kind: where
 plain decoding stopped at EOS, the target's choice after the EOS is not in the trace, so replay accepts no draft
@@ -46,17 +46,17 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from knnssd.decoding import GenerationConfig, GenerationResult, generate
-from knnssd.drafters import (Draft, DraftRequest, Drafter, HybridDrafter, HybridSession, LayerSkipConfig,
+from knnssd.engine.decoding import GenerationConfig, GenerationResult, generate
+from knnssd.engine.drafters import (Draft, DraftRequest, Drafter, HybridDrafter, HybridSession, LayerSkipConfig,
                              LayerSkipDrafter, PromptLookupDrafter, SuffixTreeDrafter)
-from knnssd.drafters.layer_skip import confident_enough
+from knnssd.engine.drafters.layer_skip import confident_enough
 from knnssd.errors import KnnSsdError
-from knnssd.kernels import transformers_kernels
-from knnssd.kvcache import rollback
-from knnssd.skipset import SkipSet
-from knnssd.stats import StatsRecorder, Tally
-from knnssd.sublayers import model_lock, skip_sublayers
-from knnssd.tree import accept_targets, depths, nodes_per_depth, within_depth
+from knnssd.engine.kernels import transformers_kernels
+from knnssd.engine.kvcache import rollback
+from knnssd.engine.skipset import SkipSet
+from knnssd.engine.stats import StatsRecorder, Tally
+from knnssd.engine.sublayers import model_lock, skip_sublayers
+from knnssd.engine.tree import accept_targets, depths, nodes_per_depth, within_depth
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Prediction:
 @dataclass(frozen=True)
 class Step:
     """One verification step: `drafted` tokens checked (a tree's nodes), `accepted` of them kept, after
-    `forwards` draft passes; `by_depth`: a tree's nodes per depth (`knnssd.tree.nodes_per_depth`), None for a
+    `forwards` draft passes; `by_depth`: a tree's nodes per depth (`knnssd.engine.tree.nodes_per_depth`), None for a
     path."""
 
     drafted: int
@@ -196,7 +196,7 @@ def predict(model: PreTrainedModel, trace: Trace, cache: DynamicCache, skip_set:
 
 class ReplayedLayerSkip:
     """A layer-skip session that reads its drafts from a `Prediction` instead of running the model; the stop
-    rule is the real session's (`knnssd.drafters.layer_skip.confident_enough`), the threshold adapts as there."""
+    rule is the real session's (`knnssd.engine.drafters.layer_skip.confident_enough`), the threshold adapts as there."""
 
     def __init__(self, config: LayerSkipConfig, prediction: Prediction, prompt_length: int) -> None:
         self.config = config
@@ -239,7 +239,7 @@ def replay_session(drafter: Drafter, prediction: Prediction | None, prompt_lengt
 
 
 def within_budget(draft: Draft, max_tokens: int) -> Draft:
-    """The draft as `knnssd.decoding.within_contract` cuts it under greedy decoding: a tree to depth
+    """The draft as `knnssd.engine.decoding.within_contract` cuts it under greedy decoding: a tree to depth
     `max_tokens` (a path when what is left is one), a path to `max_tokens` tokens."""
     return within_depth(draft, max_tokens) if draft.parents is not None else Draft(
         tokens=draft.tokens[:max_tokens], probs=None, forwards=draft.forwards)
@@ -248,7 +248,7 @@ def within_budget(draft: Draft, max_tokens: int) -> Draft:
 def accepted_nodes(draft: Draft, following: tuple[int, ...]) -> int:
     """How many draft tokens the loop accepts when the target's greedy choices are `following` (the
     continuation after the last committed token): a path's longest matching prefix; a tree's accepted path by
-    `knnssd.tree.accept_greedy` itself. The target after a node is `following[depth]` when the node's path
+    `knnssd.engine.tree.accept_greedy` itself. The target after a node is `following[depth]` when the node's path
     matches (else it is never read); beyond `following`'s end it is unknown (None) and matches no token."""
     tokens = draft.tokens.tolist()
     if draft.parents is None:
@@ -263,7 +263,7 @@ def accepted_nodes(draft: Draft, following: tuple[int, ...]) -> int:
 
 
 def replay(drafter: Drafter, trace: Trace, prediction: Prediction | None = None) -> Replayed:
-    """The events `knnssd.decoding.decode` would record decoding the trace's prompt greedily with `drafter`."""
+    """The events `knnssd.engine.decoding.decode` would record decoding the trace's prompt greedily with `drafter`."""
     session = replay_session(drafter, prediction, len(trace.prompt))
     continuation = trace.tokens
     history = list(trace.prompt) + [continuation[0]]

@@ -4,7 +4,7 @@ Needs no torch: `jobs/evaluate.py --rerender` rebuilds a run's report from its p
 
     speedup       = sum of plain seconds / sum of the method's seconds, over the same prompts, with a 95%
                     paired-bootstrap interval over prompts (speedup_low, speedup_high; `pipeline.bootstrap`)
-    mean_accepted, acceptance, mean_verify_width: pooled by knnssd.stats.Tally (our methods; 0 for
+    mean_accepted, acceptance, mean_verify_width: pooled by knnssd.engine.stats.Tally (our methods; 0 for
                     transformers' peers); mean_verify_width = (drafted + steps) / steps, the tokens a verify pass
                     actually ran on (a tree's nodes plus the last committed token; 1.0 for plain decoding)
     tree_share    = verify steps that verified a token tree / verify steps
@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from knnssd.reports import bar_chart, write_csv
-from knnssd.stats import Tally
+from knnssd.bundle.reports import bar_chart, write_csv
+from knnssd.engine.stats import Tally
 from pipeline.bootstrap import speedup_interval
 from pipeline.comparisons import OVERALL, judgements
 

@@ -20,9 +20,9 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from knnssd.policy import layer_skip_parts
-from knnssd.skipset import SkipSet
-from knnssd.stats import Tally
+from knnssd.engine.policy import layer_skip_parts
+from knnssd.engine.skipset import SkipSet
+from knnssd.engine.stats import Tally
 from pipeline.costs import StepCosts
 from pipeline.drafting import PolicyDrafters
 from pipeline.replay import Trace, full_cache, predict, replay, trace_prompt

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import optuna
 from optuna.study import MaxTrialsCallback
 
-from knnssd.policy import describe_policy
+from knnssd.engine.policy import describe_policy
 from pipeline.costs import StepCosts
 from pipeline.drafting import PolicyDrafters
 from pipeline.scoring import Workload, score_policy

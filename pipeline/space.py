@@ -23,9 +23,9 @@ from typing import Any
 
 import optuna
 
-from knnssd.drafters import LayerSkipConfig, PromptLookupConfig, SuffixTreeConfig
+from knnssd.engine.drafters import LayerSkipConfig, PromptLookupConfig, SuffixTreeConfig
 from knnssd.errors import KnnSsdError
-from knnssd.skipset import SkipSet
+from knnssd.engine.skipset import SkipSet
 
 # Bumped whenever the objective's measurement or search space changes, so a resumed study never mixes
 # incomparable trials.

@@ -1,7 +1,7 @@
 """Per-domain stores of the model's own outputs: draft knowledge for suffix-tree policies.
 
 A domain's store is the model's greedy continuation of each of the domain's calibration prompts. A suffix-tree
-policy with `use_store` drafts from it as well as from the text (`knnssd.drafters.suffix_tree`). A trial that
+policy with `use_store` drafts from it as well as from the text (`knnssd.engine.drafters.suffix_tree`). A trial that
 measures calibration prompt p drafts from the store without p's own output (`DomainStore.arrays(exclude=p)`),
 else it would look its own future up; held-out prompts and the bundle use the whole store.
 
@@ -19,18 +19,18 @@ import numpy as np
 import torch
 
 from knnssd.bundle import join_store
-from knnssd.decoding import model_eos_ids
+from knnssd.engine.decoding import model_eos_ids
 from knnssd.errors import KnnSsdError
-from knnssd.kernels import transformers_kernels
+from knnssd.engine.kernels import transformers_kernels
 
 
 def build_outputs(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
                   batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> list[tuple[int, ...]]:
     """The model's greedy continuation of each prompt, `batch_size` prompts per `generate` call.
 
-    prompts: token ids, each (1, T_i) or (T_i,), already formatted (`knnssd.prompts.encode_prompt`). Returns one
+    prompts: token ids, each (1, T_i) or (T_i,), already formatted (`knnssd.engine.prompts.encode_prompt`). Returns one
     tuple of new token ids per prompt, in order, at most `max_new_tokens` long and cut after its first EOS (kept,
-    as `knnssd.decoding.generate` keeps it). `progress(done, total)` is called after each batch.
+    as `knnssd.engine.decoding.generate` keeps it). `progress(done, total)` is called after each batch.
 
     Batches are left-padded with an attention mask, so a batched continuation may differ from the unbatched
     greedy one where two next tokens are near-tied (padding changes the float sums slightly). That is fine for a

@@ -10,8 +10,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from knnssd.policy import describe_policy
-from knnssd.reports import format_validation
+from knnssd.engine.policy import describe_policy
+from knnssd.bundle.reports import format_validation
 from pipeline.data import DataConfig
 from pipeline.reduce import ReduceConfig
 from pipeline.space import SearchConfig

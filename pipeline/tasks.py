@@ -30,12 +30,12 @@ import optuna
 import ray
 import torch
 
-from knnssd.decoding import prefill
-from knnssd.entry import quiet_loaders
-from knnssd.models import LoadedModel, load_model
-from knnssd.policy import describe_policy
-from knnssd.prompts import encode_prompt
-from knnssd.sampling import SamplingConfig
+from knnssd.engine.decoding import prefill
+from knnssd.cli.entry import quiet_loaders
+from knnssd.engine.models import LoadedModel, load_model
+from knnssd.engine.policy import describe_policy
+from knnssd.engine.prompts import encode_prompt
+from knnssd.engine.sampling import SamplingConfig
 from pipeline.costs import StepCosts, step_costs_for, table_key
 from pipeline.drafting import PolicyDrafters
 from pipeline.measure import Measured, measure_policies
@@ -52,7 +52,7 @@ MAX_RETRIES = 3
 class ModelSpec:
     """How workers load the model: name or path, device (None: CUDA when the worker has one), dtype, torch
     threads (None: $KNNSSD_THREADS, else every core of the driver's machine; a task asks Ray for that many CPUs)
-    and whether to choose fast kernels (`knnssd.kernels`)."""
+    and whether to choose fast kernels (`knnssd.engine.kernels`)."""
 
     name: str
     device: str | None = None

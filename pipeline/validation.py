@@ -15,8 +15,8 @@ import json
 import statistics
 from typing import Any
 
-from knnssd.policy import describe_policy
-from knnssd.reports import format_validation  # noqa: F401 - printed by calibration, defined beside the bundle's reports
+from knnssd.engine.policy import describe_policy
+from knnssd.bundle.reports import format_validation  # noqa: F401 - printed by calibration, defined beside the bundle's reports
 
 MIX_NAME = "mix"
 

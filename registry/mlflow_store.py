@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from knnssd.cachedir import cache_root
-from knnssd.signing import SignatureError, sign_bundle, verify_signature
-from knnssd.reports import DOMAIN_METRICS, write_bundle_reports
+from knnssd.bundle.signing import SignatureError, sign_bundle, verify_signature
+from knnssd.bundle.reports import DOMAIN_METRICS, write_bundle_reports
 from registry.pages import (MAX_PARAM_CHARS, SHARED_VIEW_TAG, policy_params, runs_table_path, shared_view,
                             summary_markdown, validation_metrics)
 from knnssd.bundle import (BundleError, is_folder_reference, manifest_digest, read_bundle, read_manifest,
@@ -122,7 +122,7 @@ class BundleRegistry:
                 experiment: str = DEFAULT_EXPERIMENT, signing_key: str | os.PathLike[str] | None = None) -> Published:
         """Log `folder` (a verified bundle) as a run and register it as the next version of `name`. With
         `signing_key` (a private key from `knnssd keys generate`), what is uploaded is a copy of the folder signed
-        with it (`knnssd.signing`); the folder itself is left as it is."""
+        with it (`knnssd.bundle.signing`); the folder itself is left as it is."""
         check_bundle_name(name)
         folder = Path(folder)
         read_bundle(folder, keys=())  # the publisher's own folder: checked, not authenticated
@@ -318,7 +318,7 @@ class BundleRegistry:
         """A verified local copy of the bundle `ref`. The reference is always resolved against the registry (one
         metadata call); the files are downloaded once per version and served from the cache after that.
 
-        Verified every time, cached or not: with trusted `keys`, first the signature (`knnssd.signing`: nothing
+        Verified every time, cached or not: with trusted `keys`, first the signature (`knnssd.bundle.signing`: nothing
         of the bundle is read before it holds; this is what a writer of the tracking store cannot forge); then
         the manifest's sha256 must equal the digest the registry recorded on the version at publish time (the
         artifact store alone cannot change that tag), and every file must match the manifest's checksums. A cache entry that fails is downloaded again; a download that fails is

@@ -43,7 +43,7 @@ def _figure(metrics: dict[str, Any], key: str, digits: int) -> str:
 
 def summary_markdown(manifest: dict[str, Any], title: str) -> str:
     """A markdown description: what the bundle is, and one row per domain (policy and calibration figures)."""
-    from knnssd.policy import describe_policy  # torch comes with it: only when publishing
+    from knnssd.engine.policy import describe_policy  # torch comes with it: only when publishing
 
     lines = [f"**{title}**: KNN-SSD routing bundle for `{manifest['model_id']}` "
              f"(model hash `{manifest['model_hash'][:12]}`), {len(manifest['domains'])} domains, "
@@ -64,7 +64,7 @@ def summary_markdown(manifest: dict[str, Any], title: str) -> str:
                   "a suffix_tree +store policy drafts from (a reference's: the union of all)."]
     validation = manifest.get("calibration", {}).get("validation")
     if validation and validation.get("domains"):
-        from knnssd.reports import format_validation
+        from knnssd.bundle.reports import format_validation
 
         lines += ["", "Held-out check:", "", "```", format_validation(validation), "```"]
     return "\n".join(lines)

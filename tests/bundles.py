@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from knnssd.decoding import prefill
-from knnssd.models import LoadedModel, load_model
-from knnssd.sampling import SamplingConfig
+from knnssd.engine.decoding import prefill
+from knnssd.engine.models import LoadedModel, load_model
+from knnssd.engine.sampling import SamplingConfig
 from pipeline.reduce import ReduceConfig, build_bundle_spec
 from knnssd.bundle import write_bundle
 

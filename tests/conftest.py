@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from knnssd.kernels import accelerate
+from knnssd.engine.kernels import accelerate
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
@@ -54,6 +54,6 @@ def spec_bench_rows() -> list[dict]:
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct in fp32 on CPU (converted once into the knnssd cache)."""
-    from knnssd.models import load_model
+    from knnssd.engine.models import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")

@@ -14,8 +14,8 @@ import httpx
 import pytest
 import uvicorn
 
-from knnssd.models import LoadedModel, load_model
-from knnssd.sampling import SamplingConfig
+from knnssd.engine.models import LoadedModel, load_model
+from knnssd.engine.sampling import SamplingConfig
 from knnssd.serve.app import build_app
 from knnssd.serve.follow import Follower
 from knnssd.serve.settings import ServeSettings

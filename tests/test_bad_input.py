@@ -44,8 +44,8 @@ def signed_bundles(root):
     (signed by the trusted key, then a file changed)."""
     import shutil
 
-    from knnssd.models import load_model
-    from knnssd.signing import generate_key_pair, sign_bundle
+    from knnssd.engine.models import load_model
+    from knnssd.bundle.signing import generate_key_pair, sign_bundle
     from tests.bundles import tiny_bundle
 
     generate_key_pair(root / "trusted")
@@ -122,7 +122,7 @@ CASES = [
     ("generate", lambda f: ["bundles", "list", "nobody", "--tracking-uri", f"sqlite:///{f}/empty-store.db"],
      "no bundle named 'nobody'"),
     # jobs/calibrate.py
-    # signatures and trust (knnssd/signing.py)
+    # signatures and trust (knnssd/bundle/signing.py)
     ("generate", lambda f: trusted(f, "unsigned"), "is unsigned, and trusted keys are configured"),
     ("generate", lambda f: trusted(f, "foreign"), "signed by a key that is not among the trusted ones"),
     ("generate", lambda f: trusted(f, "tampered"), "files differ from the ones its signature covers"),

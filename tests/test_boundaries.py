@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.conftest import REPO_ROOT
 
 # The core's one seam to the registry (see its docstring).
-CORE_REGISTRY_SEAM = "knnssd/sources.py"
+CORE_REGISTRY_SEAM = "knnssd/bundle/sources.py"
 
 
 def imported_after(code: str) -> set[str]:
@@ -116,12 +116,13 @@ def test_pipeline_modules_import_each_other_without_a_cycle():
 
 
 def test_core_imports_no_ray_optuna_mlflow_at_run_time():
-    modules = imported_after("import knnssd, knnssd.cli, knnssd.runtime, knnssd.generate_command, knnssd.bundle")
+    modules = imported_after("import knnssd, knnssd.cli.commands, knnssd.bundle.runtime, knnssd.cli.generate, "
+                             "knnssd.bundle")
     assert not modules & {"ray", "optuna", "mlflow", "registry", "pipeline"}
 
 
 def test_registry_does_not_import_the_decoding_loop():
-    modules = imported_after("import registry.mlflow_store, sys; assert 'knnssd.decoding' not in sys.modules")
+    modules = imported_after("import registry.mlflow_store, sys; assert 'knnssd.engine.decoding' not in sys.modules")
     assert not modules & {"ray", "optuna", "torch"}
 
 
@@ -132,15 +133,65 @@ def test_evaluation_report_needs_no_torch():
 
 
 def test_only_the_server_imports_its_web_stack():
-    """FastAPI, uvicorn and prometheus-client (the `serve` extra) stay inside knnssd/serve/, and `knnssd` without
-    `serve` (and the server's own command module, which `knnssd.cli` imports) loads none of them."""
+    """FastAPI, uvicorn and prometheus-client (the `serve` extra) stay inside knnssd/serve/ (and `knnssd serve`'s
+    command, knnssd/cli/serve.py, which starts uvicorn inside its function), and `knnssd` without `serve` loads
+    none of them: importing the command line, that command included, imports no web package."""
     web = {"fastapi", "uvicorn", "prometheus_client", "starlette"}
     for module, imports in package_imports("knnssd").items():
         if not module.startswith("knnssd/serve/"):
-            assert not imports & web, module
-    assert not imported_after("import knnssd.cli, knnssd.serve.command") & web
+            assert not imports & (web - {"uvicorn"} if module == "knnssd/cli/serve.py" else web), module
+    assert not imported_after("import knnssd.cli.commands, knnssd.cli.serve") & web
 
 
 def test_the_server_imports_no_ray_or_mlflow_until_it_follows_a_registry():
-    modules = imported_after("import knnssd.serve.app, knnssd.serve.command")
+    modules = imported_after("import knnssd.serve.app, knnssd.cli.serve")
     assert not modules & {"ray", "optuna", "mlflow", "registry", "pipeline"}
+
+
+# knnssd's packages, lowest first: each imports only from those below it (and from the top-level foundation
+# modules errors.py, cachedir.py, demo_prompts.py, which import no package of knnssd).
+CORE_LAYERS = ("engine", "bundle", "serve", "cli")
+
+
+def core_layer(module: str) -> int | None:
+    """The layer of a `knnssd.x...` module name or a `knnssd/x/...` path; None for a top-level module."""
+    parts = module.replace("/", ".").removesuffix(".py").split(".")
+    return CORE_LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in CORE_LAYERS else None
+
+
+def knnssd_targets(path: Path) -> set[str]:
+    """Every `knnssd...` module or package `path` imports, wherever the statement stands; for
+    `from knnssd.x import y`, both knnssd.x and knnssd.x.y (y may be a module or a name)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("knnssd"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("knnssd") and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def wrong_way_imports() -> list[str]:
+    found = []
+    for path in sorted((REPO_ROOT / "knnssd").rglob("*.py")):
+        module = str(path.relative_to(REPO_ROOT))
+        own = core_layer(module)
+        for target in sorted(knnssd_targets(path)):
+            layer = core_layer(target)
+            if layer is not None and (own is None or layer > own):
+                found.append(f"{module} imports {target}")
+    return found
+
+
+def test_knnssd_packages_import_one_way():
+    """cli over serve over bundle over engine: the engine knows no bundle, a bundle no server or command line."""
+    assert not wrong_way_imports()
+    assert core_layer("knnssd/engine/decoding.py") == 0 and core_layer("knnssd.cli.commands") == 3
+    assert core_layer("knnssd/errors.py") is None
+
+
+def test_the_layer_check_sees_package_imports():
+    """The check above reads `from knnssd.engine.drafters import X` and `from knnssd.bundle import reading`."""
+    imports = knnssd_targets(REPO_ROOT / "knnssd" / "bundle" / "runtime.py")
+    assert "knnssd.engine.decoding" in imports and "knnssd.bundle.signing" in imports

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from knnssd.decoding import GenerationConfig, generate
+from knnssd.engine.decoding import GenerationConfig, generate
 from knnssd.errors import KnnSsdError
-from knnssd.runtime import load_bundle
+from knnssd.bundle.runtime import load_bundle
 from knnssd.bundle import BundleError, read_bundle
 from tests.bundles import TINY_PROMPTS, loaded, tiny_bundle  # noqa: F401 (fixture)
 
@@ -159,7 +159,7 @@ def test_anchors_are_checked_and_never_unpickled(bundle_dir, monkeypatch, array,
 
 
 def test_a_model_of_another_width_is_refused_at_load(loaded, bundle_dir, tmp_path):
-    from knnssd.models import load_model
+    from knnssd.engine.models import load_model
     from tests.test_models import save_tiny
 
     save_tiny(tmp_path / "wide", hidden_size=96)
@@ -169,7 +169,7 @@ def test_a_model_of_another_width_is_refused_at_load(loaded, bundle_dir, tmp_pat
 
 
 def test_router_refuses_an_embedding_of_the_wrong_size(bundle_dir):
-    from knnssd.routing import Router
+    from knnssd.bundle.routing import Router
 
     bundle = read_bundle(bundle_dir)
     router = Router(index=bundle.index, anchor_domains=bundle.anchor_domains, domains=bundle.domains,
@@ -216,7 +216,7 @@ def test_a_folder_named_like_a_registry_reference_never_replaces_it(loaded, bund
     """`name@v3` is a registry reference even where a folder of that name exists here (it used to load the folder
     and skip the registry's digest check); the folder is loaded when written as a path."""
     from knnssd.bundle import is_folder_reference
-    from knnssd.sources import fetch_bundle
+    from knnssd.bundle.sources import fetch_bundle
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KNNSSD_CACHE", str(tmp_path / "cache"))
@@ -231,7 +231,7 @@ def test_a_folder_named_like_a_registry_reference_never_replaces_it(loaded, bund
 def test_a_router_without_anchors_is_refused(bundle_dir):
     import faiss
 
-    from knnssd.routing import Router
+    from knnssd.bundle.routing import Router
 
     with pytest.raises(KnnSsdError, match="at least one anchor"):
         Router(index=faiss.IndexFlatIP(64), anchor_domains=(), domains=("low",), fallback_distance=0.5)

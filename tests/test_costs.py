@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from knnssd.kernels import KernelPlan
-from knnssd.models import LoadedModel
-from knnssd.skipset import SkipSet
+from knnssd.engine.kernels import KernelPlan
+from knnssd.engine.models import LoadedModel
+from knnssd.engine.skipset import SkipSet
 from pipeline.costs import StepCosts, step_costs_for, table_key
 from pipeline.replay import Replayed, Step, Trace
 from pipeline.scoring import Workload, build_workload, score_policy

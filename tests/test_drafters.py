@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter
+from knnssd.engine.decoding import GenerationConfig, generate
+from knnssd.engine.drafters import LayerSkipConfig, LayerSkipDrafter
 from knnssd.errors import KnnSsdError
-from knnssd.drafters import HybridDrafter
-from knnssd.drafters import NgramIndex, PromptLookupConfig, PromptLookupDrafter
-from knnssd.drafters import DraftRequest, SuffixTreeConfig, SuffixTreeDrafter
-from knnssd.sampling import SamplingConfig
-from knnssd.tree import first_path
-from knnssd.policy import describe_policy, drafter_from_policy, policy_of
-from knnssd.skipset import SkipSet
+from knnssd.engine.drafters import HybridDrafter
+from knnssd.engine.drafters import NgramIndex, PromptLookupConfig, PromptLookupDrafter
+from knnssd.engine.drafters import DraftRequest, SuffixTreeConfig, SuffixTreeDrafter
+from knnssd.engine.sampling import SamplingConfig
+from knnssd.engine.tree import first_path
+from knnssd.engine.policy import describe_policy, drafter_from_policy, policy_of
+from knnssd.engine.skipset import SkipSet
 from tests.conftest import tiny_model
 
 
@@ -100,7 +100,7 @@ class Greedy:
         return {"kind": "custom"}
 
     def propose(self, request):
-        from knnssd.drafters import Draft
+        from knnssd.engine.drafters import Draft
 
         if self.crop_cache:
             request.cache.crop(-1)

@@ -117,7 +117,7 @@ def test_help_texts_are_sentences_with_each_default_once(name, monkeypatch):
 
 def test_the_checks_catch_what_they_are_for():
     """A description cut mid-sentence, a help without an end, and a default said twice are each reported."""
-    from knnssd.entry import ArgumentParser
+    from knnssd.cli.entry import ArgumentParser
 
     parser = ArgumentParser(prog="x", description="The study of a bundle: KNN-SSD against an oracle, plain")
     parser.add_argument("--fix", default=None, help="domains to fix (default all) (default: None).")

@@ -1,4 +1,4 @@
-"""The fast linear-layer methods chosen at load (knnssd/kernels.py): chosen per shape, switchable, restorable, and
+"""The fast linear-layer methods chosen at load (knnssd/engine/kernels.py): chosen per shape, switchable, restorable, and
 numerically safe for greedy decoding.
 
 Plain decoding computes each token with a 1-token pass (F.linear, as transformers does); a verify pass computes
@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from knnssd.kernels import (MAX_FAST_ROWS, accelerate, compiled_kernel, mkl_packed_available, pack, restore,
+from knnssd.engine.kernels import (MAX_FAST_ROWS, accelerate, compiled_kernel, mkl_packed_available, pack, restore,
                             runner, transformers_kernels)
-from knnssd.kvcache import new_cache, rollback
+from knnssd.engine.kvcache import new_cache, rollback
 from tests.conftest import FAMILIES, tiny_model
 
 NEAR_TIE = 1e-3  # logits closer than this may round either way in fp32 over these sums
@@ -59,7 +59,7 @@ def test_every_method_computes_the_product(rows):
 
 
 def test_the_switch_and_transformers_kernels_context(tmp_path):
-    from knnssd.models import load_model
+    from knnssd.engine.models import load_model
     from tests.test_models import save_tiny
 
     save_tiny(tmp_path / "m")
@@ -115,7 +115,7 @@ def test_verify_rows_flip_only_at_near_ties_on_tiny_models(family):
 
 @pytest.mark.slow
 def test_verify_rows_flip_only_at_near_ties_on_smollm2(smollm2):
-    from knnssd.prompts import encode_prompt
+    from knnssd.engine.prompts import encode_prompt
     from tests.conftest import spec_bench_rows
 
     first = {}
@@ -143,9 +143,9 @@ def test_fast_rows_stop_at_the_verify_limit():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_grouped_attention_computes_what_transformers_sdpa_computes(family):
     """Verify passes of 2-16 tokens (Mistral's past its sliding window) give the same logits with query heads
-    grouped (knnssd/attention.py) as with transformers' SDPA path, which copies the cache per head; the switch
+    grouped (knnssd/engine/attention.py) as with transformers' SDPA path, which copies the cache per head; the switch
     follows the plan, `transformers_kernels` and `restore`."""
-    from knnssd import attention
+    from knnssd.engine import attention
 
     model = tiny_model(family, seed=2)
     assert model.config._attn_implementation == attention.IMPLEMENTATION
@@ -204,7 +204,7 @@ def test_a_stale_build_lock_is_broken_and_a_live_one_waited_for_within_the_bound
 
     from torch.utils.file_baton import FileBaton
 
-    from knnssd.kernel_build import stale_lock_breaker
+    from knnssd.engine.kernel_build import stale_lock_breaker
 
     def waits(lock, seconds):
         """Whether torch's FileBaton.wait() on `lock` returns within `seconds`."""
@@ -235,7 +235,7 @@ def test_a_build_failure_without_a_message_falls_back_with_a_reason(monkeypatch)
     """An exception with an empty message used to escape the fallback as an IndexError."""
     import torch.utils.cpp_extension
 
-    from knnssd import kernel_build
+    from knnssd.engine import kernel_build
 
     assert kernel_build.failure_reason(RuntimeError()) == "C++ kernel not built (RuntimeError)"
     assert kernel_build.failure_reason(OSError("no ninja\nmore")) == "C++ kernel not built (OSError: no ninja)"
@@ -300,14 +300,14 @@ def test_a_kernel_load_after_a_killed_build_does_not_hang(tmp_path):
     import subprocess
     import sys
 
-    from knnssd.kernel_build import _cpu_flags
+    from knnssd.engine.kernel_build import _cpu_flags
 
     if " avx512f" not in _cpu_flags():
         pytest.skip("this CPU never reaches the build")
-    plant = ("from knnssd import kernel_build\n"
+    plant = ("from knnssd.engine import kernel_build\n"
              "kernel_build.STALE_LOCK_S = 5.0\n"
              "build = kernel_build.kernel_build_dir(); build.mkdir(parents=True); (build / 'lock').touch()\n")
-    load = ("from knnssd.kernels import compiled_kernel, compile_error\n"
+    load = ("from knnssd.engine.kernels import compiled_kernel, compile_error\n"
             "print('built' if compiled_kernel() is not None else 'fallback: ' + compile_error())\n")
     env = {**os.environ, "KNNSSD_CACHE": str(tmp_path / "cache")}
     env.pop("KNNSSD_NO_COMPILE", None)

@@ -7,14 +7,14 @@ from collections import defaultdict
 import pytest
 import torch
 
-from knnssd.decoding import GenerationConfig, generate
-from knnssd.kernels import transformers_kernels
-from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter
-from knnssd.drafters import HybridDrafter
-from knnssd.drafters import PromptLookupConfig, PromptLookupDrafter
-from knnssd.drafters import Draft, SuffixTreeConfig, SuffixTreeDrafter
-from knnssd.prompts import encode_prompt
-from knnssd.skipset import SkipSet
+from knnssd.engine.decoding import GenerationConfig, generate
+from knnssd.engine.kernels import transformers_kernels
+from knnssd.engine.drafters import LayerSkipConfig, LayerSkipDrafter
+from knnssd.engine.drafters import HybridDrafter
+from knnssd.engine.drafters import PromptLookupConfig, PromptLookupDrafter
+from knnssd.engine.drafters import Draft, SuffixTreeConfig, SuffixTreeDrafter
+from knnssd.engine.prompts import encode_prompt
+from knnssd.engine.skipset import SkipSet
 from tests.conftest import FAMILIES, spec_bench_rows, tiny_model
 
 NUM_LAYERS = 4

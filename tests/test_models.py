@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from knnssd.errors import KnnSsdError
-from knnssd.modelhash import compute_model_hash
-from knnssd.models import load_model, resolve_dtype
+from knnssd.engine.modelhash import compute_model_hash
+from knnssd.engine.models import load_model, resolve_dtype
 from tests.conftest import tiny_model
 
 
@@ -91,7 +91,7 @@ def test_two_processes_converting_the_builtin_model_at_once(tmp_path):
     import subprocess
     import sys
 
-    code = ("from knnssd.models import builtin_folder, builtin_model; "
+    code = ("from knnssd.engine.models import builtin_folder, builtin_model; "
             "print(builtin_folder(builtin_model('smollm2-135m')))")
     env = {**__import__("os").environ, "KNNSSD_CACHE": str(tmp_path / "cache")}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,

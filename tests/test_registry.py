@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from knnssd.errors import KnnSsdError
-from knnssd.runtime import load_bundle
+from knnssd.bundle.runtime import load_bundle
 from knnssd.bundle import BundleError, read_bundle
 from registry.mlflow_store import BundleRef, BundleRegistry
 from tests.bundles import loaded, tiny_bundle  # noqa: F401 (fixture)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters import (Draft, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
+from knnssd.engine.decoding import GenerationConfig, generate
+from knnssd.engine.drafters import (Draft, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
                              PromptLookupDrafter, SuffixTreeConfig, SuffixTreeDrafter)
-from knnssd.skipset import SkipSet
+from knnssd.engine.skipset import SkipSet
 from pipeline.costs import StepCosts, monotone_passes, non_decreasing
-from knnssd.tree import accept_greedy
+from knnssd.engine.tree import accept_greedy
 from pipeline.replay import accepted_nodes, full_cache, predict, replay, replay_mask, trace_prompt
 from pipeline.scoring import build_workload, score_policy
 from tests.conftest import FAMILIES, tiny_model

@@ -10,13 +10,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters import (DraftRequest, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
+from knnssd.engine.decoding import GenerationConfig, generate
+from knnssd.engine.drafters import (DraftRequest, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
                              PromptLookupDrafter, SuffixTreeConfig, SuffixTreeDrafter)
 from knnssd.errors import KnnSsdError
-from knnssd.sublayers import skip_sublayers
-from knnssd.sampling import SamplingConfig, verify_sampling, warp_probs
-from knnssd.skipset import SkipSet
+from knnssd.engine.sublayers import skip_sublayers
+from knnssd.engine.sampling import SamplingConfig, verify_sampling, warp_probs
+from knnssd.engine.skipset import SkipSet
 from tests.conftest import tiny_model
 
 VOCAB = 6
@@ -178,7 +178,7 @@ def test_bad_sampling_settings(kwargs, words):
 def test_a_token_the_target_gives_zero_probability_is_never_accepted(monkeypatch, draft_probs):
     """u is drawn from [0, 1): at u == 0 exactly, "accept iff u * q <= p" would accept a draft with p(x) = 0.
     u == 0 cannot be produced on purpose, so torch.rand is replaced by zeros for this one call."""
-    import knnssd.sampling as sampling
+    import knnssd.engine.sampling as sampling
 
     monkeypatch.setattr(sampling.torch, "rand", lambda *args, **kwargs: torch.zeros(args[0]))
     target = torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.4, 0.4]])  # p(token 0) = 0 at the first position

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from knnssd.drafters import LayerSkipConfig, PromptLookupConfig
+from knnssd.engine.drafters import LayerSkipConfig, PromptLookupConfig
 from knnssd.errors import KnnSsdError
 from pipeline.calibrate import mix_search, mixed_prompts
 from pipeline.search import study_name
@@ -94,7 +94,7 @@ def test_every_kind_gets_its_share_of_the_first_trials():
 
 
 def test_suffix_trees_are_searched_by_default_and_seeded_with_the_drafters_defaults():
-    from knnssd.drafters import SuffixTreeConfig
+    from knnssd.engine.drafters import SuffixTreeConfig
     from pipeline.space import SEARCHABLE_KINDS
 
     assert "suffix_tree" in SearchConfig().kinds == SEARCHABLE_KINDS
@@ -116,7 +116,7 @@ def test_suffix_tree_trials_draft_from_a_store_only_where_the_domain_has_one(has
     use_store is suggested (both ways) only with a store; a study without one never suggests it."""
     import optuna
 
-    from knnssd.policy import suffix_tree_config
+    from knnssd.engine.policy import suffix_tree_config
     from pipeline.space import suggest_policy
 
     config = SearchConfig(kinds=("suffix_tree",))

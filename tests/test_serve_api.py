@@ -11,9 +11,9 @@ import openai
 import pytest
 import torch
 
-from knnssd.decoding import GenerationConfig, generate
-from knnssd.runtime import load_bundle
-from knnssd.sampling import SamplingConfig
+from knnssd.engine.decoding import GenerationConfig, generate
+from knnssd.bundle.runtime import load_bundle
+from knnssd.engine.sampling import SamplingConfig
 from knnssd.serve.follow import Follower
 from knnssd.serve.settings import ServeSettings
 from tests.serving import CONTEXT, PROMPTS, LiveServer, bundle_folder, served_model  # noqa: F401 (fixtures)

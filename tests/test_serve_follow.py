@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from knnssd.runtime import load_bundle
+from knnssd.bundle.runtime import load_bundle
 from knnssd.serve.follow import Follower
 from knnssd.serve.settings import ServeSettings
 from registry.mlflow_store import BundleRegistry

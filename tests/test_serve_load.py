@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from knnssd.runtime import load_bundle
+from knnssd.bundle.runtime import load_bundle
 from knnssd.serve.follow import Follower
 from knnssd.serve.settings import ServeSettings
 from tests.serving import (LiveServer, bundle_folder, load_specs, run_load, sequential_answer,  # noqa: F401

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from knnssd.serve.metrics import Metrics
-from knnssd.stats import StatsRecorder
+from knnssd.engine.stats import StatsRecorder
 
 
 def counters(metrics: Metrics) -> dict[tuple[str, tuple], float]:

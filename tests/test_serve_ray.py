@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from knnssd.decoding import GenerationConfig, generate
+from knnssd.engine.decoding import GenerationConfig, generate
 from knnssd.serve.settings import ServeSettings
 from tests.conftest import REPO_ROOT
 from tests.serving import PROMPTS, bundle_folder, served_model  # noqa: F401 (fixtures)
@@ -84,7 +84,7 @@ def test_replicas_get_the_drivers_trusted_keys_by_content(bundle_folder, tmp_pat
     """A replica on another node has neither the driver's $KNNSSD_TRUSTED_KEYS nor its key files: the driver
     sends the keys' contents, and a replica given them refuses an unsigned bundle (no Ray needed to show it)."""
     from knnssd.serve.follow import Follower
-    from knnssd.signing import SignatureError, generate_key_pair, key_contents, keys_from_contents
+    from knnssd.bundle.signing import SignatureError, generate_key_pair, key_contents, keys_from_contents
 
     _, public = generate_key_pair(tmp_path / "release")
     monkeypatch.setenv("KNNSSD_TRUSTED_KEYS", str(public))

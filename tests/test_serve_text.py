@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter
-from knnssd.sampling import SamplingConfig
+from knnssd.engine.decoding import GenerationConfig, generate
+from knnssd.engine.drafters import LayerSkipConfig, LayerSkipDrafter
+from knnssd.engine.sampling import SamplingConfig
 from knnssd.serve.text import TextStream
-from knnssd.skipset import SkipSet
+from knnssd.engine.skipset import SkipSet
 from tests.conftest import tiny_model
 
 PROMPT = torch.tensor([[5, 9, 17, 33, 5, 9, 17, 40]])

@@ -1,4 +1,4 @@
-"""Signed bundles (knnssd/signing.py): who vouches for a bundle, checked before anything in it is read.
+"""Signed bundles (knnssd/bundle/signing.py): who vouches for a bundle, checked before anything in it is read.
 
 The attacks of issue 23 are played with write access to the tracking store only (its sqlite database, through
 MLflow's client and plain SQL): the attacker cannot sign with the trusted key. Each is refused once a trusted key
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from knnssd.bundle import manifest_digest, read_bundle
-from knnssd.runtime import load_bundle
-from knnssd.signing import (SIGNATURE_FILE, TRUSTED_KEYS_ENV, SignatureError, generate_key_pair, sign_bundle,
+from knnssd.bundle.runtime import load_bundle
+from knnssd.bundle.signing import (SIGNATURE_FILE, TRUSTED_KEYS_ENV, SignatureError, generate_key_pair, sign_bundle,
                             trusted_keys, verify_signature)
 from registry.mlflow_store import MANIFEST_TAG, BundleRegistry
 from tests.bundles import loaded, tiny_bundle  # noqa: F401 (fixture)
@@ -189,7 +189,7 @@ def test_a_registered_manifest_naming_another_model_is_refused_before_any_model_
     store.client.create_model_version(name, source=f"runs:/{run.info.run_id}/bundle", run_id=run.info.run_id,
                                       tags={MANIFEST_TAG: manifest_digest(evil)})  # v2, the newest
     loads = []
-    monkeypatch.setattr("knnssd.runtime.load_model", lambda name, **kwargs: loads.append(name) or loaded)
+    monkeypatch.setattr("knnssd.bundle.runtime.load_model", lambda name, **kwargs: loads.append(name) or loaded)
     load_bundle(name, tracking_uri=store.tracking_uri, trusted_keys=[], allow_model_mismatch=True)
     assert loads == ["attacker/remote-code-model"]  # without a key, the manifest chooses the model
     monkeypatch.setenv(TRUSTED_KEYS_ENV, str(keys["trusted"][1]))

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from knnssd.errors import KnnSsdError
-from knnssd.skipset import SkipSet
+from knnssd.engine.skipset import SkipSet
 
 
 def test_json_round_trip_sorts_and_dedupes():

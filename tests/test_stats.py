@@ -7,10 +7,10 @@ import itertools
 import pytest
 import torch
 
-from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters import LayerSkipConfig, LayerSkipDrafter, PromptLookupDrafter
-from knnssd.skipset import SkipSet
-from knnssd.stats import StatsRecorder
+from knnssd.engine.decoding import GenerationConfig, generate
+from knnssd.engine.drafters import LayerSkipConfig, LayerSkipDrafter, PromptLookupDrafter
+from knnssd.engine.skipset import SkipSet
+from knnssd.engine.stats import StatsRecorder
 from tests.conftest import tiny_model
 
 
@@ -59,7 +59,7 @@ def test_plain_decoding_stats():
 
 
 def test_tally_pools_counts_and_has_one_empty_rule():
-    from knnssd.stats import Tally
+    from knnssd.engine.stats import Tally
 
     assert Tally().mean_accepted_tokens == 0.0 and Tally().acceptance_rate == 0.0
     total = Tally(accepted=3, drafted=4, steps=2) + Tally(accepted=1, drafted=4, steps=2)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from knnssd import bundle as bundle_module, bundle_stores
+from knnssd.bundle import reading as bundle_reading
 from knnssd.bundle import (BundleError, MAX_STORE_TOKENS, STORE_SEPARATOR, join_store, read_bundle, sha256_file,
                            split_store)
-from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters.suffix_tree import SEPARATOR
+from knnssd.engine.decoding import GenerationConfig, generate
+from knnssd.engine.drafters.suffix_tree import SEPARATOR
 from knnssd.errors import KnnSsdError
-from knnssd.runtime import load_bundle
+from knnssd.bundle.runtime import load_bundle
 from pipeline.stores import DomainStore, build_outputs
 from tests.bundles import TINY_PROMPTS, loaded, tiny_bundle  # noqa: F401 (fixture)
 from tests.services import tracking_uri  # noqa: F401 (fixture)
@@ -103,7 +103,7 @@ def test_a_deleted_store_is_refused(folder):
 
 
 def test_a_signature_covers_the_store_files(folder, tmp_path):
-    from knnssd.signing import SignatureError, generate_key_pair, sign_bundle
+    from knnssd.bundle.signing import SignatureError, generate_key_pair, sign_bundle
 
     private, public = generate_key_pair(tmp_path / "release")
     sign_bundle(folder, private)
@@ -124,7 +124,7 @@ def test_oversized_stores_are_refused_from_the_manifest_before_any_store_is_read
     def refuse(*args, **kwargs):
         raise AssertionError("a store file was hashed or loaded before its declared size was checked")
 
-    monkeypatch.setattr(bundle_module, "sha256_file", refuse)
+    monkeypatch.setattr(bundle_reading, "sha256_file", refuse)
     monkeypatch.setattr(np, "load", refuse)
     with pytest.raises(BundleError, match=f"more than {MAX_STORE_TOKENS} entries"):
         read_bundle(folder)
@@ -143,7 +143,7 @@ def test_the_loaded_store_must_match_its_manifest_row(folder):
 
 
 def test_an_oversized_spec_is_refused_when_written(loaded, tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_stores, "MAX_STORE_TOKENS", 10)
+    monkeypatch.setattr(bundle_reading, "MAX_STORE_TOKENS", 10)
     with pytest.raises(BundleError, match="more than a bundle may"):
         store_bundle(loaded, tmp_path / "b", {"low": join_store([tuple(range(20))])})
     with pytest.raises(BundleError, match="not domains"):

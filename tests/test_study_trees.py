@@ -16,8 +16,8 @@ import pytest
 
 from jobs.evaluate import main as evaluate_main
 from knnssd.bundle import join_store
-from knnssd.decoding import GenerationConfig, generate
-from knnssd.policy import drafter_from_policy
+from knnssd.engine.decoding import GenerationConfig, generate
+from knnssd.engine.policy import drafter_from_policy
 from pipeline.data import DataConfig
 from tests.bundles import TINY_PROMPTS, loaded, tiny_bundle  # noqa: F401 (fixture)
 

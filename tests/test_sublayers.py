@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from knnssd.errors import KnnSsdError
-from knnssd.sublayers import SkippedAttention, SkippedMLP, decoder_layers, skip_sublayers
-from knnssd.skipset import SkipSet
+from knnssd.engine.sublayers import SkippedAttention, SkippedMLP, decoder_layers, skip_sublayers
+from knnssd.engine.skipset import SkipSet
 from tests.conftest import FAMILIES, tiny_model
 
 
@@ -68,8 +68,8 @@ def test_unsupported_architecture_named():
 
 
 def test_eager_attention_is_refused_with_a_clear_error():
-    from knnssd.decoding import GenerationConfig, generate
-    from knnssd.drafters import LayerSkipDrafter
+    from knnssd.engine.decoding import GenerationConfig, generate
+    from knnssd.engine.drafters import LayerSkipDrafter
 
     model = tiny_model("llama")
     model.config._attn_implementation = "eager"

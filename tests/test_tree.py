@@ -1,4 +1,4 @@
-"""Token trees (knnssd/tree.py): the mask, greedy acceptance, cache compaction, the loop's contract, stats."""
+"""Token trees (knnssd/engine/tree.py): the mask, greedy acceptance, cache compaction, the loop's contract, stats."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from knnssd.attention import IMPLEMENTATION, set_implementation
-from knnssd.decoding import GenerationConfig, generate, prefill
-from knnssd.drafters import Draft
+from knnssd.engine.attention import IMPLEMENTATION, set_implementation
+from knnssd.engine.decoding import GenerationConfig, generate, prefill
+from knnssd.engine.drafters import Draft
 from knnssd.errors import KnnSsdError
-from knnssd.sampling import SamplingConfig
-from knnssd.stats import StatsRecorder
-from knnssd.tree import (accept_greedy, ancestors, depths, first_path, nodes_per_depth, tree_mask, verify_tree,
+from knnssd.engine.sampling import SamplingConfig
+from knnssd.engine.stats import StatsRecorder
+from knnssd.engine.tree import (accept_greedy, ancestors, depths, first_path, nodes_per_depth, tree_mask, verify_tree,
                          within_depth)
 from tests.conftest import FAMILIES, tiny_model
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from knnssd.decoding import GenerationConfig, generate
-from knnssd.drafters import SuffixTreeConfig, SuffixTreeDrafter
+from knnssd.engine.decoding import GenerationConfig, generate
+from knnssd.engine.drafters import SuffixTreeConfig, SuffixTreeDrafter
 from knnssd.errors import KnnSsdError
 from pipeline.drafting import PolicyDrafters
 from pipeline.measure import measure_policies

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from knnssd.reports import format_validation
+from knnssd.bundle.reports import format_validation
 from pipeline.validation import distinct_policies, validation_table
 
 

@@ -25,7 +25,7 @@ from typing import Any, Union
 
 import torch
 
-from knnssd.decoding import warm_up
+from knnssd.engine.decoding import warm_up
 from knnssd.errors import KnnSsdError
 from knnssd.serve.follow import Follower, Serving
 from knnssd.serve.metrics import Metrics

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from knnssd.bundle import is_folder_reference
 from knnssd.errors import KnnSsdError
-from knnssd.runtime import BundleRuntime, load_bundle
-from knnssd.sources import open_registry
+from knnssd.bundle.runtime import BundleRuntime, load_bundle
+from knnssd.bundle.sources import open_registry
 
 LOG = logging.getLogger("knnssd.serve")
 

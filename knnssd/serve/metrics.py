@@ -2,7 +2,7 @@
 
 Named after vLLM's (`vllm:time_to_first_token_seconds`, `vllm:spec_decode_num_draft_tokens`, ...) and
 llama.cpp's server, with the prefix `knnssd_` and per routed domain where speculative decoding is concerned.
-Definitions as in `knnssd.stats`: acceptance = accepted / drafted; mean accepted length (the bonus token
+Definitions as in `knnssd.engine.stats`: acceptance = accepted / drafted; mean accepted length (the bonus token
 counted) = (accepted + verify steps) / verify steps, both computable from these counters.
 
     knnssd_requests_total{endpoint, status}          responses by HTTP status (499: the client went away)
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from knnssd.stats import GenerationStats
+from knnssd.engine.stats import GenerationStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0)

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from knnssd.errors import KnnSsdError
-from knnssd.prompts import encode_prompt
-from knnssd.runtime import BundleRuntime
-from knnssd.sampling import SamplingConfig
+from knnssd.engine.prompts import encode_prompt
+from knnssd.bundle.runtime import BundleRuntime
+from knnssd.engine.sampling import SamplingConfig
 from knnssd.serve.protocol import DEFAULT_COMPLETION_MAX_TOKENS, ApiError, ChatRequest, Common, CompletionRequest
 
 
