@@ -245,6 +245,20 @@ class BundleRegistry:
     def set_alias(self, name: str, alias: str, version: int) -> None:
         self.client.set_registered_model_alias(name, alias, str(version))
 
+    def delete_alias(self, name: str, alias: str, version: int | None = None) -> int:
+        """Remove `alias` from the registered bundle `name`; returns the version it pointed to. Refused, with
+        nothing removed, when `name` has no such alias, or when `version` is given and the alias points elsewhere."""
+        aliases = {a: row["version"] for row in self.versions(name) for a in row["aliases"]}
+        known = ", ".join(f"{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+        if alias not in aliases:
+            raise BundleError(f"bundle {name!r} has no alias {alias!r} to delete",
+                              fix=f"name one of its aliases: {known}")
+        if version is not None and aliases[alias] != version:
+            raise BundleError(f"alias {alias!r} of bundle {name!r} points to v{aliases[alias]}, not v{version}",
+                              fix=f"delete it by the bare bundle name: knnssd bundles alias {name} {alias} --delete")
+        self.client.delete_registered_model_alias(name, alias)
+        return aliases[alias]
+
     # -- reading ----------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
         return sorted(model.name for model in self.client.search_registered_models())

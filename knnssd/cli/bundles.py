@@ -1,13 +1,18 @@
-"""`knnssd bundles list | show | compare`: reading bundles from the registry or from folders; `knnssd keys
-generate`: a key pair to sign bundles with.
+"""`knnssd bundles list | show | compare | alias`: reading bundles from the registry or from folders, and
+pointing an alias at a version; `knnssd keys generate`: a key pair to sign bundles with.
 
     knnssd bundles list [NAME]
     knnssd bundles show smollm2-135m@v3 [--json] [--trusted-key release.pub]
     knnssd bundles compare smollm2-135m@v2 smollm2-135m@v3 ./path/to/bundle-folder [--json]
+    knnssd bundles alias smollm2-135m@v3 production [--trusted-key release.pub]   # then serve smollm2-135m@production
+    knnssd bundles alias smollm2-135m production --delete
     knnssd keys generate --out release          # release.key (private) and release.pub
 
 A registry reference is NAME, NAME@vN, NAME@ALIAS or NAME@latest; a bundle folder is written as a path (with a
 separator, or starting with "." or "~"), so a folder in the working directory never replaces a registry version.
+An alias is promoted only to a version that passes the same checks as loading it: with trusted keys (--trusted-key
+or $KNNSSD_TRUSTED_KEYS) its signature must verify against one, else it is refused and no alias changes; with none,
+it is promoted unauthenticated, with the same warning every other entry gives.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from typing import Any
 
-from knnssd.bundle import Bundle, manifest_rows, read_bundle
+from knnssd.bundle import Bundle, is_folder_reference, manifest_rows, read_bundle
 from knnssd.cli.entry import add_trusted_key_flag
 from knnssd.errors import KnnSsdError
 from knnssd.engine.policy import describe_policy
@@ -31,6 +37,8 @@ FIGURES = (("predicted_speedup", "predicted", 10, 3), ("speedup", "confirmed", 1
 LOG = logging.getLogger("knnssd")
 TRACKING_HELP = "MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."
 REF_HELP = "NAME@vN, NAME@ALIAS, NAME, or a bundle folder as a path (./folder)."
+# What MLflow accepts as an alias (letters, digits, '_' and '-'; at most 255), in ASCII as a reference is written.
+ALIAS_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,254}")
 
 
 def add_commands(commands: Any) -> None:
@@ -53,6 +61,16 @@ def add_commands(commands: Any) -> None:
     compare.add_argument("--json", action="store_true", help="print the comparison as one JSON object.")
     add_trusted_key_flag(compare)
     compare.set_defaults(handler=run_compare)
+    alias = bundle_commands.add_parser("alias", help="point an alias such as production at a verified version "
+                                                     "(serve it as NAME@production), or --delete one.")
+    alias.add_argument("ref", metavar="REF", help="the version to promote: NAME@vN, NAME@ALIAS or NAME (its newest "
+                                                  "version); with --delete, the bundle NAME.")
+    alias.add_argument("alias", metavar="ALIAS", help="the alias, e.g. production or staging (not vN or latest, "
+                                                      "which name versions already).")
+    alias.add_argument("--delete", action="store_true", help="remove ALIAS from the bundle instead of setting it.")
+    alias.add_argument("--tracking-uri", help=TRACKING_HELP)
+    add_trusted_key_flag(alias)
+    alias.set_defaults(handler=run_alias)
 
 
 def add_key_commands(commands: Any) -> None:
@@ -183,4 +201,36 @@ def run_compare(args: argparse.Namespace) -> int:
                 print(f"  {ref:<{width}}{figures(cell['metrics'])}  {cell['description']}")
     print("\npredicted / confirmed: each policy's searched and wall-clock speedups; mat (mean accepted tokens per "
           "step), accept (acceptance rate), mismatch: from the confirmation")
+    return 0
+
+
+def check_alias_name(alias: str) -> str:
+    """`alias` when it can name an alias: not a version selector (vN, latest), and MLflow's characters."""
+    if re.fullmatch(r"[vV]\d+", alias) or alias.lower() == "latest":
+        meaning = "the newest version" if alias.lower() == "latest" else f"version {alias[1:]}"
+        raise KnnSsdError(f"alias {alias!r} reads as a version: NAME@{alias} already means {meaning}",
+                          fix="choose a word for the alias, e.g. production or staging")
+    if not ALIAS_PATTERN.fullmatch(alias):
+        raise KnnSsdError(f"alias {alias!r} is not a valid alias name",
+                          fix="use letters, digits, '_' and '-', starting with a letter or digit (at most 255)")
+    return alias
+
+
+def run_alias(args: argparse.Namespace) -> int:
+    alias = check_alias_name(args.alias)
+    if is_folder_reference(args.ref):
+        raise KnnSsdError(f"{args.ref!r} is a bundle folder; only registry versions carry aliases",
+                          fix="publish it first (jobs/calibrate.py, or BundleRegistry.publish), then alias NAME@vN")
+    registry = open_registry(args.tracking_uri)
+    if args.delete:
+        name, version = registry.resolve(args.ref) if "@" in args.ref else (args.ref.strip(), None)
+        was = registry.delete_alias(name, alias, version)
+        print(f"deleted alias {alias} (was -> {name} v{was})")
+        return 0
+    name, version = registry.resolve(args.ref)
+    bundle = load(f"{name}@v{version}", args.tracking_uri, args.trusted_key)  # refused unless it verifies
+    previous = next((row["version"] for row in registry.versions(name) if alias in row["aliases"]), None)
+    registry.set_alias(name, alias, version)
+    moved = "" if previous in (None, version) else f" (was v{previous})"
+    print(f"alias {alias} -> {name} v{version}{moved}\nsignature: {bundle.authenticity.describe()}")
     return 0
