@@ -29,13 +29,16 @@ def test_methods_by_row_count_and_restore_undoes_them():
     model = tiny_model("llama", fast_kernels=False)
     assert not patched(model)
     plan = accelerate(model)
-    assert plan.enabled and plan.threads == torch.get_num_threads() and len(plan.rows) == MAX_FAST_ROWS - 1
-    assert plan.method(1) == "linear" and plan.method(MAX_FAST_ROWS + 1) == "linear"  # plain steps, prefills
+    assert plan.enabled and plan.threads == torch.get_num_threads() and len(plan.rows) == MAX_FAST_ROWS
+    assert plan.method(MAX_FAST_ROWS + 1) == "linear"  # prefills
+    assert plan.method(1) == ("rows" if compiled_kernel() else "linear")  # plain steps: the verify passes' kernel
     assert plan.method(8) == ("rows" if compiled_kernel() else "packed8" if mkl_packed_available() else "transposed")
+    assert plan.batch_invariant == (compiled_kernel() is not None)
     assert len(patched(model)) == sum(isinstance(m, nn.Linear) for m in model.modules())
     print(plan.describe())
     library = accelerate(model, compiled=False)  # the plan where the C++ kernel cannot be built
-    assert library.method(2) == "linear" and library.method(12) == "transposed"
+    assert library.method(1) == library.method(2) == "linear" and library.method(12) == "transposed"
+    assert library.method(MAX_FAST_ROWS) == "linear" and not library.batch_invariant
     assert library.method(8) == ("packed8" if mkl_packed_available() else "transposed")
     assert ("packed weights" in library.describe()) == (library.packed_bytes > 0) == mkl_packed_available()
     restore(model)
@@ -45,7 +48,7 @@ def test_methods_by_row_count_and_restore_undoes_them():
     assert capped.packed_bytes == 0 and "packed8" not in capped.rows
 
 
-@pytest.mark.parametrize("rows", range(2, MAX_FAST_ROWS + 1))
+@pytest.mark.parametrize("rows", range(1, MAX_FAST_ROWS + 1))
 def test_every_method_computes_the_product(rows):
     weight = torch.randn(43, 24, generator=torch.Generator().manual_seed(rows))  # 43 rows: the kernel's blocks
     # of 4 and 2 weight rows leave a remainder; 24 columns: one full 16-float chunk and a masked tail of 8
@@ -132,10 +135,10 @@ def test_verify_rows_flip_only_at_near_ties_on_smollm2(smollm2):
 
 
 def test_fast_rows_stop_at_the_verify_limit():
-    """Prefills (more than MAX_FAST_ROWS rows) and 1-token steps keep transformers' F.linear, bit for bit."""
+    """Prefills (more than MAX_FAST_ROWS rows) keep transformers' F.linear, bit for bit."""
     fast, plain = tiny_model("qwen2", seed=5), tiny_model("qwen2", seed=5, fast_kernels=False)
     with torch.inference_mode():
-        for rows in (1, MAX_FAST_ROWS + 1, 40):
+        for rows in (MAX_FAST_ROWS + 1, 40):
             ids = torch.randint(3, 128, (1, rows), generator=torch.Generator().manual_seed(rows))
             assert torch.equal(fast(input_ids=ids).logits, plain(input_ids=ids).logits), rows
 
@@ -149,7 +152,10 @@ def test_grouped_attention_computes_what_transformers_sdpa_computes(family):
 
     model = tiny_model(family, seed=2)
     assert model.config._attn_implementation == attention.IMPLEMENTATION
-    assert ", grouped attention 2-16" in accelerate(model).describe()
+    # the library plan's grouped attention, and the kernels' attention where they are built: both compute what
+    # transformers' SDPA computes, up to rounding
+    assert ", grouped attention 2-16" in accelerate(model, compiled=False).describe()
+    assert attention.rows_kernel_of(model) is None
     prompt = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         cache = new_cache(model)
@@ -165,9 +171,17 @@ def test_grouped_attention_computes_what_transformers_sdpa_computes(family):
             rollback(cache, 40)
             assert model.config._attn_implementation == attention.IMPLEMENTATION
             assert torch.allclose(grouped, sdpa, atol=1e-5, rtol=1e-5), (width, (grouped - sdpa).abs().max())
+            if compiled_kernel() is not None:
+                accelerate(model)
+                assert attention.rows_kernel_of(model) is not None
+                rows = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+                rollback(cache, 40)
+                assert torch.allclose(rows, sdpa, atol=1e-5, rtol=1e-5), (width, (rows - sdpa).abs().max())
+                accelerate(model, compiled=False)
     restore(model)
     assert model.config._attn_implementation == attention.BASE_IMPLEMENTATION
     no_groups = tiny_model(family, num_key_value_heads=4)  # one query head per key/value head: nothing to fold
+    accelerate(no_groups, compiled=False)
     assert no_groups.config._attn_implementation == attention.BASE_IMPLEMENTATION
 
 
@@ -239,8 +253,8 @@ def test_a_build_failure_without_a_message_falls_back_with_a_reason(monkeypatch)
 
     assert kernel_build.failure_reason(RuntimeError()) == "C++ kernel not built (RuntimeError)"
     assert kernel_build.failure_reason(OSError("no ninja\nmore")) == "C++ kernel not built (OSError: no ninja)"
-    if " avx512f" not in kernel_build._cpu_flags():
-        pytest.skip("this CPU never reaches the build")
+    if not kernel_build.vector_isa():
+        pytest.skip("this CPU never reaches the build (neither AVX-512 nor AVX2 with FMA)")
     monkeypatch.delenv("KNNSSD_NO_COMPILE", raising=False)
     monkeypatch.setattr(kernel_build, "_COMPILED", {})
 
@@ -300,10 +314,10 @@ def test_a_kernel_load_after_a_killed_build_does_not_hang(tmp_path):
     import subprocess
     import sys
 
-    from knnssd.engine.kernel_build import _cpu_flags
+    from knnssd.engine.kernel_build import vector_isa
 
-    if " avx512f" not in _cpu_flags():
-        pytest.skip("this CPU never reaches the build")
+    if not vector_isa():
+        pytest.skip("this CPU never reaches the build (neither AVX-512 nor AVX2 with FMA)")
     plant = ("from knnssd.engine import kernel_build\n"
              "kernel_build.STALE_LOCK_S = 5.0\n"
              "build = kernel_build.kernel_build_dir(); build.mkdir(parents=True); (build / 'lock').touch()\n")

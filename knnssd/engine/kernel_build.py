@@ -1,7 +1,7 @@
-"""Building the verify-pass kernel (knnssd/engine/csrc/rows_gemm.cpp) once per machine kind, never waiting forever.
+"""Building the engine's kernels (knnssd/engine/csrc/rows_kernels.cpp) once per machine kind, never waiting forever.
 
 The kernel is built at first use with torch's `cpp_extension.load` into the knnssd cache's
-kernels/rows_gemm-KEY (KEY from the source, the CPU's flags and torch's version), about 40 s with a C++ compiler
+kernels/rows_kernels-KEY (KEY from the source, the CPU's flags and torch's version), about a minute with a C++ compiler
 and ninja. torch serialises builds on a lock file in that folder and waits for it with no timeout; a process
 killed mid-build (OOM, SIGKILL) leaves the lock behind, so `stale_lock_breaker` removes a lock older than
 STALE_LOCK_S while a load waits. Any failure to build means: `compiled_kernel()` is None, the reason is kept in
@@ -22,9 +22,9 @@ from typing import Any, Iterator
 import torch
 
 LOG = logging.getLogger("knnssd")
-STALE_LOCK_S = 600.0  # a build lock untouched this long is a dead build's (a build takes about 40 s): removed
+STALE_LOCK_S = 600.0  # a build lock untouched this long is a dead build's (a build takes about a minute): removed
 LOCK_POLL_S = 1.0  # how often the watchdog looks at the build lock
-SOURCE = Path(__file__).with_name("csrc") / "rows_gemm.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "rows_kernels.cpp"
 _COMPILED: dict[str, Any] = {}  # the built extension, or the reason it is not there ("error")
 
 
@@ -39,12 +39,12 @@ def _cpu_flags() -> str:
 
 
 def kernel_build_dir() -> Path:
-    """Where this machine kind's build of the kernel lives: the knnssd cache's kernels/rows_gemm-KEY, KEY from the
+    """Where this machine kind's build of the kernel lives: the knnssd cache's kernels/rows_kernels-KEY, KEY from the
     source, the CPU flags and torch's version (a change to any of them builds anew)."""
     from knnssd.cachedir import cache_root
 
     key = hashlib.sha256((SOURCE.read_text() + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
-    return cache_root() / "kernels" / f"rows_gemm-{key}"
+    return cache_root() / "kernels" / f"rows_kernels-{key}"
 
 
 def break_if_stale(lock: Path, stale_after: float) -> bool:
@@ -69,7 +69,7 @@ def stale_lock_breaker(lock: Path, stale_after: float | None = None,
 
     torch's extension build serialises on a lock file in the build folder and waits for it with no timeout
     (`torch.utils.file_baton.FileBaton.wait`): a process killed mid-build would leave every later load waiting
-    forever. The lock of a live build is a few seconds to minutes old (a build takes about 40 s), so one older
+    forever. The lock of a live build is a few seconds to minutes old (a build takes about a minute), so one older
     than the bound is a dead build's: removing it ends the wait. Never hangs; at worst the load fails and the
     library methods take over."""
     stale_after = STALE_LOCK_S if stale_after is None else stale_after
@@ -98,7 +98,7 @@ def _load(build: Path) -> Any:
 
     with stale_lock_breaker(build / "lock") as broken:  # torch's build lock file
         try:
-            return load(name=f"knnssd_rows_gemm_{build.name.split('-')[-1]}", sources=[str(SOURCE)],
+            return load(name=f"knnssd_rows_kernels_{build.name.split('-')[-1]}", sources=[str(SOURCE)],
                         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                         build_directory=str(build), verbose=False)
         except ImportError:
@@ -114,28 +114,39 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def compiled_kernel() -> Any:
-    """The rows_gemm extension, built once per machine kind into the knnssd cache; None (with the reason logged
-    and kept in `compile_error()`) where it cannot be: no AVX-512, no compiler or ninja, KNNSSD_NO_COMPILE, or a
-    build that fails. Never waits forever on a dead build's lock (`stale_lock_breaker`)."""
+    """The kernels' extension (`rows_gemm`, `rows_attention`, `lanes`), built once per machine kind into the
+    knnssd cache; None (with the reason logged once, as a warning, and kept in `compile_error()`) where it cannot
+    be: an x86 CPU without AVX-512 or AVX2 with FMA, no compiler or ninja, KNNSSD_NO_COMPILE, or a build that
+    fails. Never waits forever on a dead build's lock (`stale_lock_breaker`)."""
     if "module" in _COMPILED or "error" in _COMPILED:
         return _COMPILED.get("module")
     flags = _cpu_flags()
     if os.environ.get("KNNSSD_NO_COMPILE"):
         _COMPILED["error"] = "C++ kernel skipped: KNNSSD_NO_COMPILE is set"
-    elif " avx512f" not in flags:
-        _COMPILED["error"] = "C++ kernel needs AVX-512, which this CPU lacks"
+    elif not vector_isa(flags):
+        _COMPILED["error"] = "C++ kernels need AVX-512 or AVX2 with FMA, which this CPU lacks"
     else:
         try:
             build = kernel_build_dir()
             build.mkdir(parents=True, exist_ok=True)
             if not any(build.glob("*.so")):
-                LOG.info("knnssd: building the verify-pass kernel once (about 40 s) into %s", build)
+                LOG.info("knnssd: building the engine's kernels once (about a minute) into %s", build)
             _COMPILED["module"] = _load(build)
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the library methods
             _COMPILED["error"] = failure_reason(exc)
     if "error" in _COMPILED:
-        LOG.info("knnssd: %s; verify passes use the library methods", _COMPILED["error"])
+        LOG.warning("knnssd: %s; decoding uses library products instead: plain steps and verify passes then compute "
+                    "differently (greedy identity up to near-ties) and speed figures change", _COMPILED["error"])
     return _COMPILED.get("module")
+
+
+def vector_isa(flags: str | None = None) -> str:
+    """The vector instruction set the kernels are built for on this CPU: "avx512" (AVX-512F), "avx2" (AVX2 with
+    FMA), or "" (neither: no kernels). `flags`: /proc/cpuinfo's flags line (default: this machine's)."""
+    words = set((_cpu_flags() if flags is None else flags).split())
+    if "avx512f" in words:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= words else ""
 
 
 def compile_error() -> str:

@@ -1,34 +1,29 @@
-"""Faster linear layers for verify passes on CPU, chosen when a model loads.
+"""The products and attention of every decoding step on CPU, chosen when a model loads.
 
-A verify pass runs every linear layer on k + 1 rows (the last committed token and k drafts). torch's CPU GEMM
-(MKL) handles 4-13 rows against a large weight far worse than one row, though each weight is read once either
-way and a step is memory-bound: at SmolLM2's shapes, cache-cold, 4-8 rows cost 2-3x one row. Other ways compute
-the same product:
+Plain decoding multiplies every linear layer by one row; a verify pass by k + 1 rows (the last committed token
+and k drafts). A step is memory-bound: each weight is read once either way. With the engine's C++ kernels
+(knnssd/engine/csrc/rows_kernels.cpp, AVX-512 or AVX2 with FMA, built once at first use into the knnssd cache)
+every width from 1 to MAX_FAST_ROWS runs the same code:
 
-    rows         a small C++ kernel (knnssd/engine/csrc/rows_gemm.cpp, AVX-512, built once at first use into the
-                 knnssd cache): each weight row is streamed once and multiplied by every input row while it is in
-                 registers, so 2-8 rows cost about 1.0-1.3x one row; no extra memory
-    packed8      MKL's packed GEMM (`cblas_sgemm_pack`, in torch as `torch.ops.mkl._mkl_reorder_linear_weight` /
-                 `_mkl_linear`) on a weight packed once at load for 8 rows, the input padded with zero rows to
-                 exactly 8: MKL's kernel for the packed row count streams the weight once for all rows; it costs
-                 MKL's packed copy of every weight (about 4x SmolLM2's fp32 size)
-    transposed   (W @ x.T).T: the other GEMM layout, about 1.8-2x one row at every row count
+    rows_gemm        each weight row streamed once and multiplied by every input row in register tiles, so
+                     16 rows cost little more than one; the bias, where a layer has one, added after
+    rows_attention   attention of 1-32 query rows over the KV cache, grouped-query heads on their key/value heads
 
-The plan, by what this machine has: `rows` for 2-16 rows where the kernel builds (an x86 CPU with AVX-512, a C++
-compiler, ninja); else the row-count rule measured in whole verify passes of SmolLM2 on this machine kind
-(BENCHMARKS.md section 11): F.linear for 2-3 rows, packed8 for 4-8, transposed for 9-16 (packed8 becomes
-transposed without torch's MKL, or past `max_packed_bytes`). Per-call micro-benchmarks at load were tried and
-chose worse plans: small products timed alone are noise-dominated and cache-warm. One row (plain decoding) and
-longer inputs keep `F.linear`, exactly what transformers computes, and `knnssd.engine.decoding.prefill` suspends the
-plan for prompts of any length, so plain decoding stays token-identical to `model.generate`.
+Both are batch-invariant: an output's floating-point operations do not depend on how many rows the pass has, so
+a verify row computes the bits the 1-token plain step at that position computes (`KernelPlan.batch_invariant`),
+and speculative greedy output is plain decoding's exactly. The prefill (`knnssd.engine.decoding.prefill`) keeps
+transformers' own F.linear and SDPA (`transformers_kernels`), for plain decoding and every drafter alike.
 
-Verify passes of grouped-query-attention models also get `knnssd.engine.attention.grouped_sdpa` (query heads folded
-onto their key/value heads instead of the cache copied per head, as transformers already does for one token);
-it is part of the plan, on the same switch.
+Where the kernels cannot run (no AVX-512 or AVX2, no compiler, KNNSSD_NO_COMPILE, another dtype, a GPU), load
+says so once (a warning) and the library plan takes over, measured in whole verify passes of SmolLM2 (BENCHMARKS.md
+section 11): F.linear for one row and 2-3 rows, MKL's packed GEMM (`packed8`: a weight packed once at load for 8
+rows, the input padded to 8, about 4x SmolLM2's fp32 weights in extra memory) for 4-8, (W @ x.T).T for 9-16,
+F.linear past 16; grouped-query models attend with `knnssd.engine.attention.grouped_sdpa`. The library's products
+round differently at different widths, so greedy output then equals plain decoding's only up to near-ties.
 
 On CUDA nothing changes (cuBLAS serves small batches well: v = 1.03 on an H200, BENCHMARKS.md section 7).
 `restore(model)` undoes a plan; `load_model(..., fast_kernels=False)` / `--no-fast-kernels` never apply one, and
-`transformers_kernels(model)` suspends it, so the two can be compared. `KNNSSD_NO_COMPILE=1` skips the C++ kernel.
+`transformers_kernels(model)` suspends it, so the two can be compared.
 """
 
 from __future__ import annotations
@@ -43,21 +38,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from knnssd.engine import attention
-from knnssd.engine.kernel_build import compile_error, compiled_kernel
+from knnssd.engine.kernel_build import compile_error, compiled_kernel, vector_isa
 
-MAX_FAST_ROWS = 16  # verify passes have at most 13 rows at the default draft lengths; longer inputs are prefills
+MAX_FAST_ROWS = 32  # the widest decoding step the kernels serve; longer inputs are prefills
 PACK_ROWS = 8  # the row count MKL packs for, and that packed8 pads its input to
-COMPILED_ROWS = {rows: "rows" for rows in range(2, MAX_FAST_ROWS + 1)}
-LIBRARY_ROWS = {**{rows: "linear" for rows in (2, 3)}, **{rows: "packed8" for rows in range(4, PACK_ROWS + 1)},
-                **{rows: "transposed" for rows in range(PACK_ROWS + 1, MAX_FAST_ROWS + 1)}}
+LIBRARY_MAX_ROWS = 16  # the library plan's small-batch methods stop here (F.linear past it)
+COMPILED_ROWS = {rows: "rows" for rows in range(1, MAX_FAST_ROWS + 1)}
+LIBRARY_ROWS = {**{rows: "linear" for rows in (1, 2, 3)}, **{rows: "packed8" for rows in range(4, PACK_ROWS + 1)},
+                **{rows: "transposed" for rows in range(PACK_ROWS + 1, LIBRARY_MAX_ROWS + 1)},
+                **{rows: "linear" for rows in range(LIBRARY_MAX_ROWS + 1, MAX_FAST_ROWS + 1)}}
 MAX_PACKED_BYTES = 8 << 30  # packed copies beyond this total: transposed instead of packed8
 
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """What `accelerate` did: the method for each row count 2..MAX_FAST_ROWS, on which device, with how many
-    torch threads, the bytes of packed weights it added, why the C++ kernel is not used (if it is not), and
-    whether verify passes attend with query heads grouped (`knnssd.engine.attention`)."""
+    """What `accelerate` did: the method for each row count 1..MAX_FAST_ROWS, on which device, with how many
+    torch threads, the bytes of packed weights it added, why the C++ kernels are not used (if they are not),
+    whether steps attend with the kernels' `rows_attention` ("rows") or with query heads grouped by the library
+    path ("grouped", `knnssd.engine.attention`) or as transformers does (""), and the vector instruction set the
+    kernels were built for. `batch_invariant`: a verify row computes the bits of the plain step at its position."""
 
     enabled: bool
     device: str
@@ -65,24 +64,36 @@ class KernelPlan:
     rows: tuple[str, ...] = ()
     packed_bytes: int = 0
     reason: str = ""
-    grouped_attention: bool = False
+    attention: str = ""
+    isa: str = ""
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self.enabled and self.attention == "rows" and set(self.rows) == {"rows"}
+
+    @property
+    def grouped_attention(self) -> bool:
+        return self.attention in ("rows", "grouped")
 
     def method(self, rows: int) -> str:
-        return self.rows[rows - 2] if self.enabled and 2 <= rows <= MAX_FAST_ROWS else "linear"
+        return self.rows[rows - 1] if self.enabled and 1 <= rows <= MAX_FAST_ROWS else "linear"
 
     def describe(self) -> str:
-        """e.g. 'rows 2-16, grouped attention 2-16', or
-        'linear 2-3, packed8 4-8, transposed 9-16 (packed weights 2740 MB; ...)'."""
+        """e.g. 'rows 1-32, attention rows 1-32 (avx2, batch-invariant)', or
+        'linear 1-3, packed8 4-8, transposed 9-16, linear 17-32, grouped attention 2-16 (packed weights 2740 MB;
+        ...)'."""
         if not self.enabled:
             return f"fast kernels off ({self.reason})"
-        spans, start = [], 2
-        for rows in range(3, MAX_FAST_ROWS + 2):
+        spans, start = [], 1
+        for rows in range(2, MAX_FAST_ROWS + 2):
             if rows > MAX_FAST_ROWS or self.method(rows) != self.method(start):
                 spans.append(f"{self.method(start)} {start}" + (f"-{rows - 1}" if rows - 1 > start else ""))
                 start = rows
-        notes = ([f"packed weights {self.packed_bytes / 1e6:.0f} MB"] if self.packed_bytes else []) + \
+        notes = ([f"{self.isa}, batch-invariant"] if self.batch_invariant else []) + \
+            ([f"packed weights {self.packed_bytes / 1e6:.0f} MB"] if self.packed_bytes else []) + \
             ([self.reason] if self.reason else [])
-        attention_note = ", grouped attention 2-16" if self.grouped_attention else ""
+        attention_note = {"rows": f", attention rows 1-{MAX_FAST_ROWS}",
+                          "grouped": f", grouped attention 2-{attention.MAX_GROUPED_QUERIES}"}.get(self.attention, "")
         return ", ".join(spans) + attention_note + (f" ({'; '.join(notes)})" if notes else "")
 
 
@@ -150,15 +161,18 @@ def runner(method: str, weight: torch.Tensor, packed: torch.Tensor | None) -> Ca
 
 def _fast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows, weight = x.numel() // x.shape[-1], self.weight
-    if rows < 2 or rows > MAX_FAST_ROWS or x.dtype != weight.dtype or not weight.is_contiguous():
+    if rows < 1 or rows > MAX_FAST_ROWS or x.dtype != weight.dtype or not weight.is_contiguous():
         return F.linear(x, weight, self.bias)
-    out = self._knnssd_run[rows - 2](x.reshape(rows, x.shape[-1]), weight)
+    out = self._knnssd_run[rows - 1](x.reshape(rows, x.shape[-1]), weight)
+    if self.bias is not None:  # an exact elementwise add after the product: the same bits for every row count
+        out = out + self.bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = MAX_PACKED_BYTES,
                compiled: bool = True) -> KernelPlan:
-    """Give every bias-free fp32 linear layer of a CPU model the fastest method for each small row count."""
+    """Give every fp32 linear layer of a CPU model the fastest method for each row count 1..MAX_FAST_ROWS and its
+    attention the kernels' `rows_attention` (the library plan: bias-free layers only, grouped attention)."""
     parameter = next(model.parameters())
     device, threads = str(parameter.device), torch.get_num_threads()
     if not enabled:
@@ -168,19 +182,26 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
                           reason=f"kept for {parameter.device.type} {str(parameter.dtype).removeprefix('torch.')}: "
                                  "only fp32 CPU verify passes need them")
     restore(model)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.bias is None]
+    kernel = compiled_kernel() if compiled else None
+    every = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if kernel is not None and all(m.weight.is_contiguous() for m in every):
+        methods = tuple(COMPILED_ROWS[rows] for rows in range(1, MAX_FAST_ROWS + 1))
+        for linear in every:
+            linear._knnssd_run = tuple(product(method) for method in methods)
+            linear.forward = types.MethodType(_fast_forward, linear)
+        rows_attention = attention.use_rows_kernel(model, kernel.rows_attention)
+        return KernelPlan(enabled=True, device=device, threads=threads, rows=methods,
+                          attention="rows" if rows_attention else "", isa=vector_isa())
+    linears = [m for m in every if m.bias is None]
     params = list({id(m.weight): m.weight for m in linears}.values())  # a tied weight once
     packs: dict[int, torch.Tensor] = {}
-    if compiled and compiled_kernel() is not None and all(p.is_contiguous() for p in params):
-        methods = tuple(COMPILED_ROWS[rows] for rows in range(2, MAX_FAST_ROWS + 1))
-    else:
-        if mkl_packed_available():
-            sample = pack(params[0])  # MKL's packed size, per weight element
-            estimate = sum(p.numel() for p in params) * sample.numel() / params[0].numel() * sample.element_size()
-            if estimate <= max_packed_bytes:
-                packs = {id(p): pack(p) for p in params}
-        methods = tuple(LIBRARY_ROWS[rows] if LIBRARY_ROWS[rows] != "packed8" or packs else "transposed"
-                        for rows in range(2, MAX_FAST_ROWS + 1))
+    if mkl_packed_available():
+        sample = pack(params[0])  # MKL's packed size, per weight element
+        estimate = sum(p.numel() for p in params) * sample.numel() / params[0].numel() * sample.element_size()
+        if estimate <= max_packed_bytes:
+            packs = {id(p): pack(p) for p in params}
+    methods = tuple(LIBRARY_ROWS[rows] if LIBRARY_ROWS[rows] != "packed8" or packs else "transposed"
+                    for rows in range(1, MAX_FAST_ROWS + 1))
     for linear in linears:
         packed = PackedWeight(linear.weight, packs[id(linear.weight)]) if packs else None
         linear._knnssd_run = tuple(product(method, packed) for method in methods)
@@ -190,9 +211,10 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
     if grouped:
         attention.register()
         attention.set_implementation(model, attention.IMPLEMENTATION)
-    return KernelPlan(enabled=True, device=device, threads=threads, rows=methods, reason=compile_error(),
+    return KernelPlan(enabled=True, device=device, threads=threads, rows=methods,
+                      reason=compile_error() if compiled else "C++ kernels not asked for",
                       packed_bytes=sum(p.numel() * p.element_size() for p in packs.values()),
-                      grouped_attention=grouped)
+                      attention="grouped" if grouped else "")
 
 
 def restore(model: nn.Module) -> None:
@@ -202,6 +224,7 @@ def restore(model: nn.Module) -> None:
             del module.forward
             del module._knnssd_run
     attention.set_implementation(model, attention.BASE_IMPLEMENTATION)
+    attention.use_rows_kernel(model, None)
 
 
 @contextmanager
@@ -211,6 +234,7 @@ def transformers_kernels(model: nn.Module) -> Iterator[None]:
     saved = {m: (vars(m)["forward"], m._knnssd_run) for m in model.modules()
              if isinstance(m, nn.Linear) and "forward" in vars(m)}
     grouped = attention.uses(model, attention.IMPLEMENTATION)
+    rows_kernel = attention.rows_kernel_of(model)
     try:
         restore(model)
         yield
@@ -219,3 +243,4 @@ def transformers_kernels(model: nn.Module) -> Iterator[None]:
             module.forward, module._knnssd_run = forward, run
         if grouped:
             attention.set_implementation(model, attention.IMPLEMENTATION)
+        attention.use_rows_kernel(model, rows_kernel)

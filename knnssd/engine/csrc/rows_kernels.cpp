@@ -1,0 +1,375 @@
+// The engine's CPU kernels for every decoding width (1 to 32 rows), fp32, AVX-512 or AVX2 with FMA:
+//
+//   rows_gemm(x, w)                 x (m, k) @ w (n, k).T, 1 <= m <= 32
+//   rows_attention(q, k, v, mask)   attention of T <= 32 query rows over a KV cache, grouped-query heads
+//
+// Both are batch-invariant: every output element is computed by the same sequence of floating-point operations
+// whatever the number of rows, so a row of a 16-token verify pass has the bits the 1-token plain step at that
+// position has. That makes speculative greedy output plain decoding's exactly, by construction:
+// - rows_gemm: out[m, n] is one sequential LANES-wide fused multiply-add reduction over k (the tail by a masked
+//   load into the same accumulator), then the same horizontal sum. Rows are grouped into register tiles of up to
+//   kGroup rows over a block of B weight rows while the block sits in L1, but the tiling only changes which
+//   outputs are computed together, never an output's own operations. Threads split weight rows, never k.
+// - rows_attention: query row t attends to the keys its mask row marks, in cache order. Masked keys are skipped,
+//   not added as zeros, so a tree node's row sees exactly the keys (prefix, then its ancestors) that plain
+//   decoding's row for the same token sees, in the same order. Each score is a dot product over the head
+//   dimension with the same reduction tree for every key; the softmax's exponentials use one vector routine for
+//   every element; its sum and the weighted sum of values run over the visible keys in order.
+//
+// A small-batch product is memory-bound: each weight row is streamed from memory once (with a software prefetch
+// kPrefetch floats ahead, so requests stay in flight while the core multiplies) and multiplied by every input
+// row. Parallel over weight-row blocks (gemm) and over (key/value head, query block) pairs (attention) with
+// ATen's thread pool, the GIL released. Built at first use with -march=native by knnssd/engine/kernel_build.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int LANES = 16;
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vload_tail(const float* p, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p); }
+inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
+inline void vstore_tail(float* p, vec a, int n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), a); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline vec vset1(float a) { return _mm512_set1_ps(a); }
+// Lanes summed as a fixed tree: halves added (8 + 8, 4 + 4, 2 + 2, 1 + 1).
+inline __m128 vquarter(vec a) {
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+inline float vsum(vec a) {
+  __m128 q = vquarter(a);
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int LANES = 8;
+using vec = __m256;
+inline __m256i tail_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vload_tail(const float* p, int n) { return _mm256_maskload_ps(p, tail_mask(n)); }
+inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
+inline void vstore_tail(float* p, vec a, int n) { _mm256_maskstore_ps(p, tail_mask(n), a); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline vec vset1(float a) { return _mm256_set1_ps(a); }
+// Lanes summed as a fixed tree: halves added (4 + 4, 2 + 2, 1 + 1).
+inline __m128 vquarter(vec a) { return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)); }
+inline float vsum(vec a) {
+  __m128 q = vquarter(a);
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+#else
+#error "knnssd's kernels need AVX-512 or AVX2 with FMA"
+#endif
+
+constexpr int kMaxRows = 32;
+constexpr int kGroup = LANES == 16 ? 6 : 5;     // input rows per register tile
+constexpr int kBlock = LANES == 16 ? 4 : 2;     // weight rows per register tile (kBlock * kGroup accumulators)
+constexpr int64_t kPrefetch = 2048;             // floats ahead of each weight row read (8 KB)
+
+// ---------------------------------------------------------------------------------------------------- gemm
+
+// out[m0 + m, n0 + i] = x[m0 + m] . w[n0 + i] for m < G, i < B.
+template <int G, int B>
+inline void tile(const float* __restrict x, const float* __restrict wn, float* __restrict out, int64_t n0,
+                 int64_t n_out, int64_t k, bool prefetch, const float* w_end) {
+  vec acc[B][G];
+#pragma GCC unroll 8
+  for (int i = 0; i < B; ++i)
+#pragma GCC unroll 8
+    for (int m = 0; m < G; ++m) acc[i][m] = vzero();
+  int64_t j = 0;
+  for (; j + LANES <= k; j += LANES) {
+    vec wv[B];
+#pragma GCC unroll 8
+    for (int i = 0; i < B; ++i) {
+      if (prefetch) {
+        const float* ahead = wn + i * k + j + kPrefetch;
+        if (ahead < w_end) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      }
+      wv[i] = vload(wn + i * k + j);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < G; ++m) {
+      const vec xv = vload(x + m * k + j);
+#pragma GCC unroll 8
+      for (int i = 0; i < B; ++i) acc[i][m] = vfma(wv[i], xv, acc[i][m]);
+    }
+  }
+  if (j < k) {
+    const int rest = static_cast<int>(k - j);
+#pragma GCC unroll 8
+    for (int m = 0; m < G; ++m) {
+      const vec xv = vload_tail(x + m * k + j, rest);
+#pragma GCC unroll 8
+      for (int i = 0; i < B; ++i) acc[i][m] = vfma(vload_tail(wn + i * k + j, rest), xv, acc[i][m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < B; ++i)
+#pragma GCC unroll 8
+    for (int m = 0; m < G; ++m) out[m * n_out + n0 + i] = vsum(acc[i][m]);
+}
+
+template <int B, int G = 1>
+inline void rest_group(int rows, const float* x, const float* wn, float* out, int64_t n0, int64_t n_out, int64_t k,
+                       bool prefetch, const float* w_end) {
+  if constexpr (G <= kGroup) {
+    if (rows == G) return tile<G, B>(x, wn, out, n0, n_out, k, prefetch, w_end);
+    return rest_group<B, G + 1>(rows, x, wn, out, n0, n_out, k, prefetch, w_end);
+  }
+}
+
+// Every input row times weight rows [n0, n0 + B): groups of kGroup rows, the first group streaming the block
+// from memory, the others reading it from L1.
+template <int B>
+inline void weight_block(int rows, const float* x, const float* w, float* out, int64_t n0, int64_t n_out,
+                         int64_t k, const float* w_end) {
+  const float* wn = w + n0 * k;
+  int m0 = 0;
+  for (; m0 + kGroup <= rows; m0 += kGroup)
+    tile<kGroup, B>(x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, m0 == 0, w_end);
+  if (m0 < rows) rest_group<B>(rows - m0, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, m0 == 0, w_end);
+}
+
+template <int B>
+void rows_times_weight(int rows, const float* x, const float* w, float* out, int64_t n_out, int64_t k) {
+  const float* w_end = w + n_out * k;
+  const int64_t blocks = n_out / B;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) weight_block<B>(rows, x, w, out, b * B, n_out, k, w_end);
+  });
+  for (int64_t n = blocks * B; n < n_out; ++n) weight_block<1>(rows, x, w, out, n, n_out, k, w_end);
+}
+
+// ----------------------------------------------------------------------------------------------- attention
+
+// exp(x) for x <= 0 (scores minus their maximum), Cephes' polynomial on a range reduction by ln 2: the same
+// vector routine for every element (tails are padded, never computed by a scalar exp).
+inline vec vexp(vec x) {
+  const vec one = vset1(1.0f);
+  x = vmax(x, vset1(-87.3f));  // exp below this is 0 to float precision; keeps 2^n representable
+  vec fx = vfma(x, vset1(1.44269504088896341f), vset1(0.5f));
+#if defined(__AVX512F__)
+  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+  fx = _mm256_floor_ps(fx);
+#endif
+  x = vsub(x, vmul(fx, vset1(0.693359375f)));
+  x = vsub(x, vmul(fx, vset1(-2.12194440e-4f)));
+  vec y = vset1(1.9875691500e-4f);
+  y = vfma(y, x, vset1(1.3981999507e-3f));
+  y = vfma(y, x, vset1(8.3334519073e-3f));
+  y = vfma(y, x, vset1(4.1665795894e-2f));
+  y = vfma(y, x, vset1(1.6666665459e-1f));
+  y = vfma(y, x, vset1(5.0000001201e-1f));
+  y = vfma(y, vmul(x, x), vadd(x, one));
+#if defined(__AVX512F__)
+  __m512i n = _mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127));
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(n, 23)));
+#else
+  __m256i n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+#endif
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  vec acc = vzero();
+  int64_t j = 0;
+  for (; j + LANES <= d; j += LANES) acc = vfma(vload(a + j), vload(b + j), acc);
+  if (j < d) acc = vfma(vload_tail(a + j, static_cast<int>(d - j)), vload_tail(b + j, static_cast<int>(d - j)), acc);
+  return vsum(acc);
+}
+
+// Four dot products at once, each summed by vsum's tree: after the quarter sums [x0, x1, x2, x3], vsum adds
+// (x0 + x2) + (x1 + x3); a 4 x 4 transpose lets one vector do that for four keys.
+inline void dot4(const float* a, const float* b0, const float* b1, const float* b2, const float* b3, int64_t d,
+                 float* out) {
+  vec c0 = vzero(), c1 = vzero(), c2 = vzero(), c3 = vzero();
+  int64_t j = 0;
+  for (; j + LANES <= d; j += LANES) {
+    const vec av = vload(a + j);
+    c0 = vfma(av, vload(b0 + j), c0);
+    c1 = vfma(av, vload(b1 + j), c1);
+    c2 = vfma(av, vload(b2 + j), c2);
+    c3 = vfma(av, vload(b3 + j), c3);
+  }
+  if (j < d) {
+    const int rest = static_cast<int>(d - j);
+    const vec av = vload_tail(a + j, rest);
+    c0 = vfma(av, vload_tail(b0 + j, rest), c0);
+    c1 = vfma(av, vload_tail(b1 + j, rest), c1);
+    c2 = vfma(av, vload_tail(b2 + j, rest), c2);
+    c3 = vfma(av, vload_tail(b3 + j, rest), c3);
+  }
+  __m128 r0 = vquarter(c0), r1 = vquarter(c1), r2 = vquarter(c2), r3 = vquarter(c3);
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_i = lane i of each key's quarter sums
+  _mm_storeu_ps(out, _mm_add_ps(_mm_add_ps(r0, r2), _mm_add_ps(r1, r3)));
+}
+
+struct Attention {
+  const float* q;      // (T, H, D) contiguous
+  const float* k;      // key j of kv head h at k + h * kh + j * kj
+  const float* v;
+  const bool* mask;    // (T, L) contiguous, true: attend; nullptr: causal (row t sees keys 0 .. L - T + t)
+  float* out;          // (T, H, D) contiguous
+  int64_t T, H, Hkv, L, D, kh, kj, vh, vj;
+  float scale;
+};
+
+// Query rows [r0, r1) of kv head h; row r is query (t = r / G, head h * G + r % G).
+void attend(const Attention& a, int64_t h, int64_t r0, int64_t r1, std::vector<float>& scores,
+            std::vector<int64_t>& keys, std::vector<float>& acc) {
+  const int64_t G = a.H / a.Hkv, D = a.D;
+  const float* kb = a.k + h * a.kh;
+  const float* vb = a.v + h * a.vh;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t t = r / G, head = h * G + r % G;
+    const float* qr = a.q + (t * a.H + head) * D;
+    int64_t n = 0;
+    if (a.mask) {
+      const bool* row = a.mask + t * a.L;
+      for (int64_t j = 0; j < a.L; ++j)
+        if (row[j]) keys[n++] = j;
+    } else {
+      for (int64_t j = 0; j <= a.L - a.T + t; ++j) keys[n++] = j;
+    }
+    float* o = a.out + (t * a.H + head) * D;
+    if (n == 0) {  // a row that sees no key: zeros, as no probability mass lands anywhere
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+      continue;
+    }
+    int64_t i4 = 0;
+    for (; i4 + 4 <= n; i4 += 4)
+      dot4(qr, kb + keys[i4] * a.kj, kb + keys[i4 + 1] * a.kj, kb + keys[i4 + 2] * a.kj, kb + keys[i4 + 3] * a.kj,
+           D, scores.data() + i4);
+    for (; i4 < n; ++i4) scores[i4] = dot(qr, kb + keys[i4] * a.kj, D);
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) {
+      scores[i] *= a.scale;
+      top = scores[i] > top ? scores[i] : top;
+    }
+    // exponentials, and their sum as LANES running sums over the visible keys in order, then a fixed tree
+    const vec vtop = vset1(top);
+    vec sum = vzero();
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+      const vec e = vexp(vsub(vload(scores.data() + i), vtop));
+      vstore(scores.data() + i, e);
+      sum = vadd(sum, e);
+    }
+    if (i < n) {
+      const int rest = static_cast<int>(n - i);
+      vec e = vexp(vsub(vload_tail(scores.data() + i, rest), vtop));
+      vstore_tail(scores.data() + i, e, rest);
+      sum = vadd(sum, vload_tail(scores.data() + i, rest));
+    }
+    const float inv = 1.0f / vsum(sum);
+    // weighted sum of values over the visible keys in order, vectorised over the head dimension
+    for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+    for (int64_t m = 0; m < n; ++m) {
+      const vec p = vset1(scores[m]);
+      const float* vr = vb + keys[m] * a.vj;
+      int64_t d = 0;
+      for (; d + LANES <= D; d += LANES) vstore(acc.data() + d, vfma(p, vload(vr + d), vload(acc.data() + d)));
+      if (d < D) {
+        const int rest = static_cast<int>(D - d);
+        vstore_tail(acc.data() + d, vfma(p, vload_tail(vr + d, rest), vload_tail(acc.data() + d, rest)), rest);
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+  }
+}
+
+}  // namespace
+
+torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rows_gemm: need x (m, k) and w (n, k)");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "rows_gemm: float32 only");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "rows_gemm: 1 to 32 rows");
+  TORCH_CHECK(x.is_cpu() && w.is_cpu(), "rows_gemm: CPU tensors only");
+  TORCH_CHECK(w.is_contiguous(), "rows_gemm: contiguous weight");
+  x = x.contiguous();
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  const int rows = static_cast<int>(x.size(0));
+  const int64_t n = w.size(0), k = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  {
+    // Only raw pointers and integers past this point: no Python object is touched while the GIL is released,
+    // so other Python threads (a server's other requests) run during the product. x, w and out stay alive:
+    // this frame holds their tensors.
+    pybind11::gil_scoped_release no_gil;
+    if (rows <= 2) rows_times_weight<4>(rows, xp, wp, op, n, k);  // few accumulators: more weight rows in flight
+    else rows_times_weight<kBlock>(rows, xp, wp, op, n, k);
+  }
+  return out;
+}
+
+torch::Tensor rows_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                             double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "rows_attention: q (T, H, D), k and v (Hkv, L, D)");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat &&
+              v.scalar_type() == torch::kFloat, "rows_attention: float32 only");
+  TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), "rows_attention: CPU tensors only");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(0), L = k.size(1);
+  TORCH_CHECK(T >= 1 && T <= kMaxRows && T <= L, "rows_attention: 1 to 32 query rows, at most the keys");
+  TORCH_CHECK(v.size(0) == Hkv && v.size(1) == L && k.size(2) == D && v.size(2) == D && H % Hkv == 0,
+              "rows_attention: shapes of q, k and v do not agree");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "rows_attention: keys and values contiguous per head dimension");
+  q = q.contiguous();
+  torch::Tensor m;
+  if (mask.has_value()) {
+    m = mask->contiguous();
+    TORCH_CHECK(m.scalar_type() == torch::kBool && m.dim() == 2 && m.size(0) == T && m.size(1) == L,
+                "rows_attention: mask must be bool (T, L)");
+  }
+  auto out = torch::empty({T, H, D}, q.options());
+  Attention a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+              mask.has_value() ? m.data_ptr<bool>() : nullptr, out.data_ptr<float>(),
+              T, H, Hkv, L, D, k.stride(0), k.stride(1), v.stride(0), v.stride(1), static_cast<float>(scale)};
+  const int64_t rows = T * (H / Hkv);                    // query rows per kv head
+  const int64_t per = rows <= 4 ? 1 : (rows + 7) / 8;    // rows per work item
+  const int64_t chunks = (rows + per - 1) / per;
+  {
+    pybind11::gil_scoped_release no_gil;
+    at::parallel_for(0, Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(L + LANES), acc(D);
+      std::vector<int64_t> keys(L);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t h = item / chunks, c = item % chunks;
+        attend(a, h, c * per, std::min(rows, (c + 1) * per), scores, keys, acc);
+      }
+    });
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rows_gemm", &rows_gemm, "x (m, k) @ w (n, k).T, 1 <= m <= 32");
+  m.def("rows_attention", &rows_attention, "attention of 1-32 query rows (T, H, D) over k, v (Hkv, L, D)");
+  m.attr("lanes") = LANES;
+}

@@ -1,0 +1,130 @@
+"""Batch invariance: with the engine's kernels, a verify pass's rows compute the bits of plain decoding's 1-token
+steps, so speculative greedy output is plain decoding's exactly, by construction.
+
+Compared bitwise (`torch.equal`), not within a tolerance: every row of a causal verify pass of 1-32 tokens, and
+every row on a token tree's paths, against the logits of plain steps over the same tokens, in three model
+families (Llama; Qwen2, whose projections have biases; Mistral, whose sliding window is smaller than the
+sequence), with the kernels' raw products and attention checked the same way.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from knnssd.engine.decoding import prefill, project_logits
+from knnssd.engine.kernel_build import compiled_kernel, vector_isa
+from knnssd.engine.kernels import MAX_FAST_ROWS, accelerate
+from knnssd.engine.sampling import SamplingConfig
+from knnssd.engine.tree import depths, tree_mask
+from tests.conftest import FAMILIES, tiny_model
+
+
+def kernels_or_skip():
+    kernel = compiled_kernel()
+    if kernel is None:
+        pytest.skip("the engine's C++ kernels are not built on this machine (no AVX-512 or AVX2 with FMA, or no "
+                    "compiler): plain decoding and verify passes then use library products, which are not "
+                    "batch-invariant")
+    return kernel
+
+
+def invariant_model(family: str, **overrides):
+    kernels_or_skip()
+    model = tiny_model(family, num_layers=3, vocab_size=160, **overrides)
+    plan = accelerate(model)
+    assert plan.batch_invariant, plan.describe()
+    return model
+
+
+def prefilled(model, prompt):
+    return prefill(model, prompt, SamplingConfig(), None, lambda: 0.0)
+
+
+def forward(model, cache, tokens, positions, mask=None):
+    """Logits (n, vocab) of one pass over `tokens` at `positions` after what `cache` holds."""
+    hidden = model.model(input_ids=torch.tensor([tokens]), position_ids=torch.tensor([positions]),
+                         attention_mask=mask, cache=cache, use_cache=True).last_hidden_state[0]
+    return project_logits(model, hidden)
+
+
+def plain_steps(model, prompt, tokens):
+    """Logits of plain decoding's 1-token steps over `tokens` after `prompt` (1, T): row i is the step whose input
+    is tokens[i]."""
+    state = prefilled(model, prompt)
+    position = prompt.shape[1]
+    rows = [forward(model, state.cache, [token], [position + i])[0] for i, token in enumerate(tokens)]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_verify_rows_are_plain_steps_bitwise(family):
+    model = invariant_model(family)
+    generator = torch.Generator().manual_seed(7)
+    prompt = torch.randint(3, 160, (1, 21), generator=generator)
+    tokens = torch.randint(3, 160, (MAX_FAST_ROWS,), generator=generator).tolist()
+    plain = plain_steps(model, prompt, tokens)
+    for width in (1, 2, 3, 5, 8, 13, 16, 17, 24, MAX_FAST_ROWS):
+        state = prefilled(model, prompt)
+        rows = forward(model, state.cache, tokens[:width], list(range(21, 21 + width)))
+        assert torch.equal(rows, plain[:width]), f"{family} width {width}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tree_rows_are_plain_steps_bitwise(family):
+    """A tree whose path 0 -> 2 -> 5 -> 6 carries the tokens plain decoding feeds, the other nodes noise: the rows
+    of the root and of that path equal the plain steps' logits."""
+    model = invariant_model(family)
+    generator = torch.Generator().manual_seed(11)
+    prompt = torch.randint(3, 160, (1, 30), generator=generator)
+    last, path = 5, torch.randint(3, 160, (4,), generator=generator).tolist()
+    parents = [-1, -1, 0, 1, 2, 2, 5, -1]  # nodes 0, 2, 5, 6 are the path
+    tokens = torch.randint(3, 160, (len(parents),), generator=generator).tolist()
+    for node, token in zip((0, 2, 5, 6), path):
+        tokens[node] = token
+    plain = plain_steps(model, prompt, [last] + path)
+    state = prefilled(model, prompt)
+    position = prompt.shape[1]
+    mask = tree_mask(model, state.cache, parents, position)
+    positions = (position + torch.tensor([0] + depths(parents))).tolist()
+    rows = forward(model, state.cache, [last] + tokens, positions, mask)
+    assert torch.equal(rows[[0, 1, 3, 6, 7]], plain)
+
+
+def test_products_and_attention_do_not_depend_on_the_row_count():
+    kernel = kernels_or_skip()
+    generator = torch.Generator().manual_seed(3)
+    for rows, (n, k) in [(1, (100, 77)), (7, (260, 576)), (MAX_FAST_ROWS, (129, 1536))]:
+        x, w = torch.randn(rows, k, generator=generator), torch.randn(n, k, generator=generator)
+        out = kernel.rows_gemm(x, w)
+        assert torch.equal(out, torch.cat([kernel.rows_gemm(x[i:i + 1], w) for i in range(rows)]))
+        assert torch.allclose(out, x @ w.T, atol=1e-3, rtol=1e-4)
+    queries, heads, kv_heads, keys, dim = 9, 6, 2, 50, 24
+    q = torch.randn(queries, heads, dim, generator=generator)
+    k, v = (torch.randn(kv_heads, keys + 10, dim, generator=generator)[:, :keys] for _ in range(2))  # strided views
+    mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+    out = kernel.rows_attention(q, k, v, mask, dim ** -0.5)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(3, 0), v.repeat_interleave(3, 0), attn_mask=mask).transpose(0, 1)
+    assert torch.allclose(out, reference, atol=1e-5)
+    for t in range(queries):
+        alone = kernel.rows_attention(q[t:t + 1], k[:, :keys - queries + t + 1], v[:, :keys - queries + t + 1],
+                                      None, dim ** -0.5)
+        assert torch.equal(alone[0], out[t])
+
+
+def test_the_check_can_fail():
+    """Library products are not batch-invariant: the test above would see it (so it is not vacuous)."""
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 576, generator=generator), torch.randn(3000, 576, generator=generator)
+    library = (w @ x.T).T
+    one_by_one = torch.cat([torch.nn.functional.linear(x[i:i + 1], w) for i in range(16)])
+    assert not torch.equal(library, one_by_one)
+
+
+def test_the_plan_names_its_instruction_set():
+    kernels_or_skip()
+    model = tiny_model("llama", num_layers=1)
+    plan = accelerate(model)
+    assert vector_isa() in ("avx512", "avx2") and f"{vector_isa()}, batch-invariant" in plan.describe()
+    assert plan.describe().startswith(f"rows 1-{MAX_FAST_ROWS}, attention rows 1-{MAX_FAST_ROWS}")
