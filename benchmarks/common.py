@@ -37,7 +37,38 @@ def pick_prompts(rows: list[dict], categories: list[str], per_category: int) -> 
     return picked
 
 
+def cpu_name_and_flags() -> tuple[str, str]:
+    """The CPU's model name and the vector flags every speed figure depends on: AVX-512 (which subsets), AMX,
+    AVX2 and FMA, each said yes or no."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    avx512 = sorted(f for f in flags if f.startswith("avx512"))
+    amx = sorted(f for f in flags if f.startswith("amx"))
+    said = [f"AVX-512 {'yes (' + ' '.join(avx512) + ')' if avx512 else 'no'}", f"AMX {'yes' if amx else 'no'}",
+            f"AVX2 {'yes' if 'avx2' in flags else 'no'}", f"FMA {'yes' if 'fma' in flags else 'no'}"]
+    return name, ", ".join(said)
+
+
+def kernel_status() -> str:
+    """Whether the engine's kernels run here ("kernels: avx2, batch-invariant") or the library fallback does, and
+    why: every figure changes with it."""
+    from knnssd.engine.kernel_build import compile_error, compiled_kernel, vector_isa
+
+    if compiled_kernel() is not None:
+        return f"kernels: {vector_isa()}, batch-invariant"
+    return f"kernels: FALLBACK to library products ({compile_error()})"
+
+
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
+    """One line for every benchmark's header: cores, CPU and its vector flags, GPU, torch, threads, kernels."""
+    name, flags = cpu_name_and_flags()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{os.cpu_count()} CPU cores ({name}; {flags}), {gpu}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {kernel_status()}")

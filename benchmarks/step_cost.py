@@ -1,9 +1,9 @@
 """What one decoding step costs, per width, beside the memory-bound floor: the verify tax, measured.
 
-    python benchmarks/step_cost.py [--model smollm2-135m] [--contexts 200,1500] [--widths 1-16,32] [--repeats 15]
+    python benchmarks/step_cost.py [--model smollm2-135m] [--contexts 200,1500] [--widths 1-16,24,32] [--repeats 15]
                                    [--out FILE.json]
 
-For each context, widths 1-16 and 32 are timed as a real decode runs them: every verify pass of width w follows a
+For each context, widths 1-16, 24 and 32 are timed as a real decode runs them: every verify pass of width w follows a
 1-token step (shapes switch as they do in decoding), the widths in a shuffled order each round, the cache cropped
 back after each pass so the context stays put. Both engines in the same run, interleaved round by round:
 "fast" (the linear-layer methods `knnssd.engine.kernels` chose at load) and "transformers" (F.linear everywhere).
@@ -13,7 +13,7 @@ back after each pass so the context stays put. Both engines in the same run, int
                  slower plain step can never be what makes v small
 
 The floor: a step must read every weight once (and the KV cache), so bytes read / stream bandwidth, the
-bandwidth measured here by summing a 256 MB tensor. A per-op profile (torch.profiler) of widths 1, 4 and 8 shows
+bandwidth measured here by summing a 256 MB tensor; "of the floor's speed" is floor / plain step. A per-op profile (torch.profiler) of widths 1, 4 and 8 shows
 where the rest goes. Last, plain decoding of 64 tokens: transformers' `generate` beside ours, both engines.
 """
 
@@ -35,7 +35,7 @@ from knnssd.engine.kernels import transformers_kernels  # noqa: E402
 from knnssd.engine.kvcache import new_cache, rollback  # noqa: E402
 from knnssd.engine.models import load_model  # noqa: E402
 
-WIDTHS = (*range(1, 17), 32)
+WIDTHS = (*range(1, 17), 24, 32)
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
@@ -174,7 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--contexts", default="200,1500")
-    parser.add_argument("--widths", default="1-16,32", help="widths to time, e.g. 1-16,32 (default)")
+    parser.add_argument("--widths", default="1-16,24,32", help="widths to time, e.g. 1-16,24,32 (default)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-profile", action="store_true")
@@ -195,6 +195,9 @@ def main() -> None:
         print(f"\ncontext {context}: stream {bandwidth:.1f} GB/s, {bytes_per_step(model, context) / 1e6:.0f} MB a "
               f"step -> floor {floor:.1f} ms")
         plain = min(costs[e][1] for e in costs)
+        result["contexts"][context]["floor_speed"] = {e: floor / costs[e][1] for e in costs}
+        print("plain step: " + ", ".join(f"{e} {costs[e][1]:.1f} ms = {floor / costs[e][1]:.2f} of the floor's speed"
+                                         for e in costs))
         print(f"{'width':>6}" + "".join(f"{e + ' ms':>18}{'v':>7}" for e in costs) + f"{'v*':>7}")
         for width in widths:
             print(f"{width:>6}" + "".join(f"{costs[e][width]:>18.1f}{costs[e][width] / costs[e][1]:>7.2f}"
