@@ -6,6 +6,13 @@ cache every step: 69 MB a step for SmolLM2 at context 1500, 12 ms of a 49 ms pla
 hands attention a view of the filled part; the buffer doubles (one copy) when full. Cropping is a length change.
 The keys and values attention sees are the same numbers in the same order, only not copied.
 
+Capacity: a request reaches at most `request_reach(prompt, max_new_tokens)` positions (the last committed token
+plus the widest verify pass the kernels serve), so `new_cache(model, capacity=...)` caps every buffer there: the
+first write (the prompt) reserves min(max(2 x end, end + HEADROOM), capacity) positions, not 2 x the prompt, and
+doubling stops at the capacity. A write past the capacity (a drafter's tree wider than the caller counted) is not
+an error: the buffer grows to exactly what that write needs, one copy each time, so memory never exceeds what was
+written. Without a capacity (None, the default) the growth is as before: max(2 x end, end + HEADROOM).
+
 Two facts of transformers 5's caches shape the rest of this module:
 - a sub-layer skipped while drafting writes nothing to its cache layer, so after
   drafting the layers hold different numbers of tokens;
@@ -22,18 +29,44 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from knnssd.engine.kernels import MAX_FAST_ROWS
+from knnssd.errors import KnnSsdError
+
 HEADROOM = 256  # entries a new buffer holds beyond its first write (a prompt): room for many steps before it grows
+
+
+def request_reach(prompt_length: int, max_new_tokens: int, widest_pass: int = MAX_FAST_ROWS) -> int:
+    """The most positions a request's cache holds: the committed history stays below prompt + max_new_tokens,
+    and a verify pass (or a drafter's forward) writes at most `widest_pass` entries past the last committed one.
+    Generous by at most `widest_pass` positions."""
+    return prompt_length + max_new_tokens + widest_pass
+
+
+def check_capacity(capacity: int | None) -> int | None:
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+        raise KnnSsdError(f"a KV cache capacity must be a positive number of positions or None, got {capacity!r}",
+                          fix="pass request_reach(prompt_length, max_new_tokens), or None for unbounded growth")
+    return capacity
+
+
+def grown_capacity(end: int, capacity: int | None = None) -> int:
+    """Positions a new buffer holds for a write that reaches `end`: max(2 x end, end + HEADROOM), capped at
+    `capacity` when one is set, and never below `end` (a write past the capacity gets exactly `end`)."""
+    wanted = max(2 * end, end + HEADROOM)
+    return wanted if capacity is None else max(end, min(wanted, capacity))
 
 
 class PreallocatedLayer(DynamicLayer):
     """A full-attention cache layer whose entries live in a buffer (batch, kv_heads, capacity, head_dim).
 
     `keys` / `values` are views of the buffer's first `length` entries, so `DynamicLayer`'s crop (a slice), its
-    length and every reader work unchanged; `update` writes in place instead of concatenating.
+    length and every reader work unchanged; `update` writes in place instead of concatenating. `capacity` (None:
+    unbounded) caps the buffer's positions as `grown_capacity` says.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
         super().__init__()
+        self.capacity = check_capacity(capacity)
         self.key_buffer: torch.Tensor | None = None
         self.value_buffer: torch.Tensor | None = None
 
@@ -54,8 +87,8 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, end: int) -> None:
-        """New buffers of capacity max(2 * end, end + HEADROOM), holding the first `length` entries."""
-        capacity = max(2 * end, end + HEADROOM)
+        """New buffers of `grown_capacity(end, self.capacity)` positions, holding the first `length` entries."""
+        capacity = grown_capacity(end, self.capacity)
         with torch.inference_mode(False):  # normal tensors: writable in and out of inference mode
             keys = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
             values = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
@@ -69,14 +102,16 @@ class PreallocatedLayer(DynamicLayer):
         super().reset()
 
 
-def new_cache(model: PreTrainedModel) -> DynamicCache:
+def new_cache(model: PreTrainedModel, capacity: int | None = None) -> DynamicCache:
     """An empty cache for `model` that can be rolled back.
 
-    Full-attention layers are `PreallocatedLayer`s. Sliding-window layers (Mistral) stay transformers' own and
-    keep their past until cropped, so that a rejected draft can be removed even once the window is full.
+    Full-attention layers are `PreallocatedLayer`s holding at most `capacity` positions each (a request's reach,
+    `request_reach`; None: grow without a cap, as before). Sliding-window layers (Mistral) stay transformers' own
+    and keep their past until cropped, so that a rejected draft can be removed even once the window is full.
     """
+    check_capacity(capacity)
     cache = DynamicCache(config=model.config)
-    cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     for layer in cache.layers:
         if hasattr(layer, "activate_past_recording"):
             layer.activate_past_recording()
