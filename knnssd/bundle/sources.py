@@ -27,7 +27,7 @@ def open_registry(tracking_uri: str | None = None) -> Any:
         from registry.mlflow_store import BundleRegistry
     except ImportError as exc:
         raise KnnSsdError(f"the bundle registry needs the mlflow package ({exc})",
-                          fix='pip install "knnssd[calibrate]", or pass a bundle folder') from None
+                          fix='pip install "knnssd[registry]", or pass a bundle folder') from None
     return BundleRegistry(tracking_uri)
 
 

@@ -1,7 +1,7 @@
 """The `knnssd` command line.
 
     knnssd generate --model smollm2-135m --prompt "Hi" --chat --skip-set '{"attn":[24],"mlp":[]}' --compare-ar --json
-    knnssd bundles list | show REF | compare REF REF ...      (see knnssd/cli/bundles.py)
+    knnssd bundles list | show REF | compare REF REF ... | alias REF ALIAS [--delete]   (knnssd/cli/bundles.py)
     knnssd keys generate --out PREFIX                         (a key pair that signs bundles, knnssd/bundle/signing.py)
     knnssd serve --bundle REF [--port 8000] ...               (see knnssd/cli/serve.py)
 

@@ -35,6 +35,7 @@ def quiet_loaders() -> None:
     """knnssd's INFO messages on stderr; FAISS's loader, MLflow's store set-up and transformers' progress bars
     silenced (warnings still show)."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported, here or in workers
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars on stderr
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("knnssd").setLevel(logging.INFO)
     for name in QUIET_LOGGERS:
