@@ -85,13 +85,13 @@ inline float vsum(vec a) {
 #endif
 
 constexpr int kMaxRows = 32;
-constexpr int kGroup = LANES == 16 ? 6 : 5;     // input rows per register tile
+constexpr int kGroup = 6;                        // input rows per register tile, at most
 constexpr int kBlock = LANES == 16 ? 4 : 2;     // weight rows per register tile (kBlock * kGroup accumulators)
 constexpr int64_t kPrefetch = 2048;             // floats ahead of each weight row read (8 KB)
 
 // ---------------------------------------------------------------------------------------------------- gemm
 
-// out[m0 + m, n0 + i] = x[m0 + m] . w[n0 + i] for m < G, i < B.
+// out[m, n0 + i] = x[m] . w[n0 + i] for m < G, i < B (kBlock * kGroup + kBlock + 1 vector registers at most).
 template <int G, int B>
 inline void tile(const float* __restrict x, const float* __restrict wn, float* __restrict out, int64_t n0,
                  int64_t n_out, int64_t k, bool prefetch, const float* w_end) {
@@ -142,16 +142,18 @@ inline void rest_group(int rows, const float* x, const float* wn, float* out, in
   }
 }
 
-// Every input row times weight rows [n0, n0 + B): groups of kGroup rows, the first group streaming the block
-// from memory, the others reading it from L1.
+// Every input row times weight rows [n0, n0 + B): groups of at most kGroup rows, the first group streaming the
+// block from memory (with prefetches), the others reading it from L1.
 template <int B>
 inline void weight_block(int rows, const float* x, const float* w, float* out, int64_t n0, int64_t n_out,
                          int64_t k, const float* w_end) {
   const float* wn = w + n0 * k;
-  int m0 = 0;
-  for (; m0 + kGroup <= rows; m0 += kGroup)
-    tile<kGroup, B>(x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, m0 == 0, w_end);
-  if (m0 < rows) rest_group<B>(rows - m0, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, m0 == 0, w_end);
+  const int groups = (rows + kGroup - 1) / kGroup;  // as even as possible: 16 rows as 5 + 5 + 6, not 6 + 6 + 4
+  for (int g = 0, m0 = 0; g < groups; ++g) {
+    const int size = (rows - m0) / (groups - g);
+    rest_group<B>(size, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, m0 == 0, w_end);
+    m0 += size;
+  }
 }
 
 template <int B>
@@ -239,6 +241,38 @@ struct Attention {
   float scale;
 };
 
+// acc (C * LANES) = sum over m < n of p[m] * v[keys[m]], in key order, the accumulators in registers.
+template <int C>
+inline void weigh_values(const float* p, const int64_t* keys, int64_t n, const float* v, int64_t vj, float* acc) {
+  vec sum[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) sum[c] = vzero();
+  for (int64_t m = 0; m < n; ++m) {
+    const vec pm = vset1(p[m]);
+    const float* vr = v + keys[m] * vj;
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) sum[c] = vfma(pm, vload(vr + c * LANES), sum[c]);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) vstore(acc + c * LANES, sum[c]);
+}
+
+// The same for any head dimension, the accumulators in memory (a masked tail past the last full vector).
+inline void weigh_values_any(const float* p, const int64_t* keys, int64_t n, const float* v, int64_t vj, int64_t D,
+                             float* acc) {
+  for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+  for (int64_t m = 0; m < n; ++m) {
+    const vec pm = vset1(p[m]);
+    const float* vr = v + keys[m] * vj;
+    int64_t d = 0;
+    for (; d + LANES <= D; d += LANES) vstore(acc + d, vfma(pm, vload(vr + d), vload(acc + d)));
+    if (d < D) {
+      const int rest = static_cast<int>(D - d);
+      vstore_tail(acc + d, vfma(pm, vload_tail(vr + d, rest), vload_tail(acc + d, rest)), rest);
+    }
+  }
+}
+
 // Query rows [r0, r1) of kv head h; row r is query (t = r / G, head h * G + r % G).
 void attend(const Attention& a, int64_t h, int64_t r0, int64_t r1, std::vector<float>& scores,
             std::vector<int64_t>& keys, std::vector<float>& acc) {
@@ -287,17 +321,14 @@ void attend(const Attention& a, int64_t h, int64_t r0, int64_t r1, std::vector<f
       sum = vadd(sum, vload_tail(scores.data() + i, rest));
     }
     const float inv = 1.0f / vsum(sum);
-    // weighted sum of values over the visible keys in order, vectorised over the head dimension
-    for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
-    for (int64_t m = 0; m < n; ++m) {
-      const vec p = vset1(scores[m]);
-      const float* vr = vb + keys[m] * a.vj;
-      int64_t d = 0;
-      for (; d + LANES <= D; d += LANES) vstore(acc.data() + d, vfma(p, vload(vr + d), vload(acc.data() + d)));
-      if (d < D) {
-        const int rest = static_cast<int>(D - d);
-        vstore_tail(acc.data() + d, vfma(p, vload_tail(vr + d, rest), vload_tail(acc.data() + d, rest)), rest);
-      }
+    // weighted sum of values over the visible keys in order, vectorised over the head dimension: in registers
+    // for head dimensions of 1, 2, 4 or 8 vectors (SmolLM2's 64), else in memory; the same operations either way
+    switch (D % LANES == 0 ? D / LANES : 0) {
+      case 1: weigh_values<1>(scores.data(), keys.data(), n, vb, a.vj, acc.data()); break;
+      case 2: weigh_values<2>(scores.data(), keys.data(), n, vb, a.vj, acc.data()); break;
+      case 4: weigh_values<4>(scores.data(), keys.data(), n, vb, a.vj, acc.data()); break;
+      case 8: weigh_values<8>(scores.data(), keys.data(), n, vb, a.vj, acc.data()); break;
+      default: weigh_values_any(scores.data(), keys.data(), n, vb, a.vj, D, acc.data());
     }
     for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
   }
@@ -352,7 +383,7 @@ torch::Tensor rows_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
               mask.has_value() ? m.data_ptr<bool>() : nullptr, out.data_ptr<float>(),
               T, H, Hkv, L, D, k.stride(0), k.stride(1), v.stride(0), v.stride(1), static_cast<float>(scale)};
   const int64_t rows = T * (H / Hkv);                    // query rows per kv head
-  const int64_t per = rows <= 4 ? 1 : (rows + 7) / 8;    // rows per work item
+  const int64_t per = rows <= 4 ? 1 : (rows + 7) / 8;    // rows per work item: about 8 items per kv head
   const int64_t chunks = (rows + per - 1) / per;
   {
     pybind11::gil_scoped_release no_gil;
