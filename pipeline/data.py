@@ -2,10 +2,18 @@
 table with columns domain, prompt, split ("calibration" / "held_out").
 
 The split is seeded per domain and written with the table, so evaluation reads the same held-out prompts.
+
+Held-out integrity: a calibration stores the model's own output for each calibration prompt, so a held-out prompt
+whose text is also a calibration prompt would look its own future up. The split therefore keeps each prompt text
+(compared after whitespace normalisation, `normalise_prompt`) once per domain (the first occurrence in file
+order: a duplicate can never straddle the split), and refuses a text that appears in two domains (after --merge),
+naming it. `data_fingerprint` hashes the split table; calibration records it in the bundle and evaluation
+(`check_fingerprint`) refuses a file whose split differs from the one the bundle was calibrated on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -115,27 +123,83 @@ def read_prompts(config: DataConfig) -> list[tuple[str, str]]:
     return rows
 
 
-def split_table(rows: list[tuple[str, str]], config: DataConfig, min_calibration: int) -> pa.Table:
-    """Seeded per-domain split; every domain needs `min_calibration` calibration prompts and one held out."""
-    by_domain: dict[str, list[str]] = {}
+def normalise_prompt(text: str) -> str:
+    """The text two prompts are compared by: runs of whitespace as one space, none at either end."""
+    return " ".join(text.split())
+
+
+def unique_prompts(rows: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Each domain's prompt texts (domains in order of first appearance), each normalised text once (its first
+    occurrence, as written). A text in two domains is refused, naming it: it could be held out in one domain
+    while its own output is stored for the other (and in the union store every domain's policies may draft from)."""
+    by_domain: dict[str, dict[str, str]] = {}
+    owner: dict[str, str] = {}
+    clashes: list[tuple[str, str, str]] = []
     for domain, prompt in rows:
-        by_domain.setdefault(domain, []).append(prompt)
+        key = normalise_prompt(prompt)
+        first = owner.setdefault(key, domain)
+        if first != domain:
+            clashes.append((prompt, first, domain))
+            continue
+        by_domain.setdefault(domain, {}).setdefault(key, prompt)
+    if clashes:
+        prompt, first, other = clashes[0]
+        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+        raise KnnSsdError(
+            f"the prompt {shown!r} appears in domains {first!r} and {other!r}"
+            + (f" ({len(clashes)} prompts appear in more than one domain)" if len(clashes) > 1 else ""),
+            fix="keep each prompt in one domain (edit the file, or merge the domains with --merge): a prompt in "
+                "two domains could be held out in one while its own output is stored for the other")
+    return {domain: list(texts.values()) for domain, texts in by_domain.items()}
+
+
+def split_table(rows: list[tuple[str, str]], config: DataConfig, min_calibration: int) -> pa.Table:
+    """Seeded per-domain split; every domain needs `min_calibration` calibration prompts and one held out.
+
+    Duplicate texts are kept once per domain and a text in two domains is refused (`unique_prompts`); on data
+    without duplicates this is the plain seeded shuffle of each domain's prompts in file order."""
     domains, prompts, splits = [], [], []
-    for domain, texts in by_domain.items():
+    for domain, texts in unique_prompts(rows).items():
         texts = texts[: config.max_per_domain] if config.max_per_domain else texts
         order = list(range(len(texts)))
         random.Random(f"{config.seed}-{domain}").shuffle(order)
         held = max(1, round(len(texts) * config.held_out_fraction))
         if len(texts) - held < min_calibration:
             raise KnnSsdError(
-                f"domain {domain!r} has {len(texts)} prompts: too few for {min_calibration} calibration prompts "
-                f"plus {held} held out",
+                f"domain {domain!r} has {len(texts)} distinct prompts: too few for {min_calibration} calibration "
+                f"prompts plus {held} held out",
                 fix="add prompts, lower --prompts-per-trial, or leave the domain out with --domains")
         for rank, i in enumerate(order):
             domains.append(domain)
             prompts.append(texts[i])
             splits.append(HELD_OUT if rank < held else CALIBRATION)
     return pa.table({"domain": domains, "prompt": prompts, "split": splits})
+
+
+def data_fingerprint(table: pa.Table) -> str:
+    """sha256 (16 hex digits) over every (domain, prompt, split) row: which prompts calibrated, and how split."""
+    digest = hashlib.sha256()
+    for row in zip(*(table[c].to_pylist() for c in ("domain", "prompt", "split"))):
+        digest.update(json.dumps(row).encode())
+    return digest.hexdigest()[:16]
+
+
+def check_fingerprint(table: pa.Table, recorded: str | None, source: str) -> None:
+    """Refuse evaluation data whose split `table` is not the one the bundle was calibrated on.
+
+    table: the split table rebuilt from `source` with the bundle's data settings, restricted to the bundle's
+    domains; recorded: the fingerprint the bundle's calibration recorded (its manifest's
+    calibration.provenance["data.fingerprint"]); None is not checked here (the caller decides). A different
+    fingerprint means another file or another split: a prompt held out now may have been a calibration prompt
+    whose own output sits in a store."""
+    found = data_fingerprint(table)
+    if recorded is not None and found != recorded:
+        raise KnnSsdError(
+            f"the evaluation data {source} splits to fingerprint {found}, but the bundle was calibrated on data "
+            f"with fingerprint {recorded}: its held-out prompts are not the ones calibration held out, and a "
+            "prompt's own output may sit in a store",
+            fix="pass the exact file the bundle was calibrated on (--data, with nothing added, removed or "
+                "changed), or re-calibrate on this one")
 
 
 def load_calibration_table(config: DataConfig, min_calibration: int) -> pa.Table:

@@ -3,7 +3,6 @@ and the summary table."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from typing import Any
@@ -12,18 +11,10 @@ import pyarrow as pa
 
 from knnssd.engine.policy import describe_policy
 from knnssd.bundle.reports import format_validation
-from pipeline.data import DataConfig
+from pipeline.data import DataConfig, data_fingerprint  # the fingerprint evaluation checks
 from pipeline.reduce import ReduceConfig
 from pipeline.space import SearchConfig
 from pipeline.tasks import ModelSpec
-
-
-def data_fingerprint(table: pa.Table) -> str:
-    """sha256 (16 hex digits) over every (domain, prompt, split) row: which prompts calibrated, and how split."""
-    digest = hashlib.sha256()
-    for row in zip(*(table[c].to_pylist() for c in ("domain", "prompt", "split"))):
-        digest.update(json.dumps(row).encode())
-    return digest.hexdigest()[:16]
 
 
 def provenance(table: pa.Table, searches: list[dict[str, Any]]) -> dict[str, Any]:
