@@ -6,8 +6,10 @@ decoding and transformers' own assisted generation, on prompts held out from cal
 
 With RAY_ADDRESS (as under `ray job submit`) or --address, the measurement runs as one Ray task (on a GPU where
 the cluster has one); otherwise in this process. Without --data, the prompts come from the data the bundle was
-calibrated on (its manifest records where); the held-out split is rebuilt with the calibration's seed, so no
-calibration prompt is evaluated. Results: a folder of tables, a plot and a report, and an MLflow run nested under
+calibrated on (its manifest records where); the held-out split is rebuilt with the calibration's seed, and
+checked, before any model loads, against the data fingerprint the bundle records: a file with a prompt added,
+removed or changed splits otherwise, and a prompt held out now may have been a calibration prompt whose own
+output sits in a store (store-drafting methods would look their own future up), so it is refused. Results: a folder of tables, a plot and a report, and an MLflow run nested under
 the bundle's own run (unless --no-log). See pipeline/study.py (the methods and the run) and
 pipeline/report.py (the figures).
 """
@@ -33,7 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     p.add_argument("--bundle", default=None,
                    help="registry reference (name, name@vN, name@alias) or folder (needed unless --rerender).")
-    p.add_argument("--data", default=None, help="prompt file (default: the bundle's calibration data).")
+    p.add_argument("--data", default=None,
+                   help="prompt file (default: the bundle's calibration data). It must split exactly as the data "
+                        "the bundle was calibrated on (the data fingerprint the bundle records), else the run is "
+                        "refused before any model loads: pass that exact file, or re-calibrate on this one.")
+    p.add_argument("--allow-unverified-data", action="store_true",
+                   help="evaluate a bundle that records no data fingerprint (made before fingerprints were "
+                        "recorded, or by hand), with a warning, instead of refusing it: its held-out prompts "
+                        "cannot be checked against its stores. A fingerprint that differs is refused always.")
     p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens,
                    help="tokens each method generates per prompt.")
     p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (default all).")
@@ -85,24 +94,28 @@ def named_policies(items: list[str]) -> tuple[tuple[str, dict], ...]:
 
 
 def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | None,
-                       ood_domains: tuple[str, ...] = ()) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """The held-out prompts of the bundle's domains, split as calibration split them; and the prompts of
-    `ood_domains` (domains of the data the bundle was not calibrated on)."""
+                       ood_domains: tuple[str, ...] = (), allow_unverified: bool = False
+                       ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The held-out prompts of the bundle's domains, split as calibration split them (checked against the
+    bundle's data fingerprint: `check_held_out`); and the prompts of `ood_domains` (domains of the data the
+    bundle was not calibrated on)."""
     from dataclasses import replace
 
     from pipeline.data import DataConfig, load_calibration_table
     from pipeline.study import held_out_prompts, ood_prompts
 
-    recorded = dict(manifest.get("calibration", {}).get("data") or {})
-    if data_path is None and "data" not in manifest.get("calibration", {}):
+    calibration = manifest.get("calibration", {})
+    recorded = dict(calibration.get("data") or {})
+    if data_path is None and "data" not in calibration:
         raise KnnSsdError("the bundle does not record its calibration data", fix="pass --data PATH")
     recorded["domains"] = tuple(recorded.get("domains") or ())
     if data_path is not None:
         recorded["path"] = data_path
     config = DataConfig(**recorded)
-    min_calibration = int(manifest.get("calibration", {}).get("search", {}).get("prompts_per_trial", 1))
+    min_calibration = int(calibration.get("search", {}).get("prompts_per_trial", 1))
     table = load_calibration_table(config, min_calibration=min_calibration)
     domains = [d["name"] for d in manifest["domains"]]
+    check_held_out(table, domains, calibration, config.path or "(the built-in demo prompts)", allow_unverified)
     unseen = []
     if ood_domains:
         everything = load_calibration_table(replace(config, domains=()), min_calibration=min_calibration)
@@ -110,20 +123,46 @@ def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | 
     return held_out_prompts(table, domains, per_domain), unseen
 
 
+def check_held_out(table, domains: list[str], calibration: dict, source: str, allow_unverified: bool) -> None:
+    """Refuse data whose split of the bundle's `domains` differs from the one calibration fingerprinted
+    (`pipeline.data.check_fingerprint`); a bundle with no fingerprint is refused too, or with
+    `allow_unverified` evaluated with a warning on stderr. Other domains of the file (an --ood-domains stream)
+    are left out of the comparison: calibration never stored their outputs."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.data import check_fingerprint
+
+    recorded = (calibration.get("provenance") or {}).get("data.fingerprint")
+    if recorded is None:
+        problem = ("the bundle records no data fingerprint, so its held-out prompts cannot be checked against the "
+                   "prompts whose outputs fill its stores")
+        if not allow_unverified:
+            raise KnnSsdError(problem, fix="re-calibrate (calibration records the fingerprint), or pass "
+                                           "--allow-unverified-data to evaluate anyway")
+        print(f"warning: {problem}; evaluating anyway (--allow-unverified-data)", file=sys.stderr, flush=True)
+        return
+    check_fingerprint(table.filter(pc.is_in(table["domain"], pa.array(domains))), str(recorded), source)
+
+
 def run_study(bundle: str, tracking_uri: str | None, device: str | None, dtype: str | None, data: str | None,
               config: EvalConfig, threads: int, fast_kernels: bool, trusted_key_pems: list[str]):
-    """Load the bundle (verified against the driver's trusted keys, sent by content: a Ray task on another node
-    has neither its environment nor its key files) and its model, pick the prompts, run the study.
-    Returns (manifest, prompts, rows)."""
+    """Read the bundle (verified against the driver's trusted keys, sent by content: a Ray task on another node
+    has neither its environment nor its key files), pick and check the prompts, then load its model and run
+    the study. Returns (manifest, prompts, rows)."""
+    from knnssd.bundle.reading import read_bundle
     from knnssd.bundle.runtime import load_bundle
-    from knnssd.bundle.signing import keys_from_contents
+    from knnssd.bundle.signing import keys_from_contents, trusted_keys
+    from knnssd.bundle.sources import fetch_bundle
     from pipeline.study import evaluate
 
     with keys_from_contents(trusted_key_pems) as keys:
+        checked = trusted_keys(keys)
+        manifest = read_bundle(fetch_bundle(bundle, tracking_uri, keys=checked), keys=checked).manifest
+        prompts, unseen = evaluation_prompts(manifest, data, config.prompts_per_domain, config.ood_domains,
+                                             config.allow_unverified_data)  # refused here, before any model loads
         runtime = load_bundle(bundle, tracking_uri=tracking_uri, device=device, dtype=dtype, threads=threads,
                               fast_kernels=fast_kernels, trusted_keys=keys)
-    prompts, unseen = evaluation_prompts(runtime.bundle.manifest, data, config.prompts_per_domain,
-                                         config.ood_domains)
     return runtime.bundle.manifest, prompts + unseen, evaluate(runtime, prompts, config,
                                                                log=lambda message: print(message, flush=True),
                                                                unseen=unseen)
@@ -154,7 +193,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
                         streams=split_list(args.streams), peers=split_list(args.peers),
                         fix_domains=None if args.fix_domains is None else split_list(args.fix_domains),
                         lookup_tokens=args.lookup_tokens, early_exit_layer=args.early_exit_layer, seed=args.seed,
-                        policies=named_policies(args.policy), ood_domains=split_list(args.ood_domains))
+                        policies=named_policies(args.policy), ood_domains=split_list(args.ood_domains),
+                        allow_unverified_data=args.allow_unverified_data)
     from pipeline.report import metric_key, read_rows, summarise, write_outputs
 
     if args.rerender:

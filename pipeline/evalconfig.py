@@ -21,7 +21,9 @@ class EvalConfig:
     """max_new_tokens per generation; prompts_per_domain held-out prompts used per domain (None: all);
     fix_domains: whose policies run as Self-SD(Fix) (None: every domain's); peers: transformers' methods to
     time; lookup_tokens: their `prompt_lookup_num_tokens`; early_exit_layer: their `assistant_early_exit`
-    (None: half the model's layers); policies: extra (name, draft policy) methods."""
+    (None: half the model's layers); policies: extra (name, draft policy) methods; allow_unverified_data:
+    evaluate a bundle that records no data fingerprint (its held-out split cannot be checked) with a warning
+    instead of refusing it (a bundle whose recorded fingerprint differs from the data is refused always)."""
 
     max_new_tokens: int = 64
     prompts_per_domain: int | None = None
@@ -33,6 +35,7 @@ class EvalConfig:
     seed: int = 0
     policies: tuple[tuple[str, dict[str, Any]], ...] = ()
     ood_domains: tuple[str, ...] = ()
+    allow_unverified_data: bool = False
 
     def __post_init__(self) -> None:
         for name, _ in self.policies:

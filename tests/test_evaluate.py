@@ -13,6 +13,7 @@ from pipeline.data import DataConfig
 from pipeline.report import PromptRun, summarise, verdicts
 from pipeline.study import EvalConfig, stream_order
 from tests.bundles import TINY_PROMPTS, loaded, tiny_bundle  # noqa: F401 (fixture)
+from tests.test_heldout_integrity import calibration_record
 
 
 def run(method, domain, seconds, plain, stream="task", accepted=0, drafted=0, steps=1, identical=True, routed="",
@@ -88,8 +89,7 @@ def evaluated(loaded, tmp_path):
     data.write_text("\n".join(json.dumps({"domain": d, "prompt": t}) for d, ts in TINY_PROMPTS.items() for t in ts))
     mix = {"policy": {"kind": "prompt_lookup", "max_ngram": 2, "min_ngram": 1, "max_draft_tokens": 5},
            "metrics": {"speedup": 1.0}}
-    calibration = {"data": asdict(DataConfig(path=str(data), held_out_fraction=0.34)),
-                   "search": {"prompts_per_trial": 2}}
+    calibration = calibration_record(DataConfig(path=str(data), held_out_fraction=0.34))  # with its fingerprint
     folder = tiny_bundle(loaded, tmp_path / "bundle", calibration=calibration, reference_policies={"mix": mix})
     out = tmp_path / "out"
     code = evaluate_main(["--bundle", str(folder), "--max-new-tokens", "12", "--out", str(out), "--no-log",
