@@ -28,6 +28,7 @@ On CUDA nothing changes (cuBLAS serves small batches well: v = 1.03 on an H200, 
 
 from __future__ import annotations
 
+import logging
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from torch import nn
 from knnssd.engine import attention
 from knnssd.engine.kernel_build import compile_error, compiled_kernel, vector_isa
 
+LOG = logging.getLogger("knnssd")
 MAX_FAST_ROWS = 32  # the widest decoding step the kernels serve; longer inputs are prefills
 PACK_ROWS = 8  # the row count MKL packs for, and that packed8 pads its input to
 LIBRARY_MAX_ROWS = 16  # the library plan's small-batch methods stop here (F.linear past it)
@@ -178,9 +180,12 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
     if not enabled:
         return KernelPlan(enabled=False, device=device, threads=threads, reason="switched off")
     if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
-        return KernelPlan(enabled=False, device=device, threads=threads,
+        plan = KernelPlan(enabled=False, device=device, threads=threads,
                           reason=f"kept for {parameter.device.type} {str(parameter.dtype).removeprefix('torch.')}: "
-                                 "only fp32 CPU verify passes need them")
+                                 "the engine's kernels serve fp32 on CPU")
+        LOG.warning("knnssd: %s; plain steps and verify passes use the library's products, so greedy output equals "
+                    "plain decoding's up to near-ties", plan.describe())
+        return plan
     restore(model)
     kernel = compiled_kernel() if compiled else None
     every = [m for m in model.modules() if isinstance(m, nn.Linear)]
