@@ -32,6 +32,9 @@ SWEEP = [  # (what, path, body, status, param, code)
     ("top_p of 0", C, {**GOOD, "top_p": 0}, 400, "top_p", "invalid_value"),
     ("stream as a string", C, {**GOOD, "stream": "yes"}, 400, "stream", "invalid_type"),
     ("seed as a string", C, {**GOOD, "seed": "7"}, 400, "seed", "invalid_type"),
+    ("seed of 2**70", C, {**GOOD, "seed": 2**70}, 400, "seed", "invalid_value"),
+    ("seed of 2**64", CC, {**CHAT, "seed": 2**64}, 400, "seed", "invalid_value"),
+    ("negative seed", C, {**GOOD, "seed": -1}, 400, "seed", "invalid_value"),
     ("tool role", CC, {**CHAT, "messages": [{"role": "tool", "content": "t5"}]}, 400, "messages.0.role",
      "invalid_value"),
     ("content as a number", CC, {**CHAT, "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content",
@@ -94,6 +97,14 @@ def test_bad_request(server, what, path, body, status, param, code):
 def test_the_unsupported_option_is_named(server):
     error = httpx.post(server.url + C, json={**GOOD, "n": 3}).json()["error"]
     assert "n > 1" in error["message"] and "n=3" in error["message"]
+
+
+def test_the_seed_range_is_named_and_its_ends_are_served(server):
+    error = httpx.post(server.url + C, json={**GOOD, "seed": 2**70}).json()["error"]
+    assert "from 0 to 2**64 - 1" in error["message"] and str(2**70) in error["message"]
+    for seed in (0, 2**63, 2**64 - 1):  # both ends and past int64: torch's generator takes them all
+        response = httpx.post(server.url + C, json={**GOOD, "temperature": 0.8, "seed": seed}, timeout=30)
+        assert response.status_code == 200, response.text
 
 
 def test_oversized_body_without_content_length(server):

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 # OpenAI's own default for /v1/completions; /v1/chat/completions defaults to all the room left in the context.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 4
+# torch.Generator.manual_seed takes [-2**63, 2**64 - 1] and folds a negative seed onto 2**64 + seed; 0..2**64 - 1
+# is that range with every seed its own stream.
+MAX_SEED = 2**64 - 1
 TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -145,7 +148,7 @@ def parse_request(body: bytes, model_cls: type[Common]) -> Common:
             raise ApiError(400, f"{problem} by this server (got {name}={raw[name]!r}); {fix}", param=name,
                            code="unsupported_parameter")
     try:
-        return model_cls.model_validate(raw, strict=True)
+        parsed = model_cls.model_validate(raw, strict=True)
     except ValidationError as exc:
         error = max(exc.errors(), key=lambda e: len(e["loc"]))  # the most specific, e.g. inside a union member
         param = _param(tuple(error["loc"]))
@@ -155,6 +158,10 @@ def parse_request(body: bytes, model_cls: type[Common]) -> Common:
                 from None
         raise ApiError(400, f"{where}: {error['msg']} (got {error.get('input')!r})"[:500], param=param,
                        code="invalid_type" if error["type"].endswith("_type") else "invalid_value") from None
+    if parsed.seed is not None and not 0 <= parsed.seed <= MAX_SEED:
+        raise ApiError(400, f"seed must be an integer from 0 to 2**64 - 1 ({MAX_SEED}), got {parsed.seed}; send a "
+                            "seed in that range, or leave it out", param="seed", code="invalid_value")
+    return parsed
 
 
 @dataclass(frozen=True)
