@@ -27,7 +27,10 @@ prompt is fixed by that prompt's greedy continuation:
   (accepted tokens, verify steps, drafted tokens and draft forwards) on Spec-Bench.
 - a hybrid replays the real lookup session and the layer-skip replay, as `HybridSession` combines them;
 - a suffix tree, like prompt lookup, drafts from the committed tokens (and its store) alone: replaying the real
-  `SuffixTreeSession` gives exactly the real run's trees.
+  `SuffixTreeSession` gives exactly the real run's trees. With recycled successors its table also learns from
+  each verify pass's committed rows (`observe_logits`); replay hands the session the same rows' top successors
+  from the trace (`Trace.successors`, recorded by `trace_prompt`), so the tables, hence the trees, are the real
+  run's too (rows of rejected drafts never reach the table, in either).
 
 `replay` mirrors the decoding loop (`knnssd.engine.decoding.decode`): the same budget, the same draft cut
 (`knnssd.engine.decoding.within_contract`: a path cut to the budget, a tree to that depth), acceptance as the loop's
@@ -46,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from knnssd.engine.decoding import GenerationConfig, GenerationResult, generate
+from knnssd.engine.decoding import GenerationConfig
 from knnssd.engine.drafters import (Draft, DraftRequest, Drafter, HybridDrafter, HybridSession, LayerSkipConfig,
                              LayerSkipDrafter, PromptLookupDrafter, SuffixTreeDrafter)
 from knnssd.engine.drafters.layer_skip import confident_enough
@@ -57,21 +60,7 @@ from knnssd.engine.skipset import SkipSet
 from knnssd.engine.stats import StatsRecorder, Tally
 from knnssd.engine.sublayers import model_lock, skip_sublayers
 from knnssd.engine.tree import accept_targets, depths, nodes_per_depth, within_depth
-
-
-@dataclass(frozen=True)
-class Trace:
-    """One prompt's plain greedy decoding, what every replay on it is scored against.
-
-    prompt: the prompt's token ids; tokens: the new tokens (the prefill's first); max_new_tokens: the budget it
-    ran with; prefill_seconds / seconds: wall clock of its prefill and of the whole plain generation.
-    """
-
-    prompt: tuple[int, ...]
-    tokens: tuple[int, ...]
-    max_new_tokens: int
-    prefill_seconds: float
-    seconds: float
+from pipeline.traces import Trace, trace_of, trace_prompt  # noqa: F401 - where callers import them from
 
 
 @dataclass(frozen=True)
@@ -122,18 +111,6 @@ class Replayed:
             recorder.record_step(step.drafted, step.accepted, step.forwards,
                                  None if step.by_depth is None else list(step.by_depth))
         return recorder
-
-
-def trace_of(prompt_ids: torch.Tensor, result: GenerationResult, max_new_tokens: int) -> Trace:
-    """The trace of a finished plain greedy generation of `prompt_ids` (1, T)."""
-    return Trace(prompt=tuple(prompt_ids[0].tolist()), tokens=result.token_ids, max_new_tokens=max_new_tokens,
-                 prefill_seconds=result.stats.prefill_seconds, seconds=result.stats.total_seconds)
-
-
-def trace_prompt(model: PreTrainedModel, prompt_ids: torch.Tensor, max_new_tokens: int) -> Trace:
-    """Plain greedy decoding of `prompt_ids` (1, T), timed."""
-    return trace_of(prompt_ids, generate(model, prompt_ids, GenerationConfig(max_new_tokens=max_new_tokens)),
-                    max_new_tokens)
 
 
 def sliding_window(model: PreTrainedModel) -> int | None:
@@ -262,6 +239,20 @@ def accepted_nodes(draft: Draft, following: tuple[int, ...]) -> int:
 
 
 
+def observe_rows(session, trace: Trace, committed: int, accepted: int) -> None:
+    """What a verify pass hands a recycling session (`observe_logits`): the committed rows, new tokens
+    committed - 1 .. committed - 1 + accepted, here from the trace's recorded successors (a row past them, after
+    an EOS, ends the generation anyway)."""
+    if getattr(session, "successors", None) is None:
+        return
+    if trace.successors is None:
+        raise KnnSsdError("this policy drafts recycled successors, which replay reads from the trace's recorded "
+                          "successors, but the trace has none",
+                          fix="trace the prompt with pipeline.traces.trace_prompt, which records them")
+    rows = range(committed - 1, min(committed + accepted, len(trace.successors)))
+    session.observe_successors([trace.tokens[j] for j in rows], [trace.successors[j] for j in rows])
+
+
 def replay(drafter: Drafter, trace: Trace, prediction: Prediction | None = None) -> Replayed:
     """The events `knnssd.engine.decoding.decode` would record decoding the trace's prompt greedily with `drafter`."""
     session = replay_session(drafter, prediction, len(trace.prompt))
@@ -284,6 +275,7 @@ def replay(drafter: Drafter, trace: Trace, prediction: Prediction | None = None)
             accepted = accepted_nodes(draft, continuation[committed:])
         else:
             accepted, by_depth = 0, None
+        observe_rows(session, trace, committed, accepted)
         session.observe(len(drafted), accepted)
         steps.append(Step(drafted=len(drafted), accepted=accepted, forwards=forwards,
                           by_depth=None if by_depth is None else tuple(by_depth)))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from knnssd.engine.decoding import GenerationConfig, generate
 from knnssd.engine.drafters import (Draft, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
-                             PromptLookupDrafter, SuffixTreeConfig, SuffixTreeDrafter)
+                             PromptLookupDrafter, SuccessorTable, SuffixTreeConfig, SuffixTreeDrafter)
+from knnssd.errors import KnnSsdError
 from knnssd.engine.skipset import SkipSet
 from pipeline.costs import StepCosts, monotone_passes, non_decreasing
 from knnssd.engine.tree import accept_greedy
@@ -204,3 +207,44 @@ def test_a_trial_score_is_reproducible_and_ranks_free_drafts_above_plain():
     plain = score_policy(model, {"kind": "none"}, 4, workload, table)
     assert plain.predicted_speedup == 1.0
     assert first.mean_accepted_tokens > 1.0 and first.predicted_speedup > 1.0
+
+
+RECYCLED_CONFIGS = [SuffixTreeConfig(max_ngram=2, max_tree_nodes=4, max_depth=6, recycled_nodes=10, recycled_k=3),
+                    SuffixTreeConfig(spec_factor=1.0, spec_offset=1, min_path_prob=0.05),
+                    SuffixTreeConfig(max_ngram=3, spec_factor=0.5, spec_offset=-1, recycled_nodes=6, recycled_k=2)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("with_store", [False, True])
+def test_recycled_successors_and_adaptive_depth_replay_equal_the_real_loop_exactly(family, with_store):
+    """Every counted event equal with recycled successors (learnt from the verify passes in the real loop, from
+    the trace's recorded successors in replay), from an empty table and from a warm start, and with the adaptive
+    depth; the recycled source drafts where the suffix tree alone drafts nothing."""
+    model = tiny_model(family)
+    store = store_of(model, (7, 8, 9)) if with_store else None
+    vocab = model.config.vocab_size
+    warm = SuccessorTable.of(torch.randint(0, vocab, (vocab, 8), generator=torch.Generator().manual_seed(3)))
+    gained = 0
+    for config, successors in zip(RECYCLED_CONFIGS, (None, None, warm)):
+        base = SuffixTreeDrafter.with_store(store, config) if with_store else SuffixTreeDrafter(config)
+        drafter = SuffixTreeDrafter(config, base.store, successors)
+        for ids in (branching_prompt(1), torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))):
+            for max_new_tokens in (32, 7):
+                real = generate(model, ids, GenerationConfig(max_new_tokens=max_new_tokens), drafter)
+                replayed = replay(drafter, trace_prompt(model, ids, max_new_tokens))
+                assert counted(replayed.recorded().finish(0, 0.0)) == counted(real.stats), (config, successors)
+                if config.recycled_nodes and max_new_tokens > 7:
+                    alone = replay(SuffixTreeDrafter(replace(config, recycled_nodes=0), base.store),
+                                   trace_prompt(model, ids, max_new_tokens))
+                    gained += real.stats.drafted_tokens > alone.tally.drafted
+    assert gained > 0
+
+
+def test_a_recycling_replay_needs_recorded_successors():
+    model = tiny_model("llama")
+    trace = trace_prompt(model, branching_prompt(1), 12)
+    assert len(trace.tokens) > 4 and len(trace.successors) == len(trace.tokens) - 1
+    bare = replace(trace, successors=None)
+    replay(SuffixTreeDrafter(), bare)  # without recycling nothing is needed
+    with pytest.raises(KnnSsdError, match="recorded successors"):
+        replay(SuffixTreeDrafter(SuffixTreeConfig(recycled_nodes=4)), bare)

@@ -25,7 +25,7 @@ from transformers import DynamicCache, PreTrainedModel
 from knnssd.engine.drafters import Draft, DraftRequest, Drafter
 from knnssd.errors import KnnSsdError
 from knnssd.engine.kernels import transformers_kernels
-from knnssd.engine.kvcache import new_cache, rollback
+from knnssd.engine.kvcache import new_cache, request_reach, rollback
 from knnssd.engine.sampling import SamplingConfig, sample, verify_greedy, verify_sampling, warp_probs
 from knnssd.engine.stats import GenerationStats, StatsRecorder
 from knnssd.engine.sublayers import model_lock
@@ -140,16 +140,21 @@ def prefill(
     sampling: SamplingConfig,
     generator: torch.Generator | None,
     clock: Clock,
+    max_new_tokens: int | None = None,
 ) -> Prefilled:
     """Step 1: one forward over `prompt_ids` (1, T).
+
+    `max_new_tokens`, when given, caps the cache at the request's reach (`knnssd.engine.kvcache.request_reach`:
+    prompt + max_new_tokens + the widest fast verify pass; a wider pass still fits, the cache grows for it);
+    None lets it grow as needed.
 
     Runs the base model and the LM head on the last position only, which is what
     `model(..., logits_to_keep=1)` computes, and keeps the final hidden states
     (1, T, hidden) long enough to mean-pool them into the prompt embedding.
     """
     start = clock()
-    cache = new_cache(model)
     length = prompt_ids.shape[1]
+    cache = new_cache(model, None if max_new_tokens is None else request_reach(length, max_new_tokens))
     position_ids = torch.arange(length, device=prompt_ids.device).unsqueeze(0)
     with model_lock(model), transformers_kernels(model):  # a prefill computes as transformers' does, any length
         hidden = model.model(input_ids=prompt_ids, position_ids=position_ids, cache=cache,
@@ -175,14 +180,16 @@ def verify(
     position: int,
     sampling: SamplingConfig,
     generator: torch.Generator | None,
+    on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[list[int], int]:
     """Steps 3-5 for one draft of k tokens after `last_token` (at `position`; the cache holds exactly the
     `position` committed tokens): returns (accepted draft tokens, next_token), the cache cropped to the committed
     tokens. A token tree (draft.parents set) goes to `knnssd.engine.tree.verify_tree` under greedy decoding; under
-    sampling only its first path is verified."""
+    sampling only its first path is verified. `on_logits(tokens (n,), logits (n, vocab))`, when given, gets the
+    pass's committed rows (`last_token` and the accepted drafts): a session's `observe_logits`."""
     if draft.parents is not None:
         if sampling.greedy:
-            return verify_tree(model, cache, last_token, draft, position)
+            return verify_tree(model, cache, last_token, draft, position, on_logits)
         draft = first_path(draft)
     device = draft.tokens.device
     k = draft.tokens.shape[0]
@@ -195,6 +202,8 @@ def verify(
         n_accepted, next_token = verify_greedy(draft.tokens, logits)
     else:
         n_accepted, next_token = verify_sampling(draft.tokens, draft.probs, warp_probs(logits, sampling), generator)
+    if on_logits is not None:
+        on_logits(input_ids[0, :n_accepted + 1], logits[:n_accepted + 1])
     rollback(cache, position + 1 + n_accepted)
     return draft.tokens[:n_accepted].tolist(), next_token
 
@@ -248,6 +257,7 @@ def _decode(model: PreTrainedModel, state: Prefilled, config: GenerationConfig, 
     eos = set(model_eos_ids(model) if config.eos_token_ids is None else config.eos_token_ids)
     recorder = StatsRecorder(prefill_seconds=state.seconds)
     session = drafter.start() if drafter is not None else None
+    observe_logits = getattr(session, "observe_logits", None)  # optional (`DraftSession`)
     empty = Draft(tokens=torch.empty(0, dtype=torch.long, device=device), probs=None)
     history = list(state.prompt_tokens) + [state.first_token]  # every committed token, prompt first
     end = state.prompt_length + config.max_new_tokens  # history length at max_new_tokens
@@ -265,7 +275,8 @@ def _decode(model: PreTrainedModel, state: Prefilled, config: GenerationConfig, 
             draft = within_contract(draft, budget - 1, state.cache, position, drafter, config.sampling.greedy)
             recorder.draft_seconds += clock() - t0
         t0 = clock()
-        accepted, next_token = verify(model, state.cache, history[-1], draft, position, config.sampling, generator)
+        accepted, next_token = verify(model, state.cache, history[-1], draft, position, config.sampling, generator,
+                                      observe_logits)
         n_accepted = len(accepted)
         recorder.verify_seconds += clock() - t0
         drafted = draft.tokens.shape[0]
@@ -310,7 +321,7 @@ def begin(model: PreTrainedModel, prompt_ids: torch.Tensor, config: GenerationCo
     device = next(model.parameters()).device
     clock = clock or device_clock(device)
     generator = make_generator(device, config.sampling)
-    state = prefill(model, prompt_ids.to(device), config.sampling, generator, clock)
+    state = prefill(model, prompt_ids.to(device), config.sampling, generator, clock, config.max_new_tokens)
     return Started(state=state, generator=generator, clock=clock)
 
 

@@ -24,6 +24,8 @@ output distribution stays the target's.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
@@ -192,10 +194,12 @@ def accept_targets(tokens: list[int], parents: list[int], targets: list) -> tupl
 
 
 def verify_tree(model: PreTrainedModel, cache: DynamicCache, last_token: int, draft: Draft,
-                position: int) -> tuple[list[int], int]:
+                position: int, on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                ) -> tuple[list[int], int]:
     """One greedy verify pass over a tree after `last_token` (at `position`; the cache holds exactly the
     `position` committed tokens). Returns (accepted tokens, next token); the cache then holds the committed
-    tokens (position + 1 + accepted)."""
+    tokens (position + 1 + accepted). `on_logits(tokens (n,), logits (n, vocab))`, when given, gets the
+    committed rows: the root's and the accepted path's (a session's `observe_logits`)."""
     device = draft.tokens.device
     parents = draft.parents.tolist()
     tokens = draft.tokens.tolist()
@@ -207,6 +211,9 @@ def verify_tree(model: PreTrainedModel, cache: DynamicCache, last_token: int, dr
                          use_cache=True).last_hidden_state[0]  # (width, hidden)
     logits = model.get_output_embeddings()(hidden)  # (width, vocab), as knnssd.engine.decoding.project_logits
     path, next_token = accept_greedy(tokens, parents, logits)
+    if on_logits is not None:
+        rows = torch.tensor([0] + [1 + node for node in path], device=logits.device)
+        on_logits(input_ids[0, rows], logits[rows])
     keep_tail(cache, width, [0] + [1 + node for node in path])
     rollback(cache, position + 1 + len(path))
     return [tokens[node] for node in path], next_token

@@ -3,7 +3,9 @@
 A drafter is a frozen value (its configuration). `start()` gives a fresh `DraftSession` per generation, which
 holds whatever adapts during it (the adaptive confidence threshold, the n-gram index), so one drafter value
 serves many generations. The loop calls `session.propose(request)` before each verification and
-`session.observe(drafted, accepted)` after it. Plain decoding is the loop with no drafter at all.
+`session.observe(drafted, accepted)` after it; a session that also defines
+`observe_logits(tokens, logits)` is handed the committed rows of each verify pass (see `DraftSession`).
+Plain decoding is the loop with no drafter at all.
 
 Each drafter kind has its own module beside this one: `layer_skip`, `prompt_lookup`, `hybrid`, `suffix_tree`.
 """
@@ -68,6 +70,16 @@ class Draft:
 
 
 class DraftSession(Protocol):
+    """One generation's drafting state.
+
+    Optional, and a no-op where a session does not define it: `observe_logits(tokens, logits)`, called by the
+    loop in each verify pass (before `observe`) with the pass's committed rows only: `tokens` (n,) long, the
+    last committed token then the accepted drafts, and `logits` (n, vocab), the target's raw logits after each
+    (row i predicts what follows tokens[i]). Rows after a rejected draft are not passed: their logits condition
+    on text that was never committed, which replay (`pipeline.replay`) cannot reproduce. What a session does
+    with them may change its drafts, never the output.
+    """
+
     def propose(self, request: DraftRequest) -> Draft: ...
 
     def observe(self, drafted: int, accepted: int) -> None: ...
