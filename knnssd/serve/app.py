@@ -21,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from knnssd.serve.engine import Delta, Done, Engine, Failed, Job
 from knnssd.serve.follow import Follower, Outcome
 from knnssd.serve.metrics import Metrics
-from knnssd.serve.protocol import Answer, ApiError, ChatRequest, Common, CompletionRequest, Envelope, parse_request, sse
+from knnssd.serve.protocol import (Answer, ApiError, ChatRequest, Common, CompletionRequest, Envelope, internal_error,
+                                   parse_request, sse)
 from knnssd.serve.settings import ServeSettings
 from knnssd.serve.work import make_work
 
@@ -124,6 +125,15 @@ def build_app(follower: Follower, settings: ServeSettings) -> FastAPI:
         count(request, 499)
         return Response(status_code=499)
 
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, exc: Exception) -> JSONResponse:
+        """Any other exception is a fault of the server's: a generic 500 (no exception text), details logged."""
+        try:
+            raise exc
+        except Exception:  # noqa: BLE001 - re-raised here only so that the log gets its traceback
+            error = internal_error(LOG, f"{request.method} {request.url.path} failed")
+        return await api_error(request, error)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = f"{request.method} {request.url.path}: {exc.detail}"
@@ -165,9 +175,10 @@ def build_app(follower: Follower, settings: ServeSettings) -> FastAPI:
                                 "the server's --admin-token", type="authentication_error", code="invalid_api_key")
         try:
             outcome = await asyncio.to_thread(follower.check, True)
-        except Exception as exc:  # noqa: BLE001 - the registry is down or answers nonsense: say so
-            raise ApiError(502, f"could not check {follower.ref} in the registry: {exc}", type="server_error",
-                           code="registry_unavailable") from None
+        except Exception:  # noqa: BLE001 - the registry is down or answers nonsense: say so, details logged
+            LOG.exception("POST /admin/reload: could not check %s in the registry", follower.ref)
+            raise ApiError(502, f"could not check {follower.ref} in the registry; the server's log has the "
+                                "details", type="server_error", code="registry_unavailable") from None
         note(outcome)
         count(request, 200)
         return {"outcome": outcome.outcome, "bundle": outcome.bundle, "message": outcome.message}

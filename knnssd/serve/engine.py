@@ -29,7 +29,7 @@ from knnssd.engine.decoding import warm_up
 from knnssd.errors import KnnSsdError
 from knnssd.serve.follow import Follower, Serving
 from knnssd.serve.metrics import Metrics
-from knnssd.serve.protocol import Answer, ApiError
+from knnssd.serve.protocol import Answer, ApiError, internal_error
 from knnssd.serve.settings import ServeSettings
 from knnssd.serve.text import TextStream
 from knnssd.serve.work import Work
@@ -160,10 +160,8 @@ class Engine:
                 final = self._run(job)
             except KnnSsdError as exc:
                 final = Failed(ApiError(400, str(exc), code="invalid_value"))
-            except Exception as exc:  # noqa: BLE001 - a bug must still answer the request, and is logged
-                LOG.exception("generation failed")
-                final = Failed(ApiError(500, f"internal error while generating: {type(exc).__name__}: {exc}",
-                                        type="server_error", code="internal_error"))
+            except Exception:  # noqa: BLE001 - a bug must still answer the request; its details go to the log
+                final = Failed(internal_error(LOG, "generation failed"))
             finally:
                 # The slot is free before the answer leaves: a client that sends its next request as soon as
                 # it has this one's answer must find room for it.

@@ -3,6 +3,8 @@
 Every refusal is an `ApiError`, answered as OpenAI answers one:
 ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`` with the status it names.
 Options this server does not implement (`n` > 1, `logprobs`, tools, ...) are refused by name, never ignored.
+A fault of the server's own is `internal_error()`: a generic 500 that names a request id, never the exception's
+text or a traceback (those go to the server's log under that id).
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def internal_error(log: Any, what: str) -> ApiError:
+    """The 500 for a fault of the server's own, called in the `except` block that caught it: the exception and its
+    traceback are logged on `log` under a new request id, and the body names only that id."""
+    request_id = f"req-{uuid.uuid4().hex[:16]}"
+    log.exception("request %s: %s", request_id, what)
+    return ApiError(500, f"internal server error (request id {request_id}); the server's log holds the details "
+                         "under that id", type="server_error", code="internal_error",
+                    headers={"X-Request-Id": request_id})
 
 
 def _accepts(*allowed: Any) -> Any:
