@@ -1,5 +1,6 @@
 """One request's work for the engine: its prompt ids, token budget, sampling and stop strings, checked against
-the model (context length, vocabulary) so that a bad request is refused with the field it got wrong."""
+the model (context length, vocabulary, chat template) so that a bad request is refused with the field it got
+wrong."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jinja2 import TemplateError, TemplateSyntaxError
 
 from knnssd.errors import KnnSsdError
 from knnssd.engine.prompts import encode_prompt
@@ -37,6 +39,12 @@ def make_work(parsed: Common, runtime: BundleRuntime, chat: bool) -> Work:
         sampling = SamplingConfig(temperature=parsed.temperature, top_p=parsed.top_p, seed=parsed.seed)
     except KnnSsdError as exc:
         raise ApiError(400, str(exc), param=param, code="invalid_value") from None
+    except TemplateSyntaxError:
+        raise  # the model's template itself is broken: a fault of the server's (a 500), not of the request
+    except TemplateError as exc:  # the template refused these messages (a system role, roles that do not alternate)
+        raise ApiError(400, f"the model's chat template rejected the messages: {str(exc.message or exc)[:300]}; "
+                            "change the messages to what this model's template takes", param="messages",
+                       code="invalid_value") from None
     length, context = int(ids.shape[1]), runtime.context_length
     if context is not None and length >= context:
         raise ApiError(400, f"the prompt has {length} tokens, but the model's context is {context} tokens (prompt "
