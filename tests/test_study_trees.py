@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict
 
 import pytest
 
@@ -20,6 +19,7 @@ from knnssd.engine.decoding import GenerationConfig, generate
 from knnssd.engine.policy import drafter_from_policy
 from pipeline.data import DataConfig
 from tests.bundles import TINY_PROMPTS, loaded, tiny_bundle  # noqa: F401 (fixture)
+from tests.test_heldout_integrity import calibration_record
 
 NEW_TOKENS = 12
 TREE = {"kind": "suffix_tree", "max_ngram": 2, "min_ngram": 1, "use_store": True}
@@ -39,8 +39,7 @@ def study(loaded, tmp_path_factory):
                    for t in texts] for d, texts in TINY_PROMPTS.items()}
     data = tmp / "data.jsonl"
     data.write_text("\n".join(json.dumps({"domain": d, "prompt": t}) for d, ts in TINY_PROMPTS.items() for t in ts))
-    calibration = {"data": asdict(DataConfig(path=str(data), held_out_fraction=0.34)),
-                   "search": {"prompts_per_trial": 2}}
+    calibration = calibration_record(DataConfig(path=str(data), held_out_fraction=0.34))  # with its fingerprint
     mix = {"policy": TREE, "metrics": {"speedup": 1.0}}
     folder = tiny_bundle(loaded, tmp / "bundle", calibration=calibration, reference_policies={"mix": mix},
                          policies=POLICIES, stores={d: join_store(o) for d, o in outputs.items()})
