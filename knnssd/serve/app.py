@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -82,6 +83,12 @@ def build_app(follower: Follower, settings: ServeSettings) -> FastAPI:
     worker (which warms the model up; /ready answers 200 after that) and the registry poller."""
     metrics = Metrics()
     engine = Engine(follower, settings, metrics)
+    # Parsing and tokenising a body (up to --max-body-bytes, seconds for 1 MiB) run here, off the event loop, so
+    # /health and the other requests' streams are answered meanwhile; one thread: one tokeniser call at a time.
+    preparing = ThreadPoolExecutor(1, thread_name_prefix="knnssd-prepare")
+
+    async def off_loop(function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(preparing, function, *args)
     shown = [follower.current.label]
 
     def note(outcome: Outcome) -> None:
@@ -101,6 +108,7 @@ def build_app(follower: Follower, settings: ServeSettings) -> FastAPI:
         finally:
             follower.stop()
             engine.stop()
+            preparing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="knnssd", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, limit=settings.max_body_bytes)
@@ -185,11 +193,12 @@ def build_app(follower: Follower, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await answer(request, parse_request(await request.body(), CompletionRequest), chat=False)
+        return await answer(request, await off_loop(parse_request, await request.body(), CompletionRequest),
+                            chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await answer(request, parse_request(await request.body(), ChatRequest), chat=True)
+        return await answer(request, await off_loop(parse_request, await request.body(), ChatRequest), chat=True)
 
     async def answer(request: Request, parsed: Common, chat: bool) -> Response:
         serving = follower.current
@@ -199,7 +208,7 @@ def build_app(follower: Follower, settings: ServeSettings) -> FastAPI:
         if not engine.ready.is_set():
             raise ApiError(503, "the server is still warming up; retry when GET /ready answers 200",
                            type="server_error", code="not_ready", headers={"Retry-After": "1"})
-        work = make_work(parsed, serving.runtime, chat)
+        work = await off_loop(make_work, parsed, serving.runtime, chat)
         job = engine.submit(work, stream=parsed.stream)
         metrics.prompt_tokens.inc(int(work.ids.shape[1]))
         envelope = Envelope.new(serving.name, chat)
