@@ -16,7 +16,7 @@ from knnssd.engine.kernels import transformers_kernels
 from knnssd.engine.drafters import LayerSkipConfig, LayerSkipDrafter
 from knnssd.engine.drafters import HybridDrafter
 from knnssd.engine.drafters import PromptLookupConfig, PromptLookupDrafter
-from knnssd.engine.drafters import Draft, SuffixTreeConfig, SuffixTreeDrafter
+from knnssd.engine.drafters import Draft, SuccessorTable, SuffixTreeConfig, SuffixTreeDrafter
 from knnssd.engine.prompts import encode_prompt
 from knnssd.engine.skipset import SkipSet
 from tests.conftest import FAMILIES, spec_bench_rows, tiny_model
@@ -108,6 +108,12 @@ def drafters_under_test():
             [torch.randint(3, 128, (60,), generator=torch.Generator().manual_seed(n)) for n in range(4)],
             SuffixTreeConfig(max_ngram=1, min_path_prob=0.05))),
         ("oracle-tree", OracleTreeDrafter(seed=0)),
+        ("suffix-tree-recycled", SuffixTreeDrafter(SuffixTreeConfig(max_tree_nodes=6, recycled_nodes=9))),
+        ("suffix-tree-recycled-warm-wide", SuffixTreeDrafter(  # 26 nodes: past the fast kernels' 16 rows
+            SuffixTreeConfig(max_ngram=2, max_depth=12, recycled_nodes=20, recycled_k=4),
+            successors=SuccessorTable.of(torch.randint(0, 128, (128, 8), generator=torch.Generator().manual_seed(1))))),
+        ("suffix-tree-adaptive", SuffixTreeDrafter(SuffixTreeConfig(spec_factor=1.0, spec_offset=1, recycled_nodes=4,
+                                                                    min_path_prob=0.05))),
     ]
 
 
