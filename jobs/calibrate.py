@@ -1,26 +1,47 @@
 """Calibrate per-domain draft policies and publish a routing bundle.
 
-    ray job submit --working-dir . -- python jobs/calibrate.py --model smollm2-135m --data question.jsonl \
-        --bundle-name smollm2-135m --trials 100
+    .venv/bin/python jobs/calibrate.py --smoke
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- "$PWD/.venv/bin/python" jobs/calibrate.py \
+        --data "$PWD/question.jsonl" --work-dir "$PWD/calibration" --tracking-uri http://127.0.0.1:5000 --trials 100
 
 Run directly without --address (and without RAY_ADDRESS), it starts a local Ray. With no --data, it calibrates
 on the built-in demo prompts. Progress per domain and trial while it runs; a summary table at the end; then
 (unless --no-final-demo) it loads the bundle it published and answers one held-out prompt per domain through it.
+
+Under `ray job submit --working-dir .` the job runs on the head node in Ray's throwaway copy of that folder, with the
+head node's environment. So: run it with the venv's python by absolute path (`-- "$PWD/.venv/bin/python"
+jobs/calibrate.py`: `.venv` is never uploaded, and a bare `python` is whatever the head's PATH finds), and give
+every path absolutely. Ray does not tell the job the folder it was submitted from, so relative paths cannot be
+resolved for the user; instead, before any work, the job refuses (`pipeline.cluster.check_job_paths`) a relative
+--data, --model or --signing-key that does not exist in the copy, a relative --work-dir or --storage (the default
+--work-dir too: the resume state would be deleted with the job), and, unless --no-publish, a missing or relative
+file tracking store (the default one included: the bundle would be published into the copy). Each error names
+the flag and its absolute form; the tracking store to use is an MLflow server (`--tracking-uri http://HOST:PORT`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
+REQUIRED = ("torch", "transformers", "pyarrow", "ray", "optuna", "mlflow")  # the calibrate extra's imports
+if __name__ == "__main__" and (missing := [m for m in REQUIRED if importlib.util.find_spec(m) is None]):
+    print(f"error: {sys.executable} has no {', '.join(missing)}: this is not the project's Python (under `ray job "
+          "submit`, a bare `python` is the one on the head node's PATH) (fix: run the job with the venv's python, "
+          'e.g. `ray job submit ... -- "$PWD/.venv/bin/python" jobs/calibrate.py ...`, or install the project '
+          'there: pip install -e ".[calibrate]")', file=sys.stderr)
+    sys.exit(2)
+
 from knnssd.cli.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
 from knnssd.bundle.signing import check_signing_key  # noqa: E402
 from pipeline.calibrate import CalibrationConfig  # noqa: E402
+from pipeline.cluster import check_job_paths  # noqa: E402
 from pipeline.data import SPEC_BENCH_MT_CATEGORIES, DataConfig  # noqa: E402
 from pipeline.reduce import ReduceConfig  # noqa: E402
 from pipeline.space import SEARCHABLE_KINDS, SearchConfig  # noqa: E402
@@ -154,8 +175,17 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         signing_key=str(check_signing_key(args.signing_key)) if args.signing_key else None)
 
 
+def check_paths_for_ray_job(args: argparse.Namespace) -> None:
+    """Under `ray job submit`, refuse paths that point into the job's throwaway working copy (module docstring)."""
+    model = args.model if args.model.startswith(("./", "../")) else None  # a hub id or built-in name is no path
+    check_job_paths(inputs={"--data": args.data, "--model": model, "--signing-key": args.signing_key},
+                    outputs={"--work-dir": args.work_dir, "--storage": args.storage},
+                    tracking=None if args.no_publish else ("--tracking-uri", args.tracking_uri))
+
+
 def calibrate_command(args: argparse.Namespace) -> int:
     """Run the calibration the arguments describe, print its summary, then the final demo."""
+    check_paths_for_ray_job(args)
     config = config_from_args(args)
     from pipeline.calibrate import run_calibration
     from pipeline.summary import summary_table
