@@ -8,7 +8,7 @@ A held-out prompt is in no store, so it drafts from the whole store, as the bund
 
 Indexing a store is the costly part of making such a drafter, and a search makes one per trial and prompt, so
 `PolicyDrafters` keeps the indexed stores (`SuffixStore`) of a worker, one per (store, prompt excluded, n-gram
-range, occurrences kept): what the index depends on. Other policies are made as `knnssd.engine.policy` makes them.
+range): what the index depends on (not the occurrences kept, which a lookup takes from the index). Other policies are made as `knnssd.engine.policy` makes them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from knnssd.errors import KnnSsdError
 from knnssd.engine.policy import drafter_from_policy, suffix_tree_config, uses_store
 from pipeline.stores import DomainStore
 
-MAX_INDEXED = 512  # indexed stores kept per worker (a search needs prompts x n-gram ranges x occurrence caps)
+MAX_INDEXED = 512  # indexed stores kept per worker (a search needs prompts x n-gram ranges)
 
 
 class PolicyDrafters:
@@ -48,7 +48,7 @@ class PolicyDrafters:
                               "output could not be left out of the store", fix="pass the prompts' texts")
         config = suffix_tree_config(policy)
         exclude = prompt if prompt in store.prompts else None
-        key = (id(store), exclude, config.min_ngram, config.max_ngram, config.max_occurrences)
+        key = (id(store), exclude, config.min_ngram, config.max_ngram)
         if key not in self.indexed:
             if len(self.indexed) >= MAX_INDEXED:
                 self.indexed.pop(next(iter(self.indexed)))  # the oldest

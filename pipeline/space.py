@@ -7,7 +7,8 @@ parameters, which TPE handles):
   prompt_lookup  the largest and smallest n-gram sizes, and the maximum draft length;
   hybrid         both sets above (lookup where the text matches, layer skipping elsewhere);
   suffix_tree    the n-gram sizes, the occurrences merged, the tree's node budget and depth, the least path
-                 probability kept and, only where the domain has a store (`has_store`), whether to draft from it.
+                 probability kept, the adaptive depth (spec factor and offset), the recycled successors' node
+                 budget and k and, only where the domain has a store (`has_store`), whether to draft from it.
 The first trials of a new study are seeds (`seed_trials`), then trials with only the kind fixed
 (`kind_quota`). Trials whose skip ratio falls outside [min_skip_ratio, max_skip_ratio] are pruned before any
 work (`pipeline.search`).
@@ -29,9 +30,9 @@ from knnssd.engine.skipset import SkipSet
 
 # Bumped whenever the objective's measurement or search space changes, so a resumed study never mixes
 # incomparable trials.
-# 8: the plain step priced as timed, not pooled with wider passes; 7: suffix-tree policies and stores;
+# 9: suffix trees search recycled successors and the adaptive depth; 8: the plain step priced as timed, not pooled with wider passes; 7: suffix-tree policies and stores;
 # 6: prefill priced from the table, draft forwards at their context
-MEASUREMENT_VERSION = 8
+MEASUREMENT_VERSION = 9
 SEARCHABLE_KINDS = ("layer_skip", "prompt_lookup", "hybrid", "suffix_tree")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 LAYER_SKIP_DRAFT_RANGE = (2, 12)  # max_draft_tokens searched for layer skipping
@@ -42,6 +43,10 @@ TREE_NODES_RANGE = (4, 15)  # suffix_tree max_tree_nodes: verify widths up to 16
 TREE_DEPTH_RANGE = (2, 10)  # suffix_tree max_depth
 PATH_PROBS = (0.02, 0.05, 0.1, 0.2, 0.3)  # suffix_tree min_path_prob
 OCCURRENCES = (4, 8, 16, 32)  # suffix_tree max_occurrences
+SPEC_FACTORS = (0.0, 1.0, 2.0, 4.0)  # suffix_tree spec_factor (0: no adaptive depth)
+SPEC_OFFSETS = (-1, 0, 1, 2)  # suffix_tree spec_offset (read only where spec_factor > 0)
+RECYCLED_NODES = (0, 4, 8, 12, 16)  # suffix_tree recycled_nodes (0: off); with 15 matched nodes, widths to 32
+RECYCLED_K = (2, 4, 8)  # suffix_tree recycled_k
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,11 @@ class SearchConfig:
                 raise KnnSsdError(f"the seed {name} {value} is outside the searched range {low}..{high}",
                                   fix=f"choose a value in {low}..{high}")
         for name, value, grid in (("suffix-tree min_path_prob", self.seed_tree.min_path_prob, PATH_PROBS),
-                                  ("suffix-tree max_occurrences", self.seed_tree.max_occurrences, OCCURRENCES)):
+                                  ("suffix-tree max_occurrences", self.seed_tree.max_occurrences, OCCURRENCES),
+                                  ("suffix-tree spec_factor", self.seed_tree.spec_factor, SPEC_FACTORS),
+                                  ("suffix-tree spec_offset", self.seed_tree.spec_offset, SPEC_OFFSETS),
+                                  ("suffix-tree recycled_nodes", self.seed_tree.recycled_nodes, RECYCLED_NODES),
+                                  ("suffix-tree recycled_k", self.seed_tree.recycled_k, RECYCLED_K)):
             if value not in grid:
                 raise KnnSsdError(f"the seed {name} {value} is not on the search grid",
                                   fix=f"choose one of {', '.join(map(str, grid))}")
@@ -150,7 +159,10 @@ def tree_params(tree: SuffixTreeConfig, has_store: bool) -> dict[str, Any]:
                               "suffix_tree.max_occurrences": tree.max_occurrences,
                               "suffix_tree.max_depth": tree.max_depth,
                               "suffix_tree.max_tree_nodes": tree.max_tree_nodes,
-                              "suffix_tree.min_path_prob": tree.min_path_prob}
+                              "suffix_tree.min_path_prob": tree.min_path_prob,
+                              "suffix_tree.spec_factor": tree.spec_factor, "suffix_tree.spec_offset": tree.spec_offset,
+                              "suffix_tree.recycled_nodes": tree.recycled_nodes,
+                              "suffix_tree.recycled_k": tree.recycled_k}
     if has_store:
         params["suffix_tree.use_store"] = True
     return params
@@ -211,6 +223,10 @@ def suggest_tree(trial: optuna.Trial, has_store: bool) -> dict[str, Any]:
             "max_depth": trial.suggest_int("suffix_tree.max_depth", *TREE_DEPTH_RANGE),
             "max_tree_nodes": trial.suggest_int("suffix_tree.max_tree_nodes", *TREE_NODES_RANGE),
             "min_path_prob": trial.suggest_categorical("suffix_tree.min_path_prob", list(PATH_PROBS)),
+            "spec_factor": trial.suggest_categorical("suffix_tree.spec_factor", list(SPEC_FACTORS)),
+            "spec_offset": trial.suggest_categorical("suffix_tree.spec_offset", list(SPEC_OFFSETS)),
+            "recycled_nodes": trial.suggest_categorical("suffix_tree.recycled_nodes", list(RECYCLED_NODES)),
+            "recycled_k": trial.suggest_categorical("suffix_tree.recycled_k", list(RECYCLED_K)),
             "use_store": bool(has_store and trial.suggest_categorical("suffix_tree.use_store", [False, True]))}
 
 

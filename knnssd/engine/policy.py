@@ -11,7 +11,11 @@
      "max_depth": 10, "max_tree_nodes": 15, "min_path_prob": 0.1,    a token tree of the latest suffix's
      "use_store": false}                                              continuations (SuffixTreeConfig), in
                                                                       the text and, with use_store, in the
-                                                                      store the drafter is made with
+                                                                      store the drafter is made with;
+     optional, off by default: "spec_factor": 1.0, "spec_offset": 0   a match of n tokens drafts at most
+                                                                      int(factor * n + offset) deep;
+     "recycled_nodes": 8, "recycled_k": 8                             up to 8 more nodes from the model's own
+                                                                      top-8 successors of each token
 
 Field names and defaults are those of the config classes; a field a policy leaves out takes its class default,
 and a field the class does not have, or of the wrong JSON type, is refused.
@@ -146,7 +150,9 @@ def describe_policy(policy: dict[str, Any]) -> str:
         tree = suffix_tree_config(policy)
         return (f"suffix_tree n={tree.min_ngram}-{tree.max_ngram} occ<={tree.max_occurrences} "
                 f"depth<={tree.max_depth} nodes<={tree.max_tree_nodes} p>={tree.min_path_prob}"
-                + (" +store" if tree.use_store else ""))
+                + (" +store" if tree.use_store else "")
+                + (f" depth<={tree.spec_factor}n{tree.spec_offset:+d}" if tree.spec_factor > 0 else "")
+                + (f" +recycled {tree.recycled_nodes}x{tree.recycled_k}" if tree.recycled_nodes else ""))
     if kind == "hybrid":
         lookup, layer_skip = _hybrid_parts(policy)
         return (f"hybrid({describe_policy({'kind': 'prompt_lookup', **lookup})}; "
