@@ -193,14 +193,17 @@ def build_app(follower: Follower, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        arrived = time.monotonic()  # --request-timeout counts from here: reading and tokenising are in it
         return await answer(request, await off_loop(parse_request, await request.body(), CompletionRequest),
-                            chat=False)
+                            chat=False, arrived=arrived)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await answer(request, await off_loop(parse_request, await request.body(), ChatRequest), chat=True)
+        arrived = time.monotonic()
+        return await answer(request, await off_loop(parse_request, await request.body(), ChatRequest), chat=True,
+                            arrived=arrived)
 
-    async def answer(request: Request, parsed: Common, chat: bool) -> Response:
+    async def answer(request: Request, parsed: Common, chat: bool, arrived: float) -> Response:
         serving = follower.current
         if parsed.model not in (serving.name, serving.label, follower.ref):
             raise ApiError(404, f"model {parsed.model!r} is not served here; this server serves {serving.name!r} "
@@ -209,7 +212,7 @@ def build_app(follower: Follower, settings: ServeSettings) -> FastAPI:
             raise ApiError(503, "the server is still warming up; retry when GET /ready answers 200",
                            type="server_error", code="not_ready", headers={"Retry-After": "1"})
         work = await off_loop(make_work, parsed, serving.runtime, chat)
-        job = engine.submit(work, stream=parsed.stream)
+        job = engine.submit(work, stream=parsed.stream, arrived=arrived)
         metrics.prompt_tokens.inc(int(work.ids.shape[1]))
         envelope = Envelope.new(serving.name, chat)
         if parsed.stream:
@@ -228,7 +231,8 @@ def build_app(follower: Follower, settings: ServeSettings) -> FastAPI:
             if request is not None and await request.is_disconnected():
                 job.cancel()
                 raise ClientGone()
-            if time.monotonic() > job.deadline + GRACE_SECONDS:
+            # A waiting job ends at its deadline; a generating one gets a grace for the worker to end it first.
+            if time.monotonic() > job.deadline + (0.0 if job.waiting else GRACE_SECONDS):
                 job.cancel()
                 raise job.timeout_error()
 

@@ -7,9 +7,11 @@ through `BundleRuntime.generate` with a token hook that
 - detokenises each step's tokens and hands the text to the job's asyncio queue (`Delta`), which the route
   streams or gathers;
 - stops the generation at the next step when a stop string appears, when the client went away
-  (`Job.cancel`), or when the request's deadline (`--request-timeout` after admission) has passed.
+  (`Job.cancel`), or when the request's deadline (`--request-timeout` after the request arrived) has passed.
 
-Every job ends with exactly one `Done` or `Failed` event, unless it was cancelled (its client is gone).
+A job still waiting when it is cancelled (its client left, or its deadline passed while it waited) gives its
+slot back at once, not when the worker reaches it: the next client is admitted although the generation ahead
+of it is still running. Every job ends with exactly one `Done` or `Failed` event, unless it was cancelled.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 
@@ -61,13 +63,16 @@ class Job:
     Only a streamed job gets `Delta` events; the others get their one `Done` or `Failed`, so that a coroutine
     waiting for it wakes up regularly to check that its client is still there."""
 
-    def __init__(self, work: Work, timeout: float, stream: bool) -> None:
+    def __init__(self, work: Work, timeout: float, stream: bool, arrived: float,
+                 release: Callable[["Job"], None] | None = None) -> None:
         self.work, self.stream = work, stream
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.admitted = time.monotonic()
-        self.deadline = self.admitted + timeout
+        self.arrived = arrived  # time.monotonic() when the request reached the route
+        self.deadline = arrived + timeout
         self.timeout = timeout
+        self.state = "waiting"  # -> "running" -> "over", or "waiting" -> "left"; changed under the engine's lock
+        self._release = release
         self._cancelled = threading.Event()
 
     def emit(self, event: Event) -> None:
@@ -78,8 +83,15 @@ class Job:
             self.cancel()
 
     def cancel(self) -> None:
-        """The client is gone or the request timed out: stop at the next step, send nothing more."""
+        """The client is gone or the request timed out: stop at the next step, send nothing more; a job still
+        waiting gives its slot back now."""
         self._cancelled.set()
+        if self._release is not None:
+            self._release(self)
+
+    @property
+    def waiting(self) -> bool:
+        return self.state == "waiting"
 
     @property
     def cancelled(self) -> bool:
@@ -122,8 +134,9 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def submit(self, work: Work, stream: bool) -> Job:
-        """Admit `work` (from the event loop), or raise the 429 ApiError when the queue is full."""
+    def submit(self, work: Work, stream: bool, arrived: float) -> Job:
+        """Admit `work` (from the event loop) that arrived at `arrived` (time.monotonic()), or raise the 429
+        ApiError when the queue is full."""
         with self._lock:
             if self._admitted > self.settings.max_queue:
                 retry = max(1, math.ceil(self._mean_seconds * self._admitted))
@@ -132,9 +145,17 @@ class Engine:
                                type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
             self._admitted += 1
             self._gauges(running=None)
-        job = Job(work, self.settings.request_timeout, stream)
+        job = Job(work, self.settings.request_timeout, stream, arrived, release=self._release)
         self._queue.put(job)
         return job
+
+    def _release(self, job: Job) -> None:
+        """A cancelled job that still waits leaves the queue's count now (the worker skips it later)."""
+        with self._lock:
+            if job.state == "waiting":
+                job.state = "left"
+                self._admitted -= 1
+                self._gauges(running=None)
 
     def _gauges(self, running: bool | None) -> None:
         """Update the queue gauges (under `self._lock`)."""
@@ -153,6 +174,9 @@ class Engine:
         while (job := self._queue.get()) is not None:
             start = time.monotonic()
             with self._lock:
+                if job.state != "waiting":
+                    continue  # its client left while it waited: its slot is already free
+                job.state = "running"
                 self._gauges(running=True)
                 self._current = job
             final: Event | None = None
@@ -166,6 +190,7 @@ class Engine:
                 # The slot is free before the answer leaves: a client that sends its next request as soon as
                 # it has this one's answer must find room for it.
                 with self._lock:
+                    job.state = "over"
                     self._admitted -= 1
                     self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - start)
                     self._gauges(running=False)
@@ -215,10 +240,10 @@ class Engine:
         if result.finish_reason == "stopped" and not stream.stopped:
             return Failed(job.timeout_error())
         tokens = len(result.token_ids)
-        self.metrics.ttft.observe(first[0] - job.admitted)
+        self.metrics.ttft.observe(first[0] - job.arrived)
         if tokens > 1:
             self.metrics.tpot.observe((end - first[0]) / (tokens - 1))
-        self.metrics.e2e.observe(end - job.admitted)
+        self.metrics.e2e.observe(end - job.arrived)
         finish = "stop" if stream.stopped else FINISH_REASONS[result.finish_reason]
         self.metrics.success.labels(finish).inc()
         info: dict[str, Any] = {**serving.runtime.describe(routed), "bundle": serving.label}

@@ -8,9 +8,9 @@ counted) = (accepted + verify steps) / verify steps, both computable from these 
     knnssd_requests_total{endpoint, status}          responses by HTTP status (499: the client went away)
     knnssd_request_success_total{finish_reason}       finished generations: stop, length
     knnssd_prompt_tokens_total, knnssd_generation_tokens_total
-    knnssd_time_to_first_token_seconds                admission to the first token (queue wait included)
+    knnssd_time_to_first_token_seconds                arrival to the first token (waits included)
     knnssd_time_per_output_token_seconds              (last token - first token) / (tokens - 1), per request
-    knnssd_e2e_request_latency_seconds                admission to the last token
+    knnssd_e2e_request_latency_seconds                arrival to the last token
     knnssd_queue_depth, knnssd_requests_running       requests waiting / generating now
     knnssd_routed_requests_total{domain, fallback}
     knnssd_spec_decode_num_drafts_total{domain}       verify steps that checked at least one drafted token
@@ -45,11 +45,11 @@ class Metrics:
                                ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("knnssd_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("knnssd_generation_tokens", "Generated tokens", registry=r)
-        self.ttft = Histogram("knnssd_time_to_first_token_seconds", "Admission to the first token",
+        self.ttft = Histogram("knnssd_time_to_first_token_seconds", "Arrival to the first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("knnssd_time_per_output_token_seconds", "Seconds per output token after the first",
                               buckets=TOKEN_BUCKETS, registry=r)
-        self.e2e = Histogram("knnssd_e2e_request_latency_seconds", "Admission to the last token",
+        self.e2e = Histogram("knnssd_e2e_request_latency_seconds", "Arrival to the last token",
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("knnssd_queue_depth", "Requests waiting for the model", registry=r)
         self.running = Gauge("knnssd_requests_running", "Requests generating now", registry=r)

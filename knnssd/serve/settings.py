@@ -12,7 +12,8 @@ class ServeSettings:
     """How the server admits, times and follows requests.
 
     max_queue: requests that may wait while one generates; one more gets 429 with Retry-After.
-    request_timeout: seconds from admission to the last token; past it the request ends with a 504 error.
+    request_timeout: seconds from the request's arrival to the last token (reading, tokenising and waiting
+        included); past it the request ends with a 504 error.
     refresh_seconds: how often a registry reference (name@alias, name@latest, name) is resolved again to
         notice a moved alias; 0 turns polling off (POST /admin/reload still works when an admin token is set).
     admin_token: bearer token of POST /admin/reload; None turns that route off.
