@@ -5,6 +5,7 @@ refused and logged while the old one serves on; POST /admin/reload behind its to
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 
@@ -122,3 +123,23 @@ def test_a_pinned_version_or_folder_is_not_followed(published, tracking_uri, ser
     assert pinned.check().outcome == "unchanged" and pinned.current.label == f"{name}@v1"
     folder = Follower(str(tiny_bundle(served_model, tmp_path / "folder")), model=served_model)
     assert folder.check().outcome == "fixed"
+
+
+def test_a_new_version_is_warmed_up_on_the_generating_thread_before_it_serves(published, tracking_uri,
+                                                                              served_model, caplog):
+    registry, name = published
+    caplog.set_level(logging.INFO, logger="knnssd.serve")
+    follower = Follower(f"{name}@production", tracking_uri, model=served_model)
+    with LiveServer(follower, ServeSettings(refresh_seconds=0, admin_token=TOKEN)) as server:
+        caplog.clear()
+        registry.set_alias(name, "production", 2)
+        answer = httpx.post(server.url + "/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"},
+                            timeout=60).json()
+        assert answer["outcome"] == "swapped"
+    events = [(r.getMessage(), r.threadName) for r in caplog.records if r.name == "knnssd.serve"]
+    order = [message for message, _ in events]
+    warming = order.index(f"warming up {name}@v2 before it serves")
+    on_worker = order.index("warm-up on the generating thread")
+    swapped = order.index(f"now serving {name}@v2 (was {name}@v1)")
+    assert warming < on_worker < swapped, order
+    assert events[on_worker][1] == "knnssd-generate"  # never beside a generation on the shared model

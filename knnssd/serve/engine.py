@@ -25,11 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-import torch
 
-from knnssd.engine.decoding import warm_up
+from knnssd.bundle.runtime import BundleRuntime
 from knnssd.errors import KnnSsdError
-from knnssd.serve.follow import Follower, Serving
+from knnssd.serve.follow import Follower, Serving, warm
 from knnssd.serve.metrics import Metrics
 from knnssd.serve.protocol import Answer, ApiError, internal_error
 from knnssd.serve.settings import ServeSettings
@@ -56,6 +55,23 @@ class Failed:
 
 
 Event = Union[Delta, Done, Failed]
+
+
+class WarmUp:
+    """A new version's warm-up, handed to the worker thread (between two generations) by the follower's thread,
+    which waits for it."""
+
+    def __init__(self, runtime: BundleRuntime) -> None:
+        self.runtime, self.done, self.error = runtime, threading.Event(), None
+
+    def run(self) -> None:
+        try:
+            LOG.info("warm-up on the generating thread")
+            warm(self.runtime)
+        except Exception as exc:  # noqa: BLE001 - handed to the follower, which refuses the version
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 class Job:
@@ -108,7 +124,7 @@ class Engine:
 
     def __init__(self, follower: Follower, settings: ServeSettings, metrics: Metrics) -> None:
         self.follower, self.settings, self.metrics = follower, settings, metrics
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job | WarmUp | None] = queue.Queue()
         self._lock = threading.Lock()
         self._admitted = 0  # waiting + generating
         self._running = 0
@@ -118,6 +134,7 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self.follower.warm = self.warm_between_requests
         self._thread = threading.Thread(target=self._work, name="knnssd-generate", daemon=True)
         self._thread.start()
 
@@ -126,13 +143,30 @@ class Engine:
         if self._thread is not None:
             while not self._queue.empty():
                 waiting = self._queue.get_nowait()
-                if waiting is not None:
+                if isinstance(waiting, Job):
                     waiting.cancel()
+                elif isinstance(waiting, WarmUp):
+                    waiting.error = KnnSsdError("the server is stopping")
+                    waiting.done.set()
             if self._current is not None:
                 self._current.cancel()
             self._queue.put(None)
             self._thread.join(timeout=30)
             self._thread = None
+
+    def warm_between_requests(self, runtime: BundleRuntime) -> None:
+        """Warm `runtime` up on the worker thread, after the requests queued before this call (from the follower's
+        thread; waits for it). Raises KnnSsdError when the worker is gone or the warm-up failed."""
+        task = WarmUp(runtime)
+        self._queue.put(task)
+        while not task.done.wait(1.0):
+            if self._thread is None or not self._thread.is_alive():
+                raise KnnSsdError("the server stopped before the new version was warmed up",
+                                  fix="restart the server")
+        if task.error is not None:
+            LOG.error("warm-up of a new version failed", exc_info=task.error)
+            raise KnnSsdError(f"the new version's warm-up failed ({type(task.error).__name__})",
+                              fix="see the server's log")
 
     def submit(self, work: Work, stream: bool, arrived: float) -> Job:
         """Admit `work` (from the event loop) that arrived at `arrived` (time.monotonic()), or raise the 429
@@ -166,12 +200,15 @@ class Engine:
 
     def _work(self) -> None:
         try:
-            self._warm()
+            warm(self.follower.current.runtime)
         except Exception:  # noqa: BLE001 - a failed warm-up is logged; /ready then stays 503
             LOG.exception("warm-up failed; the server stays not ready")
             return
         self.ready.set()
         while (job := self._queue.get()) is not None:
+            if isinstance(job, WarmUp):
+                job.run()
+                continue
             start = time.monotonic()
             with self._lock:
                 if job.state != "waiting":
@@ -197,16 +234,6 @@ class Engine:
                     self._current = None
                 if final is not None:
                     job.emit(final)
-
-    def _warm(self) -> None:
-        """One tiny generation with each distinct drafter, so the first request does not pay one-off costs."""
-        runtime = self.follower.current.runtime
-        ids = torch.arange(1, 9).unsqueeze(0) % runtime.loaded.model.config.vocab_size
-        seen: set[int] = set()
-        for drafter in runtime.drafters.values():
-            if id(drafter) not in seen:
-                seen.add(id(drafter))
-                warm_up(runtime.loaded.model, ids, drafter)
 
     def _run(self, job: Job) -> Event | None:
         """Generate `job`, streaming its text; returns its final event (None: its client left)."""

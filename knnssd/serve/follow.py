@@ -4,7 +4,9 @@
 the one it started with to its end, so a swap never touches a generation in flight. `check()` resolves the
 reference again (one registry metadata call): if it points at another version, that version is fetched,
 verified and loaded in the calling thread (the poller's or the reload route's, never the generating one) on
-the model already loaded, then swapped in by one reference assignment. A version that fails (a bundle that
+the model already loaded, warmed up by `Follower.warm` (one tiny untimed generation per drafter; the server runs
+it on its generating thread between requests, since drafting changes the shared model while it runs), and only
+then swapped in by one reference assignment. A version that fails (a bundle that
 does not verify, another model) is refused and logged, and the current one keeps serving; it is not tried
 again until the alias moves once more or a reload asks for it.
 """
@@ -17,12 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from knnssd.bundle import is_folder_reference
+from knnssd.engine.decoding import warm_up
 from knnssd.errors import KnnSsdError
 from knnssd.bundle.runtime import BundleRuntime, load_bundle
 from knnssd.bundle.sources import open_registry
 
 LOG = logging.getLogger("knnssd.serve")
+
+
+def warm(runtime: BundleRuntime) -> None:
+    """One tiny untimed generation with each distinct drafter of `runtime`, so that its first request does not
+    pay one-off costs (allocations, first kernel calls). Run it where no other generation runs on the model."""
+    ids = torch.arange(1, 9).unsqueeze(0) % runtime.loaded.model.config.vocab_size
+    seen: set[int] = set()
+    for drafter in runtime.drafters.values():
+        if id(drafter) not in seen:
+            seen.add(id(drafter))
+            warm_up(runtime.loaded.model, ids, drafter)
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,8 @@ class Follower:
         self._lock = threading.Lock()  # one check at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # How a new version is warmed up before it is swapped in; the server sets its own (on its generating thread).
+        self.warm: Callable[[BundleRuntime], None] = warm
         if self.folder:
             runtime = load(ref, tracking_uri=tracking_uri, **load_options)
             name = Path(ref).expanduser().resolve().name
@@ -91,6 +109,8 @@ class Follower:
                 return Outcome("refused", current.label, f"{name}@v{version} was refused before")
             try:
                 serving = self._open(name, version, model=current.runtime.loaded)
+                LOG.info("warming up %s before it serves", serving.label)
+                self.warm(serving.runtime)
             except KnnSsdError as exc:
                 self._refused = version
                 LOG.error("refused bundle %s@v%s, still serving %s: %s", name, version, current.label, exc)
