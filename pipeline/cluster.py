@@ -105,7 +105,7 @@ def check_job_paths(inputs: dict[str, str | None], outputs: dict[str, str | None
     for flag, value in outputs.items():
         path = file_store_path(value) if value else None
         if path and not Path(path).expanduser().is_absolute():
-            example = value if path == value else value.replace(path, f"$PWD/{path}")
+            example = value[: len(value) - len(path)] + f"$PWD/{path}"  # the store URI's path made absolute
             raise KnnSsdError(f"{flag} {value} is relative: inside a Ray job it would be written to {where}, "
                               "which is deleted with the job, so its results and the state a rerun resumes "
                               "from would be lost",
