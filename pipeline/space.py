@@ -45,7 +45,10 @@ PATH_PROBS = (0.02, 0.05, 0.1, 0.2, 0.3)  # suffix_tree min_path_prob
 OCCURRENCES = (4, 8, 16, 32)  # suffix_tree max_occurrences
 SPEC_FACTORS = (0.0, 1.0, 2.0, 4.0)  # suffix_tree spec_factor (0: no adaptive depth)
 SPEC_OFFSETS = (-1, 0, 1, 2)  # suffix_tree spec_offset (read only where spec_factor > 0)
-RECYCLED_NODES = (0, 4, 8, 12, 16)  # suffix_tree recycled_nodes (0: off); with 15 matched nodes, widths to 32
+# suffix_tree recycled_nodes (0: off). Searched as (0, 4, 8, 12, 16) once pipeline/measure.py records the
+# successors of its traces (SuccessorRecorder, as pipeline.traces.trace_prompt does): the confirmation replays
+# them, and a recycling policy cannot be replayed on a trace without them.
+RECYCLED_NODES = (0,)
 RECYCLED_K = (2, 4, 8)  # suffix_tree recycled_k
 
 
