@@ -9,8 +9,15 @@ replica holding the bundle and its model, behind Ray Serve's HTTP proxy; same AP
 
 Each replica follows the registry alias on its own (`--refresh-seconds`), so a moved alias reaches every
 replica within one refresh. Requests are routed by Ray Serve to the replica with fewer ongoing requests; a
-replica admits at most `--max-queue` + 1 (its own bound, also Ray Serve's `max_ongoing_requests`), and each
+replica is sent at most `--max-queue` + 1 (its own bound, as Ray Serve's `max_ongoing_requests`), and each
 generates one request at a time: no batching of several requests into one verify pass.
+
+Load shedding: while every replica is full, Ray Serve's proxy holds at most max(1, `--max-queue`) more requests
+(`max_queued_requests`); past that it answers at once with 429, a `Retry-After: 1` header and a plain-text body
+(Ray Serve's own, not an OpenAI error body: the `openai` client raises RateLimitError). A replica's own 429 (the
+standalone server's shedding) is then only a safety net. The proxy also ends a request `--request-timeout` +
+PROXY_GRACE_SECONDS after it reached the proxy (408, plain text), so time queued at the proxy counts too; the
+replica's own 504 counts from the request's arrival at the replica.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout or a Ray working dir
 
 from ray import serve  # noqa: E402
+from ray.serve.config import BackpressureConfig  # noqa: E402
 
 from knnssd.cli.entry import ArgumentParser, add_engine_flags, run_main  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
@@ -36,6 +44,21 @@ from knnssd.bundle.signing import key_contents, keys_from_contents  # noqa: E402
 
 # Ray Serve scales up when replicas average more ongoing requests than this (one generates, the rest wait).
 TARGET_ONGOING_REQUESTS = 2
+SHED_RETRY_AFTER_SECONDS = 1  # the Retry-After of the proxy's 429
+PROXY_GRACE_SECONDS = 5.0  # past --request-timeout, the proxy ends a request the replica has not ended
+
+
+def queue_options(settings: ServeSettings) -> dict[str, Any]:
+    """The deployment options that bound the work in flight: per replica, the one generating and `max_queue`
+    waiting; at the proxy, max(1, `max_queue`) more (Ray Serve takes no 0 here); past that, 429 at once."""
+    return {"max_ongoing_requests": settings.max_queue + 1, "max_queued_requests": max(1, settings.max_queue),
+            "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=SHED_RETRY_AFTER_SECONDS)}
+
+
+def http_options(settings: ServeSettings) -> dict[str, Any]:
+    """Ray Serve's proxy: where it listens, and its end-to-end timeout (counted from the request's arrival)."""
+    return {"host": settings.host, "port": settings.port,
+            "request_timeout_s": settings.request_timeout + PROXY_GRACE_SECONDS}
 
 
 @serve.deployment(name="knnssd")
@@ -84,8 +107,8 @@ def deployment(bundle: str, settings: ServeSettings = ServeSettings(), replicas:
                                                           "admin_token", "max_body_bytes")}
     load_options = dict(load_options or {})  # the trusted keys resolved here, sent by content
     load_options["trusted_key_pems"] = key_contents(load_options.pop("trusted_keys", None))
-    return KnnSsdServer.options(max_ongoing_requests=settings.max_queue + 1,
-                                ray_actor_options={"num_cpus": replica_cpus}, **scaling).bind(
+    return KnnSsdServer.options(**queue_options(settings), ray_actor_options={"num_cpus": replica_cpus},
+                                **scaling).bind(
         bundle, fields, tracking_uri, load_options)
 
 
@@ -134,7 +157,7 @@ def run(args: argparse.Namespace) -> None:
                              load_options={"threads": args.threads, "fast_kernels": not args.no_fast_kernels,
                                            "trusted_keys": tuple(args.trusted_key) if args.trusted_key else None})
     connect(args.address)  # run as a script, this module is __main__: Ray ships the deployment class by value
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options=http_options(settings))
     serve.run(application, name="knnssd", route_prefix="/")
     print(f"serving {args.bundle} on Ray Serve at http://{settings.host}:{settings.port}/v1 (Ctrl-C stops)",
           flush=True)

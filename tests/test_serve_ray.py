@@ -94,3 +94,51 @@ def test_replicas_get_the_drivers_trusted_keys_by_content(bundle_folder, tmp_pat
     with keys_from_contents(pems) as keys, pytest.raises(SignatureError):  # what the replica's constructor does
         Follower(str(bundle_folder), device="cpu", trusted_keys=keys)
     assert key_contents(None) == []  # none configured: none sent
+
+
+def test_the_proxy_sheds_what_its_queue_cannot_hold(ray_serve, bundle_folder, served_model):
+    """One replica with --max-queue 1 holds 2 requests, the proxy 1 more: of 8 sent at once, the excess is
+    refused by the proxy within a second or two with 429 and Retry-After, and the rest are answered correctly."""
+    import openai
+    from openai import OpenAI
+    from ray import serve
+
+    from jobs.serve import SHED_RETRY_AFTER_SECONDS, deployment
+
+    serve.run(deployment(str(bundle_folder), ServeSettings(max_queue=1), replicas=1, replica_cpus=0.5,
+                         load_options={"threads": 1}), name="knnssd", route_prefix="/")
+    try:
+        deadline = time.monotonic() + 120
+        while httpx.get(ray_serve + "/ready").status_code != 200:
+            assert time.monotonic() < deadline, "Ray Serve's replica did not get ready"
+            time.sleep(0.5)
+        ids = served_model.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+        tokens = generate(served_model.model, ids, GenerationConfig(max_new_tokens=300)).token_ids
+        expected = served_model.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        client = OpenAI(base_url=ray_serve + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(i: int) -> tuple[int, float, str | None, str]:
+            start = time.monotonic()
+            try:
+                out = client.completions.create(model="tiny-bundle", prompt=PROMPTS[0], max_tokens=300,
+                                                temperature=0)
+                return 200, time.monotonic() - start, None, out.choices[0].text
+            except openai.APIStatusError as exc:
+                return exc.status_code, time.monotonic() - start, exc.response.headers.get("retry-after"), \
+                    exc.response.text
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(ask, range(8)))
+        answered = [o for o in outcomes if o[0] == 200]
+        shed = [o for o in outcomes if o[0] != 200]
+        print("\n" + "\n".join(f"{status} after {seconds:.1f} s" for status, seconds, _, _ in outcomes))
+        assert 1 <= len(answered) <= 3 and len(shed) == 8 - len(answered), outcomes
+        assert all(text == expected for _, _, _, text in answered)
+        slowest_answer = max(seconds for _, seconds, _, _ in answered)
+        for status, seconds, retry_after, _ in shed:
+            assert status == 429 and retry_after == str(SHED_RETRY_AFTER_SECONDS)
+            assert seconds < min(3.0, slowest_answer / 2), f"shed after {seconds:.1f} s: it queued"
+        # once the load is gone, a request is answered again
+        assert client.completions.create(model="tiny-bundle", prompt=PROMPTS[1], max_tokens=4, temperature=0).usage
+    finally:
+        serve.delete("knnssd")
