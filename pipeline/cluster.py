@@ -14,12 +14,15 @@ was started in), so a relative path cannot be resolved against where the user ty
 `check_job_paths` therefore refuses, before any work, what would silently go wrong there: a relative input that
 does not exist in the copy, a relative output (lost with the copy), and a tracking store that is a file in the
 copy; each error names the flag and an absolute form (`"$PWD/..."`, expanded by the submitter's shell).
+Without --working-dir the driver runs in the folder the head was started in (also checked on Ray 2.60): a missing
+relative input is refused the same way, and outputs, which persist there, are let through.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from knnssd.errors import KnnSsdError
@@ -54,9 +57,21 @@ def task_resources(threads: int = 1) -> dict[str, float]:
     return {"num_cpus": threads}
 
 
-def submitted_job() -> str | None:
-    """Where this process runs as a `ray job submit` driver, what its working directory is, in words: "Ray's
-    copy of --working-dir (CWD)" or "the folder the Ray head was started in (CWD)"; None outside a job."""
+@dataclass(frozen=True)
+class JobFolder:
+    """The working directory of a `ray job submit` driver: `copy` when it is Ray's unpacked, throwaway copy of
+    --working-dir, else the folder the Ray head was started in (no --working-dir)."""
+
+    path: Path
+    copy: bool
+
+    def __str__(self) -> str:
+        return (f"Ray's throwaway copy of --working-dir ({self.path})" if self.copy
+                else f"the folder the Ray head was started in ({self.path})")
+
+
+def submitted_job() -> JobFolder | None:
+    """This process's working directory as a `ray job submit` driver; None outside a job."""
     raw = os.environ.get(JOB_CONFIG_ENV)
     if raw is None:
         return None
@@ -64,9 +79,8 @@ def submitted_job() -> str | None:
         runtime_env = json.loads(raw).get("runtime_env") or {}
     except (ValueError, AttributeError):
         runtime_env = {}
-    if runtime_env.get("working_dir") or "_ray_pkg_" in Path.cwd().name:
-        return f"Ray's throwaway copy of --working-dir ({Path.cwd()})"
-    return f"the folder the Ray head was started in ({Path.cwd()})"
+    cwd = Path.cwd()
+    return JobFolder(cwd, copy=bool(runtime_env.get("working_dir")) or cwd.name.startswith("_ray_pkg_"))
 
 
 def _absolute_hint(flag: str, value: str) -> str:
@@ -93,6 +107,8 @@ def check_job_paths(inputs: dict[str, str | None], outputs: dict[str, str | None
     tracking: (flag, URI or None) of the MLflow store the job publishes to (None: it publishes nothing); the
     URI falls back to $MLFLOW_TRACKING_URI; no URI at all (the default store in the working folder) or a
     relative file store is refused, with the flag for an MLflow server.
+    Outputs and the tracking store are checked only in Ray's copy of --working-dir, which is deleted with the
+    job; without --working-dir the job runs in the folder the head was started in, where they persist.
     """
     where = submitted_job()
     if where is None:
@@ -102,6 +118,8 @@ def check_job_paths(inputs: dict[str, str | None], outputs: dict[str, str | None
             raise KnnSsdError(f"{flag} {value} does not exist in this Ray job's working directory, {where}: "
                               "a relative path is read there, not where you ran `ray job submit`",
                               fix=_absolute_hint(flag, value))
+    if not where.copy:  # no --working-dir: what is written lands in the head's folder, and stays there
+        return
     for flag, value in outputs.items():
         path = file_store_path(value) if value else None
         if path and not Path(path).expanduser().is_absolute():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from knnssd.errors import KnnSsdError
 from pipeline.cluster import JOB_CONFIG_ENV, check_job_paths
 from tests.conftest import REPO_ROOT
 from tests.test_calibrate_job import tiny  # noqa: F401  (the module fixture: a tiny model and two domains)
@@ -46,7 +47,7 @@ def in_job(monkeypatch, tmp_path):
 def refusal(argv: list[str], capsys) -> str:
     from jobs.calibrate import main
 
-    assert main(argv) == 2
+    assert main([*argv, "--model", "/nonexistent/model"]) == 2  # were nothing refused: a quick error, not a run
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "(fix: " in err and "Traceback" not in err
     return err
@@ -78,6 +79,11 @@ def test_what_a_job_may_use(in_job, monkeypatch):
     check_job_paths({}, {"--work-dir": "/abs/w"}, None)  # publishing nothing: no tracking store needed
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     check_job_paths({}, {"--work-dir": "/abs/w"}, ("--tracking-uri", None))
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {}}))  # no --working-dir: the head's folder
+    check_job_paths({"--data": "data.jsonl"}, {"--work-dir": "calibration"}, ("--tracking-uri", "sqlite:///m.db"))
+    with pytest.raises(KnnSsdError, match="--data missing.jsonl does not exist in this Ray job's working "
+                                          "directory, the folder the Ray head was started in"):
+        check_job_paths({"--data": "missing.jsonl"}, {}, None)
     monkeypatch.delenv(JOB_CONFIG_ENV)  # outside a job: relative paths are the user's own folder
     check_job_paths({"--data": "missing.jsonl"}, {"--work-dir": "calibration"}, ("--tracking-uri", None))
 
