@@ -30,9 +30,11 @@ BUNDLE_HELP = ("NAME@vN, NAME@ALIAS, NAME@latest, NAME, or a bundle folder as a 
 def add_serving_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of how requests are admitted, timed and followed: the same on `knnssd serve` and jobs/serve.py."""
     parser.add_argument("--max-queue", type=int, default=ServeSettings.max_queue,
-                        help="requests that may wait while one generates; more get 429 with Retry-After.")
+                        help="requests that may wait while one generates; more get 429 with Retry-After (on Ray "
+                             "Serve the proxy holds max(1, this) more per replica and sheds the rest with 429).")
     parser.add_argument("--request-timeout", type=float, default=ServeSettings.request_timeout,
-                        help="seconds from admission to the last token; past it the request ends with an error.")
+                        help="seconds from the request's arrival to the last token (reading, tokenising and waiting "
+                             "included); past it the request ends with a 504 error.")
     parser.add_argument("--refresh-seconds", type=float, default=ServeSettings.refresh_seconds,
                         help="how often to look for a moved alias in the registry (0: never).")
     parser.add_argument("--admin-token", default=None,

@@ -8,7 +8,6 @@
     follow.py    the bundle being served, and following a registry alias to new versions
     metrics.py   the Prometheus metrics
     app.py       the FastAPI app and its routes (also what jobs/serve.py deploys on Ray Serve)
-    command.py   the `knnssd serve` sub-command
 
-Needs the `serve` extra (fastapi, uvicorn, prometheus-client); imports no Ray.
+The `knnssd serve` command is knnssd/cli/serve.py. Needs the `serve` extra (fastapi, uvicorn, prometheus-client); imports no Ray.
 """
