@@ -189,6 +189,10 @@ def run_study_where_asked(args: argparse.Namespace, config: EvalConfig):
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """Measure (or, with --rerender, only re-report), write the outputs, log them to MLflow."""
+    from pipeline.cluster import check_job_paths
+
+    check_job_paths({"--data": args.data, "--rerender": args.rerender}, {"--out": args.out or "evaluation"},
+                    ("--tracking-uri", args.tracking_uri))
     config = EvalConfig(max_new_tokens=args.max_new_tokens, prompts_per_domain=args.prompts_per_domain,
                         streams=split_list(args.streams), peers=split_list(args.peers),
                         fix_domains=None if args.fix_domains is None else split_list(args.fix_domains),

@@ -167,7 +167,13 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main(lambda: run(args))
+
+    def checked() -> int | None:
+        from pipeline.cluster import check_job_paths
+
+        check_job_paths({}, {}, ("--tracking-uri", args.tracking_uri))  # a registry in Ray's copy: refused
+        return run(args)
+    return run_main(checked)
 
 
 if __name__ == "__main__":
