@@ -156,7 +156,7 @@ def prefill(
     length = prompt_ids.shape[1]
     cache = new_cache(model, None if max_new_tokens is None else request_reach(length, max_new_tokens))
     position_ids = torch.arange(length, device=prompt_ids.device).unsqueeze(0)
-    with model_lock(model), transformers_kernels(model):  # a prefill computes as transformers' does, any length
+    with model_lock(model), transformers_kernels(model):  # a prefill computes as transformers' does, for every drafter
         hidden = model.model(input_ids=prompt_ids, position_ids=position_ids, cache=cache,
                              use_cache=True).last_hidden_state
     logits = model.lm_head(hidden[:, -1:, :])[0, -1]  # (vocab,)
@@ -335,16 +335,15 @@ def generate(
 ) -> GenerationResult:
     """Generate after `prompt_ids` (1, T) with `drafter`, or plainly when it is None.
 
-    Greedy output (temperature 0) is token-identical to
-    ``model.generate(prompt_ids, do_sample=False, max_new_tokens=N)`` except at a
-    numerical near-tie: a verify pass computes its 2-16 rows with the small-batch
-    kernel (`knnssd.engine.kernels`), which rounds differently from the 1-token pass
-    (|logit difference| up to 8.9e-5 on SmolLM2 fp32), so where the top two logits
-    lie closer than that the argmax can flip. Measured on SmolLM2-135M fp32 over the
-    13 Spec-Bench categories (benchmarks/near_ties.py, 3 prompts each, 64 tokens,
-    widths 2-16): 0 flips in 35,310 verified rows (2,354 positions), the closest
-    gap 3.8e-4. Rare, not excluded; bf16 rounds far coarser. Sampled output follows
-    the target model's distribution.
+    Greedy output (temperature 0) with any drafter is plain decoding's (`drafter`
+    None), token for token: where the engine's batch-invariant kernels run (fp32 on
+    an x86 CPU with AVX-512 or AVX2, `knnssd.engine.kernels`), a verify row computes
+    the bits of the 1-token plain step at its position, so this holds by
+    construction (tests/test_batch_invariance.py). Elsewhere (library products, a
+    GPU, bf16) verify rows round differently from plain steps and identity holds
+    except at numerical near-ties. transformers' ``model.generate`` computes with
+    its own products: equal up to near-ties (benchmarks/near_ties.py measures how
+    often). Sampled output follows the target model's distribution.
 
     Example:
         >>> loaded = load_model("smollm2-135m")
