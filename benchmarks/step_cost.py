@@ -107,7 +107,18 @@ def step_costs(model, context: int, repeats: int, widths: tuple[int, ...] = WIDT
             if round_:
                 for width, ms in runs:
                     samples[engine][width].append(ms)
+    STEP_SAMPLES.clear()
+    STEP_SAMPLES.update(samples)
     return {e: {w: sorted(v)[len(v) // 2] for w, v in by_width.items()} for e, by_width in samples.items()}
+
+
+STEP_SAMPLES: dict[str, dict[int, list[float]]] = {}  # the last `step_costs` call's samples, for their spread
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """(first, third) quartile of `values`, nearest rank: the spread printed beside each median."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
 
 
 def _pairs(model, cache, context: int, widths: list[int]) -> list[tuple[int, float]]:
@@ -191,17 +202,20 @@ def main() -> None:
         widths = parse_widths(args.widths)
         costs = step_costs(model, context, args.repeats, widths)
         floor = bytes_per_step(model, context) / (bandwidth * 1e9) * 1e3
-        result["contexts"][context] = {"floor_ms": floor, "ms": costs}
+        result["contexts"][context] = {"floor_ms": floor, "ms": costs, "quartiles_ms": {
+            e: {w: quartiles(v) for w, v in by_width.items()} for e, by_width in STEP_SAMPLES.items()}}
         print(f"\ncontext {context}: stream {bandwidth:.1f} GB/s, {bytes_per_step(model, context) / 1e6:.0f} MB a "
               f"step -> floor {floor:.1f} ms")
         plain = min(costs[e][1] for e in costs)
         result["contexts"][context]["floor_speed"] = {e: floor / costs[e][1] for e in costs}
         print("plain step: " + ", ".join(f"{e} {costs[e][1]:.1f} ms = {floor / costs[e][1]:.2f} of the floor's speed"
                                          for e in costs))
-        print(f"{'width':>6}" + "".join(f"{e + ' ms':>18}{'v':>7}" for e in costs) + f"{'v*':>7}")
+        spread = result["contexts"][context]["quartiles_ms"]
+        print(f"{'width':>6}" + "".join(f"{e + ' ms [q1, q3]':>28}{'v':>7}" for e in costs) + f"{'v*':>7}")
         for width in widths:
-            print(f"{width:>6}" + "".join(f"{costs[e][width]:>18.1f}{costs[e][width] / costs[e][1]:>7.2f}"
-                                          for e in costs) + f"{costs['fast'][width] / plain:>7.2f}")
+            print(f"{width:>6}" + "".join(
+                f"{costs[e][width]:>12.1f} [{spread[e][width][0]:6.1f}, {spread[e][width][1]:6.1f}]"
+                f"{costs[e][width] / costs[e][1]:>7.2f}" for e in costs) + f"{costs['fast'][width] / plain:>7.2f}")
     if not args.no_profile:
         result["profile"] = profile(model, 200)
         for width, ops in result["profile"].items():
