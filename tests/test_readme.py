@@ -19,7 +19,7 @@ from tests.test_help_texts import caught_parser
 
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 CI_COMMANDS = ("bash scripts/setup.sh && .venv/bin/python jobs/calibrate.py", ".venv/bin/python -m pytest")
-ENTRY = re.compile(r"^(?:\.venv/bin/)?(?:knnssd$|python$)")
+ENTRY = re.compile(r"^(?:(?:DOLLAR_PWD/)?\.venv/bin/)?(?:knnssd$|python$)")
 
 
 def bash_lines(page) -> list[str]:
