@@ -250,7 +250,7 @@ def kernel_key(plan: KernelPlan | None) -> str:
     C++ kernel is never read after a fallback to library calls (or the reverse)."""
     if plan is None or not plan.enabled:
         return "plain"
-    methods = json.dumps({"rows": list(plan.rows), "grouped_attention": plan.grouped_attention})
+    methods = json.dumps({"rows": list(plan.rows), "attention": plan.attention})
     return "fast-" + hashlib.sha256(methods.encode()).hexdigest()[:8]
 
 

@@ -55,9 +55,9 @@ def loaded_with(plan: KernelPlan | None) -> LoadedModel:
 
 
 def test_a_table_timed_with_another_kernel_plan_is_not_reused(tmp_path):
-    compiled = KernelPlan(enabled=True, device="cpu", threads=2, rows=("rows",) * 15, grouped_attention=True)
-    library = dataclasses.replace(compiled, rows=("linear",) * 2 + ("packed8",) * 5 + ("transposed",) * 8,
-                                  reason="no compiler")
+    compiled = KernelPlan(enabled=True, device="cpu", threads=2, rows=("rows",) * 32, attention="rows")
+    library = dataclasses.replace(compiled, rows=("linear",) * 3 + ("packed8",) * 5 + ("transposed",) * 8
+                                  + ("linear",) * 16, reason="no compiler", attention="grouped")
     keys = {table_key(loaded_with(plan)) for plan in (compiled, library, None)}
     assert len(keys) == 3 and table_key(loaded_with(None)).endswith("-plain-t2")
     assert table_key(loaded_with(compiled)) == table_key(loaded_with(dataclasses.replace(compiled)))

@@ -94,14 +94,18 @@ def test_the_request_reach_bounds_what_the_decoding_loop_writes(monkeypatch):
     reach = request_reach(prompt.shape[1], max_new)
     made = []
 
-    def capped_cache(model):
-        made.append(new_cache(model, capacity=reach))
-        return made[-1]
+    def recorded(model, capacity=None):  # what the loop asks for, recorded
+        made.append((capacity, new_cache(model, capacity)))
+        return made[-1][1]
 
     for name, drafter in drafters_under_test():
-        plain = generate(model, prompt, GenerationConfig(max_new_tokens=max_new), drafter).token_ids
         with monkeypatch.context() as patch:
-            patch.setattr(decoding, "new_cache", capped_cache)
+            patch.setattr(decoding, "new_cache", lambda model, capacity=None: new_cache(model))  # uncapped
+            plain = generate(model, prompt, GenerationConfig(max_new_tokens=max_new), drafter).token_ids
+        with monkeypatch.context() as patch:
+            patch.setattr(decoding, "new_cache", recorded)
             capped = generate(model, prompt, GenerationConfig(max_new_tokens=max_new), drafter).token_ids
         assert capped == plain, name
+        assert made[-1][0] == reach, name  # the loop caps its cache at the request's reach
+        made[-1] = made[-1][1]
         assert 0 < max(buffers(made[-1])) <= reach, name
