@@ -104,7 +104,7 @@ def test_the_signature_is_checked_before_anything_is_parsed(signed, keys, monkey
         read_bundle(signed, keys=[keys["trusted"][1]])
     calls = []
     for reader in ("read_manifest", "_read_json", "read_anchors"):  # every reader of the bundle's own files
-        monkeypatch.setattr(f"knnssd.bundle.{reader}", lambda *a, **k: calls.append(a))
+        monkeypatch.setattr(f"knnssd.bundle.reading.{reader}", lambda *a, **k: calls.append(a))
     (signed / "policies.json").write_text("{}")
     with pytest.raises(SignatureError):
         read_bundle(signed, keys=[keys["trusted"][1]])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from knnssd.bundle import reading as bundle_reading
+from knnssd.bundle import reading as bundle_reading, stores as bundle_stores
 from knnssd.bundle import (BundleError, MAX_STORE_TOKENS, STORE_SEPARATOR, join_store, read_bundle, sha256_file,
                            split_store)
 from knnssd.engine.decoding import GenerationConfig, generate
@@ -143,7 +143,7 @@ def test_the_loaded_store_must_match_its_manifest_row(folder):
 
 
 def test_an_oversized_spec_is_refused_when_written(loaded, tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_reading, "MAX_STORE_TOKENS", 10)
+    monkeypatch.setattr(bundle_stores, "MAX_STORE_TOKENS", 10)
     with pytest.raises(BundleError, match="more than a bundle may"):
         store_bundle(loaded, tmp_path / "b", {"low": join_store([tuple(range(20))])})
     with pytest.raises(BundleError, match="not domains"):
