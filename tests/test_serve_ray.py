@@ -132,7 +132,9 @@ def test_the_proxy_sheds_what_its_queue_cannot_hold(ray_serve, bundle_folder, se
         answered = [o for o in outcomes if o[0] == 200]
         shed = [o for o in outcomes if o[0] != 200]
         print("\n" + "\n".join(f"{status} after {seconds:.1f} s" for status, seconds, _, _ in outcomes))
-        assert 1 <= len(answered) <= 3 and len(shed) == 8 - len(answered), outcomes
+        # 2 on the replica + 1 at the proxy, and Ray's queue check can admit one more before it counts it
+        # (seen: "num_queued_requests=2, max_queued_requests=1" with 4 answered)
+        assert 1 <= len(answered) <= 4 and len(shed) == 8 - len(answered) >= 4, outcomes
         assert all(text == expected for _, _, _, text in answered)
         slowest_answer = max(seconds for _, seconds, _, _ in answered)
         for status, seconds, retry_after, _ in shed:
