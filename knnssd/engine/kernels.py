@@ -73,10 +73,6 @@ class KernelPlan:
     def batch_invariant(self) -> bool:
         return self.enabled and self.attention == "rows" and set(self.rows) == {"rows"}
 
-    @property
-    def grouped_attention(self) -> bool:
-        return self.attention in ("rows", "grouped")
-
     def method(self, rows: int) -> str:
         return self.rows[rows - 1] if self.enabled and 1 <= rows <= MAX_FAST_ROWS else "linear"
 
