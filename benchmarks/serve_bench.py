@@ -1,4 +1,4 @@
-"""Serving benchmark: time to first token, time per output token and throughput at concurrency 1 and 4 on
+"""Serving benchmark: throughput, time to first token and time per output token at concurrency 1, 4, 8 and 16 on
 Spec-Bench prompts, over HTTP (streamed chat completions, greedy), for
 
   knnssd        `knnssd serve --bundle REF` (the calibrated bundle)
@@ -8,21 +8,22 @@ Spec-Bench prompts, over HTTP (streamed chat completions, greedy), for
   hf-cb         the same with --continuous-batching
 
 on the same model folder and torch thread count (--threads; OMP_NUM_THREADS for transformers serve). Every server
-is started once and stays up; the blocks (repeat x concurrency x server) run one at a time, interleaved in a
-rotating order, so drift hits all alike. Per request: TTFT = send to the first chunk with text; TPOT = (last
-chunk - first chunk) / (tokens - 1), tokens from the usage the server reports, else the model's tokenizer;
-throughput = tokens of a block / its wall time. The TPOT ratio of each server to `hf` comes with a 95% paired
-bootstrap interval over prompts (pipeline/bootstrap.py).
+is started once and stays up; the blocks (repeat x concurrency x server; a block = every prompt once, `concurrency`
+at a time) run one at a time, interleaved in a rotating order, so drift hits all alike. For the knnssd servers the
+step histograms of /metrics are read before and after each block (batch size per verify step, drafted and accepted
+tokens per request-step; "n/a" where the server does not export them), and every greedy answer is checked against
+knnssd-plain's answer to the same prompt alone. Definitions: benchmarks/serve_report.py. At the end: the goals,
+each with a verdict (knnssd throughput >= 1.5x hf-cb at concurrency 4 and 8; 0 mismatches; knnssd TPOT at
+concurrency 1). --max-batch is passed to `knnssd serve` only where its --help lists that flag.
 
     python benchmarks/serve_bench.py --bundle smollm2-135m@latest --prompts 16 --max-tokens 128 --repeats 2 \\
-        --threads 2 --out benchmarks/results/serve
-    python benchmarks/serve_bench.py --bundle path/to/bundle --smoke       # 2 prompts, 8 tokens, 1 repeat
+        --concurrency 1,4,8,16 --threads 2 --out benchmarks/results/serve-DATE
+    python benchmarks/serve_bench.py --smoke      # a tiny random bundle, 2 prompts, 8 tokens, concurrency 1,2
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -40,13 +41,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import load_spec_bench, machine_description  # noqa: E402
+from benchmarks.serve_report import Block, Row, goals, markdown, summarise, write  # noqa: E402
+from benchmarks.serve_scrape import Totals, read_totals  # noqa: E402
 from knnssd.bundle import BundleSpec, read_bundle, write_bundle, VECTORS_FILE  # noqa: E402
 from knnssd.engine.models import builtin_folder, builtin_model  # noqa: E402
 from knnssd.bundle.sources import fetch_bundle  # noqa: E402
-from pipeline.bootstrap import speedup_interval  # noqa: E402
 from tests.services import free_port  # noqa: E402
 
 SYSTEMS = ("knnssd", "knnssd-plain", "hf", "hf-cb")
+CONCURRENCY = "1,4,8,16"
+SMOKE = dict(prompts=2, max_tokens=8, repeats=1, concurrency="1,2")
 
 
 @dataclass(frozen=True)
@@ -56,19 +60,9 @@ class Server:
     model: str
     process: subprocess.Popen
 
-
-@dataclass(frozen=True)
-class Row:
-    system: str
-    concurrency: int
-    repeat: int
-    prompt: int
-    category: str
-    ttft: float
-    tpot: float
-    tokens: int
-    seconds: float
-    text: str
+    @property
+    def knnssd(self) -> bool:
+        return self.name.startswith("knnssd")
 
 
 def plain_copy(folder: Path, target: Path) -> Path:
@@ -86,6 +80,15 @@ def plain_copy(folder: Path, target: Path) -> Path:
 def model_folder(model_id: str) -> str:
     spec = builtin_model(model_id)
     return str(builtin_folder(spec)) if spec else model_id
+
+
+def server_flags(knnssd: Path) -> str:
+    """`knnssd serve --help`, to see which flags this version has."""
+    done = subprocess.run([str(knnssd), "serve", "--help"], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise SystemExit(f"error: `{knnssd} serve --help` failed: {done.stderr.strip()[-500:]} "
+                         "(fix: install knnssd with its serve extra into this venv)")
+    return done.stdout
 
 
 def start(name: str, command: list[str], env: dict[str, str], model: str, port: int, log: Path) -> Server:
@@ -113,7 +116,10 @@ def ask(server: Server, prompt: str, max_tokens: int, tokenizer) -> tuple[float,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start, first, last, pieces, usage = time.perf_counter(), None, None, [], None
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            response.read()
+            raise SystemExit(f"error: {server.name} answered {response.status_code}: {response.text[:300]} "
+                             "(fix: a 429 means its queue is full: raise --max-queue; else see its log)")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -133,70 +139,76 @@ def ask(server: Server, prompt: str, max_tokens: int, tokenizer) -> tuple[float,
 
 
 def block(server: Server, prompts: list[tuple[str, str]], concurrency: int, repeat: int, max_tokens: int,
-          tokenizer) -> tuple[list[Row], float]:
+          tokenizer) -> tuple[list[Row], Block]:
+    """Every prompt once, `concurrency` at a time; for a knnssd server, its step histograms over the block."""
     def one(index: int) -> Row:
         category, prompt = prompts[index]
         ttft, tpot, tokens, seconds, text = ask(server, prompt, max_tokens, tokenizer)
         return Row(server.name, concurrency, repeat, index, category, ttft, tpot, tokens, seconds, text)
 
+    before = read_totals(server.url) if server.knnssd else Totals({})
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         rows = list(pool.map(one, range(len(prompts))))
-    return rows, time.perf_counter() - start
+    wall = time.perf_counter() - start
+    steps = read_totals(server.url).minus(before).values if server.knnssd else {}
+    return rows, Block(server.name, concurrency, repeat, wall, sum(r.tokens for r in rows), steps)
 
 
-def summarise(rows: list[Row], walls: dict[tuple[str, int], list[float]]) -> list[dict]:
-    table = []
-    for (system, concurrency), wall in walls.items():
-        mine = [r for r in rows if (r.system, r.concurrency) == (system, concurrency)]
-        repeats = sorted({r.repeat for r in mine})
-        per_repeat = [sum(r.tokens for r in mine if r.repeat == k) / w for k, w in zip(repeats, wall)]
-        entry = {"system": system, "concurrency": concurrency, "requests": len(mine),
-                 "ttft_median": float(np.median([r.ttft for r in mine])),
-                 "tpot_median": float(np.median([r.tpot for r in mine])),
-                 "tpot_mean": float(np.mean([r.tpot for r in mine])),
-                 "throughput": float(np.mean(per_repeat)), "throughput_min": min(per_repeat),
-                 "throughput_max": max(per_repeat)}
-        base = [r for r in rows if (r.system, r.concurrency) == ("hf", concurrency)]
-        if base and sum(r.tpot for r in base) > 0 and sum(r.tpot for r in mine) > 0:
-            prompts = sorted({r.prompt for r in mine})
-            mean = lambda rs, p: float(np.mean([r.tpot for r in rs if r.prompt == p]))  # noqa: E731
-            interval = speedup_interval([mean(base, p) for p in prompts], [mean(mine, p) for p in prompts])
-            entry.update(tpot_gain_vs_hf=interval.estimate, gain_low=interval.low, gain_high=interval.high)
-        plain = {(r.repeat, r.prompt): r.text for r in rows if (r.system, r.concurrency) == ("knnssd-plain",
-                                                                                           concurrency)}
-        if plain:  # greedy: how many answers equal plain decoding's text (knnssd: all of them, being lossless)
-            entry["same_text_as_plain"] = f"{sum(r.text == plain[(r.repeat, r.prompt)] for r in mine)}/{len(mine)}"
-        table.append(entry)
-    return table
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", required=True, help="the calibrated bundle: registry reference or folder")
+    parser.add_argument("--bundle", default=None, help="the calibrated bundle: registry reference or folder "
+                        "(optional with --smoke: a tiny random one is built, benchmarks/serve_tiny.py)")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--data", default=None, help="Spec-Bench question.jsonl (default: ../shared/data/...)")
     parser.add_argument("--prompts", type=int, default=16, help="Spec-Bench prompts, spread over its categories")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--concurrency", default=CONCURRENCY, help=f"levels, comma-separated (default {CONCURRENCY})")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--max-batch", type=int, default=None, help="knnssd serve --max-batch N, passed only where "
+                        "the server has that flag (default: the server's own default)")
+    parser.add_argument("--tpot-baseline-ms", type=float, default=None, help="an earlier run's knnssd TPOT p50 at "
+                        "concurrency 1: turns that goal's 'compare by hand' into met / not met")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"a subset of {','.join(SYSTEMS)}")
-    parser.add_argument("--out", default=None, help="folder for requests.csv and summary.json")
-    parser.add_argument("--smoke", action="store_true", help="2 prompts, 8 tokens, 1 repeat: checks the set-up")
+    parser.add_argument("--out", default=None, help="folder for requests.csv, blocks.csv, summary.csv, summary.md "
+                        "and summary.json (default: benchmarks/results/serve-DATE; with --smoke a temporary one)")
+    parser.add_argument("--smoke", action="store_true", help="2 prompts, 8 tokens, 1 repeat, concurrency 1,2: "
+                        "checks the set-up")
     args = parser.parse_args()
     if args.smoke:
-        args.prompts, args.max_tokens, args.repeats = 2, 8, 1
-    systems = [s for s in args.systems.split(",") if s]
-    unknown = set(systems) - set(SYSTEMS)
+        args = argparse.Namespace(**{**vars(args), **SMOKE})
+    elif args.bundle is None:
+        parser.error("--bundle is required (only --smoke builds a tiny one)")
+    unknown = set(s for s in args.systems.split(",") if s) - set(SYSTEMS)
     if unknown:
-        raise SystemExit(f"error: unknown systems {sorted(unknown)} (fix: use {','.join(SYSTEMS)})")
+        raise SystemExit(f"error: unknown systems {sorted(unknown)} (fix: use a subset of {','.join(SYSTEMS)})")
+    try:
+        levels = [int(c) for c in args.concurrency.split(",") if c]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise SystemExit(f"error: --concurrency {args.concurrency!r} is not a list of positive integers "
+                         f"(fix: e.g. --concurrency {CONCURRENCY})")
+    if args.prompts < 1 or args.max_tokens < 1 or args.repeats < 1:
+        raise SystemExit("error: --prompts, --max-tokens and --repeats must be at least 1 (fix: pass positive numbers)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    systems = [s for s in args.systems.split(",") if s]
+    levels = [int(c) for c in args.concurrency.split(",") if c]
     rows_all = load_spec_bench(args.data)
     categories = sorted({r["category"] for r in rows_all})
     prompts = [(c, r["turns"][0]) for i in range(args.prompts) for c in [categories[i % len(categories)]]
                for r in [[x for x in rows_all if x["category"] == c][i // len(categories)]]]
 
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    if args.bundle is None:  # --smoke without a bundle
+        from benchmarks.serve_tiny import write_tiny_bundle
+
+        args.bundle = str(write_tiny_bundle(work / "tiny"))
     folder = fetch_bundle(args.bundle, args.tracking_uri)
     model = model_folder(read_bundle(folder).model_id)
     from transformers import AutoTokenizer
@@ -204,63 +216,60 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "KNNSSD_THREADS": str(args.threads)}
     bin_dir = Path(sys.executable).parent
+    knnssd_extra = ["--max-queue", str(max(levels))] if max(levels) > 16 else []  # 16: the server's default
+    batching = "server default" if "--max-batch" in server_flags(bin_dir / "knnssd") else "not in this server"
+    if args.max_batch is not None and batching == "server default":
+        knnssd_extra += ["--max-batch", str(args.max_batch)]
+        batching = str(args.max_batch)
+    elif args.max_batch is not None:
+        print(f"warning: this `knnssd serve` has no --max-batch; --max-batch {args.max_batch} is not passed",
+              flush=True)
+    knnssd_serve = [str(bin_dir / "knnssd"), "serve", "--threads", str(args.threads), "--log-level", "warning",
+                    *knnssd_extra]
+    hf_serve = [str(bin_dir / "transformers"), "serve", model, "--host", "127.0.0.1", "--device", "cpu",
+                "--dtype", "float32"]
     commands = {
-        "knnssd": lambda p: [str(bin_dir / "knnssd"), "serve", "--bundle", args.bundle, "--port", str(p),
-                             "--threads", str(args.threads), "--refresh-seconds", "0", "--log-level", "warning"]
+        "knnssd": lambda p: knnssd_serve + ["--bundle", args.bundle, "--port", str(p), "--refresh-seconds", "0"]
         + (["--tracking-uri", args.tracking_uri] if args.tracking_uri else []),
-        "knnssd-plain": lambda p: [str(bin_dir / "knnssd"), "serve", "--bundle",
-                                   str(plain_copy(folder, work / "plain-bundle")), "--port", str(p), "--threads",
-                                   str(args.threads), "--log-level", "warning"],
-        "hf": lambda p: [str(bin_dir / "transformers"), "serve", model, "--host", "127.0.0.1", "--port", str(p),
-                         "--device", "cpu", "--dtype", "float32"],
-        "hf-cb": lambda p: [str(bin_dir / "transformers"), "serve", model, "--host", "127.0.0.1", "--port", str(p),
-                            "--device", "cpu", "--dtype", "float32", "--continuous-batching"],
+        "knnssd-plain": lambda p: knnssd_serve + ["--bundle", str(plain_copy(folder, work / "plain-bundle")),
+                                                  "--port", str(p)],
+        "hf": lambda p: hf_serve + ["--port", str(p)],
+        "hf-cb": lambda p: hf_serve + ["--port", str(p), "--continuous-batching"],
     }
     names = {"knnssd": None, "knnssd-plain": "plain-bundle", "hf": model, "hf-cb": model}
-    servers = []
+    servers, rows, blocks = [], [], []
     try:
         for system in systems:
             port = free_port()
             served = names[system] or (Path(args.bundle).name if Path(args.bundle).is_dir()
                                        else args.bundle.split("@")[0])
             servers.append(start(system, commands[system](port), env, served, port, work / f"{system}.log"))
-            print(f"{system} ready at {servers[-1].url}", flush=True)
+            print(f"{system} ready at {servers[-1].url} (log {work / system}.log)", flush=True)
         for server in servers:  # one untimed request each: first-call costs off the clock
             ask(server, prompts[0][1], 4, tokenizer)
-        rows, walls = [], {}
-        levels = [int(c) for c in args.concurrency.split(",")]
         for repeat in range(args.repeats):
             for concurrency in levels:
                 order = servers[repeat % len(servers):] + servers[:repeat % len(servers)]
                 for server in order:
-                    got, wall = block(server, prompts, concurrency, repeat, args.max_tokens, tokenizer)
+                    got, done = block(server, prompts, concurrency, repeat, args.max_tokens, tokenizer)
                     rows += got
-                    walls.setdefault((server.name, concurrency), []).append(wall)
-                    print(f"repeat {repeat} concurrency {concurrency} {server.name}: {wall:.1f} s", flush=True)
+                    blocks.append(done)
+                    print(f"repeat {repeat} concurrency {concurrency} {server.name}: {done.seconds:.1f} s "
+                          f"{done.throughput:.1f} tok/s", flush=True)
     finally:
         for server in servers:
             server.process.terminate()
             server.process.wait(timeout=30)
-    table = summarise(rows, walls)
-    print(f"\n{datetime.date.today()}  {machine_description()}  threads {args.threads}  prompts {len(prompts)}  "
-          f"max_tokens {args.max_tokens}  repeats {args.repeats}")
-    print(f"{'system':14} {'conc':>4} {'TTFT ms':>8} {'TPOT ms':>8} {'tok/s (min-max)':>20} "
-          f"{'TPOT gain vs hf (95% CI)':>26} {'same text as plain':>19}")
-    for e in table:
-        gain = f"{e['tpot_gain_vs_hf']:.2f}x [{e['gain_low']:.2f}, {e['gain_high']:.2f}]" if "gain_low" in e else ""
-        spread = f"{e['throughput']:.1f} ({e['throughput_min']:.1f}-{e['throughput_max']:.1f})"
-        print(f"{e['system']:14} {e['concurrency']:>4} {e['ttft_median'] * 1e3:8.1f} {e['tpot_median'] * 1e3:8.1f} "
-              f"{spread:>20} {gain:>26} {e.get('same_text_as_plain', ''):>19}")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "requests.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
-            writer.writeheader()
-            writer.writerows(asdict(r) for r in rows)
-        (out / "summary.json").write_text(json.dumps({"date": str(datetime.date.today()), "machine":
-                                                      machine_description(), "args": vars(args), "table": table},
-                                                     indent=2))
+    table = summarise(rows, blocks)
+    goal_rows = goals(table, args.tpot_baseline_ms)
+    header = (f"{datetime.date.today()}  {machine_description()}\nbundle {args.bundle}  threads {args.threads}  "
+              f"prompts {len(prompts)}  max_tokens {args.max_tokens}  repeats {args.repeats}  concurrency "
+              f"{','.join(map(str, levels))}  knnssd --max-batch: {batching}")
+    print(f"\n{header}\n\n{markdown(table, goal_rows)}")
+    out = Path(args.out) if args.out else (work / "results" if args.smoke else
+                                           Path(__file__).parent / "results" / f"serve-{datetime.date.today()}")
+    write(out, header, rows, blocks, table, goal_rows, vars(args))
+    print(f"\nwritten: {out}/summary.md, summary.csv, blocks.csv, requests.csv, summary.json")
 
 
 if __name__ == "__main__":
