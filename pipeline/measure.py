@@ -12,6 +12,12 @@ changes) hits both sides of each ratio alike:
 The first plain run of each prompt is kept as its trace (`pipeline.replay.Trace`), so whoever also predicts
 these policies' speedups on the same prompts (`pipeline.scoring`) needs no plain decoding of its own.
 
+What is timed: every plain run (no drafter: the loop's plain path, nothing recorded in it) and every policy's
+run. What is not: making the drafters, the warm-up, and, where the traces carry successors (by default where a
+policy drafts recycled successors, whose replay reads them), one more plain generation per prompt with a
+`SuccessorRecorder` (`pipeline.traces.with_successors`), run after all the timing, so its top-k per step never
+enters plain decoding's seconds and it never runs between a prompt's timed runs.
+
 A suffix-tree policy that drafts from a store gets, per prompt, the store without that prompt's own output
 (`pipeline.drafting`): `stores` names each such policy's store and `texts` the prompts.
 
@@ -33,6 +39,7 @@ from knnssd.engine.decoding import GenerationConfig, generate, warm_up
 from knnssd.engine.stats import Tally
 from pipeline.drafting import PolicyDrafters
 from pipeline.replay import Trace, trace_of
+from pipeline.traces import recycles, with_successors
 from pipeline.stores import DomainStore
 
 
@@ -72,15 +79,18 @@ def measure_policies(model: PreTrainedModel, policies: dict[str, dict[str, Any]]
                      max_new_tokens: int, num_layers: int, seed: int = 0,
                      progress: Callable[[int, int], None] | None = None,
                      stores: dict[str, DomainStore | None] | None = None, texts: list[str] | None = None,
-                     drafters: PolicyDrafters | None = None) -> Measured:
+                     drafters: PolicyDrafters | None = None, successors: bool | None = None) -> Measured:
     """Time every policy (name -> policy JSON) on every prompt (1, T), interleaved with plain decoding.
-    `stores`: policy name -> the store it drafts from (if it does); `texts`: the prompts' texts."""
+    `stores`: policy name -> the store it drafts from (if it does); `texts`: the prompts' texts; `successors`:
+    whether the traces carry recorded successors (None: where some policy drafts recycled successors)."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     stores, texts = stores or {}, texts or [None] * len(prompt_ids)
     make = drafters or PolicyDrafters(num_layers)
     per_prompt = [{name: make.drafter(policy, stores.get(name), text) for name, policy in policies.items()}
                   for text in texts]  # every drafter made (and refused) before any timing
     names = list(policies)
+    if successors is None:
+        successors = any(recycles(drafter) for made in per_prompt for drafter in made.values())
     rng = random.Random(seed)
     warm_up(model, prompt_ids[0])
     for drafter in per_prompt[0].values():
@@ -105,6 +115,8 @@ def measure_policies(model: PreTrainedModel, policies: dict[str, dict[str, Any]]
         plain_runs.append((first.stats.total_seconds + last.stats.total_seconds) / 2)
         if progress is not None:
             progress(index + 1, len(prompt_ids))
+    if successors:  # untimed, after every timed run
+        traces = [with_successors(model, trace) for trace in traces]
     plain_total = sum(plain_runs)
     seconds = {name: sum(runs[name]) for name in names}
     timed = {name: WallClock(speedup=plain_total / seconds[name],

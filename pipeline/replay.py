@@ -29,8 +29,8 @@ prompt is fixed by that prompt's greedy continuation:
 - a suffix tree, like prompt lookup, drafts from the committed tokens (and its store) alone: replaying the real
   `SuffixTreeSession` gives exactly the real run's trees. With recycled successors its table also learns from
   each verify pass's committed rows (`observe_logits`); replay hands the session the same rows' top successors
-  from the trace (`Trace.successors`, recorded by `trace_prompt`), so the tables, hence the trees, are the real
-  run's too (rows of rejected drafts never reach the table, in either).
+  from the trace (`Trace.successors`, recorded by `pipeline.traces.with_successors` on an untimed plain run), so
+  the tables, hence the trees, are the real run's too (rows of rejected drafts never reach the table, in either).
 
 `replay` mirrors the decoding loop (`knnssd.engine.decoding.decode`): the same budget, the same draft cut
 (`knnssd.engine.decoding.within_contract`: a path cut to the budget, a tree to that depth), acceptance as the loop's
@@ -60,7 +60,7 @@ from knnssd.engine.skipset import SkipSet
 from knnssd.engine.stats import StatsRecorder, Tally
 from knnssd.engine.sublayers import model_lock, skip_sublayers
 from knnssd.engine.tree import accept_targets, depths, nodes_per_depth, within_depth
-from pipeline.traces import Trace, trace_of, trace_prompt  # noqa: F401 - where callers import them from
+from pipeline.traces import Trace, trace_of, trace_prompt, with_successors  # noqa: F401 - where callers import them from
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,8 @@ def observe_rows(session, trace: Trace, committed: int, accepted: int) -> None:
     if trace.successors is None:
         raise KnnSsdError("this policy drafts recycled successors, which replay reads from the trace's recorded "
                           "successors, but the trace has none",
-                          fix="trace the prompt with pipeline.traces.trace_prompt, which records them")
+                          fix="trace the prompt with pipeline.traces.trace_prompt, or add them to a trace with "
+                          "pipeline.traces.with_successors")
     rows = range(committed - 1, min(committed + accepted, len(trace.successors)))
     session.observe_successors([trace.tokens[j] for j in rows], [trace.successors[j] for j in rows])
 

@@ -1,21 +1,29 @@
 """Plain greedy decoding recorded for replay (`pipeline.replay`): a prompt's `Trace`.
 
 A trace holds what replay needs to reproduce a drafter's events without the model: the prompt, plain decoding's
-new tokens, and, where recorded (`trace_prompt` records them), the target's top successors after each new token
+new tokens, and, where recorded, the target's top successors after each new token
 (`knnssd.engine.drafters.recycled.top_successors`), which a suffix tree with recycled successors updates its
 table from exactly as the real loop does (the loop hands it the same rows' logits, computed with the same bits:
 the engine's verify rows are batch invariant).
+
+What is timed and what is not: a trace's `seconds` and `prefill_seconds` are those of a plain generation with no
+drafter at all, the loop's plain path. The successors come from a second, untimed generation of the same prompt
+with a `SuccessorRecorder` (which adds a draft request and a top-k per step: small, but not plain decoding's
+cost), whose tokens must equal the timed run's (`with_successors`). `trace_prompt` does both; a wall-clock
+measurement (`pipeline.measure`) keeps its own timed plain run as the trace and records the successors after
+all its timing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel
 
 from knnssd.engine.decoding import GenerationConfig, GenerationResult, generate
-from knnssd.engine.drafters import SuccessorRecorder
+from knnssd.engine.drafters import Drafter, SuccessorRecorder, SuffixTreeDrafter
+from knnssd.errors import KnnSsdError
 
 
 @dataclass(frozen=True)
@@ -45,9 +53,31 @@ def trace_of(prompt_ids: torch.Tensor, result: GenerationResult, max_new_tokens:
                  successors=None if successors is None else tuple(tuple(row) for row in successors))
 
 
-def trace_prompt(model: PreTrainedModel, prompt_ids: torch.Tensor, max_new_tokens: int) -> Trace:
-    """Plain greedy decoding of `prompt_ids` (1, T), timed, with its successors recorded (a top-k of each step's
-    logits, within the timed run: microseconds against a forward pass)."""
+def with_successors(model: PreTrainedModel, trace: Trace) -> Trace:
+    """`trace` with its successors recorded by an untimed plain generation of its prompt (a `SuccessorRecorder`
+    as the drafter: the loop computes exactly plain decoding). Its tokens must be the trace's: greedy decoding of
+    one prompt twice on one model gives one output, else replay would score a text the model does not produce."""
+    prompt_ids = torch.tensor([list(trace.prompt)], device=model.device)
     recorder = SuccessorRecorder()
-    result = generate(model, prompt_ids, GenerationConfig(max_new_tokens=max_new_tokens), recorder)
-    return trace_of(prompt_ids, result, max_new_tokens, recorder.rows)
+    recorded = generate(model, prompt_ids, GenerationConfig(max_new_tokens=trace.max_new_tokens), recorder)
+    if recorded.token_ids != trace.tokens:
+        differ = next((i for i, (a, b) in enumerate(zip(recorded.token_ids, trace.tokens)) if a != b),
+                      min(len(recorded.token_ids), len(trace.tokens)))
+        raise KnnSsdError(f"plain greedy decoding of one prompt gave two outputs (they differ at new token "
+                          f"{differ}): the model's kernels are not deterministic here, and replay would score "
+                          "recycled successors of another text",
+                          fix="calibrate with deterministic kernels (e.g. fp32 on CPU), or search without recycled "
+                              "successors")
+    return replace(trace, successors=tuple(tuple(row) for row in recorder.rows))
+
+
+def trace_prompt(model: PreTrainedModel, prompt_ids: torch.Tensor, max_new_tokens: int) -> Trace:
+    """Plain greedy decoding of `prompt_ids` (1, T), timed with no drafter, and its successors recorded by an
+    untimed second generation (`with_successors`)."""
+    result = generate(model, prompt_ids, GenerationConfig(max_new_tokens=max_new_tokens))
+    return with_successors(model, trace_of(prompt_ids, result, max_new_tokens))
+
+
+def recycles(drafter: Drafter | None) -> bool:
+    """Whether a replay of `drafter` reads the trace's successors (a suffix tree with recycled successors)."""
+    return isinstance(drafter, SuffixTreeDrafter) and drafter.config.recycled_nodes > 0

@@ -248,3 +248,62 @@ def test_a_recycling_replay_needs_recorded_successors():
     replay(SuffixTreeDrafter(), bare)  # without recycling nothing is needed
     with pytest.raises(KnnSsdError, match="recorded successors"):
         replay(SuffixTreeDrafter(SuffixTreeConfig(recycled_nodes=4)), bare)
+
+
+RECYCLING_POLICY = {"kind": "suffix_tree", "max_ngram": 2, "max_tree_nodes": 4, "max_depth": 6, "recycled_nodes": 8,
+                    "recycled_k": 4}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_recycling_replay_on_a_wall_clock_measurements_trace_equals_the_real_loop(family):
+    """The traces a confirmation replays on (`measure_policies`'s timed plain runs) carry successors recorded after
+    the timing, and a recycling suffix tree replayed on them gives the real loop's drafted and accepted tokens,
+    verify widths and draft forwards; its score equals the score on `trace_prompt`'s traces."""
+    from knnssd.engine.policy import drafter_from_policy
+    from pipeline.measure import measure_policies
+    from pipeline.scoring import workload_of
+
+    model = tiny_model(family)
+    prompts = [branching_prompt(1), torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))]
+    measured = measure_policies(model, {"recycled": RECYCLING_POLICY}, prompts, 32, 4)
+    drafter = drafter_from_policy(RECYCLING_POLICY, num_layers=4)
+    recycled = 0
+    for ids, trace in zip(prompts, measured.traces):
+        assert trace.successors is not None and len(trace.successors) == len(trace.tokens) - 1
+        real = generate(model, ids, GenerationConfig(max_new_tokens=32), drafter)
+        assert real.token_ids == trace.tokens
+        replayed = replay(drafter, trace)
+        assert counted(replayed.recorded().finish(0, 0.0)) == counted(real.stats)
+        alone = replay(drafter_from_policy({**RECYCLING_POLICY, "recycled_nodes": 0}, num_layers=4), trace)
+        recycled += replayed.tally.drafted - alone.tally.drafted
+    assert recycled > 0  # the recycled source drafted in these runs
+    table = costs()
+    searched = build_workload(model, prompts, 32)
+    assert [t.successors for t in searched.traces] == [t.successors for t in measured.traces]
+    assert (score_policy(model, RECYCLING_POLICY, 4, workload_of(model, measured.traces), table)
+            == score_policy(model, RECYCLING_POLICY, 4, searched, table))
+
+
+def test_measured_traces_carry_successors_only_where_asked_or_a_policy_recycles():
+    from pipeline.measure import measure_policies
+
+    model = tiny_model("llama")
+    prompts = [repetitive_prompt(0)]
+    lookup = {"lookup": {"kind": "prompt_lookup"}}
+    assert measure_policies(model, lookup, prompts, 12, 4).traces[0].successors is None
+    forced = measure_policies(model, lookup, prompts, 12, 4, successors=True).traces[0]
+    assert forced.successors == trace_prompt(model, prompts[0], 12).successors
+    assert forced.successors is not None
+
+
+def test_successors_of_another_text_are_refused():
+    """with_successors re-decodes the trace's prompt: a trace whose tokens the model does not produce (what
+    non-deterministic kernels would give) is refused rather than paired with another text's successors."""
+    from pipeline.traces import with_successors
+
+    model = tiny_model("llama")
+    trace = trace_prompt(model, repetitive_prompt(1), 12)
+    assert with_successors(model, replace(trace, successors=None)) == trace
+    other = replace(trace, tokens=trace.tokens[:3] + tuple((t + 1) % 128 for t in trace.tokens[3:]), successors=None)
+    with pytest.raises(KnnSsdError, match="differ at new token 3"):
+        with_successors(model, other)
