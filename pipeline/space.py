@@ -30,9 +30,10 @@ from knnssd.engine.skipset import SkipSet
 
 # Bumped whenever the objective's measurement or search space changes, so a resumed study never mixes
 # incomparable trials.
-# 9: suffix trees search recycled successors and the adaptive depth; 8: the plain step priced as timed, not pooled with wider passes; 7: suffix-tree policies and stores;
-# 6: prefill priced from the table, draft forwards at their context
-MEASUREMENT_VERSION = 9
+# 10: suffix trees search recycled_nodes over (0, 4, 8, 12, 16) (9 held it at 0); 9: suffix trees search
+# recycled successors and the adaptive depth; 8: the plain step priced as timed, not pooled with wider passes;
+# 7: suffix-tree policies and stores; 6: prefill priced from the table, draft forwards at their context
+MEASUREMENT_VERSION = 10
 SEARCHABLE_KINDS = ("layer_skip", "prompt_lookup", "hybrid", "suffix_tree")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 LAYER_SKIP_DRAFT_RANGE = (2, 12)  # max_draft_tokens searched for layer skipping
@@ -45,10 +46,10 @@ PATH_PROBS = (0.02, 0.05, 0.1, 0.2, 0.3)  # suffix_tree min_path_prob
 OCCURRENCES = (4, 8, 16, 32)  # suffix_tree max_occurrences
 SPEC_FACTORS = (0.0, 1.0, 2.0, 4.0)  # suffix_tree spec_factor (0: no adaptive depth)
 SPEC_OFFSETS = (-1, 0, 1, 2)  # suffix_tree spec_offset (read only where spec_factor > 0)
-# suffix_tree recycled_nodes (0: off). Searched as (0, 4, 8, 12, 16) once pipeline/measure.py records the
-# successors of its traces (SuccessorRecorder, as pipeline.traces.trace_prompt does): the confirmation replays
-# them, and a recycling policy cannot be replayed on a trace without them.
-RECYCLED_NODES = (0,)
+# suffix_tree recycled_nodes (0: off), added to max_tree_nodes: a tree of 15 + 16 nodes is a verify pass of width
+# 32, priced past the step-cost table's widest timed pass by its last segment's slope (pipeline.costs). Every
+# trace a trial or a confirmation replays on carries the successors (pipeline.traces.with_successors).
+RECYCLED_NODES = (0, 4, 8, 12, 16)
 RECYCLED_K = (2, 4, 8)  # suffix_tree recycled_k
 
 
