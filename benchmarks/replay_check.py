@@ -2,12 +2,18 @@
 vs wall clock, on Spec-Bench prompts.
 
     python benchmarks/replay_check.py [--per-category 1] [--store-per-category 3] [--max-new-tokens 32]
-                                      [--repeats 9] [--out FILE.json]
+                                      [--repeats 9] [--policies NAME,...] [--out FILE.json]
+
+A smoke run (one prompt, a coarse table, the recycling tree only):
+
+    python benchmarks/replay_check.py --categories translation --store-per-category 0 --max-new-tokens 16 \
+        --repeats 1 --policies tree+recycled
 
 For every prompt: plain decoding (traced), then each policy through the real decoding loop, timed between two
 plain runs, and the same policy replayed (`pipeline.replay`) and priced with a step-cost table timed here first
 (`pipeline.costs`). The policies: layer skipping, prompt lookup, a hybrid, and suffix trees without and with a
-store ("tree", "tree+store"); a category's store is the model's greedy outputs of `--store-per-category` other
+store ("tree", "tree+store") and with recycled successors ("tree+recycled": replayed from the successors the
+trace records on an untimed plain run, `pipeline.traces.with_successors`); a category's store is the model's greedy outputs of `--store-per-category` other
 prompts of that category (never a measured one, as calibration leaves a prompt's own output out). Reported per
 policy, pooled over prompts:
 
@@ -64,12 +70,20 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=9,
                         help="timings per entry of the step-cost table (the event counts do not depend on it).")
+    parser.add_argument("--policies", default=None,
+                        help="comma-separated names of the policies to check (default: all of them).")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     loaded = load_model(args.model)
     model, layers = loaded.model, loaded.num_layers
-    policies = {**DEFAULT_POLICIES, "tree": {"kind": "suffix_tree"}, "tree+store": {"kind": "suffix_tree",
-                                                                                     "use_store": True}}
+    policies = {**DEFAULT_POLICIES, "tree": {"kind": "suffix_tree"},
+                "tree+store": {"kind": "suffix_tree", "use_store": True},
+                "tree+recycled": {"kind": "suffix_tree", "recycled_nodes": 8, "recycled_k": 4}}
+    if args.policies:
+        unknown = [name for name in args.policies.split(",") if name not in policies]
+        if unknown:
+            parser.error(f"unknown policies {', '.join(unknown)}; choose from {', '.join(policies)}")
+        policies = {name: policies[name] for name in args.policies.split(",")}
     categories = args.categories.split(",")
     picked = pick_prompts(load_spec_bench(args.data), categories,
                           args.per_category + args.store_per_category)
