@@ -9,12 +9,12 @@ import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from knnssd.engine.attention import IMPLEMENTATION, set_implementation
-from knnssd.engine.decoding import GenerationConfig, generate, prefill
+from knnssd.engine.decoding import GenerationConfig, generate, prefill, verify
 from knnssd.engine.drafters import Draft
 from knnssd.errors import KnnSsdError
 from knnssd.engine.sampling import SamplingConfig
 from knnssd.engine.stats import StatsRecorder
-from knnssd.engine.tree import (accept_greedy, ancestors, depths, first_path, nodes_per_depth, tree_mask, verify_tree,
+from knnssd.engine.tree import (accept_greedy, ancestors, depths, first_path, nodes_per_depth, tree_mask,
                          within_depth)
 from tests.conftest import FAMILIES, tiny_model
 
@@ -120,13 +120,13 @@ def true_path_tree(truth, vocab):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("prompt_length", [6, 30])
-def test_verify_tree_accepts_the_true_branch_and_compacts_the_cache(family, prompt_length):
+def test_a_tree_pass_accepts_the_true_branch_and_compacts_the_cache(family, prompt_length):
     """After one tree pass, the cache equals a prefill over the prompt and the committed tokens."""
     model = tiny_model(family, seed=2)
     prompt, state = prefilled(model, prompt_length, seed=3)
     truth = greedy_continuation(model, prompt, 6)  # truth[0] is the prefill's token
     tokens, parents = true_path_tree(truth[1:], model.config.vocab_size)
-    accepted, bonus = verify_tree(model, state.cache, truth[0], tree(tokens, parents), prompt_length)
+    accepted, bonus = verify(model, state.cache, truth[0], tree(tokens, parents), prompt_length, GREEDY, None)
     assert accepted == truth[1:4] and bonus == truth[4]
     committed = prompt_length + 1 + len(accepted)
     assert all(layer.get_seq_length() == committed for layer in state.cache.layers)

@@ -33,6 +33,7 @@ BASE_IMPLEMENTATION = "sdpa"
 MAX_GROUPED_QUERIES = 16  # the library path's verify passes; longer inputs keep transformers' path
 MAX_KERNEL_QUERIES = 32  # the kernel's widest step (`knnssd.engine.kernels.MAX_FAST_ROWS`)
 KERNEL_ATTRIBUTE = "_knnssd_rows_attention"  # set on each attention module that uses the kernel
+BATCH_KEYWORD = "knnssd_batch"  # the forward keyword carrying a batched pass's plan (`knnssd.engine.batch`)
 _PASSED_THROUGH = ("softcap", "s_aux", "position_bias")  # features only transformers' path implements
 
 
@@ -40,7 +41,12 @@ def step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                    is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention output (batch, q, heads, dim) for query (batch, heads, q, dim) and key/value
-    (batch, kv_heads, kv, dim), as transformers' `sdpa_attention_forward` returns it."""
+    (batch, kv_heads, kv, dim), as transformers' `sdpa_attention_forward` returns it. In a batched pass (the
+    forward carries a `knnssd.engine.batch.BatchPlan` as BATCH_KEYWORD) each request's rows attend to their own
+    cache by this function, one request at a time."""
+    plan = kwargs.pop(BATCH_KEYWORD, None)
+    if plan is not None:
+        return plan.attend(module, query, dropout, scaling, is_causal, kwargs)
     kernel = getattr(module, KERNEL_ATTRIBUTE, None)
     batch, heads, queries, dim = query.shape
     if (kernel is not None and batch == 1 and 1 <= queries <= min(MAX_KERNEL_QUERIES, key.shape[2])

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from knnssd.engine.batch import can_batch, packed_hidden, request_mask
 from knnssd.engine.drafters import Draft, DraftRequest, Drafter
 from knnssd.errors import KnnSsdError
 from knnssd.engine.kernels import transformers_kernels
@@ -29,7 +30,8 @@ from knnssd.engine.kvcache import new_cache, request_reach, rollback
 from knnssd.engine.sampling import SamplingConfig, sample, verify_greedy, verify_sampling, warp_probs
 from knnssd.engine.stats import GenerationStats, StatsRecorder
 from knnssd.engine.sublayers import model_lock
-from knnssd.engine.tree import check_tree, first_path, nodes_per_depth, verify_tree, within_depth
+from knnssd.engine.tree import (check_tree, conclude_tree, depths, first_nodes, first_path, nodes_per_depth,
+                                tree_mask, within_depth)
 
 Clock = Callable[[], float]
 # Called with the tokens each step commits (the prefill's first token alone, then each verify step's accepted
@@ -172,6 +174,60 @@ def project_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor
     return model.get_output_embeddings()(hidden)
 
 
+OnLogits = Callable[[torch.Tensor, torch.Tensor], None]  # (tokens (n,), logits (n, vocab)) of committed rows
+
+
+@dataclass(frozen=True)
+class PassRows:
+    """One request's rows in a verify pass.
+
+    draft: what is verified: a path, or (greedy only) a token tree.
+    input_ids: (n,) [last committed token, drafts or tree nodes]; positions: (n,) each row's position.
+    position: the last committed token's position; the cache holds exactly `position` tokens before the pass.
+    """
+
+    draft: Draft
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    position: int
+
+    @property
+    def parents(self) -> list[int] | None:
+        return self.draft.parents.tolist() if self.draft.parents is not None else None
+
+
+def pass_rows(last_token: int, draft: Draft, position: int, greedy: bool) -> PassRows:
+    """The rows verifying `draft` after `last_token` at `position`: a tree keeps its nodes under greedy decoding
+    (each at the position of its depth) and is reduced to its first path under sampling."""
+    if draft.parents is not None and not greedy:
+        draft = first_path(draft)
+    device = draft.tokens.device
+    input_ids = torch.cat([torch.tensor([last_token], device=device), draft.tokens])  # (n,)
+    if draft.parents is None:
+        positions = torch.arange(position, position + input_ids.shape[0], device=device)
+    else:
+        positions = position + torch.tensor([0] + depths(draft.parents.tolist()), device=device)
+    return PassRows(draft=draft, input_ids=input_ids, positions=positions, position=position)
+
+
+def conclude(cache: DynamicCache, rows: PassRows, logits: torch.Tensor, sampling: SamplingConfig,
+             generator: torch.Generator | None, on_logits: OnLogits | None = None) -> tuple[list[int], int]:
+    """Steps 4-5 after the pass over `rows` gave logits (n, vocab): (accepted draft tokens, next token), the cache
+    cropped to the committed tokens. `on_logits`, when given, gets the committed rows (the last token's and the
+    accepted drafts'): a session's `observe_logits`."""
+    draft = rows.draft
+    if draft.parents is not None:
+        return conclude_tree(cache, rows.input_ids, draft, logits, rows.position, on_logits)
+    if sampling.greedy:
+        n_accepted, next_token = verify_greedy(draft.tokens, logits)
+    else:
+        n_accepted, next_token = verify_sampling(draft.tokens, draft.probs, warp_probs(logits, sampling), generator)
+    if on_logits is not None:
+        on_logits(rows.input_ids[:n_accepted + 1], logits[:n_accepted + 1])
+    rollback(cache, rows.position + 1 + n_accepted)
+    return draft.tokens[:n_accepted].tolist(), next_token
+
+
 def verify(
     model: PreTrainedModel,
     cache: DynamicCache,
@@ -180,32 +236,18 @@ def verify(
     position: int,
     sampling: SamplingConfig,
     generator: torch.Generator | None,
-    on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    on_logits: OnLogits | None = None,
 ) -> tuple[list[int], int]:
-    """Steps 3-5 for one draft of k tokens after `last_token` (at `position`; the cache holds exactly the
+    """Steps 3-5 for one request's draft of k tokens after `last_token` (at `position`; the cache holds exactly the
     `position` committed tokens): returns (accepted draft tokens, next_token), the cache cropped to the committed
-    tokens. A token tree (draft.parents set) goes to `knnssd.engine.tree.verify_tree` under greedy decoding; under
-    sampling only its first path is verified. `on_logits(tokens (n,), logits (n, vocab))`, when given, gets the
-    pass's committed rows (`last_token` and the accepted drafts): a session's `observe_logits`."""
-    if draft.parents is not None:
-        if sampling.greedy:
-            return verify_tree(model, cache, last_token, draft, position, on_logits)
-        draft = first_path(draft)
-    device = draft.tokens.device
-    k = draft.tokens.shape[0]
-    input_ids = torch.cat([torch.tensor([last_token], device=device), draft.tokens]).unsqueeze(0)  # (1, k + 1)
-    position_ids = torch.arange(position, position + k + 1, device=device).unsqueeze(0)
-    hidden = model.model(input_ids=input_ids, position_ids=position_ids, cache=cache,
-                         use_cache=True).last_hidden_state[0]  # (k + 1, hidden)
-    logits = project_logits(model, hidden)  # (k + 1, vocab)
-    if sampling.greedy:
-        n_accepted, next_token = verify_greedy(draft.tokens, logits)
-    else:
-        n_accepted, next_token = verify_sampling(draft.tokens, draft.probs, warp_probs(logits, sampling), generator)
-    if on_logits is not None:
-        on_logits(input_ids[0, :n_accepted + 1], logits[:n_accepted + 1])
-    rollback(cache, position + 1 + n_accepted)
-    return draft.tokens[:n_accepted].tolist(), next_token
+    tokens. A token tree (draft.parents set) is verified in one pass with its tree mask
+    (`knnssd.engine.tree.tree_mask`) under greedy decoding; under sampling only its first path is verified."""
+    rows = pass_rows(last_token, draft, position, sampling.greedy)
+    parents = rows.parents
+    mask = {"attention_mask": tree_mask(model, cache, parents, position)} if parents is not None else {}
+    hidden = model.model(input_ids=rows.input_ids[None], position_ids=rows.positions[None], cache=cache,
+                         use_cache=True, **mask).last_hidden_state[0]  # (n, hidden)
+    return conclude(cache, rows, project_logits(model, hidden), sampling, generator, on_logits)
 
 
 def within_contract(draft: Draft, max_tokens: int, cache: DynamicCache, position: int, drafter: Drafter,
@@ -231,6 +273,131 @@ def within_contract(draft: Draft, max_tokens: int, cache: DynamicCache, position
     return Draft(tokens=draft.tokens[:max_tokens], probs=probs, forwards=draft.forwards)
 
 
+class Generation:
+    """One request between steps: what the loop keeps (every committed token, the cache's position, the stats, the
+    drafter's session) and the hook that sees each step's tokens. `step` advances a list of them by one
+    draft-and-verify step, verifying all of them in one pass where it can; `decode` runs one to its end."""
+
+    def __init__(self, model: PreTrainedModel, state: Prefilled, config: GenerationConfig,
+                 drafter: Drafter | None = None, generator: torch.Generator | None = None,
+                 clock: Clock | None = None, on_tokens: TokenHook | None = None) -> None:
+        self.state, self.config, self.drafter, self.generator = state, config, drafter, generator
+        self.device = next(model.parameters()).device
+        self.clock = clock or device_clock(self.device)
+        self.started = self.clock()
+        self.eos = set(model_eos_ids(model) if config.eos_token_ids is None else config.eos_token_ids)
+        self.recorder = StatsRecorder(prefill_seconds=state.seconds)
+        self.session = drafter.start() if drafter is not None else None
+        self.observe_logits: OnLogits | None = getattr(self.session, "observe_logits", None)  # optional
+        self.history = list(state.prompt_tokens) + [state.first_token]  # every committed token, prompt first
+        self.end = state.prompt_length + config.max_new_tokens  # history length at max_new_tokens
+        self.position = state.prompt_length  # tokens in the cache; history[-1] sits at this position
+        self.on_tokens = on_tokens
+        self.going = on_tokens is None or on_tokens((state.first_token,)) is not False
+
+    @property
+    def done(self) -> bool:
+        return not self.going or len(self.history) >= self.end or self.history[-1] in self.eos
+
+    @property
+    def cache(self) -> DynamicCache:
+        return self.state.cache
+
+    def tally(self) -> tuple[int, int]:
+        """(drafted, accepted) tokens so far."""
+        return sum(self.recorder.drafted_by_position), sum(self.recorder.accepted_by_position)
+
+    def acceptance(self) -> float:
+        """The chance that a drafted token is accepted, from this generation's steps so far, with one accepted and
+        one rejected token as a prior (1/2 before any draft): what a batch's token budget ranks requests by."""
+        drafted, accepted = self.tally()
+        return (accepted + 1) / (drafted + 2)
+
+    def propose(self, model: PreTrainedModel, cap: int | None = None) -> Draft:
+        """Step 2: the drafter's draft after the last committed token (empty for plain decoding), held to the
+        loop's contract and to at most `cap` tokens (a batch's budget; None: the policy's own length)."""
+        room = self.end - len(self.history) - 1  # drafts plus the bonus token stay within max_new_tokens
+        limit = room if cap is None else min(room, cap)
+        if self.session is None or limit < 1:
+            return Draft(tokens=torch.empty(0, dtype=torch.long, device=self.device), probs=None)
+        t0 = self.clock()
+        last = torch.tensor([[self.history[-1]]], device=self.device)
+        draft = self.session.propose(DraftRequest(
+            model=model, cache=self.cache, last_token=last, position=self.position, max_tokens=limit,
+            sampling=self.config.sampling, generator=self.generator, history=self.history))
+        draft = within_contract(draft, limit, self.cache, self.position, self.drafter, self.config.sampling.greedy)
+        if cap is not None and draft.parents is not None:
+            draft = first_nodes(draft, cap)
+        self.recorder.draft_seconds += self.clock() - t0
+        return draft
+
+    def rows(self, draft: Draft) -> PassRows:
+        return pass_rows(self.history[-1], draft, self.position, self.config.sampling.greedy)
+
+    def conclude(self, rows: PassRows, logits: torch.Tensor) -> tuple[list[int], int]:
+        return conclude(self.cache, rows, logits, self.config.sampling, self.generator, self.observe_logits)
+
+    def commit(self, draft: Draft, accepted: list[int], next_token: int, seconds: float) -> None:
+        """Step 6's bookkeeping after a verify pass of `seconds` (a batched pass's whole time: each request
+        waited for all of it): stats, the committed tokens (cut after an EOS), the hook."""
+        self.recorder.verify_seconds += seconds
+        drafted = draft.tokens.shape[0]
+        if self.session is not None:
+            self.session.observe(drafted, len(accepted))
+        self.recorder.record_step(drafted, len(accepted), draft.forwards, nodes_per_depth(draft))
+        committed = len(self.history)
+        for token in accepted + [next_token]:
+            self.history.append(token)
+            if token in self.eos:
+                break
+        self.position += 1 + len(accepted)
+        self.going = self.on_tokens is None or self.on_tokens(tuple(self.history[committed:])) is not False
+
+    def result(self) -> GenerationResult:
+        tokens = tuple(self.history[self.state.prompt_length:])
+        finish = ("eos" if tokens[-1] in self.eos else "stopped" if not self.going and len(self.history) < self.end
+                  else "length")
+        stats = self.recorder.finish(new_tokens=len(tokens),
+                                     total_seconds=self.state.seconds + self.clock() - self.started)
+        return GenerationResult(token_ids=tokens, stats=stats, finish_reason=finish, embedding=self.state.embedding)
+
+
+@torch.inference_mode()
+def step(model: PreTrainedModel, generations: list[Generation], caps: list[int | None] | None = None) -> None:
+    """One loop step for every generation that is not done: each drafts (at most caps[i] tokens where given),
+    then one verify pass over every request's rows (`knnssd.engine.batch`), or one pass per request where the
+    model or a cache cannot be batched (`can_batch`). A request's greedy output does not depend on what it is
+    batched with: with the batch-invariant kernels (`knnssd.engine.kernels`) its rows compute the bits they
+    compute alone; with library products, up to near-ties."""
+    live = [(g, cap) for g, cap in zip(generations, caps or [None] * len(generations)) if not g.done]
+    if not live:
+        return
+    with model_lock(model):
+        drafts = [g.propose(model, cap) for g, cap in live]
+        rows = [g.rows(draft) for (g, _), draft in zip(live, drafts)]
+        if len(live) > 1 and can_batch(model, [g.cache for g, _ in live], sum(r.input_ids.shape[0] for r in rows)):
+            clock = live[0][0].clock
+            t0 = clock()
+            masks = [request_mask(r.position, r.input_ids.shape[0], r.parents, r.input_ids.device) for r in rows]
+            hidden = packed_hidden(model, [g.cache for g, _ in live], [r.input_ids for r in rows],
+                                   [r.positions for r in rows], masks)  # (N, hidden)
+            logits = project_logits(model, hidden)  # (N, vocab)
+            outcomes, start = [], 0
+            for (g, _), r in zip(live, rows):
+                stop = start + r.input_ids.shape[0]
+                outcomes.append(g.conclude(r, logits[start:stop]))
+                start = stop
+            seconds = clock() - t0
+            for (g, _), draft, (accepted, next_token) in zip(live, drafts, outcomes):
+                g.commit(draft, accepted, next_token, seconds)
+            return
+        for (g, _), draft in zip(live, drafts):
+            t0 = g.clock()
+            accepted, next_token = verify(model, g.cache, g.history[-1], draft, g.position, g.config.sampling,
+                                          g.generator, g.observe_logits)
+            g.commit(draft, accepted, next_token, g.clock() - t0)
+
+
 @torch.inference_mode()
 def decode(
     model: PreTrainedModel,
@@ -243,57 +410,19 @@ def decode(
 ) -> GenerationResult:
     """Steps 2-6 after `prefill`: generate until EOS, `config.max_new_tokens`, or `on_tokens` returns False.
 
-    Holds `model_lock(model)` throughout: one model serves one generation at a time."""
+    Holds `model_lock(model)` throughout: one model serves one generation at a time (a server batches
+    generations with `step` instead)."""
     with model_lock(model):
-        return _decode(model, state, config, drafter, generator, clock, on_tokens)
+        generation = Generation(model, state, config, drafter, generator, clock, on_tokens)
+        run_to_end(model, generation)
+        return generation.result()
 
 
-def _decode(model: PreTrainedModel, state: Prefilled, config: GenerationConfig, drafter: Drafter | None,
-            generator: torch.Generator | None, clock: Clock | None,
-            on_tokens: TokenHook | None = None) -> GenerationResult:
-    device = next(model.parameters()).device
-    clock = clock or device_clock(device)
-    start = clock()
-    eos = set(model_eos_ids(model) if config.eos_token_ids is None else config.eos_token_ids)
-    recorder = StatsRecorder(prefill_seconds=state.seconds)
-    session = drafter.start() if drafter is not None else None
-    observe_logits = getattr(session, "observe_logits", None)  # optional (`DraftSession`)
-    empty = Draft(tokens=torch.empty(0, dtype=torch.long, device=device), probs=None)
-    history = list(state.prompt_tokens) + [state.first_token]  # every committed token, prompt first
-    end = state.prompt_length + config.max_new_tokens  # history length at max_new_tokens
-    position = state.prompt_length  # tokens in the cache; history[-1] sits at this position
-    going = on_tokens is None or on_tokens((state.first_token,)) is not False
-    while going and len(history) < end and history[-1] not in eos:
-        budget = end - len(history)  # room for drafts plus the bonus token
-        draft = empty
-        if session is not None and budget > 1:
-            t0 = clock()
-            last = torch.tensor([[history[-1]]], device=device)
-            draft = session.propose(DraftRequest(model=model, cache=state.cache, last_token=last, position=position,
-                                                 max_tokens=budget - 1, sampling=config.sampling, generator=generator,
-                                                 history=history))
-            draft = within_contract(draft, budget - 1, state.cache, position, drafter, config.sampling.greedy)
-            recorder.draft_seconds += clock() - t0
-        t0 = clock()
-        accepted, next_token = verify(model, state.cache, history[-1], draft, position, config.sampling, generator,
-                                      observe_logits)
-        n_accepted = len(accepted)
-        recorder.verify_seconds += clock() - t0
-        drafted = draft.tokens.shape[0]
-        if session is not None:
-            session.observe(drafted, n_accepted)
-        recorder.record_step(drafted, n_accepted, draft.forwards, nodes_per_depth(draft))
-        committed = len(history)
-        for token in accepted + [next_token]:
-            history.append(token)
-            if token in eos:
-                break
-        position += 1 + n_accepted
-        going = on_tokens is None or on_tokens(tuple(history[committed:])) is not False
-    tokens = tuple(history[state.prompt_length:])
-    finish = "eos" if tokens[-1] in eos else "stopped" if not going and len(history) < end else "length"
-    stats = recorder.finish(new_tokens=len(tokens), total_seconds=state.seconds + clock() - start)
-    return GenerationResult(token_ids=tokens, stats=stats, finish_reason=finish, embedding=state.embedding)
+def run_to_end(model: PreTrainedModel, generation: Generation) -> None:
+    """Step one generation alone until it is done (the loop `decode` and a runtime's `generate` run)."""
+    with model_lock(model):
+        while not generation.done:
+            step(model, [generation])
 
 
 def make_generator(device: torch.device, sampling: SamplingConfig) -> torch.Generator | None:

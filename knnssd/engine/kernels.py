@@ -42,7 +42,8 @@ from knnssd.engine import attention
 from knnssd.engine.kernel_build import compile_error, compiled_kernel, vector_isa
 
 LOG = logging.getLogger("knnssd")
-MAX_FAST_ROWS = 32  # the widest decoding step the kernels serve; longer inputs are prefills
+MAX_FAST_ROWS = 32  # the widest pass of one request the kernels serve; longer inputs are prefills
+MAX_BATCH_ROWS = 256  # the most rows of a batched pass (`knnssd.engine.batch`) one `rows_gemm` call multiplies
 PACK_ROWS = 8  # the row count MKL packs for, and that packed8 pads its input to
 LIBRARY_MAX_ROWS = 16  # the library plan's small-batch methods stop here (F.linear past it)
 COMPILED_ROWS = {rows: "rows" for rows in range(1, MAX_FAST_ROWS + 1)}
@@ -158,10 +159,19 @@ def runner(method: str, weight: torch.Tensor, packed: torch.Tensor | None) -> Ca
 
 
 def _fast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) -> (..., out). 1-MAX_FAST_ROWS rows by the plan's method for that row count; a batched pass's
+    MAX_FAST_ROWS + 1 to MAX_BATCH_ROWS rows by the compiled kernel (the same per-row arithmetic, so each request's
+    rows keep their bits), or F.linear under the library plan; anything else (a prefill) F.linear."""
     rows, weight = x.numel() // x.shape[-1], self.weight
-    if rows < 1 or rows > MAX_FAST_ROWS or x.dtype != weight.dtype or not weight.is_contiguous():
+    if x.dtype != weight.dtype or not weight.is_contiguous():
         return F.linear(x, weight, self.bias)
-    out = self._knnssd_run[rows - 1](x.reshape(rows, x.shape[-1]), weight)
+    if 1 <= rows <= MAX_FAST_ROWS:
+        run = self._knnssd_run[rows - 1]
+    elif MAX_FAST_ROWS < rows <= MAX_BATCH_ROWS and self._knnssd_wide:
+        run = self._knnssd_run[-1]
+    else:
+        return F.linear(x, weight, self.bias)
+    out = run(x.reshape(rows, x.shape[-1]), weight)
     if self.bias is not None:  # an exact elementwise add after the product: the same bits for every row count
         out = out + self.bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -189,6 +199,7 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
         methods = tuple(COMPILED_ROWS[rows] for rows in range(1, MAX_FAST_ROWS + 1))
         for linear in every:
             linear._knnssd_run = tuple(product(method) for method in methods)
+            linear._knnssd_wide = True  # rows_gemm takes a batched pass's rows too (up to MAX_BATCH_ROWS)
             linear.forward = types.MethodType(_fast_forward, linear)
         rows_attention = attention.use_rows_kernel(model, kernel.rows_attention)
         return KernelPlan(enabled=True, device=device, threads=threads, rows=methods,
@@ -206,6 +217,7 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
     for linear in linears:
         packed = PackedWeight(linear.weight, packs[id(linear.weight)]) if packs else None
         linear._knnssd_run = tuple(product(method, packed) for method in methods)
+        linear._knnssd_wide = False  # past MAX_FAST_ROWS: F.linear
         linear.forward = types.MethodType(_fast_forward, linear)
     grouped = attention.uses(model, attention.BASE_IMPLEMENTATION) and any(
         getattr(m, "num_key_value_groups", 1) > 1 for m in model.modules())
@@ -224,6 +236,7 @@ def restore(model: nn.Module) -> None:
         if isinstance(module, nn.Linear) and "forward" in vars(module):
             del module.forward
             del module._knnssd_run
+            vars(module).pop("_knnssd_wide", None)
     attention.set_implementation(model, attention.BASE_IMPLEMENTATION)
     attention.use_rows_kernel(model, None)
 
@@ -232,7 +245,7 @@ def restore(model: nn.Module) -> None:
 def transformers_kernels(model: nn.Module) -> Iterator[None]:
     """Within the block, every linear layer runs transformers' own F.linear and attention transformers' own SDPA
     (for timing transformers' `generate` as it is); the chosen methods come back in a ``finally``."""
-    saved = {m: (vars(m)["forward"], m._knnssd_run) for m in model.modules()
+    saved = {m: (vars(m)["forward"], m._knnssd_run, m._knnssd_wide) for m in model.modules()
              if isinstance(m, nn.Linear) and "forward" in vars(m)}
     grouped = attention.uses(model, attention.IMPLEMENTATION)
     rows_kernel = attention.rows_kernel_of(model)
@@ -240,8 +253,8 @@ def transformers_kernels(model: nn.Module) -> Iterator[None]:
         restore(model)
         yield
     finally:
-        for module, (forward, run) in saved.items():
-            module.forward, module._knnssd_run = forward, run
+        for module, (forward, run, wide) in saved.items():
+            module.forward, module._knnssd_run, module._knnssd_wide = forward, run, wide
         if grouped:
             attention.set_implementation(model, attention.IMPLEMENTATION)
         attention.use_rows_kernel(model, rows_kernel)

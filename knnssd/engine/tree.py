@@ -4,7 +4,7 @@ A tree draft is `Draft(tokens, probs=None, parents=...)` (see `knnssd.engine.dra
 tokens[i] and following node parents[i] (-1: the last committed token, the root). Nodes are in topological order
 (parents[i] < i), so a node's depth (1 for a child of the root) is one more than its parent's.
 
-One verify pass (`verify_tree`) runs the full model over [last token, node 0, ..., node k-1] (width k + 1):
+One verify pass (`knnssd.engine.decoding.verify`) runs the full model over [last token, node 0, ..., node k-1] (width k + 1):
 - positions: the root sits at `position`, node i at position + depth(i), so each node is computed at the position
   it would have on its own path;
 - attention: `tree_mask` lets row 0 (the root) and row 1 + i (node i) see the committed cache and their own
@@ -193,27 +193,26 @@ def accept_targets(tokens: list[int], parents: list[int], targets: list) -> tupl
     return path[::-1], targets[best + 1]
 
 
-def verify_tree(model: PreTrainedModel, cache: DynamicCache, last_token: int, draft: Draft,
-                position: int, on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-                ) -> tuple[list[int], int]:
-    """One greedy verify pass over a tree after `last_token` (at `position`; the cache holds exactly the
-    `position` committed tokens). Returns (accepted tokens, next token); the cache then holds the committed
-    tokens (position + 1 + accepted). `on_logits(tokens (n,), logits (n, vocab))`, when given, gets the
-    committed rows: the root's and the accepted path's (a session's `observe_logits`)."""
-    device = draft.tokens.device
+def first_nodes(draft: Draft, count: int) -> Draft:
+    """The tree's first `count` nodes (node order is topological, so they are closed under ancestors); a path when
+    what is left is one. A batch's token budget (`knnssd.engine.budget`) cuts trees this way."""
+    return draft if draft.tokens.shape[0] <= count else select(draft, list(range(count)))
+
+
+def conclude_tree(cache: DynamicCache, input_ids: torch.Tensor, draft: Draft, logits: torch.Tensor, position: int,
+                  on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> tuple[list[int], int]:
+    """After a tree's verify pass over input_ids (width,) = [last token, node 0, ..., node k-1] (at `position`; the
+    cache then holds position + width entries) with logits (width, vocab): greedy acceptance, and the cache left
+    holding the committed tokens (position + 1 + accepted). Returns (accepted tokens, next token).
+    `on_logits(tokens (n,), logits (n, vocab))`, when given, gets the committed rows: the root's and the accepted
+    path's (a session's `observe_logits`)."""
     parents = draft.parents.tolist()
     tokens = draft.tokens.tolist()
     width = len(tokens) + 1
-    mask = tree_mask(model, cache, parents, position)
-    input_ids = torch.tensor([[last_token] + tokens], device=device)  # (1, width)
-    position_ids = (position + torch.tensor([0] + depths(parents), device=device)).unsqueeze(0)  # (1, width)
-    hidden = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=cache,
-                         use_cache=True).last_hidden_state[0]  # (width, hidden)
-    logits = model.get_output_embeddings()(hidden)  # (width, vocab), as knnssd.engine.decoding.project_logits
     path, next_token = accept_greedy(tokens, parents, logits)
     if on_logits is not None:
         rows = torch.tensor([0] + [1 + node for node in path], device=logits.device)
-        on_logits(input_ids[0, rows], logits[rows])
+        on_logits(input_ids[rows], logits[rows])
     keep_tail(cache, width, [0] + [1 + node for node in path])
     rollback(cache, position + 1 + len(path))
     return [tokens[node] for node in path], next_token

@@ -84,7 +84,8 @@ inline float vsum(vec a) {
 #error "knnssd's kernels need AVX-512 or AVX2 with FMA"
 #endif
 
-constexpr int kMaxRows = 32;
+constexpr int kMaxRows = 32;        // query rows of one attention call (one request's verify pass)
+constexpr int kMaxGemmRows = 256;   // input rows of one product (a batch of requests' passes)
 constexpr int kGroup = 6;                        // input rows per register tile, at most
 constexpr int kBlock = LANES == 16 ? 4 : 2;     // weight rows per register tile (kBlock * kGroup accumulators)
 constexpr int64_t kPrefetch = 2048;             // floats ahead of each weight row read (8 KB)
@@ -339,7 +340,7 @@ void attend(const Attention& a, int64_t h, int64_t r0, int64_t r1, std::vector<f
 torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rows_gemm: need x (m, k) and w (n, k)");
   TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "rows_gemm: float32 only");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "rows_gemm: 1 to 32 rows");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxGemmRows, "rows_gemm: 1 to 256 rows");
   TORCH_CHECK(x.is_cpu() && w.is_cpu(), "rows_gemm: CPU tensors only");
   TORCH_CHECK(w.is_contiguous(), "rows_gemm: contiguous weight");
   x = x.contiguous();
@@ -400,7 +401,7 @@ torch::Tensor rows_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rows_gemm", &rows_gemm, "x (m, k) @ w (n, k).T, 1 <= m <= 32");
+  m.def("rows_gemm", &rows_gemm, "x (m, k) @ w (n, k).T, 1 <= m <= 256");
   m.def("rows_attention", &rows_attention, "attention of 1-32 query rows (T, H, D) over k, v (Hkv, L, D)");
   m.attr("lanes") = LANES;
 }
