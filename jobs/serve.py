@@ -9,8 +9,9 @@ replica holding the bundle and its model, behind Ray Serve's HTTP proxy; same AP
 
 Each replica follows the registry alias on its own (`--refresh-seconds`), so a moved alias reaches every
 replica within one refresh. Requests are routed by Ray Serve to the replica with fewer ongoing requests; a
-replica is sent at most `--max-queue` + 1 (its own bound, as Ray Serve's `max_ongoing_requests`), and each
-generates one request at a time: no batching of several requests into one verify pass.
+replica is sent at most `--max-batch` + `--max-queue` (its own bound, as Ray Serve's `max_ongoing_requests`), and
+each replica batches like the standalone server: up to `--max-batch` requests generate together, their drafts
+verified in one forward pass per step.
 
 Load shedding: while every replica is full, Ray Serve's proxy holds at most max(1, `--max-queue`) more requests
 (`max_queued_requests`); past that it answers at once with 429, a `Retry-After: 1` header and a plain-text body
@@ -42,16 +43,17 @@ from knnssd.cli.serve import BUNDLE_HELP, add_serving_flags, settings_from  # no
 from knnssd.serve.settings import ServeSettings  # noqa: E402
 from knnssd.bundle.signing import key_contents, keys_from_contents  # noqa: E402
 
-# Ray Serve scales up when replicas average more ongoing requests than this (one generates, the rest wait).
-TARGET_ONGOING_REQUESTS = 2
+# Ray Serve scales up when replicas average more ongoing requests than this (a batch of a few generates).
+TARGET_ONGOING_REQUESTS = 4
 SHED_RETRY_AFTER_SECONDS = 1  # the Retry-After of the proxy's 429
 PROXY_GRACE_SECONDS = 5.0  # past --request-timeout, the proxy ends a request the replica has not ended
 
 
 def queue_options(settings: ServeSettings) -> dict[str, Any]:
-    """The deployment options that bound the work in flight: per replica, the one generating and `max_queue`
+    """The deployment options that bound the work in flight: per replica, `max_batch` generating and `max_queue`
     waiting; at the proxy, max(1, `max_queue`) more (Ray Serve takes no 0 here); past that, 429 at once."""
-    return {"max_ongoing_requests": settings.max_queue + 1, "max_queued_requests": max(1, settings.max_queue),
+    return {"max_ongoing_requests": settings.max_batch + settings.max_queue,
+            "max_queued_requests": max(1, settings.max_queue),
             "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=SHED_RETRY_AFTER_SECONDS)}
 
 
@@ -103,8 +105,8 @@ def deployment(bundle: str, settings: ServeSettings = ServeSettings(), replicas:
         raise KnnSsdError(f"--replicas must be >= 1, got {replicas}", fix="e.g. --replicas 2")
     if not replica_cpus > 0:
         raise KnnSsdError(f"--replica-cpus must be > 0, got {replica_cpus}", fix="e.g. --replica-cpus 1")
-    fields = {name: getattr(settings, name) for name in ("max_queue", "request_timeout", "refresh_seconds",
-                                                          "admin_token", "max_body_bytes")}
+    fields = {name: getattr(settings, name) for name in ("max_batch", "max_queue", "request_timeout",
+                                                          "refresh_seconds", "admin_token", "max_body_bytes")}
     load_options = dict(load_options or {})  # the trusted keys resolved here, sent by content
     load_options["trusted_key_pems"] = key_contents(load_options.pop("trusted_keys", None))
     return KnnSsdServer.options(**queue_options(settings), ray_actor_options={"num_cpus": replica_cpus},
@@ -114,11 +116,12 @@ def deployment(bundle: str, settings: ServeSettings = ServeSettings(), replicas:
 
 def app(args: dict[str, str]) -> Any:
     """Builder for `serve run jobs.serve:app bundle=REF [replicas=N] [replica_cpus=C] [tracking_uri=URI]
-    [threads=T] [max_queue=Q] [refresh_seconds=S]`."""
+    [threads=T] [max_batch=B] [max_queue=Q] [refresh_seconds=S]`."""
     if "bundle" not in args:
         raise KnnSsdError("serve run jobs.serve:app needs bundle=REF", fix="e.g. serve run jobs.serve:app "
                           "bundle=smollm2-135m@production")
-    settings = ServeSettings(max_queue=int(args.get("max_queue", ServeSettings.max_queue)),
+    settings = ServeSettings(max_batch=int(args.get("max_batch", ServeSettings.max_batch)),
+                             max_queue=int(args.get("max_queue", ServeSettings.max_queue)),
                              refresh_seconds=float(args.get("refresh_seconds", ServeSettings.refresh_seconds)))
     options = {"threads": int(args["threads"])} if "threads" in args else {}
     return deployment(args["bundle"], settings, replicas=int(args.get("replicas", 1)),

@@ -1,5 +1,6 @@
-"""Load on loopback: 48 requests from 8 concurrent clients against a queue of 3. Every request is answered with
-its sequential answer or refused with a clean 429 and Retry-After; none hangs; the gauges return to zero."""
+"""Load on loopback: 48 requests from 8 concurrent clients against a batch of 2 and a queue of 3. Every request is
+answered with its sequential answer (greedy and seeded sampling, streamed or not, batched with whatever ran beside
+it) or refused with a clean 429 and Retry-After; none hangs; the gauges return to zero."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def runtime(bundle_folder, served_model):
 def test_48_requests_from_8_clients(bundle_folder, runtime):
     specs = load_specs(48)
     expected = {spec: sequential_answer(runtime, spec) for spec in specs}
-    settings = ServeSettings(max_queue=3, request_timeout=60)
+    settings = ServeSettings(max_batch=2, max_queue=3, request_timeout=60)
     with LiveServer(Follower(str(bundle_folder), device="cpu", threads=1), settings) as server:
         start = time.monotonic()
         outcomes = run_load(server, NAME, specs, clients=8, seconds=120)
@@ -46,7 +47,7 @@ def test_48_requests_from_8_clients(bundle_folder, runtime):
                    and dict(labels)["status"] == status and dict(labels)["endpoint"] != "/v1/models")
     assert (total("200"), total("429")) == (len(answered), len(refused))
     assert metrics[("knnssd_queue_depth", ())] == 0 and metrics[("knnssd_requests_running", ())] == 0
-    print(f"\n48 requests, 8 clients, queue 3: {len(answered)} answered, {len(refused)} refused with 429, "
+    print(f"\n48 requests, 8 clients, batch 2, queue 3: {len(answered)} answered, {len(refused)} refused with 429, "
           f"{elapsed:.1f} s")
 
 

@@ -27,7 +27,7 @@ def wait_for(condition, seconds: float, what: str) -> None:
 
 
 def test_a_waiting_client_that_leaves_frees_its_slot_at_once(bundle_folder):
-    settings = ServeSettings(max_queue=1, request_timeout=120)
+    settings = ServeSettings(max_batch=1, max_queue=1, request_timeout=120)  # one generating: the queue's behaviour
     with LiveServer(Follower(str(bundle_folder), device="cpu", threads=1), settings) as server:
         running = threading.Event()
         finished = threading.Event()

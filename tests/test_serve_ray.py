@@ -97,7 +97,7 @@ def test_replicas_get_the_drivers_trusted_keys_by_content(bundle_folder, tmp_pat
 
 
 def test_the_proxy_sheds_what_its_queue_cannot_hold(ray_serve, bundle_folder, served_model):
-    """One replica with --max-queue 1 holds 2 requests, the proxy 1 more: of 8 sent at once, the excess is
+    """One replica with --max-batch 1 --max-queue 1 holds 2 requests, the proxy 1 more: of 8 sent at once, the excess is
     refused by the proxy within a second or two with 429 and Retry-After, and the rest are answered correctly."""
     import openai
     from openai import OpenAI
@@ -105,7 +105,7 @@ def test_the_proxy_sheds_what_its_queue_cannot_hold(ray_serve, bundle_folder, se
 
     from jobs.serve import SHED_RETRY_AFTER_SECONDS, deployment
 
-    serve.run(deployment(str(bundle_folder), ServeSettings(max_queue=1), replicas=1, replica_cpus=0.5,
+    serve.run(deployment(str(bundle_folder), ServeSettings(max_batch=1, max_queue=1), replicas=1, replica_cpus=0.5,
                          load_options={"threads": 1}), name="knnssd", route_prefix="/")
     try:
         deadline = time.monotonic() + 120

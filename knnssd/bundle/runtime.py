@@ -23,7 +23,7 @@ import torch
 
 from knnssd.bundle import signing
 from knnssd.bundle import FALLBACK_KEY, Bundle, read_bundle, split_store, union_store
-from knnssd.engine.decoding import GenerationConfig, GenerationResult, TokenHook, begin, decode
+from knnssd.engine.decoding import GenerationConfig, GenerationResult, Generation, TokenHook, begin, run_to_end
 from knnssd.engine.drafters import Drafter
 from knnssd.errors import KnnSsdError
 from knnssd.engine.models import LoadedModel, load_model
@@ -46,6 +46,17 @@ class RoutedResult:
     result: GenerationResult
     route: Route
     policy: dict[str, Any]
+    routing_seconds: float
+
+
+@dataclass(frozen=True)
+class RoutedGeneration:
+    """A routed request after its prefill, ready for the loop (`knnssd.engine.decoding.step`): its generation,
+    where it was routed, the policy key it drafts with, and the seconds routing took."""
+
+    generation: Generation
+    route: Route
+    key: str
     routing_seconds: float
 
 
@@ -135,23 +146,37 @@ class BundleRuntime:
                 "policy_kind": routed.policy.get("kind") if routed.policy else None,
                 "drafted": stats.drafted_tokens, "accepted": stats.accepted_tokens, "verify_steps": stats.verify_steps}
 
+    def start(self, ids: torch.Tensor, max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(),
+              on_tokens: TokenHook | None = None) -> RoutedGeneration:
+        """Prefill prompt ids (1, T), route the prompt, and return its generation with the routed domain's drafter,
+        ready to be stepped alone or in a batch (`knnssd.engine.decoding.step`). Call under `model_lock`."""
+        config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling)
+        model = self.loaded.model
+        started = begin(model, ids, config)
+        start = time.perf_counter()
+        route = self.router.route(started.state.embedding)
+        key = FALLBACK_KEY if route.fallback else route.domain
+        routing_seconds = time.perf_counter() - start
+        generation = Generation(model, started.state, config, self.drafters[key], started.generator, started.clock,
+                                on_tokens)
+        return RoutedGeneration(generation=generation, route=route, key=key, routing_seconds=routing_seconds)
+
+    def finish(self, routed: RoutedGeneration) -> RoutedResult:
+        """The result of a generation `start` began, once it is done."""
+        result = routed.generation.result()
+        text = self.loaded.tokenizer.decode(list(result.token_ids), skip_special_tokens=True)
+        return RoutedResult(text=text, result=result, route=routed.route, policy=self.bundle.policies[routed.key],
+                            routing_seconds=routed.routing_seconds)
+
     def generate(self, prompt: str | torch.Tensor, max_new_tokens: int = 128,
                  sampling: SamplingConfig = SamplingConfig(), on_tokens: TokenHook | None = None) -> RoutedResult:
         """Route `prompt` (text, or ids (1, T) already formatted) and generate with its domain's policy.
         `on_tokens` sees each step's committed tokens and may stop generation (`knnssd.engine.decoding.TokenHook`)."""
-        config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling)
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt
         with model_lock(self.loaded.model):  # one generation at a time on this model, whatever the thread
-            started = begin(self.loaded.model, ids, config)
-            start = time.perf_counter()
-            route = self.router.route(started.state.embedding)
-            key = FALLBACK_KEY if route.fallback else route.domain
-            routing_seconds = time.perf_counter() - start
-            result = decode(self.loaded.model, started.state, config, self.drafters[key], started.generator,
-                            started.clock, on_tokens)
-        text = self.loaded.tokenizer.decode(list(result.token_ids), skip_special_tokens=True)
-        return RoutedResult(text=text, result=result, route=route, policy=self.bundle.policies[key],
-                            routing_seconds=routing_seconds)
+            routed = self.start(ids, max_new_tokens, sampling, on_tokens)
+            run_to_end(self.loaded.model, routed.generation)
+        return self.finish(routed)
 
 
 def load_bundle(

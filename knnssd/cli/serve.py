@@ -29,8 +29,12 @@ BUNDLE_HELP = ("NAME@vN, NAME@ALIAS, NAME@latest, NAME, or a bundle folder as a 
 
 def add_serving_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of how requests are admitted, timed and followed: the same on `knnssd serve` and jobs/serve.py."""
+    parser.add_argument("--max-batch", type=int, default=ServeSettings.max_batch,
+                        help="requests generating at once, every running request's drafts verified in one forward "
+                             "pass per step; the token budget shrinks drafts as the batch grows (1: one request at "
+                             "a time).")
     parser.add_argument("--max-queue", type=int, default=ServeSettings.max_queue,
-                        help="requests that may wait while one generates; more get 429 with Retry-After (on Ray "
+                        help="requests that may wait while --max-batch generate; more get 429 with Retry-After (on Ray "
                              "Serve the proxy holds max(1, this) more per replica and sheds the rest with 429).")
     parser.add_argument("--request-timeout", type=float, default=ServeSettings.request_timeout,
                         help="seconds from the request's arrival to the last token (reading, tokenising and waiting "
@@ -47,7 +51,8 @@ def add_serving_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace, host: str, port: int) -> ServeSettings:
     """ServeSettings from the flags of `add_serving_flags`."""
-    return ServeSettings(host=host, port=port, max_queue=args.max_queue, request_timeout=args.request_timeout,
+    return ServeSettings(host=host, port=port, max_batch=args.max_batch, max_queue=args.max_queue,
+                         request_timeout=args.request_timeout,
                          refresh_seconds=args.refresh_seconds, max_body_bytes=args.max_body_bytes,
                          admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None)
 

@@ -1,17 +1,23 @@
-"""One generation at a time, a bounded queue before it, and every admitted request answered.
+"""Many generations at once, a bounded queue before them, and every admitted request answered.
 
 The event loop never generates: `Engine.submit` admits a request (or refuses it with 429 and Retry-After when
-`max_queue` requests already wait) and returns a `Job`; one worker thread takes jobs in order and runs each
-through `BundleRuntime.generate` with a token hook that
+`max_batch` requests generate and `max_queue` more wait) and returns a `Job`; one worker thread runs the batch:
 
-- detokenises each step's tokens and hands the text to the job's asyncio queue (`Delta`), which the route
-  streams or gathers;
-- stops the generation at the next step when a stop string appears, when the client went away
-  (`Job.cancel`), or when the request's deadline (`--request-timeout` after the request arrived) has passed.
+- between steps it admits waiting jobs up to `max_batch` running ones: each is prefilled and routed
+  (`BundleRuntime.start`), its first token streamed at once;
+- each step drafts for every running request (each with its own routed policy) and verifies all their drafts in one
+  forward pass (`knnssd.engine.decoding.step`), with each request's draft length from the batch's token budget
+  (`knnssd.engine.budget`, from pass costs timed at start-up): a request alone keeps its policy's length, and as
+  the batch grows speculation shrinks down to plain batched decoding;
+- a token hook per request detokenises each step's tokens and hands the text to the job's asyncio queue (`Delta`),
+  and stops that request at the next step when a stop string appears, when the client went away (`Job.cancel`),
+  or when the request's deadline (`--request-timeout` after the request arrived) has passed; a finished request
+  leaves the batch and its slot is free before its answer is sent.
 
 A job still waiting when it is cancelled (its client left, or its deadline passed while it waited) gives its
-slot back at once, not when the worker reaches it: the next client is admitted although the generation ahead
-of it is still running. Every job ends with exactly one `Done` or `Failed` event, unless it was cancelled.
+slot back at once. Every job ends with exactly one `Done` or `Failed` event, unless it was cancelled. A prefill
+runs between two steps, so a long prompt delays the running requests' next token by its prefill (no chunked
+prefill).
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 
-from knnssd.bundle.runtime import BundleRuntime
+from knnssd.bundle.runtime import BundleRuntime, RoutedGeneration
+from knnssd.engine.budget import PassCosts, batch_caps, time_pass_costs
+from knnssd.engine.decoding import step
+from knnssd.engine.sublayers import model_lock
 from knnssd.errors import KnnSsdError
 from knnssd.serve.follow import Follower, Serving, warm
 from knnssd.serve.metrics import Metrics
@@ -119,6 +128,19 @@ class Job:
                         type="timeout_error", code="request_timeout")
 
 
+@dataclass(frozen=True, eq=False)
+class Running:
+    """A job in the batch: the version it runs on, its routed generation, its text stream, and when its first
+    token came (filled by its token hook)."""
+
+    job: Job
+    serving: Serving
+    routed: RoutedGeneration
+    stream: TextStream
+    first: list[float]
+    started: float
+
+
 class Engine:
     """The queue and the worker thread for one loaded model (see the module docstring)."""
 
@@ -127,9 +149,9 @@ class Engine:
         self._queue: queue.Queue[Job | WarmUp | None] = queue.Queue()
         self._lock = threading.Lock()
         self._admitted = 0  # waiting + generating
-        self._running = 0
-        self._current: Job | None = None  # the job generating now
+        self._running: list[Running] = []
         self._mean_seconds = 1.0  # moving average of a request's time on the model, for Retry-After
+        self.costs: PassCosts | None = None  # timed at start when batching
         self.ready = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -139,7 +161,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the worker: the job generating now ends at its next step, the ones waiting are dropped."""
+        """Stop the worker: the jobs generating now end at their next step, the ones waiting are dropped."""
         if self._thread is not None:
             while not self._queue.empty():
                 waiting = self._queue.get_nowait()
@@ -148,15 +170,15 @@ class Engine:
                 elif isinstance(waiting, WarmUp):
                     waiting.error = KnnSsdError("the server is stopping")
                     waiting.done.set()
-            if self._current is not None:
-                self._current.cancel()
+            for running in list(self._running):
+                running.job.cancel()
             self._queue.put(None)
             self._thread.join(timeout=30)
             self._thread = None
 
     def warm_between_requests(self, runtime: BundleRuntime) -> None:
-        """Warm `runtime` up on the worker thread, after the requests queued before this call (from the follower's
-        thread; waits for it). Raises KnnSsdError when the worker is gone or the warm-up failed."""
+        """Warm `runtime` up on the worker thread, between two steps (from the follower's thread; waits for it).
+        Raises KnnSsdError when the worker is gone or the warm-up failed."""
         task = WarmUp(runtime)
         self._queue.put(task)
         while not task.done.wait(1.0):
@@ -168,17 +190,24 @@ class Engine:
             raise KnnSsdError(f"the new version's warm-up failed ({type(task.error).__name__})",
                               fix="see the server's log")
 
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at most: `max_batch` generating plus `max_queue` waiting."""
+        return self.settings.max_batch + self.settings.max_queue
+
     def submit(self, work: Work, stream: bool, arrived: float) -> Job:
         """Admit `work` (from the event loop) that arrived at `arrived` (time.monotonic()), or raise the 429
-        ApiError when the queue is full."""
+        ApiError when the batch and the queue are full."""
         with self._lock:
-            if self._admitted > self.settings.max_queue:
-                retry = max(1, math.ceil(self._mean_seconds * self._admitted))
-                raise ApiError(429, f"the server is busy: {self._admitted - 1} requests wait for the model, the "
-                                    f"most --max-queue allows ({self.settings.max_queue}); retry in {retry} s",
+            if self._admitted >= self.capacity:
+                waiting = self._admitted - len(self._running)
+                retry = max(1, math.ceil(self._mean_seconds * self._admitted / self.settings.max_batch))
+                raise ApiError(429, f"the server is busy: {len(self._running)} requests generate and {waiting} "
+                                    f"wait, the most --max-batch ({self.settings.max_batch}) and --max-queue "
+                                    f"({self.settings.max_queue}) allow; retry in {retry} s",
                                type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
             self._admitted += 1
-            self._gauges(running=None)
+            self._gauges()
         job = Job(work, self.settings.request_timeout, stream, arrived, release=self._release)
         self._queue.put(job)
         return job
@@ -189,58 +218,76 @@ class Engine:
             if job.state == "waiting":
                 job.state = "left"
                 self._admitted -= 1
-                self._gauges(running=None)
+                self._gauges()
 
-    def _gauges(self, running: bool | None) -> None:
+    def _gauges(self) -> None:
         """Update the queue gauges (under `self._lock`)."""
-        if running is not None:
-            self._running = int(running)
-            self.metrics.running.set(self._running)
-        self.metrics.queue_depth.set(max(0, self._admitted - self._running))
+        self.metrics.running.set(len(self._running))
+        self.metrics.queue_depth.set(max(0, self._admitted - len(self._running)))
 
     def _work(self) -> None:
         try:
-            warm(self.follower.current.runtime)
+            runtime = self.follower.current.runtime
+            warm(runtime)
+            if self.settings.max_batch > 1:
+                model = runtime.loaded.model
+                with model_lock(model):
+                    self.costs = time_pass_costs(model)
+                LOG.info("pass costs (in 1-row passes): %s", ", ".join(
+                    f"{w} rows {c:.2f}" for w, c in self.costs.relative().items()))
         except Exception:  # noqa: BLE001 - a failed warm-up is logged; /ready then stays 503
             LOG.exception("warm-up failed; the server stays not ready")
             return
         self.ready.set()
-        while (job := self._queue.get()) is not None:
-            if isinstance(job, WarmUp):
-                job.run()
-                continue
-            start = time.monotonic()
-            with self._lock:
-                if job.state != "waiting":
-                    continue  # its client left while it waited: its slot is already free
-                job.state = "running"
-                self._gauges(running=True)
-                self._current = job
-            final: Event | None = None
+        while True:
+            if not self._admit():
+                break
+            if self._running:
+                self._step()
+        for running in list(self._running):
+            self._finish(running, None)
+
+    def _admit(self) -> bool:
+        """Take waiting jobs (and warm-ups) until the batch is full or none waits; block while nothing runs.
+        False when the server stops."""
+        while len(self._running) < self.settings.max_batch:
             try:
-                final = self._run(job)
+                item = self._queue.get(block=not self._running)
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            if isinstance(item, WarmUp):
+                item.run()
+                continue
+            self._begin(item)
+        return True
+
+    def _begin(self, job: Job) -> None:
+        """Prefill and route `job` and put it into the batch, or answer it now (its client left, its deadline
+        passed, its prompt is refused)."""
+        with self._lock:
+            if job.state != "waiting":
+                return  # its client left while it waited: its slot is already free
+            job.state = "running"
+        final: Event | None = None
+        if job.cancelled:
+            final = None
+        elif time.monotonic() > job.deadline:
+            final = Failed(job.timeout_error())
+        else:
+            try:
+                self._start(job)
+                return
             except KnnSsdError as exc:
                 final = Failed(ApiError(400, str(exc), code="invalid_value"))
             except Exception:  # noqa: BLE001 - a bug must still answer the request; its details go to the log
                 final = Failed(internal_error(LOG, "generation failed"))
-            finally:
-                # The slot is free before the answer leaves: a client that sends its next request as soon as
-                # it has this one's answer must find room for it.
-                with self._lock:
-                    job.state = "over"
-                    self._admitted -= 1
-                    self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - start)
-                    self._gauges(running=False)
-                    self._current = None
-                if final is not None:
-                    job.emit(final)
+        self._free(job, time.monotonic())
+        if final is not None:
+            job.emit(final)
 
-    def _run(self, job: Job) -> Event | None:
-        """Generate `job`, streaming its text; returns its final event (None: its client left)."""
-        if job.cancelled:
-            return None  # its client left while it waited
-        if time.monotonic() > job.deadline:
-            return Failed(job.timeout_error())
+    def _start(self, job: Job) -> None:
         serving: Serving = self.follower.current  # this request runs on this version to its end
         stream = TextStream(serving.runtime.loaded.tokenizer, job.work.stops)
         first: list[float] = []
@@ -253,8 +300,65 @@ class Engine:
                 job.emit(Delta(piece))
             return not (stream.stopped or job.cancelled or time.monotonic() > job.deadline)
 
+        started = time.monotonic()
         work = job.work
-        routed = serving.runtime.generate(work.ids, work.max_tokens, work.sampling, on_tokens=on_tokens)
+        with model_lock(serving.runtime.loaded.model):
+            routed = serving.runtime.start(work.ids, work.max_tokens, work.sampling, on_tokens=on_tokens)
+        running = Running(job=job, serving=serving, routed=routed, stream=stream, first=first, started=started)
+        with self._lock:
+            self._running.append(running)
+            self._gauges()
+        if routed.generation.done:  # one token asked for, an EOS first, or a stop string in the first token
+            self._finish(running, self._answer(running))
+
+    def _step(self) -> None:
+        """One step of every running request, in one verify pass per model; the finished ones answered."""
+        batch = list(self._running)
+        by_model: dict[int, list[Running]] = {}
+        for running in batch:
+            by_model.setdefault(id(running.serving.runtime.loaded.model), []).append(running)
+        for group in by_model.values():
+            model = group[0].serving.runtime.loaded.model
+            generations = [running.routed.generation for running in group]
+            before = [generation.tally() for generation in generations]
+            try:
+                with model_lock(model):
+                    step(model, generations, batch_caps(generations, self.costs))
+            except Exception:  # noqa: BLE001 - a bug fails the step's requests, not the server
+                error = internal_error(LOG, "a batched step failed")
+                for running in group:
+                    self._finish(running, Failed(error))
+                continue
+            self.metrics.batch_size.observe(len(group))
+            for generation, (drafted, accepted) in zip(generations, before):
+                now_drafted, now_accepted = generation.tally()
+                self.metrics.step_drafted.observe(now_drafted - drafted)
+                self.metrics.step_accepted.observe(now_accepted - accepted)
+        for running in batch:
+            if running.routed.generation.done and running in self._running:
+                self._finish(running, self._answer(running))
+
+    def _free(self, job: Job, started: float) -> None:
+        with self._lock:
+            job.state = "over"
+            self._admitted -= 1
+            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - started)
+            self._gauges()
+
+    def _finish(self, running: Running, final: Event | None) -> None:
+        """`running` leaves the batch; its slot is free before its answer leaves: a client that sends its next
+        request as soon as it has this one's answer must find room for it."""
+        with self._lock:
+            if running in self._running:
+                self._running.remove(running)
+        self._free(running.job, running.started)
+        if final is not None:
+            running.job.emit(final)
+
+    def _answer(self, running: Running) -> Event | None:
+        """The final event of a finished generation (None: its client left)."""
+        job, serving, stream, first = running.job, running.serving, running.stream, running.first
+        routed = serving.runtime.finish(running.routed)
         end = time.monotonic()
         tail = stream.finish()
         if tail and job.stream:
@@ -274,5 +378,5 @@ class Engine:
         finish = "stop" if stream.stopped else FINISH_REASONS[result.finish_reason]
         self.metrics.success.labels(finish).inc()
         info: dict[str, Any] = {**serving.runtime.describe(routed), "bundle": serving.label}
-        return Done(Answer(text=stream.text, finish_reason=finish, prompt_tokens=int(work.ids.shape[1]),
+        return Done(Answer(text=stream.text, finish_reason=finish, prompt_tokens=int(job.work.ids.shape[1]),
                            completion_tokens=tokens, knnssd=info))

@@ -18,6 +18,9 @@ counted) = (accepted + verify steps) / verify steps, both computable from these 
     knnssd_spec_decode_num_accepted_tokens_total{domain}
     knnssd_spec_decode_verify_steps_total{domain}     every verify step (plain steps too)
     knnssd_spec_decode_num_accepted_tokens_per_pos_total{domain, position}
+    knnssd_batch_size                                 requests verified together, per step (histogram)
+    knnssd_step_drafted_tokens                        draft tokens one request put into one step (histogram)
+    knnssd_step_accepted_tokens                       of them accepted (histogram)
     knnssd_bundle_info{bundle}                        1 for the version serving now
     knnssd_bundle_reloads_total{outcome}              swapped, refused, failed
 """
@@ -30,6 +33,8 @@ from knnssd.engine.stats import GenerationStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+DRAFT_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 
@@ -65,6 +70,12 @@ class Metrics:
         self.accepted_per_pos = Counter("knnssd_spec_decode_num_accepted_tokens_per_pos",
                                         "Accepted drafted tokens by position in the draft (0-based)",
                                         ["domain", "position"], registry=r)
+        self.batch_size = Histogram("knnssd_batch_size", "Requests verified together in one step",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.step_drafted = Histogram("knnssd_step_drafted_tokens", "Draft tokens of one request in one step",
+                                      buckets=DRAFT_BUCKETS, registry=r)
+        self.step_accepted = Histogram("knnssd_step_accepted_tokens", "Accepted draft tokens of one request in one "
+                                       "step", buckets=DRAFT_BUCKETS, registry=r)
         self.bundle = Gauge("knnssd_bundle_info", "The bundle version serving now", ["bundle"], registry=r)
         self.reloads = Counter("knnssd_bundle_reloads", "Alias moves handled, by outcome", ["outcome"], registry=r)
 

@@ -11,7 +11,9 @@ from knnssd.errors import KnnSsdError
 class ServeSettings:
     """How the server admits, times and follows requests.
 
-    max_queue: requests that may wait while one generates; one more gets 429 with Retry-After.
+    max_batch: requests generating at once, their drafts verified together in one pass per step
+        (`knnssd.engine.decoding.step`); 1 generates one request at a time.
+    max_queue: requests that may wait while `max_batch` generate; one more gets 429 with Retry-After.
     request_timeout: seconds from the request's arrival to the last token (reading, tokenising and waiting
         included); past it the request ends with a 504 error.
     refresh_seconds: how often a registry reference (name@alias, name@latest, name) is resolved again to
@@ -22,6 +24,7 @@ class ServeSettings:
 
     host: str = "127.0.0.1"
     port: int = 8000
+    max_batch: int = 8
     max_queue: int = 16
     request_timeout: float = 300.0
     refresh_seconds: float = 30.0
@@ -32,6 +35,9 @@ class ServeSettings:
         checks = (
             (isinstance(self.port, int) and 0 <= self.port <= 65535, f"--port must be 0-65535, got {self.port}",
              "pick a free port, e.g. --port 8000 (0: any free port)"),
+            (isinstance(self.max_batch, int) and not isinstance(self.max_batch, bool) and 1 <= self.max_batch <= 64,
+             f"--max-batch must be 1-64, got {self.max_batch}",
+             "e.g. --max-batch 8 (1: one request at a time; a pass holds at most 256 rows)"),
             (isinstance(self.max_queue, int) and self.max_queue >= 0, f"--max-queue must be >= 0, got "
              f"{self.max_queue}", "e.g. --max-queue 16 (0: only the request being generated is admitted)"),
             (self.request_timeout > 0, f"--request-timeout must be > 0 seconds, got {self.request_timeout}",
