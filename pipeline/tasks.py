@@ -150,7 +150,7 @@ def confirm_domain(spec: ModelSpec, domain: str, prompts: list[str], config: Sea
             _log(domain, f"confirming {len(chosen)} candidates on {len(ids)} prompts in wall clock, round {index + 1}")
             return measure_policies(loaded.model, policies, ids, config.max_new_tokens, loaded.num_layers,
                                     seed=config.seed + index, stores={name: store for name in policies}, texts=texts,
-                                    drafters=drafters)
+                                    drafters=drafters, successors=None if index == 0 else False)  # round 0's replayed
 
         decision, rounds = confirm(list(policies), measure_round, config.confirm_rounds, seed=config.seed)
         figures = pooled_figures(rounds)
