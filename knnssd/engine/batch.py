@@ -33,7 +33,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from knnssd.engine import attention
-from knnssd.engine.kernels import MAX_BATCH_ROWS
+from knnssd.engine.kernels import MAX_BATCH_ROWS, batched_rows
 from knnssd.engine.kvcache import PreallocatedLayer
 from knnssd.engine.tree import ancestors
 
@@ -128,7 +128,7 @@ def packed_hidden(model: PreTrainedModel, caches: list[DynamicCache], input_ids:
         start += ids.shape[0]
     plan = BatchPlan(cache=BatchCache(caches, bounds), bounds=bounds, masks=masks)
     placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids[0].device)  # 4D: taken as prepared
-    with batched_attention(model):
+    with batched_attention(model), batched_rows():
         return model.model(input_ids=torch.cat(input_ids)[None], position_ids=torch.cat(positions)[None],
                            attention_mask=placeholder, cache=plan.cache, use_cache=True,
                            **{BATCH_KEYWORD: plan}).last_hidden_state[0]

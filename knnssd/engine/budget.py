@@ -28,7 +28,7 @@ import torch
 from transformers import PreTrainedModel
 
 from knnssd.engine.batch import packed_hidden, request_mask
-from knnssd.engine.kernels import MAX_FAST_ROWS
+from knnssd.engine.kernels import MAX_FAST_ROWS, batched_rows
 from knnssd.engine.kvcache import new_cache, rollback
 from knnssd.errors import KnnSsdError
 
@@ -119,7 +119,8 @@ def time_pass_costs(model: PreTrainedModel, widths: Sequence[int] = TIMED_WIDTHS
         for repeat in range(repeats + 1):
             start = time.perf_counter()
             hidden = packed_hidden(model, caches[:count], ids, positions, masks)
-            model.get_output_embeddings()(hidden)
+            with batched_rows():
+                model.get_output_embeddings()(hidden)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if repeat:

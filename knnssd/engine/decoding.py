@@ -25,7 +25,7 @@ from transformers import DynamicCache, PreTrainedModel
 from knnssd.engine.batch import can_batch, packed_hidden, request_mask
 from knnssd.engine.drafters import Draft, DraftRequest, Drafter
 from knnssd.errors import KnnSsdError
-from knnssd.engine.kernels import transformers_kernels
+from knnssd.engine.kernels import batched_rows, transformers_kernels
 from knnssd.engine.kvcache import new_cache, request_reach, rollback
 from knnssd.engine.sampling import SamplingConfig, sample, verify_greedy, verify_sampling, warp_probs
 from knnssd.engine.stats import GenerationStats, StatsRecorder
@@ -381,7 +381,8 @@ def step(model: PreTrainedModel, generations: list[Generation], caps: list[int |
             masks = [request_mask(r.position, r.input_ids.shape[0], r.parents, r.input_ids.device) for r in rows]
             hidden = packed_hidden(model, [g.cache for g, _ in live], [r.input_ids for r in rows],
                                    [r.positions for r in rows], masks)  # (N, hidden)
-            logits = project_logits(model, hidden)  # (N, vocab)
+            with batched_rows():
+                logits = project_logits(model, hidden)  # (N, vocab)
             outcomes, start = [], 0
             for (g, _), r in zip(live, rows):
                 stop = start + r.input_ids.shape[0]

@@ -29,6 +29,7 @@ On CUDA nothing changes (cuBLAS serves small batches well: v = 1.03 on an H200, 
 from __future__ import annotations
 
 import logging
+import threading
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from knnssd.engine.kernel_build import compile_error, compiled_kernel, vector_is
 LOG = logging.getLogger("knnssd")
 MAX_FAST_ROWS = 32  # the widest pass of one request the kernels serve; longer inputs are prefills
 MAX_BATCH_ROWS = 256  # the most rows of a batched pass (`knnssd.engine.batch`) one `rows_gemm` call multiplies
+_PASS = threading.local()  # .batched: this thread runs a batched pass (`batched_rows`)
 PACK_ROWS = 8  # the row count MKL packs for, and that packed8 pads its input to
 LIBRARY_MAX_ROWS = 16  # the library plan's small-batch methods stop here (F.linear past it)
 COMPILED_ROWS = {rows: "rows" for rows in range(1, MAX_FAST_ROWS + 1)}
@@ -159,15 +161,16 @@ def runner(method: str, weight: torch.Tensor, packed: torch.Tensor | None) -> Ca
 
 
 def _fast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """x (..., in) -> (..., out). 1-MAX_FAST_ROWS rows by the plan's method for that row count; a batched pass's
-    MAX_FAST_ROWS + 1 to MAX_BATCH_ROWS rows by the compiled kernel (the same per-row arithmetic, so each request's
-    rows keep their bits), or F.linear under the library plan; anything else (a prefill) F.linear."""
+    """x (..., in) -> (..., out). 1-MAX_FAST_ROWS rows by the plan's method for that row count; within
+    `batched_rows`, MAX_FAST_ROWS + 1 to MAX_BATCH_ROWS rows by the compiled kernel (the same per-row arithmetic,
+    so each request's rows keep their bits), or F.linear under the library plan; anything else (a prefill)
+    F.linear."""
     rows, weight = x.numel() // x.shape[-1], self.weight
     if x.dtype != weight.dtype or not weight.is_contiguous():
         return F.linear(x, weight, self.bias)
     if 1 <= rows <= MAX_FAST_ROWS:
         run = self._knnssd_run[rows - 1]
-    elif MAX_FAST_ROWS < rows <= MAX_BATCH_ROWS and self._knnssd_wide:
+    elif MAX_FAST_ROWS < rows <= MAX_BATCH_ROWS and self._knnssd_wide and getattr(_PASS, "batched", False):
         run = self._knnssd_run[-1]
     else:
         return F.linear(x, weight, self.bias)
@@ -175,6 +178,19 @@ def _fast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if self.bias is not None:  # an exact elementwise add after the product: the same bits for every row count
         out = out + self.bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@contextmanager
+def batched_rows() -> Iterator[None]:
+    """Within the block (in this thread), a linear layer of the compiled plan multiplies more than MAX_FAST_ROWS
+    rows (up to MAX_BATCH_ROWS: a batched pass of many requests) with `rows_gemm`, so that every request's rows
+    compute the bits they compute alone. Outside it, such inputs are prefills and keep F.linear."""
+    previous = getattr(_PASS, "batched", False)
+    _PASS.batched = True
+    try:
+        yield
+    finally:
+        _PASS.batched = previous
 
 
 def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = MAX_PACKED_BYTES,
