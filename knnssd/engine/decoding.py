@@ -11,6 +11,10 @@
        (greedy or rejection sampling, see `knnssd.engine.sampling`);
     5. roll back: every cache layer is cropped to the committed tokens;
     6. stop at EOS or `max_new_tokens`, as `model.generate` does.
+
+A `Generation` is one request between steps; `step(model, generations)` runs steps 2-5 for one or many of them,
+verifying every request's drafts in one forward pass where the model allows (`knnssd.engine.batch`), and `decode`
+is `step` over one generation until it is done: one loop for a request alone and for a server's batch.
 """
 
 from __future__ import annotations
