@@ -14,6 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
+from knnssd.bundle.runtime import BundleRuntime, load_bundle
 from knnssd.engine.models import LoadedModel, load_model
 from knnssd.engine.sampling import SamplingConfig
 from knnssd.serve.app import build_app
@@ -47,6 +48,12 @@ def served_model(tmp_path_factory) -> LoadedModel:
 @pytest.fixture(scope="module")
 def bundle_folder(served_model, tmp_path_factory) -> Path:
     return tiny_bundle(served_model, tmp_path_factory.mktemp("bundle") / "tiny-bundle")
+
+
+@pytest.fixture(scope="module")
+def runtime(bundle_folder, served_model) -> BundleRuntime:
+    """The bundle loaded in this process, for one-at-a-time reference answers (`sequential_answer`)."""
+    return load_bundle(str(bundle_folder), model=served_model)
 
 
 class LiveServer:

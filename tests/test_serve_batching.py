@@ -5,20 +5,12 @@ and accepted tokens per request-step counted."""
 
 from __future__ import annotations
 
-import pytest
-
-from knnssd.bundle.runtime import load_bundle
 from knnssd.serve.follow import Follower
 from knnssd.serve.settings import ServeSettings
-from tests.serving import (LiveServer, bundle_folder, load_specs, run_load, sequential_answer,  # noqa: F401
-                           served_model)
+from tests.serving import (LiveServer, bundle_folder, load_specs, run_load, runtime,  # noqa: F401
+                           sequential_answer, served_model)
 
 NAME = "tiny-bundle"
-
-
-@pytest.fixture(scope="module")
-def runtime(bundle_folder, served_model):
-    return load_bundle(str(bundle_folder), model=served_model)
 
 
 def test_8_concurrent_clients_are_batched_and_answered_as_alone(bundle_folder, runtime):
