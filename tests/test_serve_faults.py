@@ -48,11 +48,13 @@ def no_leak(text: str) -> None:
 
 def test_a_failed_generation_is_a_generic_500(server, monkeypatch, caplog):
     caplog.set_level(logging.ERROR, logger="knnssd.serve")
-    monkeypatch.setattr(BundleRuntime, "generate", boom)
+    monkeypatch.setattr(BundleRuntime, "start", boom)  # a fault in the prefill or routing
     response = httpx.post(server.url + "/v1/completions", json=GOOD, timeout=30)
     assert response.status_code == 500
     no_leak(response.text)
     assert response.headers["x-request-id"] == request_id(response.json()["error"], caplog)
+    monkeypatch.undo()
+    monkeypatch.setattr("knnssd.serve.engine.step", boom)  # a fault in a (batched) decoding step
 
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30, json={
             "model": NAME, "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 4,
