@@ -98,7 +98,9 @@ def deployment(bundle: str, settings: ServeSettings = ServeSettings(), replicas:
             raise KnnSsdError(f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got "
                               f"{low} and {max_replicas}", fix="e.g. --min-replicas 1 --max-replicas 4")
         scaling: dict[str, Any] = {"autoscaling_config": {"min_replicas": low, "max_replicas": max_replicas,
-                                                          "target_ongoing_requests": TARGET_ONGOING_REQUESTS}}
+                                                          "target_ongoing_requests": max(1, min(
+                                                              TARGET_ONGOING_REQUESTS,
+                                                              settings.max_batch + settings.max_queue))}}
     elif replicas >= 1:
         scaling = {"num_replicas": replicas}
     else:

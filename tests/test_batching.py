@@ -164,7 +164,7 @@ def test_mistral_sliding_windows_keep_one_pass_per_request(packed_rows):
         step(model, generations)
     assert [g.result().token_ids for g in generations] == alone
     sliding = any(getattr(layer, "is_sliding", False) for layer in generations[0].cache.layers)
-    assert (packed_rows == []) == sliding
+    assert sliding and packed_rows == []
 
 
 def test_the_budget_shrinks_speculation_as_the_batch_grows():
@@ -185,8 +185,46 @@ def test_the_budget_shrinks_speculation_as_the_batch_grows():
 def test_pass_costs_are_checked_and_timed():
     with pytest.raises(KnnSsdError, match="increasing widths"):
         PassCosts(widths=(4, 2), seconds=(1.0, 2.0))
+    table = PassCosts(widths=(1, 8, 64), seconds=(1.0, 1.2, 6.0))
+    assert table.of(4) == pytest.approx(1.0 + 0.2 * 3 / 7)  # between widths: linear
+    assert table.of(128) == pytest.approx(6.0 + 4.8 * 64 / 56)  # past the last: along the last slope
     model = tiny_model("llama", num_layers=2, vocab_size=64)
     accelerate(model)
     costs = time_pass_costs(model, widths=(1, 4, 40), context=16, repeats=1)
     assert costs.widths == (1, 4, 40) and all(s > 0 for s in costs.seconds)
-    assert costs.of(20) > 0 and costs.of(100) >= costs.of(1)
+    assert list(costs.seconds) == sorted(costs.seconds)  # a wider pass never priced below a narrower one
+
+
+def test_a_request_wider_than_one_pass_and_eos_inside_accepted_drafts(packed_rows):
+    """A request whose drafts make it wider than 32 rows is verified on its own pass (as alone: F.linear past 32
+    rows), the others packed; an EOS inside a request's accepted drafts ends that request in the batch as alone."""
+    model = tiny_model("llama", num_layers=3, vocab_size=160)
+    accelerate(model)
+    wide = PromptLookupDrafter(PromptLookupConfig(max_ngram=2, max_draft_tokens=40))
+    span = torch.arange(3, 43)
+    cases = [torch.cat([span, span])[None], *prompts(3, 160, seed=6)]
+    plain_config = GenerationConfig(max_new_tokens=40, eos_token_ids=())
+    alone = [generate(model, p, plain_config).token_ids for p in cases]
+    eos = alone[1][5]  # a token request 1 writes: its answer ends there, inside whatever drafts it accepted
+    configs = [plain_config, GenerationConfig(max_new_tokens=40, eos_token_ids=(eos,)), plain_config, plain_config]
+    expected = [generate(model, p, c, d).token_ids for p, c, d in zip(cases, configs, [wide] + drafters()[1:4])]
+    generations = [start(model, p, c, d) for p, c, d in zip(cases, configs, [wide] + drafters()[1:4])]
+    while not all(g.done for g in generations):
+        step(model, [g for g in generations if not g.done])
+    assert [g.result().token_ids for g in generations] == expected
+    assert expected[1][-1] == eos and generations[1].result().finish_reason == "eos"
+    assert len(generations[0].recorder.verify_widths) > 32  # request 0 drafted 32+ tokens: a pass of 33+ rows
+    assert packed_rows and max(packed_rows) <= 32 * 3
+
+
+def test_dynamic_rope_is_not_packed():
+    """A rotary embedding whose frequencies follow the longest position of the input (dynamic scaling) would let
+    one request's position change another's angles: such a model keeps one pass per request."""
+    from knnssd.engine.batch import can_batch
+    from knnssd.engine.kvcache import new_cache
+
+    plain = tiny_model("llama", num_layers=2, vocab_size=64)
+    scaled = tiny_model("llama", num_layers=2, vocab_size=64,
+                        rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert can_batch(plain, [new_cache(plain)], 4)
+    assert not can_batch(scaled, [new_cache(scaled)], 4)

@@ -43,10 +43,15 @@ BATCH_KEYWORD = attention.BATCH_KEYWORD  # the forward keyword that carries the 
 def can_batch(model: PreTrainedModel, caches: list[DynamicCache], rows: int) -> bool:
     """Whether one pass of `rows` rows over these requests' caches can run packed: the model attends with SDPA (or
     the engine's implementation of it), every cache layer is a full-attention `PreallocatedLayer`, and the rows fit
-    one product (MAX_BATCH_ROWS)."""
+    one product (MAX_BATCH_ROWS), and its rotary embedding does not depend on the longest position in the input
+    (dynamic and longrope scaling do: one request's position would change another's angles)."""
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation not in (attention.BASE_IMPLEMENTATION, attention.IMPLEMENTATION) or rows > MAX_BATCH_ROWS:
         return False
+    kinds = getattr(getattr(getattr(model, "model", None), "rotary_emb", None), "rope_type", "default")
+    if any("dynamic" in kind or kind == "longrope" for kind in (kinds.values() if isinstance(kinds, dict)
+                                                                 else [kinds])):
+        return False  # their frequencies follow max(position_ids) over the whole packed input
     return all(type(layer) is PreallocatedLayer for cache in caches for layer in cache.layers)
 
 

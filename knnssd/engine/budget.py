@@ -20,6 +20,7 @@ path estimate, so a tree gets fewer rows than its width would want: a deliberate
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -28,7 +29,7 @@ import torch
 from transformers import PreTrainedModel
 
 from knnssd.engine.batch import packed_hidden, request_mask
-from knnssd.engine.kernels import MAX_FAST_ROWS, batched_rows
+from knnssd.engine.kernels import MAX_BATCH_ROWS, MAX_FAST_ROWS, batched_rows
 from knnssd.engine.kvcache import new_cache, rollback
 from knnssd.errors import KnnSsdError
 
@@ -68,15 +69,16 @@ class PassCosts:
         return {w: s / self.seconds[0] for w, s in zip(self.widths, self.seconds)}
 
 
-def allocate(acceptance: Sequence[float], room: Sequence[int], costs: PassCosts) -> list[int]:
+def allocate(acceptance: Sequence[float], room: Sequence[int], costs: PassCosts,
+             max_rows: int = MAX_BATCH_ROWS) -> list[int]:
     """Draft tokens per request for one pass: acceptance[i] is request i's per-token acceptance (0-1), room[i] the
     most draft tokens it can take (0 for a request that does not draft). Greedy by expected gain a**j, stopping when
-    one more row lowers expected tokens per second (the module docstring)."""
+    one more row lowers expected tokens per second (the module docstring) or the pass would exceed `max_rows`."""
     caps = [0] * len(acceptance)
     rows, tokens = len(acceptance), float(len(acceptance))
     heap = [(-a, i) for i, a in enumerate(acceptance) if room[i] > 0]
     heapq.heapify(heap)
-    while heap:
+    while heap and rows < max_rows:
         gain, i = heapq.heappop(heap)
         gain = -gain
         if (tokens + gain) * costs.of(rows) <= tokens * costs.of(rows + 1):
@@ -128,7 +130,8 @@ def time_pass_costs(model: PreTrainedModel, widths: Sequence[int] = TIMED_WIDTHS
             for cache in caches[:count]:
                 rollback(cache, context)
         seconds.append(min(samples))
-    return PassCosts(widths=tuple(widths), seconds=tuple(seconds))
+    # a wider pass never costs less: a noisy narrower timing must not make rows look free
+    return PassCosts(widths=tuple(widths), seconds=tuple(itertools.accumulate(seconds, max)))
 
 
 def batch_caps(generations: Sequence["Generation"], costs: PassCosts | None) -> list[int | None] | None:
@@ -143,5 +146,7 @@ def batch_caps(generations: Sequence["Generation"], costs: PassCosts | None) -> 
     fixed = [not g.config.sampling.greedy and g.config.sampling.seed is not None for g in generations]
     room = [0 if fix or g.session is None else min(MAX_DRAFT, g.end - len(g.history) - 1)
             for g, fix in zip(generations, fixed)]
-    caps = allocate([g.acceptance() for g in generations], room, costs)
+    reserved = sum(min(MAX_DRAFT, max(0, g.end - len(g.history) - 1))
+                   for g, fix in zip(generations, fixed) if fix and g.session is not None)
+    caps = allocate([g.acceptance() for g in generations], room, costs, max_rows=MAX_BATCH_ROWS - reserved)
     return [None if fix else cap for cap, fix in zip(caps, fixed)]

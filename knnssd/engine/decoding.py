@@ -29,7 +29,7 @@ from transformers import DynamicCache, PreTrainedModel
 from knnssd.engine.batch import can_batch, packed_hidden, request_mask
 from knnssd.engine.drafters import Draft, DraftRequest, Drafter
 from knnssd.errors import KnnSsdError
-from knnssd.engine.kernels import batched_rows, transformers_kernels
+from knnssd.engine.kernels import MAX_FAST_ROWS, batched_rows, transformers_kernels
 from knnssd.engine.kvcache import new_cache, request_reach, rollback
 from knnssd.engine.sampling import SamplingConfig, sample, verify_greedy, verify_sampling, warp_probs
 from knnssd.engine.stats import GenerationStats, StatsRecorder
@@ -370,7 +370,7 @@ class Generation:
 def step(model: PreTrainedModel, generations: list[Generation], caps: list[int | None] | None = None) -> None:
     """One loop step for every generation that is not done: each drafts (at most caps[i] tokens where given),
     then one verify pass over every request's rows (`knnssd.engine.batch`), or one pass per request where the
-    model or a cache cannot be batched (`can_batch`). A request's greedy output does not depend on what it is
+    model or a cache cannot be batched (`can_batch`); a request of more than MAX_FAST_ROWS rows gets its own pass. A request's greedy output does not depend on what it is
     batched with: with the batch-invariant kernels (`knnssd.engine.kernels`) its rows compute the bits they
     compute alone; with library products, up to near-ties."""
     live = [(g, cap) for g, cap in zip(generations, caps or [None] * len(generations)) if not g.done]
@@ -379,24 +379,32 @@ def step(model: PreTrainedModel, generations: list[Generation], caps: list[int |
     with model_lock(model):
         drafts = [g.propose(model, cap) for g, cap in live]
         rows = [g.rows(draft) for (g, _), draft in zip(live, drafts)]
-        if len(live) > 1 and can_batch(model, [g.cache for g, _ in live], sum(r.input_ids.shape[0] for r in rows)):
-            clock = live[0][0].clock
+        # a request wider than one request's widest pass is verified alone, as it would be alone (its products
+        # are F.linear's there, not the kernel's)
+        packed = [i for i, r in enumerate(rows) if r.input_ids.shape[0] <= MAX_FAST_ROWS]
+        if len(packed) < 2 or not can_batch(model, [live[i][0].cache for i in packed],
+                                            sum(rows[i].input_ids.shape[0] for i in packed)):
+            packed = []
+        if packed:
+            chosen = [rows[i] for i in packed]
+            clock = live[packed[0]][0].clock
             t0 = clock()
-            masks = [request_mask(r.position, r.input_ids.shape[0], r.parents, r.input_ids.device) for r in rows]
-            hidden = packed_hidden(model, [g.cache for g, _ in live], [r.input_ids for r in rows],
-                                   [r.positions for r in rows], masks)  # (N, hidden)
+            masks = [request_mask(r.position, r.input_ids.shape[0], r.parents, r.input_ids.device) for r in chosen]
+            hidden = packed_hidden(model, [live[i][0].cache for i in packed], [r.input_ids for r in chosen],
+                                   [r.positions for r in chosen], masks)  # (N, hidden)
             with batched_rows():
                 logits = project_logits(model, hidden)  # (N, vocab)
             outcomes, start = [], 0
-            for (g, _), r in zip(live, rows):
+            for i, r in zip(packed, chosen):
                 stop = start + r.input_ids.shape[0]
-                outcomes.append(g.conclude(r, logits[start:stop]))
+                outcomes.append(live[i][0].conclude(r, logits[start:stop]))
                 start = stop
             seconds = clock() - t0
-            for (g, _), draft, (accepted, next_token) in zip(live, drafts, outcomes):
-                g.commit(draft, accepted, next_token, seconds)
-            return
-        for (g, _), draft in zip(live, drafts):
+            for i, (accepted, next_token) in zip(packed, outcomes):
+                live[i][0].commit(drafts[i], accepted, next_token, seconds)
+        for i, ((g, _), draft) in enumerate(zip(live, drafts)):
+            if i in packed:
+                continue
             t0 = g.clock()
             accepted, next_token = verify(model, g.cache, g.history[-1], draft, g.position, g.config.sampling,
                                           g.generator, g.observe_logits)

@@ -33,8 +33,10 @@ from typing import Any, Callable, Union
 
 
 from knnssd.bundle.runtime import BundleRuntime, RoutedGeneration
+from knnssd.engine.batch import can_batch
 from knnssd.engine.budget import PassCosts, batch_caps, time_pass_costs
 from knnssd.engine.decoding import step
+from knnssd.engine.kvcache import new_cache
 from knnssd.engine.sublayers import model_lock
 from knnssd.errors import KnnSsdError
 from knnssd.serve.follow import Follower, Serving, warm
@@ -229,23 +231,37 @@ class Engine:
         try:
             runtime = self.follower.current.runtime
             warm(runtime)
-            if self.settings.max_batch > 1:
-                model = runtime.loaded.model
-                with model_lock(model):
-                    self.costs = time_pass_costs(model)
-                LOG.info("pass costs (in 1-row passes): %s", ", ".join(
-                    f"{w} rows {c:.2f}" for w, c in self.costs.relative().items()))
         except Exception:  # noqa: BLE001 - a failed warm-up is logged; /ready then stays 503
             LOG.exception("warm-up failed; the server stays not ready")
             return
+        self._time_costs(runtime.loaded.model)
         self.ready.set()
         while True:
-            if not self._admit():
-                break
-            if self._running:
-                self._step()
+            try:
+                if not self._admit():
+                    break
+                if self._running:
+                    self._step()
+            except Exception:  # noqa: BLE001 - a bug fails the running requests, not the server
+                error = internal_error(LOG, "the batch worker failed")
+                for running in list(self._running):
+                    self._finish(running, Failed(error))
         for running in list(self._running):
             self._finish(running, None)
+
+    def _time_costs(self, model: Any) -> None:
+        """Time the pass costs the token budget reads, where this model's requests can share a pass; else each
+        request keeps its policy's draft length (no costs: no budget)."""
+        if self.settings.max_batch < 2 or not can_batch(model, [new_cache(model)], 1):
+            return
+        try:
+            with model_lock(model):
+                self.costs = time_pass_costs(model)
+        except Exception:  # noqa: BLE001 - the server serves without a budget rather than not at all
+            LOG.exception("timing pass costs failed; each request keeps its policy's draft length")
+            return
+        LOG.info("pass costs (in 1-row passes): %s", ", ".join(
+            f"{w} rows {c:.2f}" for w, c in self.costs.relative().items()))
 
     def _admit(self) -> bool:
         """Take waiting jobs (and warm-ups) until the batch is full or none waits; block while nothing runs.
@@ -309,7 +325,7 @@ class Engine:
             self._running.append(running)
             self._gauges()
         if routed.generation.done:  # one token asked for, an EOS first, or a stop string in the first token
-            self._finish(running, self._answer(running))
+            self._finish(running, self._final(running))
 
     def _step(self) -> None:
         """One step of every running request, in one verify pass per model; the finished ones answered."""
@@ -336,7 +352,7 @@ class Engine:
                 self.metrics.step_accepted.observe(now_accepted - accepted)
         for running in batch:
             if running.routed.generation.done and running in self._running:
-                self._finish(running, self._answer(running))
+                self._finish(running, self._final(running))
 
     def _free(self, job: Job, started: float) -> None:
         with self._lock:
@@ -354,6 +370,13 @@ class Engine:
         self._free(running.job, running.started)
         if final is not None:
             running.job.emit(final)
+
+    def _final(self, running: Running) -> Event | None:
+        """`_answer`, or a generic 500 where building the answer fails (a bug must still answer the request)."""
+        try:
+            return self._answer(running)
+        except Exception:  # noqa: BLE001
+            return Failed(internal_error(LOG, "answering a generation failed"))
 
     def _answer(self, running: Running) -> Event | None:
         """The final event of a finished generation (None: its client left)."""

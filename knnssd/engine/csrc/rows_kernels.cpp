@@ -1,6 +1,6 @@
 // The engine's CPU kernels for every decoding width (1 to 32 rows), fp32, AVX-512 or AVX2 with FMA:
 //
-//   rows_gemm(x, w)                 x (m, k) @ w (n, k).T, 1 <= m <= 32
+//   rows_gemm(x, w)                 x (m, k) @ w (n, k).T, 1 <= m <= 256 (past 32: a batch of requests' passes)
 //   rows_attention(q, k, v, mask)   attention of T <= 32 query rows over a KV cache, grouped-query heads
 //
 // Both are batch-invariant: every output element is computed by the same sequence of floating-point operations
