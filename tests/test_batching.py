@@ -62,8 +62,9 @@ def start(model, prompt, config, drafter):
 
 @pytest.mark.parametrize("family", BATCHABLE)
 def test_a_batch_with_joins_and_leaves_equals_plain_decoding_alone(family, packed_rows):
-    """Sixteen requests (plain, prompt lookup, layer skip, suffix trees), up to eight at a time, admitted between steps with
-    different lengths, so requests join and leave while others run; passes of more than 32 rows included."""
+    """Sixteen requests (plain, prompt lookup, layer skip, suffix trees), up to eight at a time, admitted between
+    steps with different lengths, so requests join and leave while others run; passes of more than 32 rows
+    included."""
     model = tiny_model(family, num_layers=3, vocab_size=160)
     accelerate(model)
     requests = [(p, drafters()[i % 4], GenerationConfig(max_new_tokens=12 + 5 * (i % 5), eos_token_ids=()))

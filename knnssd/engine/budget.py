@@ -144,9 +144,8 @@ def batch_caps(generations: Sequence["Generation"], costs: PassCosts | None) -> 
     if costs is None or len(generations) < 2:
         return None
     fixed = [not g.config.sampling.greedy and g.config.sampling.seed is not None for g in generations]
-    room = [0 if fix or g.session is None else min(MAX_DRAFT, g.end - len(g.history) - 1)
-            for g, fix in zip(generations, fixed)]
-    reserved = sum(min(MAX_DRAFT, max(0, g.end - len(g.history) - 1))
-                   for g, fix in zip(generations, fixed) if fix and g.session is not None)
+    wanted = [min(MAX_DRAFT, max(0, g.room)) if g.session is not None else 0 for g in generations]
+    room = [0 if fix else w for w, fix in zip(wanted, fixed)]
+    reserved = sum(w for w, fix in zip(wanted, fixed) if fix)  # rows a seeded request may bring on its own
     caps = allocate([g.acceptance() for g in generations], room, costs, max_rows=MAX_BATCH_ROWS - reserved)
     return [None if fix else cap for cap, fix in zip(caps, fixed)]

@@ -246,9 +246,15 @@ def verify(
     `position` committed tokens): returns (accepted draft tokens, next_token), the cache cropped to the committed
     tokens. A token tree (draft.parents set) is verified in one pass with its tree mask
     (`knnssd.engine.tree.tree_mask`) under greedy decoding; under sampling only its first path is verified."""
-    rows = pass_rows(last_token, draft, position, sampling.greedy)
+    return verify_rows(model, cache, pass_rows(last_token, draft, position, sampling.greedy), sampling, generator,
+                       on_logits)
+
+
+def verify_rows(model: PreTrainedModel, cache: DynamicCache, rows: PassRows, sampling: SamplingConfig,
+                generator: torch.Generator | None, on_logits: OnLogits | None = None) -> tuple[list[int], int]:
+    """`verify` for rows already laid out (`pass_rows`): one pass of this request alone, a tree with its mask."""
     parents = rows.parents
-    mask = {"attention_mask": tree_mask(model, cache, parents, position)} if parents is not None else {}
+    mask = {"attention_mask": tree_mask(model, cache, parents, rows.position)} if parents is not None else {}
     hidden = model.model(input_ids=rows.input_ids[None], position_ids=rows.positions[None], cache=cache,
                          use_cache=True, **mask).last_hidden_state[0]  # (n, hidden)
     return conclude(cache, rows, project_logits(model, hidden), sampling, generator, on_logits)
@@ -307,6 +313,11 @@ class Generation:
     def cache(self) -> DynamicCache:
         return self.state.cache
 
+    @property
+    def room(self) -> int:
+        """The most draft tokens the next step may verify: drafts plus the bonus token stay within max_new_tokens."""
+        return self.end - len(self.history) - 1
+
     def tally(self) -> tuple[int, int]:
         """(drafted, accepted) tokens so far."""
         return sum(self.recorder.drafted_by_position), sum(self.recorder.accepted_by_position)
@@ -320,8 +331,7 @@ class Generation:
     def propose(self, model: PreTrainedModel, cap: int | None = None) -> Draft:
         """Step 2: the drafter's draft after the last committed token (empty for plain decoding), held to the
         loop's contract and to at most `cap` tokens (a batch's budget; None: the policy's own length)."""
-        room = self.end - len(self.history) - 1  # drafts plus the bonus token stay within max_new_tokens
-        limit = room if cap is None else min(room, cap)
+        limit = self.room if cap is None else min(self.room, cap)
         if self.session is None or limit < 1:
             return Draft(tokens=torch.empty(0, dtype=torch.long, device=self.device), probs=None)
         t0 = self.clock()
@@ -370,8 +380,8 @@ class Generation:
 def step(model: PreTrainedModel, generations: list[Generation], caps: list[int | None] | None = None) -> None:
     """One loop step for every generation that is not done: each drafts (at most caps[i] tokens where given),
     then one verify pass over every request's rows (`knnssd.engine.batch`), or one pass per request where the
-    model or a cache cannot be batched (`can_batch`); a request of more than MAX_FAST_ROWS rows gets its own pass. A request's greedy output does not depend on what it is
-    batched with: with the batch-invariant kernels (`knnssd.engine.kernels`) its rows compute the bits they
+    model or a cache cannot be batched (`can_batch`); a request of more than MAX_FAST_ROWS rows gets its own pass.
+    A request's greedy output does not depend on what it is batched with: with the batch-invariant kernels (`knnssd.engine.kernels`) its rows compute the bits they
     compute alone; with library products, up to near-ties."""
     live = [(g, cap) for g, cap in zip(generations, caps or [None] * len(generations)) if not g.done]
     if not live:
@@ -406,8 +416,8 @@ def step(model: PreTrainedModel, generations: list[Generation], caps: list[int |
             if i in packed:
                 continue
             t0 = g.clock()
-            accepted, next_token = verify(model, g.cache, g.history[-1], draft, g.position, g.config.sampling,
-                                          g.generator, g.observe_logits)
+            accepted, next_token = verify_rows(model, g.cache, rows[i], g.config.sampling, g.generator,
+                                               g.observe_logits)
             g.commit(draft, accepted, next_token, g.clock() - t0)
 
 

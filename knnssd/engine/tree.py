@@ -4,7 +4,8 @@ A tree draft is `Draft(tokens, probs=None, parents=...)` (see `knnssd.engine.dra
 tokens[i] and following node parents[i] (-1: the last committed token, the root). Nodes are in topological order
 (parents[i] < i), so a node's depth (1 for a child of the root) is one more than its parent's.
 
-One verify pass (`knnssd.engine.decoding.verify`) runs the full model over [last token, node 0, ..., node k-1] (width k + 1):
+One verify pass (`knnssd.engine.decoding.verify`) runs the full model over [last token, node 0, ..., node k-1]
+(width k + 1):
 - positions: the root sits at `position`, node i at position + depth(i), so each node is computed at the position
   it would have on its own path;
 - attention: `tree_mask` lets row 0 (the root) and row 1 + i (node i) see the committed cache and their own

@@ -39,7 +39,8 @@ class ServeSettings:
              f"--max-batch must be 1-64, got {self.max_batch}",
              "e.g. --max-batch 8 (1: one request at a time; a pass holds at most 256 rows)"),
             (isinstance(self.max_queue, int) and self.max_queue >= 0, f"--max-queue must be >= 0, got "
-             f"{self.max_queue}", "e.g. --max-queue 16 (0: only the --max-batch requests being generated are admitted)"),
+             f"{self.max_queue}",
+             "e.g. --max-queue 16 (0: only the --max-batch requests being generated are admitted)"),
             (self.request_timeout > 0, f"--request-timeout must be > 0 seconds, got {self.request_timeout}",
              "e.g. --request-timeout 300"),
             (self.refresh_seconds >= 0, f"--refresh-seconds must be >= 0, got {self.refresh_seconds}",
