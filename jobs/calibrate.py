@@ -13,10 +13,11 @@ head node's environment. So: run it with the venv's python by absolute path (`--
 jobs/calibrate.py`: `.venv` is never uploaded, and a bare `python` is whatever the head's PATH finds), and give
 every path absolutely. Ray does not tell the job the folder it was submitted from, so relative paths cannot be
 resolved for the user; instead, before any work, the job refuses (`pipeline.cluster.check_job_paths`) a relative
---data, --model or --signing-key that does not exist in the copy, a relative --work-dir or --storage (the default
---work-dir too: the resume state would be deleted with the job), and, unless --no-publish, a missing or relative
-file tracking store (the default one included: the bundle would be published into the copy). Each error names
-the flag and its absolute form; the tracking store to use is an MLflow server (`--tracking-uri http://HOST:PORT`).
+--data, --model, --signing-key or --corpus file that does not exist in the copy, a relative --work-dir or
+--storage (the default --work-dir too: the resume state would be deleted with the job), and, unless --no-publish,
+a missing or relative file tracking store (the default one included: the bundle would be published into the
+copy). Each error names the flag and its absolute form; the tracking store to use is an MLflow server
+(`--tracking-uri http://HOST:PORT`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from knnssd.errors import KnnSsdError  # noqa: E402
 from knnssd.bundle.signing import check_signing_key  # noqa: E402
 from pipeline.calibrate import CalibrationConfig  # noqa: E402
 from pipeline.cluster import check_job_paths  # noqa: E402
+from pipeline.corpus import MAX_CORPUS_STORE_TOKENS, parse_corpus_flag, read_corpus  # noqa: E402
 from pipeline.data import SPEC_BENCH_MT_CATEGORIES, DataConfig  # noqa: E402
 from pipeline.reduce import ReduceConfig  # noqa: E402
 from pipeline.space import SEARCHABLE_KINDS, SearchConfig  # noqa: E402
@@ -106,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "it; the bundle ships it).")
     p.add_argument("--store-batch", type=int, default=CalibrationConfig.store_batch,
                    help="calibration prompts decoded together (left-padded) while building a store.")
+    p.add_argument("--corpus", action="append", default=[], metavar="DOMAIN=PATH",
+                   help="add your own texts to DOMAIN's store (repeatable, one file per domain): a JSONL file, one "
+                        "text a line (a JSON string or an object with a \"text\" field), tokenised as plain text "
+                        f"(at most {MAX_CORPUS_STORE_TOKENS:,} tokens a domain). DOMAIN is one of the data's "
+                        "domains after --merge and --domains; no text may contain a held-out prompt. The bundle "
+                        "ships the tokens and notes the file's name and sha256.")
     p.add_argument("--max-per-domain", type=int, default=None, help="use at most N prompts per domain.")
     p.add_argument("--held-out-fraction", type=float, default=0.25,
                    help="share of each domain's prompts held out for the final check and evaluation.")
@@ -172,12 +180,19 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         work_dir=args.work_dir, storage=args.storage, tracking_uri=args.tracking_uri, publish=not args.no_publish,
         ray_address=args.address, mix=not args.no_mix, validate_prompts=args.validate_prompts,
         store_tokens=args.store_tokens, store_batch=args.store_batch,
+        corpora=tuple(read_corpus(*parse_corpus_flag(item)) for item in args.corpus),
         signing_key=str(check_signing_key(args.signing_key)) if args.signing_key else None)
 
 
 def check_paths_for_ray_job(args: argparse.Namespace) -> None:
     """Under `ray job submit`, refuse paths that point into the job's throwaway working copy (module docstring)."""
     model = args.model if args.model.startswith(("./", "../")) else None  # a hub id or built-in name is no path
+    for domain, path in map(parse_corpus_flag, args.corpus):
+        try:
+            check_job_paths(inputs={"--corpus": str(path)}, outputs={}, tracking=None)
+        except KnnSsdError as error:  # said in the flag's DOMAIN=PATH form
+            raise KnnSsdError(error.problem.replace(f"--corpus {path}", f"--corpus {domain}={path}", 1),
+                              fix=(error.fix or "").replace('--corpus "', f'--corpus {domain}="', 1)) from None
     check_job_paths(inputs={"--data": args.data, "--model": model, "--signing-key": args.signing_key},
                     outputs={"--work-dir": args.work_dir, "--storage": args.storage},
                     tracking=None if args.no_publish else ("--tracking-uri", args.tracking_uri))

@@ -4,6 +4,8 @@ confirmation (Ray) -> embeddings (Ray) -> reduce -> held-out check (Ray) -> bund
 Every input is checked before Ray starts. Stage outputs land in `work_dir` as they finish (data.parquet,
 step-costs/, search.json, embeddings.parquet, validation.json, the bundle folder), and the Optuna journal keeps
 every finished trial, so a job that fails or is killed loses no finished work: run it again and it resumes.
+A domain's store may also hold the user's own texts (`--corpus DOMAIN=PATH`, `pipeline.corpus`), added in the
+store stage and noted in the bundle's calibration record (file name, sha256, texts, tokens), never copied.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from knnssd.errors import KnnSsdError
 from knnssd.engine.models import check_model
 from knnssd.engine.policy import describe_policy
 from knnssd.engine.threads import resolve_threads
+from pipeline.corpus import Corpus, check_corpora, corpus_record
 from pipeline.data import CALIBRATION, HELD_OUT, DataConfig, domains_of, load_calibration_table, prompts_of
 from pipeline.reduce import ReduceConfig, build_bundle_spec
 from pipeline.search import prepare_study, study_name
@@ -57,6 +60,7 @@ class CalibrationConfig:
     signing_key: str | None = None  # a private key: the published bundle is signed (knnssd.bundle.signing)
     store_tokens: int = 128  # new tokens per calibration prompt in its domain's store (pipeline.stores)
     store_batch: int = 8  # prompts decoded together while building a store
+    corpora: tuple[Corpus, ...] = ()  # the user's own texts added to a domain's store (`pipeline.corpus`)
 
     def __post_init__(self) -> None:  # the thread count every task decodes with, fixed on the driver
         object.__setattr__(self, "model", replace(self.model, threads=resolve_threads(self.model.threads)))
@@ -85,13 +89,16 @@ class CalibrationResult:
 
 
 def validate(config: CalibrationConfig) -> pa.Table:
-    """Every check that needs no cluster: bundle name, model, data. Returns the split calibration table."""
+    """Every check that needs no cluster: bundle name, model, data, corpora (their domains are the data's, none
+    holds a held-out prompt). Returns the split calibration table."""
     check_bundle_name(config.bundle_name)
     check_model(config.model.name)
     table = load_calibration_table(config.data, min_calibration=config.search.prompts_per_trial)
     if config.mix and MIX in domains_of(table):
         raise KnnSsdError(f"the data has a domain named {MIX!r}, the name of the study over all domains together",
                           fix=f"rename that domain (--merge {MIX}=other) or pass --no-mix")
+    check_corpora(config.corpora, domains_of(table),
+                  table.filter(pc.equal(table["split"], HELD_OUT))["prompt"].to_pylist())
     return table
 
 
@@ -228,7 +235,8 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
     connect(config.ray_address)
     model = identify(config, log)
     stores = build_stores(config.model, {d: prompts_of(table, d, CALIBRATION) for d in domains_of(table)},
-                          config.store_tokens, config.store_batch, log, mix=MIX if config.mix else None)
+                          config.store_tokens, config.store_batch, log, mix=MIX if config.mix else None,
+                          corpora=config.corpora)
     everything = run_searches(config, table, model, log, stores)
     (work / "search.json").write_text(json.dumps(everything, indent=2))
     searches = [r for r in everything if r["domain"] != MIX]
@@ -248,7 +256,8 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
         prompt_format={"chat": config.model.chat},
         calibration={"search": asdict(config.search), "data": asdict(config.data),
                      "provenance": provenance(table, searches), "step_costs": model["costs"],
-                     "stores": {"max_new_tokens": config.store_tokens, "batch": config.store_batch},
+                     "stores": {"max_new_tokens": config.store_tokens, "batch": config.store_batch,
+                                "corpora": [corpus_record(c, stores[c.domain]) for c in config.corpora]},
                      "validation": validation}, reference_policies=references,
         stores={domain: store.joined() for domain, store in stores.items() if domain != MIX})
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -257,7 +266,8 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
     ref = None
     if config.publish:
         params = {**flat_params(config.model, config.data, config.search, config.reduce),
-                  **spec.calibration["provenance"]}
+                  **spec.calibration["provenance"], **{f"corpus.{c['domain']}": f"{c['file']} {c['sha256'][:16]}"
+                                                       for c in spec.calibration["stores"]["corpora"]}}
         published = BundleRegistry(config.tracking_uri).publish(folder, config.bundle_name, params=params,
                                                                 signing_key=config.signing_key)
         ref = f"{published.name}@v{published.version}"

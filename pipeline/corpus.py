@@ -1,6 +1,10 @@
 """A user's own texts for a domain's store (`--corpus DOMAIN=PATH`, issue 29 item 4): parsed and checked here,
-before any cluster work. Not wired into calibration yet: the store stage (`pipeline.store_stage`) would tokenise
-each text and add it to the domain's store beside the model's own outputs.
+before any cluster work (`jobs/calibrate.py` reads them, `pipeline.calibrate.validate` checks them against the
+split table); the store stage (`pipeline.store_stage`) tokenises each text in a Ray task (`corpus_entries`) and
+adds it to the domain's store beside the model's own outputs, at most `MAX_CORPUS_STORE_TOKENS` tokens a domain.
+Each entry's prompt key (`corpus_key`) starts with a NUL, so it never equals a calibration prompt and a trial's
+leave-one-out (`DomainStore.arrays(exclude=p)`) never drops it. The bundle's calibration record notes each corpus
+(`corpus_record`: file name, sha256, texts, tokens), never its text.
 
 A corpus file is JSONL, one text a line: a JSON string, or an object with a "text" field. Blank lines are
 skipped. It is bounded (`MAX_CORPUS_BYTES` per file, `MAX_CORPUS_TEXTS` texts) and must not contain a held-out
@@ -13,9 +17,11 @@ held-out prompt's future up.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from knnssd.errors import KnnSsdError
 from pipeline.data import normalise_prompt
@@ -23,15 +29,24 @@ from pipeline.data import normalise_prompt
 MAX_CORPUS_BYTES = 64 * 2**20
 MAX_CORPUS_TEXTS = 100_000
 MIN_CONTAINED_CHARS = 32
+MAX_CORPUS_STORE_TOKENS = 1_000_000  # a domain's corpus tokens; a bundle's stores hold at most 4M entries in all
+CORPUS_KEY = "\x00corpus:"  # the start of a corpus entry's prompt key: no calibration prompt starts with a NUL
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """domain: the store it adds to; path: the file; texts: its texts, in file order."""
+    """domain: the store it adds to; path: the file; texts: its texts, in file order; sha256: of the file's
+    bytes as read."""
 
     domain: str
     path: str
     texts: tuple[str, ...]
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        """The file's name, without its folder: what logs and the bundle's calibration record show."""
+        return Path(self.path).name
 
 
 def parse_corpus_flag(item: str) -> tuple[str, Path]:
@@ -54,8 +69,9 @@ def read_corpus(domain: str, path: Path, max_bytes: int = MAX_CORPUS_BYTES,
     if size > max_bytes:
         raise KnnSsdError(f"corpus file {path} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB bound",
                           fix="keep the texts most like the domain's prompts' answers, or split them by domain")
+    data = path.read_bytes()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise KnnSsdError(f"corpus file {path} is not UTF-8 text (byte {exc.start})",
                           fix="save it as UTF-8 JSONL, one text a line") from None
@@ -79,22 +95,29 @@ def read_corpus(domain: str, path: Path, max_bytes: int = MAX_CORPUS_BYTES,
     if len(texts) > max_texts:
         raise KnnSsdError(f"corpus file {path} holds {len(texts)} texts, over the bound of {max_texts}",
                           fix="keep fewer texts, e.g. those most like the domain's answers")
-    return Corpus(domain=domain, path=str(path), texts=tuple(texts))
+    return Corpus(domain=domain, path=str(path), texts=tuple(texts), sha256=hashlib.sha256(data).hexdigest())
 
 
 def load_corpora(items: list[str], domains: list[str], held_out: list[str]) -> list[Corpus]:
-    """Every `--corpus DOMAIN=PATH` value read and checked against the data: each domain one of `domains`
-    (after --merge), at most one file per domain, and no text that is or contains a held-out prompt
-    (`held_out`: every domain's held-out prompt texts; see the module docstring)."""
-    corpora: list[Corpus] = []
-    for item in items:
-        domain, path = parse_corpus_flag(item)
-        if domain not in domains:
-            raise KnnSsdError(f"--corpus names domain {domain!r}, which is not in the data",
-                              fix=f"choose from {', '.join(domains)}")
-        if any(c.domain == domain for c in corpora):
-            raise KnnSsdError(f"--corpus names domain {domain!r} twice", fix="join its texts into one file")
-        corpora.append(read_corpus(domain, path))
+    """Every `--corpus DOMAIN=PATH` value read (`read_corpus`) and checked against the data (`check_corpora`)."""
+    corpora = [read_corpus(*parse_corpus_flag(item)) for item in items]
+    check_corpora(corpora, domains, held_out)
+    return corpora
+
+
+def check_corpora(corpora: list[Corpus] | tuple[Corpus, ...], domains: list[str], held_out: list[str]) -> None:
+    """Each corpus's domain one of `domains` (after --merge and --domains), at most one file per domain, and no
+    text that is or contains a held-out prompt (`held_out`: every domain's held-out prompt texts; see the module
+    docstring)."""
+    seen: set[str] = set()
+    for corpus in corpora:
+        if corpus.domain not in domains:
+            raise KnnSsdError(f"--corpus names domain {corpus.domain!r}, which is not in the data (its domains: "
+                              f"{', '.join(domains)})", fix=f"choose one of {', '.join(domains)} (after --merge "
+                                                           "and --domains)")
+        if corpus.domain in seen:
+            raise KnnSsdError(f"--corpus names domain {corpus.domain!r} twice", fix="join its texts into one file")
+        seen.add(corpus.domain)
     prompts = [(normalise_prompt(p), p) for p in held_out if p.strip()]
     for corpus in corpora:
         for number, text in enumerate(corpus.texts, start=1):
@@ -106,4 +129,52 @@ def load_corpora(items: list[str], domains: list[str], held_out: list[str]) -> l
                 raise KnnSsdError(f"corpus {corpus.path} text {number} contains the held-out prompt {shown!r}",
                                   fix="remove the evaluation's prompts (and their answers) from the corpus: "
                                       "drafting from them would look a held-out prompt's future up")
-    return corpora
+
+
+def corpus_key(corpus: Corpus, number: int) -> str:
+    """The store prompt key of the corpus's text `number` (1-based): never a calibration prompt (module docstring)."""
+    return f"{CORPUS_KEY}{corpus.sha256[:8]}:{number}"
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of model `name` (a built-in name, folder or hub id, as `knnssd.engine.models.load_model`
+    resolves it), without loading the weights."""
+    from transformers import AutoTokenizer
+
+    from knnssd.cli.entry import quiet_loaders
+    from knnssd.engine.models import _resolve_source
+
+    quiet_loaders()
+    return AutoTokenizer.from_pretrained(_resolve_source(name, None))
+
+
+def corpus_entries(model: Any, corpus: Corpus) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """(prompt keys, token ids) of the corpus's texts as store entries: each text tokenised as plain text (no
+    chat template, no special tokens) with `model`'s tokenizer (`model`: a `pipeline.tasks.ModelSpec`); a text
+    of no tokens is left out. The store stage runs this as a Ray task."""
+    tokenizer = load_tokenizer(model.name)
+    keys, outputs = [], []
+    for number, text in enumerate(corpus.texts, start=1):
+        ids = tuple(int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"])
+        if ids:
+            keys.append(corpus_key(corpus, number))
+            outputs.append(ids)
+    return tuple(keys), tuple(outputs)
+
+
+def check_corpus_tokens(corpus: Corpus, tokens: int, limit: int = MAX_CORPUS_STORE_TOKENS) -> None:
+    """Refuse a corpus whose texts tokenise to more than `limit` tokens."""
+    if tokens > limit:
+        raise KnnSsdError(f"corpus {corpus.path} (domain {corpus.domain!r}) is {tokens} tokens, over the bound of "
+                          f"{limit} corpus tokens per domain store",
+                          fix="keep the texts most like the domain's answers (the bundle ships its stores, at most "
+                              "4M tokens in all)")
+
+
+def corpus_record(corpus: Corpus, store: Any) -> dict[str, Any]:
+    """What the bundle's calibration record notes of a corpus, from the domain's `pipeline.stores.DomainStore`
+    it was added to (the entries under its keys): file name, sha256, texts and tokens, no text."""
+    prefix = corpus_key(corpus, 0)[:-1]  # the key without its text number
+    outputs = [o for p, o in zip(store.prompts, store.outputs) if p.startswith(prefix)]
+    return {"domain": corpus.domain, "file": corpus.name, "sha256": corpus.sha256, "texts": len(outputs),
+            "tokens": sum(len(o) for o in outputs)}

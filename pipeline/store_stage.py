@@ -1,32 +1,52 @@
-"""The store stage of calibration, on the driver: one Ray task per domain builds its store (`pipeline.stores`)."""
+"""The store stage of calibration, on the driver: one Ray task per domain builds its store (`pipeline.stores`),
+and one more per `--corpus` tokenises the user's texts for that domain's store (`pipeline.corpus`)."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from pipeline.corpus import Corpus, check_corpus_tokens, corpus_entries
 from pipeline.stores import DomainStore
 
 
 def build_stores(model: Any, prompts: dict[str, list[str]], max_new_tokens: int, batch_size: int,
-                 log: Callable[[str], None], mix: str | None = None) -> dict[str, DomainStore]:
+                 log: Callable[[str], None], mix: str | None = None,
+                 corpora: Sequence[Corpus] = ()) -> dict[str, DomainStore]:
     """The store stage of calibration: one `pipeline.tasks.build_store` Ray task per domain (`model`: its
-    `ModelSpec`; `prompts`: each domain's calibration prompts, all of them used), plus, under the name `mix`
-    when given, the union of all stores (what the mix study drafts from). Logs each domain's size."""
+    `ModelSpec`; `prompts`: each domain's calibration prompts, all of them used), each domain's corpus (at most
+    one, checked by `pipeline.corpus.check_corpora`) tokenised in a Ray task of its own and added after the
+    model's outputs, then, under the name `mix` when given, the union of all stores (what the mix study drafts
+    from). Logs each domain's size and each corpus added. A corpus over `MAX_CORPUS_STORE_TOKENS` is refused
+    before any store is waited for."""
     import ray
 
     from pipeline.cluster import task_resources
-    from pipeline.tasks import build_store  # Ray and torch: only when the stage runs
+    from pipeline.tasks import MAX_RETRIES, build_store  # Ray and torch: only when the stage runs
 
     started = time.perf_counter()
+    tokenise = ray.remote(max_retries=MAX_RETRIES)(corpus_entries)  # a tokenizer only: one CPU, no GPU
+    corpus_refs = {corpus.domain: (corpus, tokenise.remote(model, corpus)) for corpus in corpora}
     resources = task_resources(model.threads)
     refs = {domain: build_store.options(**resources).remote(model, domain, texts, max_new_tokens, batch_size)
             for domain, texts in prompts.items()}
+    extra = {}
+    for domain, (corpus, ref) in corpus_refs.items():
+        keys, outputs = ray.get(ref)
+        check_corpus_tokens(corpus, sum(len(o) for o in outputs))
+        extra[domain] = (corpus, keys, outputs)
     stores = {}
     for domain, ref in refs.items():
         stores[domain] = ray.get(ref)
         log(f"store: [{domain}] {len(stores[domain].outputs)} outputs, {stores[domain].tokens} tokens "
             f"({len(stores)}/{len(refs)}, {time.perf_counter() - started:.0f} s)")
+        if domain in extra:
+            corpus, keys, outputs = extra[domain]
+            store = stores[domain]
+            stores[domain] = DomainStore(domain=domain, prompts=store.prompts + keys,
+                                         outputs=store.outputs + outputs)
+            log(f"store: [{domain}] + corpus {corpus.name}: {len(keys)} texts, "
+                f"{sum(len(o) for o in outputs)} tokens")
     if mix is not None:
         stores[mix] = DomainStore.union(list(stores.values()), mix)
     return stores

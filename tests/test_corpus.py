@@ -1,7 +1,9 @@
-"""`--corpus DOMAIN=PATH` parsing and checks (pipeline/corpus.py; not wired into calibration yet)."""
+"""`--corpus DOMAIN=PATH` parsing and checks (pipeline/corpus.py); its wiring into calibration is
+tests/test_corpus_wiring.py's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -20,7 +22,9 @@ def write(path, lines):
 def test_a_corpus_is_read_as_strings_or_text_objects(tmp_path):
     path = write(tmp_path / "c.jsonl", [json.dumps("first text"), "", json.dumps({"text": "second", "id": 3})])
     (corpus,) = load_corpora([f"qa={path}"], ["qa", "chat"], HELD_OUT)
-    assert corpus == Corpus(domain="qa", path=str(path), texts=("first text", "second"))
+    assert corpus == Corpus(domain="qa", path=str(path), texts=("first text", "second"),
+                            sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    assert corpus.name == "c.jsonl"
     assert parse_corpus_flag(" qa = ~/x.jsonl")[0] == "qa"
     # a held-out prompt shorter than the containment bound only counts when the whole text equals it
     assert load_corpora([f"qa={write(tmp_path / 'h.jsonl', [json.dumps('Hi there, how are you')])}"], ["qa"],
@@ -30,7 +34,7 @@ def test_a_corpus_is_read_as_strings_or_text_objects(tmp_path):
 @pytest.mark.parametrize("setup, words", [
     ("no-equals", "is not DOMAIN=PATH"),
     ("missing", "does not exist"),
-    ("unknown-domain", "domain 'code', which is not in the data"),
+    ("unknown-domain", "domain 'code', which is not in the data \\(its domains: qa, chat\\)"),
     ("twice", "names domain 'qa' twice"),
     ("not-json", "line 2 is not JSON"),
     ("number", "line 1 is neither a JSON string nor an object"),
