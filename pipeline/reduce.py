@@ -118,9 +118,11 @@ def build_bundle_spec(
     calibration: dict[str, Any] | None = None,
     reference_policies: dict[str, dict[str, Any]] | None = None,
     stores: dict[str, np.ndarray] | None = None,
+    successors: dict[str, np.ndarray] | None = None,
 ) -> BundleSpec:
     """Everything the bundle needs, from (n, dim) calibration embeddings with their domain labels; `stores`:
-    {domain: (n,) int32 joined store} (`knnssd.bundle.join_store`), written into the bundle as they are."""
+    {domain: (n,) int32 joined store} (`knnssd.bundle.join_store`), and `successors`: {domain: (vocab, k) int32
+    warm successor table} (`pipeline.stores.DomainStore.table`), written into the bundle as they are."""
     domains = tuple(policies)
     anchors, owners = build_anchors(embeddings, labels, domains, config)
     return BundleSpec(
@@ -128,7 +130,7 @@ def build_bundle_spec(
         policies=policies, fallback_policy=conservative_policy(policies, config),
         fallback_distance=fallback_distance(embeddings, labels, domains, config), metrics=metrics,
         prompt_format=prompt_format or {"chat": True}, reference_policies=reference_policies or {},
-        stores=stores or {},
+        stores=stores or {}, successors=successors or {},
         calibration={**(calibration or {}), "anchors_per_domain": config.anchors_per_domain,
                      "fallback_quantile": config.fallback_quantile, "fallback_margin": config.fallback_margin},
     )

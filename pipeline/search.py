@@ -54,8 +54,11 @@ def prompts_fingerprint(prompts: list[str]) -> str:
 
 
 def store_fingerprint(store: DomainStore) -> str:
-    """8 hex digits of sha256 over a store's prompts and outputs."""
-    return hashlib.sha256(json.dumps([store.prompts, store.outputs]).encode()).hexdigest()[:8]
+    """8 hex digits of sha256 over a store's prompts and outputs, and its successors and vocabulary where it has
+    them (a study whose trials may start from the warm table scores differently with another table, and
+    suggests use_warm only with one)."""
+    parts = [store.prompts, store.outputs] + ([store.successors, store.vocab] if store.successors is not None else [])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8]
 
 
 def study_name(model_hash: str, domain: str, config: SearchConfig, prompts: list[str],

@@ -5,6 +5,12 @@ policy with `use_store` drafts from it as well as from the text (`knnssd.engine.
 measures calibration prompt p drafts from the store without p's own output (`DomainStore.arrays(exclude=p)`),
 else it would look its own future up; held-out prompts and the bundle use the whole store.
 
+A store may also carry the model's top successors after every output token (`successors`, computed by
+`pipeline.successors.output_successors` at the store stage): the domain's warm successor table
+(`DomainStore.table`) that a suffix-tree policy with `use_warm` starts from, built as the real loop's updates
+would (`SuccessorTable.from_updates`, in store order, the last write of a token winning). A trial on calibration
+prompt p starts from the table without p's rows (`table(exclude=p)`), for the same reason as the text.
+
 `build_outputs` decodes the prompts in batches (transformers' `generate`, greedy, left padding): the store stage
 of calibration (`pipeline.tasks.build_store`, one Ray task per domain) and what the bundle keeps
 (`knnssd.bundle`, stores/<i>.npy).
@@ -20,6 +26,7 @@ import torch
 
 from knnssd.bundle import join_store
 from knnssd.engine.decoding import model_eos_ids
+from knnssd.engine.drafters import SuccessorTable
 from knnssd.errors import KnnSsdError
 from knnssd.engine.kernels import transformers_kernels
 
@@ -71,15 +78,34 @@ def build_outputs(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_n
 @dataclass(frozen=True)
 class DomainStore:
     """domain: its name; prompts: the calibration prompt texts, in order; outputs: the model's greedy
-    continuation (new token ids) of each, in the same order."""
+    continuation (new token ids) of each, in the same order; successors: None (not computed), or successors[i][j]
+    the model's top successor ids after outputs[i][j], best first (one row per output token); vocab: the
+    model's vocabulary size (the table's rows), given with successors."""
 
     domain: str
     prompts: tuple[str, ...]
     outputs: tuple[tuple[int, ...], ...]
+    successors: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+    vocab: int = 0
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.outputs):
             raise ValueError(f"store {self.domain}: {len(self.prompts)} prompts but {len(self.outputs)} outputs")
+        if self.successors is not None:
+            if [len(rows) for rows in self.successors] != [len(output) for output in self.outputs]:
+                raise ValueError(f"store {self.domain}: successors need one row per output token")
+            if self.vocab < 1:
+                raise ValueError(f"store {self.domain}: successors need the vocabulary size")
+
+    def table(self, exclude: str | None = None) -> SuccessorTable | None:
+        """The warm successor table (vocab, k) of every entry's rows but those of prompt text `exclude` (if it is
+        one), applied in store order; None without successors."""
+        if self.successors is None:
+            return None
+        kept = [(output, rows) for prompt, output, rows in zip(self.prompts, self.outputs, self.successors)
+                if prompt != exclude]
+        return SuccessorTable.from_updates(self.vocab, [t for output, _ in kept for t in output],
+                                           [row for _, rows in kept for row in rows])
 
     def arrays(self, exclude: str | None = None) -> list[tuple[int, ...]]:
         """The token arrays to draft from, without the outputs of prompt text `exclude` (if it is one)."""
@@ -97,5 +123,8 @@ class DomainStore:
     def union(cls, stores: Iterable["DomainStore"], domain: str) -> "DomainStore":
         """One store of every store's outputs (the Self-SD(Mix) reference drafts from it)."""
         stores = list(stores)
+        warm = bool(stores) and all(s.successors is not None for s in stores)
         return cls(domain=domain, prompts=tuple(p for s in stores for p in s.prompts),
-                   outputs=tuple(o for s in stores for o in s.outputs))
+                   outputs=tuple(o for s in stores for o in s.outputs),
+                   successors=tuple(r for s in stores for r in s.successors) if warm else None,
+                   vocab=max(s.vocab for s in stores) if warm else 0)

@@ -14,7 +14,8 @@ The search, confirm and validate tasks receive the stores their suffix-tree poli
 calibration prompt drafts from the store without that prompt's output (`pipeline.drafting`).
 - `embed_prompts`: the runtime's prompt embedding (final hidden state mean-pooled over the prompt, from the
   prefill) for a chunk of prompts.
-- `build_store`: a domain's store, the model's greedy outputs on its calibration prompts (`pipeline.stores`).
+- `build_store`: a domain's store, the model's greedy outputs on its calibration prompts (`pipeline.stores`), and
+  the model's top successors after each output token (`pipeline.successors`): the domain's warm table.
 """
 
 from __future__ import annotations
@@ -202,11 +203,17 @@ def embed_prompts(spec: ModelSpec, prompts: list[str]) -> np.ndarray:
 def build_store(spec: ModelSpec, domain: str, prompts: list[str], max_new_tokens: int,
                 batch_size: int) -> DomainStore:
     """The domain's store: the model's greedy continuation of each prompt, decoded in batches
-    (`pipeline.stores.build_outputs`), at most `max_new_tokens` each."""
+    (`pipeline.stores.build_outputs`), at most `max_new_tokens` each, with the model's top successors after each
+    output token (`pipeline.successors.output_successors`, one forward per prompt)."""
     from pipeline.stores import DomainStore, build_outputs
+    from pipeline.successors import model_vocab, output_successors
 
     loaded = spec.load()
     ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in prompts]
     outputs = build_outputs(loaded.model, ids, max_new_tokens, batch_size,
                             progress=lambda done, total: _log(domain, f"store: {done}/{total} prompts"))
-    return DomainStore(domain=domain, prompts=tuple(prompts), outputs=tuple(outputs))
+    step = max(1, len(ids) // 10)
+    successors = output_successors(loaded.model, ids, outputs, progress=lambda done, total: _log(
+        domain, f"store successors: {done}/{total} prompts") if done % step == 0 or done == total else None)
+    return DomainStore(domain=domain, prompts=tuple(prompts), outputs=tuple(outputs), successors=successors,
+                       vocab=model_vocab(loaded.model))

@@ -28,7 +28,7 @@ def test_round_trip(bundle_dir):
     assert bundle.index.ntotal == 4 and len(bundle.anchor_domains) == 4
     assert {d["name"]: d["anchors"] for d in bundle.manifest["domains"]} == {"low": 2, "high": 2}
     assert set(bundle.manifest["files"]) == {"anchors.npy", "anchors.json", "policies.json"}
-    assert bundle.manifest["schema_version"] == 3 and bundle.manifest["fallback_policy"]["kind"] == "layer_skip"
+    assert bundle.manifest["schema_version"] == 4 and bundle.manifest["fallback_policy"]["kind"] == "layer_skip"
     assert bundle.manifest["stores"] == [] and bundle.stores == {}
     assert bundle.manifest["fallback_policy"]["skip_set"] == {"attn": [3], "mlp": []}  # what both domains skip
 

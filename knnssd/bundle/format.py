@@ -6,6 +6,8 @@
     anchors.json     {"dim": D, "labels": [domain index of each anchor]}
     policies.json    {domain: draft policy}, plus "__fallback__" for prompts far from every anchor
     stores/<i>.npy   optional, schema 3: domain i's store of token ids (`knnssd.bundle.stores`)
+    successors/<i>.npy  optional, schema 4: domain i's warm successor table (vocab, k) int32
+                     (`knnssd.bundle.successors`), what a suffix tree with use_warm starts from
     bundle.sig       optional: the publisher's signature over every other file (`knnssd.bundle.signing`)
 
 A draft policy is a JSON object (see knnssd.engine.policy): {"kind": "layer_skip", "skip_set": {"attn": [...],
@@ -13,8 +15,9 @@ A draft policy is a JSON object (see knnssd.engine.policy): {"kind": "layer_skip
 {"kind": "hybrid", ...}, {"kind": "suffix_tree", ..., "use_store": true} or {"kind": "none"} (plain decoding).
 The manifest may also hold reference policies that calibration searched for comparison but the router never uses
 ("mix": one policy searched on all domains' prompts together, the Self-SD(Mix) baseline of evaluation). The
-per-domain stores (what they hold, how they are bounded and checked) are `knnssd.bundle.stores`'s. Schema 2
-bundles (no stores) are still read.
+per-domain stores (what they hold, how they are bounded and checked) are `knnssd.bundle.stores`'s, the
+per-domain successor tables `knnssd.bundle.successors`'s. Schema 2 bundles (no stores) and schema 3 bundles (no
+successor tables) are still read.
 
 Reading (`knnssd.bundle.reading`) first checks the signature against the trusted keys, if any are configured (`knnssd.bundle.signing`: an
 unsigned bundle, or one signed by another key, is then refused before any of its files is parsed), then the
@@ -44,10 +47,11 @@ import numpy as np
 
 from knnssd.bundle.signing import Authenticity
 from knnssd.bundle.stores import SIZE_FIELDS, check_spec_stores, store_entry, store_sizes
+from knnssd.bundle.successors import check_spec_successors, successor_entry
 from knnssd.errors import BundleError
 
-SCHEMA_VERSION = 3  # 1 stored a FAISS index file; 2 stores plain float32 anchors; 3 adds per-domain stores
-READABLE_SCHEMAS = (2, 3)  # 2: as 3 without stores
+SCHEMA_VERSION = 4  # 1 stored a FAISS index file; 2 plain float32 anchors; 3 per-domain stores; 4 successor tables
+READABLE_SCHEMAS = (2, 3, 4)  # 2: as 3 without stores; 3: as 4 without successor tables
 MANIFEST = "manifest.json"
 VECTORS_FILE = "anchors.npy"
 ANCHORS_FILE = "anchors.json"
@@ -64,7 +68,8 @@ class BundleSpec:
     index into `domains`; policies: one per domain; metrics: per-domain calibration figures;
     reference_policies: {name: {"policy": ..., "metrics": ...}} searched for comparison, never routed to;
     stores: {domain: (n,) int32 token ids, each array followed by STORE_SEPARATOR} (`join_store` makes one),
-    for any of the domains (the mix reference and the fallback draft from their union).
+    for any of the domains (the mix reference and the fallback draft from their union); successors: {domain:
+    (vocab, k) int32 warm successor table} for any of the domains (`knnssd.bundle.successors`).
     """
 
     model_id: str
@@ -80,6 +85,7 @@ class BundleSpec:
     calibration: dict[str, Any] = field(default_factory=dict)
     reference_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     stores: dict[str, np.ndarray] = field(default_factory=dict)
+    successors: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.anchors.ndim != 2 or self.anchors.shape[0] != len(self.anchor_domains):
@@ -91,6 +97,7 @@ class BundleSpec:
         if not self.anchor_domains:
             raise BundleError("a bundle needs at least one anchor", fix="calibrate with at least one prompt per domain")
         check_spec_stores(self.stores, self.domains)
+        check_spec_successors(self.successors, self.domains)
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class Bundle:
     policies: dict[str, dict[str, Any]]
     authenticity: Authenticity = Authenticity()
     stores: dict[str, np.ndarray] = field(default_factory=dict)
+    successors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -163,6 +171,8 @@ def write_bundle(spec: BundleSpec, folder: str | os.PathLike[str]) -> Path:
                                                     indent=2, sort_keys=True))
         stores = [store_entry(name, i, spec.stores[name], tmp) for i, name in enumerate(spec.domains)
                   if name in spec.stores]
+        tables = [successor_entry(name, i, spec.successors[name], tmp) for i, name in enumerate(spec.domains)
+                  if name in spec.successors]
         counts = np.bincount(np.asarray(spec.anchor_domains, dtype=np.int64), minlength=len(spec.domains))
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -179,7 +189,9 @@ def write_bundle(spec: BundleSpec, folder: str | os.PathLike[str]) -> Path:
             "reference_policies": spec.reference_policies,
             "calibration": spec.calibration,
             "stores": stores,
-            "files": {name: sha256_file(tmp / name) for name in (*BUNDLE_FILES, *(s["file"] for s in stores))},
+            "successors": tables,
+            "files": {name: sha256_file(tmp / name)
+                      for name in (*BUNDLE_FILES, *(s["file"] for s in stores), *(t["file"] for t in tables))},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.rename(tmp, folder)

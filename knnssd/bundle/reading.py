@@ -1,9 +1,9 @@
 """Reading a bundle folder, in the order it is verified: the signature against the trusted keys first
 (`knnssd.bundle.signing`: with a key configured, an unsigned bundle or one signed by another key is refused
-before any file is parsed), then the manifest's schema, the stores' declared sizes, every checksum, and every
-value read. Nothing is unpickled: arrays are read with `numpy.load(allow_pickle=False)` and checked for dtype,
+before any file is parsed), then the manifest's schema, the stores' and successor tables' declared sizes, every
+checksum, and every value read. Nothing is unpickled: arrays are read with `numpy.load(allow_pickle=False)` and checked for dtype,
 shape and range. The format itself is `knnssd.bundle.format`'s (files, manifest, writing) and
-`knnssd.bundle.stores`'s (the store arrays).
+`knnssd.bundle.stores`'s (the store arrays) and `knnssd.bundle.successors`'s (the successor tables).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from knnssd.bundle.format import (ANCHORS_FILE, BUNDLE_FILES, FALLBACK_KEY, MANI
 from knnssd.bundle.signing import trusted_keys, verify_signature
 from knnssd.bundle.stores import (MAX_STORE_TOKENS, NPY_HEADER_MAX, STORE_SEPARATOR, STORES_DIR, check_store,
                                   store_files)
+from knnssd.bundle.successors import (MAX_SUCCESSOR_VOCAB, MAX_SUCCESSORS, SUCCESSORS_DIR, check_successors,
+                                      successor_files)
 from knnssd.errors import BundleError
 
 _bad = BundleError.inconsistent  # _bad(folder, what): "bundle {folder} is inconsistent: {what}"
@@ -83,14 +85,43 @@ def store_entries(folder: Path, manifest: dict[str, Any], domains: Sequence[str]
     return entries
 
 
+def successor_entries(folder: Path, manifest: dict[str, Any], domains: Sequence[str]) -> list[dict[str, Any]]:
+    """The manifest's successor table rows, checked before any table file is hashed or read: one per known
+    domain, its own file name, vocab in 1..MAX_SUCCESSOR_VOCAB and k in 1..MAX_SUCCESSORS, and a file on disk no
+    larger than its declared (vocab, k) int32."""
+    if manifest["schema_version"] < 4:
+        return []
+    entries = manifest.get("successors", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise _bad(folder, "the manifest's successors are not a list of objects")
+    seen = set()
+    for entry in entries:
+        domain, vocab, k = entry.get("domain"), entry.get("vocab"), entry.get("k")
+        if domain not in domains or domain in seen:
+            raise _bad(folder, f"a successor table for {domain!r}, which is not a domain or has a table already")
+        seen.add(domain)
+        if entry.get("file") != f"{SUCCESSORS_DIR}/{domains.index(domain)}.npy":
+            raise _bad(folder, f"the successor table of {domain!r} names file {entry.get('file')!r}")
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in (vocab, k)) or not 1 <= k <= MAX_SUCCESSORS:
+            raise _bad(folder, f"the successor table of {domain!r} declares vocab {vocab!r} and k {k!r}")
+        if not 1 <= vocab <= MAX_SUCCESSOR_VOCAB:
+            raise BundleError(f"bundle {folder} declares a successor table of {vocab} rows for {domain!r}, not "
+                              f"1..{MAX_SUCCESSOR_VOCAB} (what this knnssd reads)",
+                              fix="rebuild the bundle for a model of a smaller vocabulary, or without tables")
+        path = folder / entry["file"]
+        if path.is_file() and path.stat().st_size > 4 * vocab * k + NPY_HEADER_MAX:
+            raise _bad(folder, f"{entry['file']} is larger than the ({vocab}, {k}) table it declares")
+    return entries
+
+
 def verify_files(folder: Path, manifest: dict[str, Any], extra: Sequence[str] | None = None) -> None:
-    """Check that every file the bundle needs (BUNDLE_FILES and the `extra` store files; None: the store files
+    """Check that every file the bundle needs (BUNDLE_FILES and the `extra` store and successor files; None: those
     the manifest lists, by their well-formed names only) exists with the sha256 the manifest records."""
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise BundleError(f"the manifest of {folder} has no table of checksums", fix="rebuild the bundle")
     if extra is None:
-        extra = store_files(manifest)
+        extra = [*store_files(manifest), *successor_files(manifest)]
     for name in (*BUNDLE_FILES, *extra):
         if name not in files:
             raise BundleError(f"the manifest of {folder} lists no checksum for {name}", fix="rebuild the bundle")
@@ -135,6 +166,19 @@ def read_store(folder: Path, entry: dict[str, Any]) -> np.ndarray:
     return store
 
 
+def read_successors(folder: Path, entry: dict[str, Any]) -> np.ndarray:
+    """One domain's (vocab, k) int32 successor table, read without pickles (after its checksum is verified) and
+    checked against its manifest row: dtype, shape, ids in -1..vocab-1."""
+    name = entry["file"]
+    table = load_plain_npy(folder, name)
+    if table.dtype != np.dtype("<i4") or table.shape != (entry["vocab"], entry["k"]):
+        raise _bad(folder, f"{name} holds {table.dtype} {table.shape}, expected int32 ({entry['vocab']}, "
+                           f"{entry['k']}) as the manifest declares")
+    table = np.ascontiguousarray(table, dtype=np.int32)
+    check_successors(table, name, BundleError)
+    return table
+
+
 def read_bundle(folder: str | os.PathLike[str], keys: Sequence[str | os.PathLike[str]] | None = None) -> Bundle:
     """Read and verify the bundle at `folder`: the signature against the trusted `keys` first (None: those of
     $KNNSSD_TRUSTED_KEYS; empty: none, unauthenticated), then schema, checksums and every value; never unpickles."""
@@ -148,7 +192,8 @@ def read_bundle(folder: str | os.PathLike[str], keys: Sequence[str | os.PathLike
     except (KeyError, TypeError) as exc:
         raise _bad(folder, f"the manifest's domains are malformed ({exc!r})") from None
     entries = store_entries(folder, manifest, domains)
-    verify_files(folder, manifest, [entry["file"] for entry in entries])
+    tables = successor_entries(folder, manifest, domains)
+    verify_files(folder, manifest, [entry["file"] for entry in (*entries, *tables)])
     anchors_meta, policies = _read_json(folder / ANCHORS_FILE), _read_json(folder / POLICIES_FILE)
     try:
         dim = anchors_meta["dim"]
@@ -168,7 +213,9 @@ def read_bundle(folder: str | os.PathLike[str], keys: Sequence[str | os.PathLike
                            f"but domains {domains}")
     anchors = read_anchors(folder, dim, len(raw_labels))
     stores = {entry["domain"]: read_store(folder, entry) for entry in entries}
+    successors = {entry["domain"]: read_successors(folder, entry) for entry in tables}
     index = faiss.IndexFlatIP(dim)  # exact inner product over unit vectors: cosine similarity
     index.add(anchors)
     return Bundle(folder=folder, manifest=manifest, index=index, anchor_domains=tuple(raw_labels),
-                  policies=policies, authenticity=authenticity, stores=stores)
+                  policies=policies, authenticity=authenticity, stores=stores,
+                  successors=successors)

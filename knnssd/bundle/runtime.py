@@ -7,7 +7,10 @@
 Per prompt: one prefill (which also yields the prompt embedding: no extra forward pass), a FAISS
 nearest-anchor search, then the decoding loop with that domain's draft policy. A suffix-tree policy with
 use_store drafts from its domain's store in the bundle; the fallback policy and the mix reference
-(`reference_drafter("mix")`) from the union of every domain's store. Needs neither Ray nor Optuna;
+(`reference_drafter("mix")`) from the union of every domain's store. A suffix-tree policy with use_warm starts
+each generation's recycled successors from its domain's warm table in the bundle; the fallback and the mix
+reference from every domain's table merged in domain order (`SuccessorTable.merged`: the table of all their
+updates in that order, as the mix study's union store built it). Needs neither Ray nor Optuna;
 MLflow only to fetch a bundle by registry reference (a bundle folder needs none).
 """
 
@@ -24,10 +27,10 @@ import torch
 from knnssd.bundle import signing
 from knnssd.bundle import FALLBACK_KEY, Bundle, read_bundle, split_store, union_store
 from knnssd.engine.decoding import GenerationConfig, GenerationResult, Generation, TokenHook, begin, run_to_end
-from knnssd.engine.drafters import Drafter
+from knnssd.engine.drafters import Drafter, SuccessorTable
 from knnssd.errors import KnnSsdError
 from knnssd.engine.models import LoadedModel, load_model
-from knnssd.engine.policy import drafter_from_policy, uses_store
+from knnssd.engine.policy import drafter_from_policy, uses_store, uses_warm
 from knnssd.engine.prompts import encode_prompt
 from knnssd.bundle.routing import Route, Router
 from knnssd.engine.sampling import SamplingConfig
@@ -73,6 +76,7 @@ class BundleRuntime:
         self.router = Router(index=bundle.index, anchor_domains=bundle.anchor_domains, domains=bundle.domains,
                              fallback_distance=bundle.fallback_distance)
         self._check_store_ids()
+        self._check_successor_vocab()
         self.drafters: dict[str, Drafter | None] = {
             name: self._drafter(policy, name) for name, policy in bundle.policies.items()}
         self.chat = bool(bundle.manifest.get("prompt_format", {}).get("chat", True))
@@ -84,6 +88,28 @@ class BundleRuntime:
                 raise KnnSsdError(f"the store of domain {domain!r} in bundle {self.bundle.folder} holds token id "
                                   f"{int(store.max())}, outside the vocabulary of model {self.loaded.name} "
                                   f"({vocab} ids)", fix="use the bundle's own model, or recalibrate for this one")
+
+    def _model_vocab(self) -> int | None:
+        head = self.loaded.model.get_output_embeddings()
+        return getattr(head, "out_features", None) or getattr(self.loaded.model.config, "vocab_size", None)
+
+    def _check_successor_vocab(self) -> None:
+        vocab = self._model_vocab()
+        for domain, table in self.bundle.successors.items():
+            if vocab is not None and table.shape[0] != vocab:
+                raise KnnSsdError(f"the successor table of domain {domain!r} in bundle {self.bundle.folder} covers "
+                                  f"{table.shape[0]} token ids, but model {self.loaded.name} has {vocab}",
+                                  fix="use the bundle's own model, or recalibrate for this one")
+
+    def successor_table(self, name: str) -> SuccessorTable | None:
+        """The warm table the policy of `name` starts from: a domain's own; for "mix" or the fallback key every
+        domain's merged in domain order. None where there is none."""
+        if name in self.bundle.domains:
+            table = self.bundle.successors.get(name)
+            return None if table is None else SuccessorTable.of(table)
+        self.store_arrays(name)  # the same names, refused the same way
+        return SuccessorTable.merged([SuccessorTable.of(self.bundle.successors[d]) for d in self.bundle.domains
+                                      if d in self.bundle.successors])
 
     def store_arrays(self, name: str) -> list[tuple[int, ...]] | None:
         """The token arrays the policy of `name` drafts from: a domain's own store; for "mix" (the mix reference)
@@ -98,9 +124,16 @@ class BundleRuntime:
         return None if store is None else split_store(store)
 
     def _drafter(self, policy: dict[str, Any], name: str) -> Drafter | None:
-        """The drafter of `policy`, with `name`'s store where the policy drafts from one (checked at load)."""
+        """The drafter of `policy`, with `name`'s store where the policy drafts from one and `name`'s warm
+        successor table where it starts from one (checked at load)."""
+        successors = self.successor_table(name) if uses_warm(policy) else None
+        if uses_warm(policy) and successors is None:
+            raise KnnSsdError(f"the policy of {name!r} in bundle {self.bundle.folder} starts from a warm successor "
+                              "table (use_warm), but the bundle ships none for it",
+                              fix="rebuild the bundle with its successor tables (calibration writes them)")
         return drafter_from_policy(policy, self.loaded.num_layers,
-                                   store=self.store_arrays(name) if uses_store(policy) else None)
+                                   store=self.store_arrays(name) if uses_store(policy) else None,
+                                   successors=successors)
 
     def reference_drafter(self, name: str = "mix") -> Drafter | None:
         """The drafter of reference policy `name` (the manifest's "reference_policies"; never routed to), the

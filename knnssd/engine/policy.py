@@ -16,6 +16,10 @@
                                                                       int(factor * n + offset) deep;
      "recycled_nodes": 8, "recycled_k": 8                             up to 8 more nodes from the model's own
                                                                       top-8 successors of each token
+     "use_warm": false                                                with true (and recycled_nodes > 0), each
+                                                                      generation's successors start from the
+                                                                      warm table the drafter is made with (a
+                                                                      domain's, shipped in its bundle)
 
 Field names and defaults are those of the config classes; a field a policy leaves out takes its class default,
 and a field the class does not have, or of the wrong JSON type, is refused.
@@ -28,7 +32,7 @@ from typing import Any, Sequence
 
 from knnssd.engine.checks import config_from_json
 from knnssd.engine.drafters import (Drafter, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
-                             PromptLookupDrafter, SuffixTreeConfig, SuffixTreeDrafter)
+                             PromptLookupDrafter, SuccessorTable, SuffixTreeConfig, SuffixTreeDrafter)
 from knnssd.errors import KnnSsdError
 from knnssd.engine.jsonarg import json_source
 from knnssd.engine.skipset import SkipSet
@@ -93,12 +97,19 @@ def uses_store(policy: dict[str, Any]) -> bool:
     return _kind(policy) == "suffix_tree" and suffix_tree_config(policy).use_store
 
 
-def drafter_from_policy(policy: dict[str, Any], num_layers: int,
-                        store: Sequence[Sequence[int]] | None = None) -> Drafter | None:
+def uses_warm(policy: dict[str, Any]) -> bool:
+    """Whether a (valid) policy starts its recycled successors from a warm table: a suffix tree with use_warm."""
+    return _kind(policy) == "suffix_tree" and suffix_tree_config(policy).use_warm
+
+
+def drafter_from_policy(policy: dict[str, Any], num_layers: int, store: Sequence[Sequence[int]] | None = None,
+                        successors: SuccessorTable | None = None) -> Drafter | None:
     """The drafter a policy describes, validated against a model of `num_layers` layers.
 
     `store`: token arrays (e.g. a bundle's store for the policy's domain) that a suffix-tree policy with
-    use_store drafts from; such a policy without a store is refused. Other policies ignore it."""
+    use_store drafts from; such a policy without a store is refused. `successors`: the warm table (vocab, k) a
+    suffix-tree policy with use_warm starts its recycled successors from (a bundle's, for the policy's domain);
+    such a policy without one is refused. Other policies ignore both."""
     kind = _kind(policy)
     if kind == "none":
         if set(policy) != {"kind"}:
@@ -111,13 +122,18 @@ def drafter_from_policy(policy: dict[str, Any], num_layers: int,
         return PromptLookupDrafter(lookup_config(policy))
     if kind == "suffix_tree":
         config = suffix_tree_config(policy)
+        if config.use_warm and successors is None:
+            raise KnnSsdError("this suffix_tree policy starts from a warm successor table (use_warm true) but none "
+                              "was given", fix="use the policy through its bundle (which ships the table), pass "
+                                               'successors=..., or set "use_warm": false')
+        warm = successors if config.use_warm else None
         if not config.use_store:
-            return SuffixTreeDrafter(config)
+            return SuffixTreeDrafter(config, None, warm)
         if store is None:
             raise KnnSsdError("this suffix_tree policy drafts from a store (use_store true) but none was given",
                               fix="use the policy through its bundle (which ships the store), pass store=..., "
                                   'or set "use_store": false')
-        return SuffixTreeDrafter.with_store(store, config)
+        return SuffixTreeDrafter(config, SuffixTreeDrafter.with_store(store, config).store, warm)
     lookup, layer_skip = _hybrid_parts(policy)
     return HybridDrafter(PromptLookupDrafter(lookup_config(lookup)), _layer_skip(layer_skip, num_layers))
 
@@ -152,7 +168,8 @@ def describe_policy(policy: dict[str, Any]) -> str:
                 f"depth<={tree.max_depth} nodes<={tree.max_tree_nodes} p>={tree.min_path_prob}"
                 + (" +store" if tree.use_store else "")
                 + (f" depth<={tree.spec_factor}n{tree.spec_offset:+d}" if tree.spec_factor > 0 else "")
-                + (f" +recycled {tree.recycled_nodes}x{tree.recycled_k}" if tree.recycled_nodes else ""))
+                + (f" +recycled {tree.recycled_nodes}x{tree.recycled_k}" if tree.recycled_nodes else "")
+                + (" +warm" if tree.use_warm else ""))
     if kind == "hybrid":
         lookup, layer_skip = _hybrid_parts(policy)
         return (f"hybrid({describe_policy({'kind': 'prompt_lookup', **lookup})}; "

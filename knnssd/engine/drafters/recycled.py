@@ -3,8 +3,11 @@ each token id, kept from earlier verify passes, so a draft exists even where the
 
 - `top_successors(logits)`: the top `MAX_SUCCESSORS` token ids of each row of logits (n, vocab), best first. The
   one function every table update goes through, in the real loop and in replay alike.
-- `SuccessorTable`: a read-only warm start, (vocab, k) int32, -1 where a token has no entry yet (e.g. a domain's
-  table from the store stage's decoding; shipping one in the bundle is not done yet).
+- `SuccessorTable`: a read-only warm start, (vocab, k) int32, -1 where a token has no entry yet: a domain's
+  table, built at calibration's store stage from the model's successors over the store's outputs
+  (`SuccessorTable.from_updates`, `pipeline.successors`) and shipped in the bundle (successors/<i>.npy), which
+  a suffix-tree policy with `use_warm` starts each generation from. `SuccessorTable.merged` joins domains'
+  tables (the mix reference's and the fallback's).
 - `Successors`: one generation's table, the warm start under this generation's own updates (a dict overlay, so
   starting a generation copies nothing). A session keeps its own: generations never share mutable state, so the
   server's threads need no lock, and each generation's drafts depend on its prompt alone (what makes replay
@@ -60,6 +63,39 @@ class SuccessorTable:
         table = values.astype(np.int32, copy=True)
         table.setflags(write=False)
         return cls(table)
+
+    @classmethod
+    def from_updates(cls, vocab: int, tokens: Sequence[int], rows: Sequence[Sequence[int]]) -> "SuccessorTable":
+        """The (vocab, k) table of the updates table[tokens[i]] = rows[i], applied in order (a later row of the
+        same token wins): what `Successors.update` leaves, from an empty table. k = the widest row (at most
+        MAX_SUCCESSORS); a shorter row is padded with -1."""
+        if len(tokens) != len(rows):
+            raise KnnSsdError(f"{len(tokens)} tokens but {len(rows)} successor rows",
+                              fix="give one row of successors per token")
+        k = min(MAX_SUCCESSORS, max((len(row) for row in rows), default=1)) or 1
+        table = np.full((vocab, k), -1, dtype=np.int64)
+        last = {int(token): i for i, token in enumerate(tokens)}  # the last update of each token wins
+        for token, i in last.items():
+            if not 0 <= token < vocab:
+                raise KnnSsdError(f"a successor row for token {token}, outside the vocabulary of {vocab} ids",
+                                  fix="build the table with the model's own vocabulary size")
+            row = list(rows[i])[:k]
+            table[token, :len(row)] = row
+        return cls.of(table)
+
+    @classmethod
+    def merged(cls, tables: Sequence["SuccessorTable"]) -> "SuccessorTable | None":
+        """One table of `tables` applied in order, a later table's non-empty rows over an earlier's: the table
+        of all their updates in that order (`from_updates`); None for no tables. Rows are cut or padded to the
+        narrowest k."""
+        if not tables:
+            return None
+        vocab, k = max(t.table.shape[0] for t in tables), min(t.table.shape[1] for t in tables)
+        table = np.full((vocab, k), -1, dtype=np.int32)
+        for part in tables:
+            filled = part.table[:, 0] >= 0
+            table[:part.table.shape[0]][filled] = part.table[filled, :k]
+        return cls.of(table)
 
 
 class Successors:

@@ -62,7 +62,8 @@ class SuffixTreeConfig:
     min_path_prob: the least estimated path probability a node may have; use_store: also match in the drafter's
     store; spec_factor / spec_offset: the adaptive depth of a match of n tokens, int(spec_factor * n +
     spec_offset) (spec_factor 0: off); recycled_nodes: nodes from the recycled successors (0: off); recycled_k:
-    successors per token kept (1..MAX_SUCCESSORS)."""
+    successors per token kept (1..MAX_SUCCESSORS); use_warm: each generation's recycled successors start from
+    the drafter's warm table (a domain's, from the bundle; needs recycled_nodes > 0)."""
 
     max_ngram: int = 4
     min_ngram: int = 1
@@ -75,6 +76,7 @@ class SuffixTreeConfig:
     spec_offset: int = 0
     recycled_nodes: int = 0
     recycled_k: int = MAX_SUCCESSORS
+    use_warm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_ngram", "min_ngram", "max_occurrences", "max_depth", "max_tree_nodes", "recycled_k"):
@@ -86,6 +88,7 @@ class SuffixTreeConfig:
             raise KnnSsdError(f"need min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
                               f"max_ngram={self.max_ngram}", fix="e.g. min_ngram 1, max_ngram 4 (the defaults)")
         require_bool(self.use_store, "use_store")
+        require_bool(self.use_warm, "use_warm")
         require_number(self.min_path_prob, "min_path_prob", "0.1")
         if not 0 < self.min_path_prob <= 1:
             raise KnnSsdError(f"min_path_prob must lie in (0, 1], got {self.min_path_prob}",
@@ -102,6 +105,9 @@ class SuffixTreeConfig:
         if self.recycled_k > MAX_SUCCESSORS:
             raise KnnSsdError(f"recycled_k must be at most {MAX_SUCCESSORS}, got {self.recycled_k}",
                               fix=f"use 1..{MAX_SUCCESSORS} (the successors recorded per token)")
+        if self.use_warm and self.recycled_nodes == 0:
+            raise KnnSsdError("use_warm starts the recycled successors from a warm table, but recycled_nodes is 0",
+                              fix='set "recycled_nodes" > 0 (e.g. 8), or "use_warm": false')
 
     def match_depth(self, matched: int) -> int | None:
         """The deepest a matched node may lie after a match of `matched` tokens; None when the adaptive rule is
