@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "it; the bundle ships it).")
     p.add_argument("--store-batch", type=int, default=CalibrationConfig.store_batch,
                    help="calibration prompts decoded together (left-padded) while building a store.")
-    p.add_argument("--corpus", action="append", default=[], metavar="DOMAIN=PATH",
+    p.add_argument("--corpus", action="append", default=None, metavar="DOMAIN=PATH",
                    help="add your own texts to DOMAIN's store (repeatable, one file per domain): a JSONL file, one "
                         "text a line (a JSON string or an object with a \"text\" field), tokenised as plain text "
                         f"(at most {MAX_CORPUS_STORE_TOKENS:,} tokens a domain). DOMAIN is one of the data's "
@@ -180,14 +180,14 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         work_dir=args.work_dir, storage=args.storage, tracking_uri=args.tracking_uri, publish=not args.no_publish,
         ray_address=args.address, mix=not args.no_mix, validate_prompts=args.validate_prompts,
         store_tokens=args.store_tokens, store_batch=args.store_batch,
-        corpora=tuple(read_corpus(*parse_corpus_flag(item)) for item in args.corpus),
+        corpora=tuple(read_corpus(*parse_corpus_flag(item)) for item in args.corpus or ()),
         signing_key=str(check_signing_key(args.signing_key)) if args.signing_key else None)
 
 
 def check_paths_for_ray_job(args: argparse.Namespace) -> None:
     """Under `ray job submit`, refuse paths that point into the job's throwaway working copy (module docstring)."""
     model = args.model if args.model.startswith(("./", "../")) else None  # a hub id or built-in name is no path
-    for domain, path in map(parse_corpus_flag, args.corpus):
+    for domain, path in map(parse_corpus_flag, args.corpus or ()):
         try:
             check_job_paths(inputs={"--corpus": str(path)}, outputs={}, tracking=None)
         except KnnSsdError as error:  # said in the flag's DOMAIN=PATH form
