@@ -8,6 +8,8 @@ every width from 1 to MAX_FAST_ROWS runs the same code:
     rows_gemm        each weight row streamed once and multiplied by every input row in register tiles, so
                      16 rows cost little more than one; the bias, where a layer has one, added after
     rows_attention   attention of 1-32 query rows over the KV cache, grouped-query heads on their key/value heads
+    rows_rms_norm    the RMSNorm of each row (a decoder's hidden-size norms of Llama's form), one call where
+                     transformers' RMSNorm makes a dozen small tensor ops
 
 Both are batch-invariant: an output's floating-point operations do not depend on how many rows the pass has, so
 a verify row computes the bits the 1-token plain step at that position computes (`KernelPlan.batch_invariant`),
@@ -180,6 +182,35 @@ def _fast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _fast_rms_norm(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x (..., hidden) -> (..., hidden): the same rows as `_fast_forward` takes (1-MAX_FAST_ROWS, or up to
+    MAX_BATCH_ROWS within `batched_rows`) by the kernel's `rows_rms_norm`; anything else by the class's forward."""
+    rows, weight = x.numel() // x.shape[-1], self.weight
+    if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+            and (1 <= rows <= MAX_FAST_ROWS or (rows <= MAX_BATCH_ROWS and getattr(_PASS, "batched", False)))):
+        return self._knnssd_norm(x.reshape(rows, x.shape[-1]), weight, self.variance_epsilon).reshape(x.shape)
+    return type(self).forward(self, x)
+
+
+def llama_rms_norms(model: nn.Module) -> list[nn.Module]:
+    """The model's hidden-size RMSNorms whose forward is Llama's own (Qwen2's and Mistral's are copies of it:
+    the same bytecode), which `rows_rms_norm` computes: w * (x * rsqrt(mean(x^2) + eps)). Other norms (Gemma's
+    1 + w, per-head norms) keep theirs."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    reference = LlamaRMSNorm.forward.__code__
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    found = []
+    for module in model.modules():
+        code = getattr(getattr(type(module), "forward", None), "__code__", None)
+        weight = getattr(module, "weight", None)
+        if (code is not None and code.co_code == reference.co_code and code.co_names == reference.co_names
+                and isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.shape[0] == hidden
+                and isinstance(getattr(module, "variance_epsilon", None), float)):
+            found.append(module)
+    return found
+
+
 @contextmanager
 def batched_rows() -> Iterator[None]:
     """Within the block (in this thread), a linear layer of the compiled plan multiplies more than MAX_FAST_ROWS
@@ -217,6 +248,9 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
             linear._knnssd_run = tuple(product(method) for method in methods)
             linear._knnssd_wide = True  # rows_gemm takes a batched pass's rows too (up to MAX_BATCH_ROWS)
             linear.forward = types.MethodType(_fast_forward, linear)
+        for norm in llama_rms_norms(model):
+            norm._knnssd_norm = kernel.rows_rms_norm
+            norm.forward = types.MethodType(_fast_rms_norm, norm)
         rows_attention = attention.use_rows_kernel(model, kernel.rows_attention)
         return KernelPlan(enabled=True, device=device, threads=threads, rows=methods,
                           attention="rows" if rows_attention else "", isa=vector_isa())
@@ -247,22 +281,27 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
 
 
 def restore(model: nn.Module) -> None:
-    """Every linear layer back to its class's own forward, attention back to SDPA (undoes `accelerate`)."""
+    """Every linear layer and norm back to its class's own forward, attention back to SDPA (undoes
+    `accelerate`)."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and "forward" in vars(module):
             del module.forward
             del module._knnssd_run
             vars(module).pop("_knnssd_wide", None)
+        elif "_knnssd_norm" in vars(module):
+            vars(module).pop("forward", None)
+            del module._knnssd_norm
     attention.set_implementation(model, attention.BASE_IMPLEMENTATION)
     attention.use_rows_kernel(model, None)
 
 
 @contextmanager
 def transformers_kernels(model: nn.Module) -> Iterator[None]:
-    """Within the block, every linear layer runs transformers' own F.linear and attention transformers' own SDPA
-    (for timing transformers' `generate` as it is); the chosen methods come back in a ``finally``."""
+    """Within the block, every linear layer runs transformers' own F.linear, every norm its own forward and
+    attention transformers' own SDPA (for timing transformers' `generate` as it is); the chosen methods come back in a ``finally``."""
     saved = {m: (vars(m)["forward"], m._knnssd_run, m._knnssd_wide) for m in model.modules()
              if isinstance(m, nn.Linear) and "forward" in vars(m)}
+    norms = {m: (vars(m)["forward"], m._knnssd_norm) for m in model.modules() if "_knnssd_norm" in vars(m)}
     grouped = attention.uses(model, attention.IMPLEMENTATION)
     rows_kernel = attention.rows_kernel_of(model)
     try:
@@ -271,6 +310,8 @@ def transformers_kernels(model: nn.Module) -> Iterator[None]:
     finally:
         for module, (forward, run, wide) in saved.items():
             module.forward, module._knnssd_run, module._knnssd_wide = forward, run, wide
+        for module, (forward, norm) in norms.items():
+            module.forward, module._knnssd_norm = forward, norm
         if grouped:
             attention.set_implementation(model, attention.IMPLEMENTATION)
         attention.use_rows_kernel(model, rows_kernel)

@@ -2,6 +2,7 @@
 //
 //   rows_gemm(x, w)                 x (m, k) @ w (n, k).T, 1 <= m <= 256 (past 32: a batch of requests' passes)
 //   rows_attention(q, k, v, mask)   attention of T <= 32 query rows over a KV cache, grouped-query heads
+//   rows_rms_norm(x, w, eps)        RMSNorm of each row (Llama's form: w * (x * 1 / sqrt(mean(x^2) + eps)))
 //
 // Both are batch-invariant: every output element is computed by the same sequence of floating-point operations
 // whatever the number of rows, so a row of a 16-token verify pass has the bits the 1-token plain step at that
@@ -15,6 +16,8 @@
 //   decoding's row for the same token sees, in the same order. Each score is a dot product over the head
 //   dimension with the same reduction tree for every key; the softmax's exponentials use one vector routine for
 //   every element; its sum and the weighted sum of values run over the visible keys in order.
+// - rows_rms_norm: each row's sum of squares is one sequential LANES-wide reduction, then the same horizontal
+//   sum; one call replaces the dozen small tensor ops of transformers' RMSNorm.
 //
 // A small-batch product is memory-bound: each weight row is streamed from memory once (with a software prefetch
 // kPrefetch floats ahead, so requests stay in flight while the core multiplies) and multiplied by every input
@@ -400,7 +403,42 @@ torch::Tensor rows_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   return out;
 }
 
+torch::Tensor rows_rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0), "rows_rms_norm: need x (m, n) and w (n)");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "rows_rms_norm: float32 only");
+  TORCH_CHECK(x.is_cpu() && w.is_cpu(), "rows_rms_norm: CPU tensors only");
+  x = x.contiguous();
+  w = w.contiguous();
+  auto out = torch::empty_like(x);
+  const int64_t m = x.size(0), n = x.size(1);
+  const int64_t full = n - n % LANES;
+  const int tail = static_cast<int>(n - full);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float epsilon = static_cast<float>(eps);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = xp + r * n;
+    float* orow = op + r * n;
+    vec acc = vzero();
+    for (int64_t j = 0; j < full; j += LANES) {
+      const vec v = vload(xr + j);
+      acc = vfma(v, v, acc);
+    }
+    if (tail) {
+      const vec v = vload_tail(xr + full, tail);
+      acc = vfma(v, v, acc);
+    }
+    const float scale = 1.0f / std::sqrt(vsum(acc) / static_cast<float>(n) + epsilon);
+    const vec s = vset1(scale);
+    for (int64_t j = 0; j < full; j += LANES) vstore(orow + j, vmul(vload(wp + j), vmul(vload(xr + j), s)));
+    if (tail) vstore_tail(orow + full, vmul(vload_tail(wp + full, tail), vmul(vload_tail(xr + full, tail), s)), tail);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rows_rms_norm", &rows_rms_norm, "RMSNorm of each row of x (m, n) with weight w (n)");
   m.def("rows_gemm", &rows_gemm, "x (m, k) @ w (n, k).T, 1 <= m <= 256");
   m.def("rows_attention", &rows_attention, "attention of 1-32 query rows (T, H, D) over k, v (Hkv, L, D)");
   m.attr("lanes") = LANES;
