@@ -11,7 +11,6 @@ store stage and noted in the bundle's calibration record (file name, sha256, tex
 from __future__ import annotations
 
 import datetime
-import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -29,6 +28,7 @@ from knnssd.engine.policy import describe_policy
 from knnssd.engine.threads import resolve_threads
 from pipeline.corpus import Corpus, check_corpora, corpus_record
 from pipeline.data import CALIBRATION, HELD_OUT, DataConfig, domains_of, load_calibration_table, prompts_of
+from pipeline.mix import MIX, mix_search, mixed_prompts
 from pipeline.reduce import ReduceConfig, build_bundle_spec
 from pipeline.search import prepare_study, study_name
 from pipeline.space import SearchConfig
@@ -38,9 +38,6 @@ from pipeline.tasks import ModelSpec
 from pipeline.validation import distinct_policies, validation_table
 from knnssd.bundle import write_bundle
 from registry.mlflow_store import BundleRegistry, check_bundle_name
-
-MIX = "mix"  # the study over all domains' prompts together, kept in the bundle as reference policy "mix"
-
 
 @dataclass(frozen=True)
 class CalibrationConfig:
@@ -100,23 +97,6 @@ def validate(config: CalibrationConfig) -> pa.Table:
     check_corpora(config.corpora, domains_of(table),
                   table.filter(pc.equal(table["split"], HELD_OUT))["prompt"].to_pylist())
     return table
-
-
-def mixed_prompts(table: pa.Table) -> list[str]:
-    """Every domain's calibration prompts interleaved round-robin, so that any first n mix the domains."""
-    per_domain = [prompts_of(table, domain, CALIBRATION) for domain in domains_of(table)]
-    return [p for row in itertools.zip_longest(*per_domain) for p in row if p is not None]
-
-
-def mix_search(search: SearchConfig, domains: int) -> SearchConfig:
-    """The mix study's settings: its trials (and its confirmation) decode the same number of prompts from every
-    domain (at least one each; the first prompts of the round-robin list), so no domain goes unseen in the
-    Self-SD(Mix) baseline."""
-    def per_domain(count: int) -> int:
-        return -(-count // domains) * domains  # ceil to a multiple of the domains
-
-    return replace(search, prompts_per_trial=per_domain(search.prompts_per_trial),
-                   confirm_prompts=per_domain(search.confirm_prompts))
 
 
 def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, Any],
@@ -187,13 +167,16 @@ def run_validation(config: CalibrationConfig, table: pa.Table, policies: dict[st
     import ray
 
     from pipeline.cluster import task_resources
-    from knnssd.engine.policy import uses_store
+    from knnssd.engine.policy import uses_store, uses_warm
     from pipeline.tasks import validate_domain
 
-    distinct, alias = distinct_policies({name: {**policy, "store of": name} if uses_store(policy) else policy
+    def own_data(policy: dict[str, Any]) -> bool:  # drafts from its domain's store or successor table
+        return uses_store(policy) or uses_warm(policy)
+
+    distinct, alias = distinct_policies({name: {**policy, "store of": name} if own_data(policy) else policy
                                          for name, policy in policies.items()})
     unique = {name: policies[name] for name in distinct}
-    drafting_from = {name: (stores or {}).get(name) for name, policy in unique.items() if uses_store(policy)}
+    drafting_from = {name: (stores or {}).get(name) for name, policy in unique.items() if own_data(policy)}
     resources = task_resources(config.model.threads)
     domains = [d for d in domains_of(table) if d in policies]
     log(f"held-out check: {len(unique)} distinct policies on up to {config.validate_prompts} held-out prompts "
@@ -259,7 +242,8 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
                      "stores": {"max_new_tokens": config.store_tokens, "batch": config.store_batch,
                                 "corpora": [corpus_record(c, stores[c.domain]) for c in config.corpora]},
                      "validation": validation}, reference_policies=references,
-        stores={domain: store.joined() for domain, store in stores.items() if domain != MIX})
+        stores={domain: store.joined() for domain, store in stores.items() if domain != MIX},
+        successors={d: s.table().table for d, s in stores.items() if d != MIX and s.successors is not None})
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     folder = write_bundle(spec, work / "bundles" / f"{config.bundle_name}-{stamp}")
     log(f"reduce: {spec.anchors.shape[0]} anchors, fallback beyond distance {spec.fallback_distance:.4f} -> {folder}")

@@ -139,13 +139,11 @@ def corpus_key(corpus: Corpus, number: int) -> str:
 def load_tokenizer(name: str) -> Any:
     """The tokenizer of model `name` (a built-in name, folder or hub id, as `knnssd.engine.models.load_model`
     resolves it), without loading the weights."""
-    from transformers import AutoTokenizer
-
     from knnssd.cli.entry import quiet_loaders
-    from knnssd.engine.models import _resolve_source
+    from knnssd.engine.models import load_tokenizer as load_model_tokenizer
 
     quiet_loaders()
-    return AutoTokenizer.from_pretrained(_resolve_source(name, None))
+    return load_model_tokenizer(name)
 
 
 def corpus_entries(model: Any, corpus: Corpus) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:

@@ -145,7 +145,8 @@ def make_objective(model: Any, num_layers: int, workload: Workload, costs: StepC
     drafters = PolicyDrafters(num_layers)  # the worker's indexed stores, reused across trials
 
     def objective(trial: optuna.Trial) -> float:
-        policy = suggest_policy(trial, num_layers, config, has_store=store is not None)
+        policy = suggest_policy(trial, num_layers, config, has_store=store is not None,
+                                has_warm=store is not None and store.successors is not None)
         ratio = policy_skip_ratio(policy, num_layers)
         trial.set_user_attr("policy", policy)
         trial.set_user_attr("skip_ratio", ratio or 0.0)

@@ -7,7 +7,7 @@ import pytest
 
 from knnssd.engine.drafters import LayerSkipConfig, PromptLookupConfig
 from knnssd.errors import KnnSsdError
-from pipeline.calibrate import mix_search, mixed_prompts
+from pipeline.mix import mix_search, mixed_prompts
 from pipeline.search import study_name
 from pipeline.space import SearchConfig, seed_trials
 

@@ -76,7 +76,7 @@ def test_the_separator_is_the_drafters():
 
 def test_stores_round_trip_with_sizes_in_the_manifest(folder, outputs):
     bundle = read_bundle(folder)
-    assert bundle.manifest["schema_version"] == 3
+    assert bundle.manifest["schema_version"] == 4
     rows = {entry["domain"]: entry for entry in bundle.manifest["stores"]}
     assert [rows[d]["file"] for d in ("low", "high")] == ["stores/0.npy", "stores/1.npy"]  # named by index
     for domain, arrays in outputs.items():

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -226,6 +227,12 @@ def _checked_source(name_or_path: str, cache_dir: str | os.PathLike[str] | None)
             fix="use a Llama, Qwen2 or Mistral family model (decoder layers with self_attn and mlp)",
         )
     return source, config
+
+
+def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The tokenizer of a model, resolved and checked as `load_model` does, without loading its weights."""
+    source, _ = _checked_source(name_or_path, cache_dir)
+    return AutoTokenizer.from_pretrained(source)
 
 
 def load_model(
