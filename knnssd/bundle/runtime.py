@@ -6,8 +6,10 @@
 
 Per prompt: one prefill (which also yields the prompt embedding: no extra forward pass), a FAISS
 nearest-anchor search, then the decoding loop with that domain's draft policy. A suffix-tree policy with
-use_store drafts from its domain's store in the bundle; the fallback policy and the mix reference
-(`reference_drafter("mix")`) from the union of every domain's store. A suffix-tree policy with use_warm starts
+use_store drafts from its domain's store in the bundle (store_scope "own"), from the union of every domain's store
+(derived at load, `union_store`; store_scope "union"), or per step from the better of the two (store_scope
+"both"); the fallback policy and the mix reference (`reference_drafter("mix")`) draft from the union whatever
+their scope (their own store is the union). A suffix-tree policy with use_warm starts
 each generation's recycled successors from its domain's warm table in the bundle; the fallback and the mix
 reference from every domain's table merged in domain order (`SuccessorTable.merged`: the table of all their
 updates in that order, as the mix study's union store built it). Needs neither Ray nor Optuna;
@@ -27,10 +29,10 @@ import torch
 from knnssd.bundle import signing
 from knnssd.bundle import FALLBACK_KEY, Bundle, read_bundle, split_store, union_store
 from knnssd.engine.decoding import GenerationConfig, GenerationResult, Generation, TokenHook, begin, run_to_end
-from knnssd.engine.drafters import Drafter, SuccessorTable
+from knnssd.engine.drafters import Drafter, SuccessorTable, SuffixStore
 from knnssd.errors import KnnSsdError
 from knnssd.engine.models import LoadedModel, load_model
-from knnssd.engine.policy import drafter_from_policy, uses_store, uses_warm
+from knnssd.engine.policy import drafter_from_policy, suffix_tree_config, uses_own_store, uses_union, uses_warm
 from knnssd.engine.prompts import encode_prompt
 from knnssd.bundle.routing import Route, Router
 from knnssd.engine.sampling import SamplingConfig
@@ -77,6 +79,7 @@ class BundleRuntime:
                              fallback_distance=bundle.fallback_distance)
         self._check_store_ids()
         self._check_successor_vocab()
+        self._union_indexes: dict[tuple[int, int], SuffixStore] = {}  # (min_ngram, max_ngram) -> the union indexed
         self.drafters: dict[str, Drafter | None] = {
             name: self._drafter(policy, name) for name, policy in bundle.policies.items()}
         self.chat = bool(bundle.manifest.get("prompt_format", {}).get("chat", True))
@@ -123,17 +126,36 @@ class BundleRuntime:
                               fix=f"use one of {', '.join(self.bundle.domains)}, 'mix' or '{FALLBACK_KEY}'")
         return None if store is None else split_store(store)
 
+    def union_index(self, policy: dict[str, Any]) -> SuffixStore | None:
+        """The union of every domain's store (what "mix" and the fallback draft from) indexed for the n-gram sizes
+        of suffix-tree `policy`, once per size range whatever the number of domains drafting from it; None
+        without stores."""
+        if not self.bundle.stores:
+            return None
+        config = suffix_tree_config(policy)
+        key = (config.min_ngram, config.max_ngram)
+        if key not in self._union_indexes:
+            self._union_indexes[key] = SuffixStore.of(self.store_arrays("mix"), config)
+        return self._union_indexes[key]
+
+    def _own_store(self, policy: dict[str, Any], name: str) -> list[tuple[int, ...]] | SuffixStore | None:
+        """What `name`'s store-drafting policy drafts from as its own store: a domain's arrays; for "mix" and the
+        fallback, the shared union index."""
+        return self.store_arrays(name) if name in self.bundle.domains else self.union_index(policy)
+
     def _drafter(self, policy: dict[str, Any], name: str) -> Drafter | None:
-        """The drafter of `policy`, with `name`'s store where the policy drafts from one and `name`'s warm
-        successor table where it starts from one (checked at load)."""
+        """The drafter of `policy`, with `name`'s store where the policy drafts from it (store_scope own/both),
+        the union of every store where it drafts from that (union/both), and `name`'s warm successor table where
+        it starts from one (checked at load)."""
         successors = self.successor_table(name) if uses_warm(policy) else None
         if uses_warm(policy) and successors is None:
             raise KnnSsdError(f"the policy of {name!r} in bundle {self.bundle.folder} starts from a warm successor "
                               "table (use_warm), but the bundle ships none for it",
                               fix="rebuild the bundle with its successor tables (calibration writes them)")
         return drafter_from_policy(policy, self.loaded.num_layers,
-                                   store=self.store_arrays(name) if uses_store(policy) else None,
-                                   successors=successors)
+                                   store=self._own_store(policy, name) if uses_own_store(policy) else None,
+                                   successors=successors,
+                                   union_store=self.union_index(policy) if uses_union(policy) else None)
 
     def reference_drafter(self, name: str = "mix") -> Drafter | None:
         """The drafter of reference policy `name` (the manifest's "reference_policies"; never routed to), the

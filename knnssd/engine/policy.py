@@ -20,6 +20,11 @@
                                                                       generation's successors start from the
                                                                       warm table the drafter is made with (a
                                                                       domain's, shipped in its bundle)
+     "store_scope": "own"                                             with use_store: "own" drafts from the
+                                                                      domain's store, "union" from the union of
+                                                                      every domain's store, "both" per step from
+                                                                      whichever gives the larger expected tree
+                                                                      (the own store winning ties)
 
 Field names and defaults are those of the config classes; a field a policy leaves out takes its class default,
 and a field the class does not have, or of the wrong JSON type, is refused.
@@ -32,7 +37,8 @@ from typing import Any, Sequence
 
 from knnssd.engine.checks import config_from_json
 from knnssd.engine.drafters import (Drafter, HybridDrafter, LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig,
-                             PromptLookupDrafter, SuccessorTable, SuffixTreeConfig, SuffixTreeDrafter)
+                             PromptLookupDrafter, SuccessorTable, SuffixStore, SuffixTreeConfig,
+                             SuffixTreeDrafter)
 from knnssd.errors import KnnSsdError
 from knnssd.engine.jsonarg import json_source
 from knnssd.engine.skipset import SkipSet
@@ -102,14 +108,43 @@ def uses_warm(policy: dict[str, Any]) -> bool:
     return _kind(policy) == "suffix_tree" and suffix_tree_config(policy).use_warm
 
 
-def drafter_from_policy(policy: dict[str, Any], num_layers: int, store: Sequence[Sequence[int]] | None = None,
-                        successors: SuccessorTable | None = None) -> Drafter | None:
+def uses_union(policy: dict[str, Any]) -> bool:
+    """Whether a (valid) policy drafts from the union of every domain's store: a suffix tree with use_store and
+    store_scope "union" or "both"."""
+    return uses_store(policy) and suffix_tree_config(policy).store_scope != "own"
+
+
+def uses_own_store(policy: dict[str, Any]) -> bool:
+    """Whether a (valid) policy drafts from its own domain's store: a suffix tree with use_store and store_scope
+    "own" or "both"."""
+    return uses_store(policy) and suffix_tree_config(policy).store_scope != "union"
+
+
+def indexed(store: Sequence[Sequence[int]] | SuffixStore, config: SuffixTreeConfig) -> SuffixStore:
+    """`store` indexed for `config`'s n-gram sizes: token arrays indexed now, or a `SuffixStore` already indexed
+    for exactly those sizes (one index shared by several drafters) as it is."""
+    if isinstance(store, SuffixStore):
+        if sorted(store.index.orders) != list(range(config.min_ngram, config.max_ngram + 1)):
+            raise KnnSsdError(f"the indexed store given covers n-grams {sorted(store.index.orders)}, but the policy "
+                              f"matches {config.min_ngram}..{config.max_ngram}",
+                              fix="index it with this policy's config (SuffixStore.of(arrays, config)) or pass the "
+                                  "token arrays")
+        return store
+    return SuffixStore.of(store, config)
+
+
+def drafter_from_policy(policy: dict[str, Any], num_layers: int,
+                        store: Sequence[Sequence[int]] | SuffixStore | None = None,
+                        successors: SuccessorTable | None = None,
+                        union_store: Sequence[Sequence[int]] | SuffixStore | None = None) -> Drafter | None:
     """The drafter a policy describes, validated against a model of `num_layers` layers.
 
     `store`: token arrays (e.g. a bundle's store for the policy's domain) that a suffix-tree policy with
-    use_store drafts from; such a policy without a store is refused. `successors`: the warm table (vocab, k) a
-    suffix-tree policy with use_warm starts its recycled successors from (a bundle's, for the policy's domain);
-    such a policy without one is refused. Other policies ignore both."""
+    use_store and store_scope "own" or "both" drafts from; `union_store`: the union of every domain's arrays,
+    that one with store_scope "union" or "both" drafts from; such a policy without the store(s) it needs is
+    refused; either may also be given indexed (`SuffixStore`, see `indexed`). `successors`: the warm table (vocab, k) a suffix-tree policy with use_warm starts its recycled
+    successors from (a bundle's, for the policy's domain); such a policy without one is refused. Other
+    policies ignore all three."""
     kind = _kind(policy)
     if kind == "none":
         if set(policy) != {"kind"}:
@@ -129,11 +164,18 @@ def drafter_from_policy(policy: dict[str, Any], num_layers: int, store: Sequence
         warm = successors if config.use_warm else None
         if not config.use_store:
             return SuffixTreeDrafter(config, None, warm)
-        if store is None:
+        own, union = config.store_scope != "union", config.store_scope != "own"
+        if own and store is None:
             raise KnnSsdError("this suffix_tree policy drafts from a store (use_store true) but none was given",
                               fix="use the policy through its bundle (which ships the store), pass store=..., "
                                   'or set "use_store": false')
-        return SuffixTreeDrafter(config, SuffixTreeDrafter.with_store(store, config).store, warm)
+        if union and union_store is None:
+            raise KnnSsdError(f"this suffix_tree policy drafts from the union of every domain's store (store_scope "
+                              f"{config.store_scope!r}) but no union was given",
+                              fix='use the policy through its bundle (which ships every store), pass '
+                                  'union_store=..., or set "store_scope": "own"')
+        return SuffixTreeDrafter(config, indexed(store, config) if own else None, warm,
+                                 indexed(union_store, config) if union else None)
     lookup, layer_skip = _hybrid_parts(policy)
     return HybridDrafter(PromptLookupDrafter(lookup_config(lookup)), _layer_skip(layer_skip, num_layers))
 
@@ -166,7 +208,8 @@ def describe_policy(policy: dict[str, Any]) -> str:
         tree = suffix_tree_config(policy)
         return (f"suffix_tree n={tree.min_ngram}-{tree.max_ngram} occ<={tree.max_occurrences} "
                 f"depth<={tree.max_depth} nodes<={tree.max_tree_nodes} p>={tree.min_path_prob}"
-                + (" +store" if tree.use_store else "")
+                + ((" +store" + ("" if tree.store_scope == "own" else f"({tree.store_scope})"))
+                   if tree.use_store else "")
                 + (f" depth<={tree.spec_factor}n{tree.spec_offset:+d}" if tree.spec_factor > 0 else "")
                 + (f" +recycled {tree.recycled_nodes}x{tree.recycled_k}" if tree.recycled_nodes else "")
                 + (" +warm" if tree.use_warm else ""))

@@ -33,6 +33,14 @@ Two optional rules, both off by default (so a policy without them drafts as befo
   is already a node is not added twice. The merged nodes are listed by (path probability, depth, order made),
   so the tree stays in topological order with each node's most probable child first; a draft then exists at
   every step once the last token has successors.
+
+Store scope (`store_scope`, read with `use_store`): which store a policy drafts from beside the text. "own" (the
+default): the drafter's `store` (a domain's own outputs); "union": its `union` (every domain's outputs, as the
+Self-SD(Mix) reference drafts from); "both": each step builds one candidate tree from each (text + own store,
+text + union, each matched, capped and pruned as above) and keeps the one with the larger expected accepted
+tokens, the sum of its nodes' path probabilities (how ArcticInference's suffix decoding scores candidate trees),
+the own store's winning ties. The choice depends only on the text and the two stores, so replay
+(`pipeline.replay`) reproduces it exactly; the recycled successors then grow on the chosen tree.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from knnssd.engine.drafters.recycled import MAX_SUCCESSORS, RANK_PRIOR, Successo
 from knnssd.errors import KnnSsdError
 
 SEPARATOR = -1  # between the store's arrays: no n-gram spans it and no continuation crosses it
+STORE_SCOPES = ("own", "union", "both")  # SuffixTreeConfig.store_scope: the store(s) a use_store policy drafts from
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,9 @@ class SuffixTreeConfig:
     store; spec_factor / spec_offset: the adaptive depth of a match of n tokens, int(spec_factor * n +
     spec_offset) (spec_factor 0: off); recycled_nodes: nodes from the recycled successors (0: off); recycled_k:
     successors per token kept (1..MAX_SUCCESSORS); use_warm: each generation's recycled successors start from
-    the drafter's warm table (a domain's, from the bundle; needs recycled_nodes > 0)."""
+    the drafter's warm table (a domain's, from the bundle; needs recycled_nodes > 0); store_scope: with
+    use_store, which store: "own" (the drafter's store), "union" (its union of every domain's store) or "both"
+    (per step, the candidate tree of larger expected accepted tokens; see the module docstring)."""
 
     max_ngram: int = 4
     min_ngram: int = 1
@@ -77,6 +88,7 @@ class SuffixTreeConfig:
     recycled_nodes: int = 0
     recycled_k: int = MAX_SUCCESSORS
     use_warm: bool = False
+    store_scope: str = "own"
 
     def __post_init__(self) -> None:
         for name in ("max_ngram", "min_ngram", "max_occurrences", "max_depth", "max_tree_nodes", "recycled_k"):
@@ -105,6 +117,10 @@ class SuffixTreeConfig:
         if self.recycled_k > MAX_SUCCESSORS:
             raise KnnSsdError(f"recycled_k must be at most {MAX_SUCCESSORS}, got {self.recycled_k}",
                               fix=f"use 1..{MAX_SUCCESSORS} (the successors recorded per token)")
+        if not isinstance(self.store_scope, str) or self.store_scope not in STORE_SCOPES:
+            raise KnnSsdError(f"store_scope must be one of {', '.join(STORE_SCOPES)}, got {self.store_scope!r}",
+                              fix='"own" drafts from the domain\'s store, "union" from every domain\'s, "both" from '
+                                  'whichever of the two gives the larger expected tree at each step')
         if self.use_warm and self.recycled_nodes == 0:
             raise KnnSsdError("use_warm starts the recycled successors from a warm table, but recycled_nodes is 0",
                               fix='set "recycled_nodes" > 0 (e.g. 8), or "use_warm": false')
@@ -215,6 +231,12 @@ class SuffixStore:
                    arrays=len(parts) // 2)
 
 
+def expected_accepted(nodes: list[list]) -> float:
+    """A tree's expected accepted tokens: the sum of its nodes' estimated path probabilities (nodes as
+    `SuffixTreeSession.matched_nodes` lists them, [token, parent, path probability, depth])."""
+    return float(sum(node[2] for node in nodes))
+
+
 def store_array(array: Sequence[int] | torch.Tensor | np.ndarray, number: int) -> np.ndarray:
     """One store array as int32 token ids, refusing anything else with a clear error."""
     problem = KnnSsdError(f"store array {number} holds something other than token ids (ints >= 0, < 2^31)",
@@ -238,7 +260,9 @@ class SuffixTreeDrafter:
     """Drafts a token tree of the continuations of the text's latest suffix; no draft model, no forward pass.
 
     `successors`: a warm start for the recycled successors (used only with `recycled_nodes` > 0); each
-    generation starts from it and keeps its own updates (`recycled.Successors`).
+    generation starts from it and keeps its own updates (`recycled.Successors`). `store` / `union`: the stores
+    drafted from beside the text, as `config.store_scope` picks them ("own": store; "union": union; "both": the
+    better candidate tree of the two per step); None: that store is empty.
 
     Example:
         >>> drafter = SuffixTreeDrafter(SuffixTreeConfig(max_tree_nodes=15, min_path_prob=0.1))
@@ -246,20 +270,31 @@ class SuffixTreeDrafter:
         >>> result.stats.mean_accepted_tokens, result.stats.mean_verify_width
         >>> with_store = SuffixTreeDrafter.with_store([earlier.token_ids for earlier in results])
         >>> recycling = SuffixTreeDrafter(SuffixTreeConfig(max_tree_nodes=8, recycled_nodes=8))
+        >>> both = SuffixTreeDrafter.with_store(own_arrays, SuffixTreeConfig(use_store=True, store_scope="both"),
+        ...                                     union=own_arrays + other_domains_arrays)
     """
 
     config: SuffixTreeConfig = SuffixTreeConfig()
     store: SuffixStore | None = None
     successors: SuccessorTable | None = None
+    union: SuffixStore | None = None
 
     @classmethod
-    def with_store(cls, arrays: Iterable[Sequence[int] | torch.Tensor],
-                   config: SuffixTreeConfig = SuffixTreeConfig()) -> "SuffixTreeDrafter":
-        """A drafter that also looks the suffix up in `arrays` (token id sequences), indexed now."""
-        return cls(config, SuffixStore.of(arrays, config))
+    def with_store(cls, arrays: Iterable[Sequence[int] | torch.Tensor] | None,
+                   config: SuffixTreeConfig = SuffixTreeConfig(),
+                   union: Iterable[Sequence[int] | torch.Tensor] | None = None) -> "SuffixTreeDrafter":
+        """A drafter that also looks the suffix up in `arrays` (token id sequences; None: no own store) and, as
+        `config.store_scope` says, in `union` (the union of every domain's arrays), each indexed now."""
+        return cls(config, None if arrays is None else SuffixStore.of(arrays, config),
+                   union=None if union is None else SuffixStore.of(union, config))
+
+    def stores(self) -> tuple[SuffixStore | None, ...]:
+        """The stores whose candidate trees a step compares, own first: (store,), (union,) or (store, union)."""
+        scope = self.config.store_scope
+        return (self.store,) if scope == "own" else (self.union,) if scope == "union" else (self.store, self.union)
 
     def start(self) -> "SuffixTreeSession":
-        return SuffixTreeSession(self.config, self.store, self.successors)
+        return SuffixTreeSession(self.config, self.store, self.successors, self.stores())
 
     def describe(self) -> dict[str, object]:
         """The policy (the store and the warm start are not part of it)."""
@@ -267,21 +302,28 @@ class SuffixTreeDrafter:
 
 
 class SuffixTreeSession:
-    """One generation's index of the text and recycled successors, and the drafter's store."""
+    """One generation's index of the text and recycled successors, and the drafter's store(s).
+
+    `candidates`: the stores whose trees each step compares (`SuffixTreeDrafter.stores`), own first; default
+    (store,)."""
 
     def __init__(self, config: SuffixTreeConfig, store: SuffixStore | None,
-                 warm: SuccessorTable | None = None) -> None:
+                 warm: SuccessorTable | None = None,
+                 candidates: Sequence[SuffixStore | None] | None = None) -> None:
         self.config = config
         self.store = store
+        self.candidates = tuple(candidates) if candidates is not None else (store,)
         self.index = OccurrenceIndex(config)
         self.successors = Successors(config.recycled_k, warm) if config.recycled_nodes > 0 else None
 
-    def match(self, history: list[int]) -> tuple[int, list[tuple[Sequence[int], int]]]:
-        """(n, hits): the longest suffix of `history` (n tokens, n >= min_ngram) that occurred before, and the
-        (source tokens, end) of its latest occurrences, newest first, the text's before the store's; (0, [])
-        when none did."""
+    def match(self, history: list[int], store: SuffixStore | None | str = "first"
+              ) -> tuple[int, list[tuple[Sequence[int], int]]]:
+        """(n, hits): the longest suffix of `history` (n tokens, n >= min_ngram) that occurred before, in the text
+        or in `store` (default: the first candidate), and the (source tokens, end) of its latest occurrences,
+        newest first, the text's before the store's; (0, []) when none did."""
         cap = self.config.max_occurrences
-        sources = [(history, self.index)] + ([(self.store.tokens, self.store.index)] if self.store else [])
+        store = self.candidates[0] if isinstance(store, str) else store
+        sources = [(history, self.index)] + ([(store.tokens, store.index)] if store else [])
         for n in range(min(self.config.max_ngram, len(history)), self.config.min_ngram - 1, -1):
             gram = tuple(history[-n:])
             hits = [(tokens, end) for tokens, index in sources for end in reversed(index.latest(gram, cap))]
@@ -296,9 +338,7 @@ class SuffixTreeSession:
     def propose(self, request: DraftRequest) -> Draft:
         self.index.update(request.history)
         depth_limit = min(self.config.max_depth, request.max_tokens)
-        matched, hits = self.match(request.history)
-        adaptive = self.config.match_depth(matched)
-        nodes = self.matched_nodes(hits, depth_limit if adaptive is None else min(depth_limit, adaptive))
+        nodes = self.best_tree(request.history, depth_limit)
         if self.successors is not None:
             self.add_recycled(nodes, request.history[-1], depth_limit)
         order = sorted(range(len(nodes)), key=lambda i: (-nodes[i][2], nodes[i][3], i))
@@ -308,6 +348,28 @@ class SuffixTreeSession:
         is_path = all(parent == i - 1 for i, parent in enumerate(kept_parents))
         return Draft(tokens=torch.tensor([nodes[i][0] for i in order], dtype=torch.long, device=device), probs=None,
                      parents=None if is_path else torch.tensor(kept_parents, dtype=torch.long, device=device))
+
+    def candidate_tree(self, history: list[int], store: SuffixStore | None, depth_limit: int) -> list[list]:
+        """The pruned trie (`matched_nodes`) of the latest suffix's continuations in the text and `store`, its
+        depth capped by the adaptive rule where that is on."""
+        matched, hits = self.match(history, store)
+        adaptive = self.config.match_depth(matched)
+        return self.matched_nodes(hits, depth_limit if adaptive is None else min(depth_limit, adaptive))
+
+    def best_tree(self, history: list[int], depth_limit: int) -> list[list]:
+        """The candidate tree (one per store in `candidates`) of the largest expected accepted tokens, the sum of
+        its nodes' path probabilities; the earlier candidate (the own store) wins ties."""
+        best: list[list] | None = None
+        best_value, seen = 0.0, []
+        for store in self.candidates:
+            if any(store is done for done in seen):  # the same store twice (e.g. a one-domain union): one tree
+                continue
+            seen.append(store)
+            nodes = self.candidate_tree(history, store, depth_limit)
+            value = expected_accepted(nodes)
+            if best is None or value > best_value:
+                best, best_value = nodes, value
+        return best if best is not None else []
 
     def matched_nodes(self, hits: list[tuple[Sequence[int], int]], depth_limit: int) -> list[list]:
         """The pruned trie of the hits' continuations to `depth_limit`: nodes [token, parent, path probability,
