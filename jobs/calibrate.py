@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=SearchConfig.trials,
                    help="completed trials per domain study (each replayed over plain decoding's output and priced).")
     p.add_argument("--prompts-per-trial", type=int, default=SearchConfig.prompts_per_trial,
-                   help="calibration prompts each trial is scored on.")
+                   help="the most calibration prompts each trial is scored on: a domain with fewer scores on "
+                        "every one it has, each traced from its store's plain output (no decoding in the search).")
     p.add_argument("--confirm-candidates", type=int, default=SearchConfig.confirm_candidates,
                    help="best distinct policies per domain re-measured in wall clock before one is chosen.")
     p.add_argument("--confirm-prompts", type=int, default=None,

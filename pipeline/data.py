@@ -27,6 +27,7 @@ from knnssd.demo_prompts import DEMO_PROMPTS
 from knnssd.errors import KnnSsdError
 
 CALIBRATION, HELD_OUT = "calibration", "held_out"
+MIN_CALIBRATION = 1  # calibration prompts a domain needs: its search scores on the ones there are
 SPEC_BENCH_MT_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 
 
@@ -153,8 +154,11 @@ def unique_prompts(rows: list[tuple[str, str]]) -> dict[str, list[str]]:
     return {domain: list(texts.values()) for domain, texts in by_domain.items()}
 
 
-def split_table(rows: list[tuple[str, str]], config: DataConfig, min_calibration: int) -> pa.Table:
+def split_table(rows: list[tuple[str, str]], config: DataConfig,
+                min_calibration: int = MIN_CALIBRATION) -> pa.Table:
     """Seeded per-domain split; every domain needs `min_calibration` calibration prompts and one held out.
+    A search scores its trials on the calibration prompts there are, up to --prompts-per-trial (each traced from
+    the domain's store, `pipeline.tasks.search_workload`), so the minimum is MIN_CALIBRATION, not that flag.
 
     Duplicate texts are kept once per domain and a text in two domains is refused (`unique_prompts`); on data
     without duplicates this is the plain seeded shuffle of each domain's prompts in file order."""
@@ -168,7 +172,7 @@ def split_table(rows: list[tuple[str, str]], config: DataConfig, min_calibration
             raise KnnSsdError(
                 f"domain {domain!r} has {len(texts)} distinct prompts: too few for {min_calibration} calibration "
                 f"prompts plus {held} held out",
-                fix="add prompts, lower --prompts-per-trial, or leave the domain out with --domains")
+                fix="add prompts, or leave the domain out with --domains")
         for rank, i in enumerate(order):
             domains.append(domain)
             prompts.append(texts[i])
@@ -202,7 +206,7 @@ def check_fingerprint(table: pa.Table, recorded: str | None, source: str) -> Non
                 "changed), or re-calibrate on this one")
 
 
-def load_calibration_table(config: DataConfig, min_calibration: int) -> pa.Table:
+def load_calibration_table(config: DataConfig, min_calibration: int = MIN_CALIBRATION) -> pa.Table:
     return split_table(read_prompts(config), config, min_calibration)
 
 

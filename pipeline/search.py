@@ -56,8 +56,11 @@ def prompts_fingerprint(prompts: list[str]) -> str:
 def store_fingerprint(store: DomainStore) -> str:
     """8 hex digits of sha256 over a store's prompts and outputs, and its successors and vocabulary where it has
     them (a study whose trials may start from the warm table scores differently with another table, and
-    suggests use_warm only with one)."""
+    suggests use_warm only with one), and its union's prompts and outputs where it carries a union of more than
+    its own data (`has_union`: the study then searches store_scope, and its union trials score on that union)."""
     parts = [store.prompts, store.outputs] + ([store.successors, store.vocab] if store.successors is not None else [])
+    if store.has_union:
+        parts += ["union", store.union_store.prompts, store.union_store.outputs]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8]
 
 
@@ -146,13 +149,15 @@ def make_objective(model: Any, num_layers: int, workload: Workload, costs: StepC
 
     def objective(trial: optuna.Trial) -> float:
         policy = suggest_policy(trial, num_layers, config, has_store=store is not None,
-                                has_warm=store is not None and store.successors is not None)
+                                has_warm=store is not None and store.successors is not None,
+                                has_union=store is not None and store.has_union)
         ratio = policy_skip_ratio(policy, num_layers)
         trial.set_user_attr("policy", policy)
         trial.set_user_attr("skip_ratio", ratio or 0.0)
         if ratio is not None and not config.min_skip_ratio <= ratio <= config.max_skip_ratio:
             raise optuna.TrialPruned()
         score = score_policy(model, policy, num_layers, workload, costs, store, drafters)
+        trial.set_user_attr("prompts", len(workload.traces))  # every prompt of the workload was scored
         for key, value in score.to_dict().items():
             trial.set_user_attr(key, value)
         if trial.number % 10 == 0 or score.predicted_speedup > best_so_far(trial.study):

@@ -14,8 +14,10 @@ The search, confirm and validate tasks receive the stores their suffix-tree poli
 calibration prompt drafts from the store without that prompt's output (`pipeline.drafting`).
 - `embed_prompts`: the runtime's prompt embedding (final hidden state mean-pooled over the prompt, from the
   prefill) for a chunk of prompts.
-- `build_store`: a domain's store, the model's greedy outputs on its calibration prompts (`pipeline.stores`), and
-  the model's top successors after each output token (`pipeline.successors`): the domain's warm table.
+- `build_store`: a domain's store, the model's plain greedy outputs on its calibration prompts, decoded in
+  batches by the engine's loop (`pipeline.store_decoding`), and the loop's top successors after each output
+  token: the domain's warm table. The search worker traces its trials from these outputs (`search_workload`):
+  every calibration prompt in the store (up to `prompts_per_trial`) is scored, with no decoding in the search.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import optuna
@@ -40,11 +42,12 @@ from knnssd.engine.sampling import SamplingConfig
 from pipeline.costs import StepCosts, step_costs_for, table_key
 from pipeline.drafting import PolicyDrafters
 from pipeline.measure import Measured, measure_policies
-from pipeline.scoring import build_workload, score_policy, workload_of
+from pipeline.scoring import Workload, build_workload, score_policy, workload_of
 from pipeline.confirm import choose_policy, confirm, pooled_figures, top_candidates
 from pipeline.search import completed_trials, make_objective, open_worker_study, run_worker
 from pipeline.space import SearchConfig, policy_skip_ratio
 from pipeline.stores import DomainStore
+from pipeline.traces import store_traces, trace_prompt
 
 MAX_RETRIES = 3
 
@@ -106,6 +109,34 @@ def identify_model(spec: ModelSpec, costs_dir: str) -> dict[str, Any]:
             **where(loaded)}
 
 
+def search_workload(model: Any, encode: Callable[[str], torch.Tensor], prompts: list[str], config: SearchConfig,
+                    store: DomainStore | None, log: Callable[[str], None]) -> Workload:
+    """What a worker's trials score on: each calibration prompt (of `prompts`, in order) with a store output, up
+    to `config.prompts_per_trial` of them, traced from the store with no decoding (`pipeline.traces.store_traces`:
+    the store's outputs are plain decoding's); without a store (or none of the prompts in it), the first
+    `prompts_per_trial` prompts decoded plainly (`build_workload`). A prompt whose store output is too short to
+    be its trace (a store budget below `config.max_new_tokens`) is decoded too. Either way each prompt's
+    full-model cache is one forward (`workload_of`). `encode(text)`: the prompt's ids (1, T), as the store's."""
+    index = {} if store is None else {text: i for i, text in enumerate(store.prompts)}
+    stored = [text for text in prompts if text in index][: config.prompts_per_trial]
+    texts = stored or prompts[: config.prompts_per_trial]
+    ids = [encode(text) for text in texts]
+    if not stored:
+        log(f"search: decoding {len(texts)} prompts plainly for the trials (no store outputs to trace)")
+        return build_workload(model, ids, config.max_new_tokens, texts)
+    rows = None if store.successors is None else [store.successors[index[text]] for text in texts]
+    traces = store_traces(model, ids, [store.outputs[index[text]] for text in texts], rows,
+                          config.max_new_tokens)
+    short = [i for i, trace in enumerate(traces) if trace is None]
+    if short:
+        log(f"search: {len(short)} store outputs are shorter than --max-new-tokens {config.max_new_tokens} "
+            "without an EOS; decoding those prompts")
+    traces = [trace_prompt(model, ids[i], config.max_new_tokens) if trace is None else trace
+              for i, trace in enumerate(traces)]
+    log(f"search: trials score on {len(texts)} calibration prompts, {len(texts) - len(short)} traced from the store")
+    return workload_of(model, traces, texts)
+
+
 @ray.remote(max_retries=MAX_RETRIES)
 def search_worker(spec: ModelSpec, domain: str, prompts: list[str], config: SearchConfig, storage: str,
                   study: str, worker: int, costs_dir: str, store: DomainStore | None = None) -> dict[str, Any]:
@@ -119,9 +150,9 @@ def search_worker(spec: ModelSpec, domain: str, prompts: list[str], config: Sear
     handle.set_user_attr(f"worker_pid.{worker}", os.getpid())
     ran = 0
     if len(completed_trials(handle)) < config.trials:
-        texts = prompts[: config.prompts_per_trial]
-        ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in texts]
-        workload = build_workload(loaded.model, ids, config.max_new_tokens, texts)
+        workload = search_workload(loaded.model, lambda text: encode_prompt(loaded.tokenizer, text, chat=spec.chat),
+                                   prompts, config, store, lambda message: _log(domain, message))
+        handle.set_user_attr("prompts_scored", len(workload.traces))
         objective = make_objective(loaded.model, loaded.num_layers, workload, costs, config,
                                    lambda message: _log(domain, message), store)
         ran = run_worker(handle, objective, config)
@@ -202,18 +233,19 @@ def embed_prompts(spec: ModelSpec, prompts: list[str]) -> np.ndarray:
 @ray.remote(max_retries=MAX_RETRIES)
 def build_store(spec: ModelSpec, domain: str, prompts: list[str], max_new_tokens: int,
                 batch_size: int) -> DomainStore:
-    """The domain's store: the model's greedy continuation of each prompt, decoded in batches
-    (`pipeline.stores.build_outputs`), at most `max_new_tokens` each, with the model's top successors after each
-    output token (`pipeline.successors.output_successors`, one forward per prompt)."""
-    from pipeline.stores import DomainStore, build_outputs
-    from pipeline.successors import model_vocab, output_successors
+    """The domain's store: the model's plain greedy continuation of each prompt, at most `max_new_tokens` each,
+    decoded by the engine's loop `batch_size` prompts at a time, with the loop's top successors after each output
+    token (`pipeline.store_decoding`): plain decoding's outputs exactly, so the search traces its trials from
+    them (`search_workload`)."""
+    from pipeline.store_decoding import decode_store
+    from pipeline.successors import model_vocab
 
     loaded = spec.load()
     ids = [encode_prompt(loaded.tokenizer, text, chat=spec.chat) for text in prompts]
-    outputs = build_outputs(loaded.model, ids, max_new_tokens, batch_size,
-                            progress=lambda done, total: _log(domain, f"store: {done}/{total} prompts"))
-    step = max(1, len(ids) // 10)
-    successors = output_successors(loaded.model, ids, outputs, progress=lambda done, total: _log(
-        domain, f"store successors: {done}/{total} prompts") if done % step == 0 or done == total else None)
-    return DomainStore(domain=domain, prompts=tuple(prompts), outputs=tuple(outputs), successors=successors,
-                       vocab=model_vocab(loaded.model))
+    invariant = loaded.kernels is not None and loaded.kernels.batch_invariant
+    if not invariant:
+        _log(domain, "store: the model's kernels are not batch-invariant here: decoding one prompt at a time")
+    decoded = decode_store(loaded.model, ids, max_new_tokens, batch_size, invariant,
+                           progress=lambda done, total: _log(domain, f"store: {done}/{total} prompts"))
+    return DomainStore(domain=domain, prompts=tuple(prompts), outputs=decoded.outputs,
+                       successors=decoded.successors, vocab=model_vocab(loaded.model))
