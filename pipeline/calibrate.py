@@ -162,21 +162,24 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
 def run_validation(config: CalibrationConfig, table: pa.Table, policies: dict[str, dict[str, Any]],
                    log: Callable[[str], None], stores: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every distinct policy on each domain's first `config.validate_prompts` held-out prompts. `stores`: a
-    policy that drafts from a store drafts from its own domain's (MIX: the union), so two domains' equal
-    store-drafting policies are two policies."""
+    policy that drafts from a store drafts from its own domain's (MIX: the union) and, with store_scope "union" or
+    "both", from the union of every domain's (`DomainStore.union_store`), as the runtime does; so two domains'
+    equal policies are two policies where they draft from their own domain's store or warm table, and one where
+    they draft from the union alone."""
     import ray
 
     from pipeline.cluster import task_resources
-    from knnssd.engine.policy import uses_store, uses_warm
+    from knnssd.engine.policy import uses_own_store, uses_store, uses_warm
     from pipeline.tasks import validate_domain
 
     def own_data(policy: dict[str, Any]) -> bool:  # drafts from its domain's store or successor table
-        return uses_store(policy) or uses_warm(policy)
+        return uses_own_store(policy) or uses_warm(policy)
 
     distinct, alias = distinct_policies({name: {**policy, "store of": name} if own_data(policy) else policy
                                          for name, policy in policies.items()})
     unique = {name: policies[name] for name in distinct}
-    drafting_from = {name: (stores or {}).get(name) for name, policy in unique.items() if own_data(policy)}
+    drafting_from = {name: (stores or {}).get(name) for name, policy in unique.items()
+                     if uses_store(policy) or uses_warm(policy)}
     resources = task_resources(config.model.threads)
     domains = [d for d in domains_of(table) if d in policies]
     log(f"held-out check: {len(unique)} distinct policies on up to {config.validate_prompts} held-out prompts "

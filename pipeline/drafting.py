@@ -6,19 +6,22 @@ greedy outputs of the domain's calibration prompts. Measured on calibration prom
 without p's output, else it would look up its own future; so every prompt drafts from `store.arrays(exclude=p)`.
 A held-out prompt is in no store, so it drafts from the whole store, as the bundle's runtime does. A suffix-tree
 policy with `use_warm` starts from its store's warm successor table the same way: on calibration prompt p, the
-table without p's rows (`store.table(exclude=p)`), else it would start from its own future's successors.
+table without p's rows (`store.table(exclude=p)`), else it would start from its own future's successors. A
+use_store policy with store_scope "union" or "both" drafts from the union of every domain's store
+(`store.union_store`, which holds p's output too) the same way: on calibration prompt p, the union without p's
+output (`store.union_store.arrays(exclude=p)`).
 
 Indexing a store is the costly part of making such a drafter, and a search makes one per trial and prompt, so
 `PolicyDrafters` keeps the indexed stores (`SuffixStore`) of a worker, one per (store, prompt excluded, n-gram
-range): what the index depends on (not the occurrences kept, which a lookup takes from the index), and the warm
-tables, one per (store, prompt excluded). Other policies are made as `knnssd.engine.policy` makes them.
+range; the union is a store of its own here): what the index depends on (not the occurrences kept, which a
+lookup takes from the index), and the warm tables, one per (store, prompt excluded). Other policies are made as `knnssd.engine.policy` makes them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from knnssd.engine.drafters import Drafter, SuccessorTable, SuffixStore, SuffixTreeDrafter
+from knnssd.engine.drafters import Drafter, SuccessorTable, SuffixStore, SuffixTreeConfig, SuffixTreeDrafter
 from knnssd.errors import KnnSsdError
 from knnssd.engine.policy import drafter_from_policy, suffix_tree_config, uses_store, uses_warm
 from pipeline.stores import DomainStore
@@ -60,12 +63,25 @@ class PolicyDrafters:
         warm = self.table(store, exclude) if warm_used else None
         if not store_used:
             return SuffixTreeDrafter(config, None, warm)
+        own, union = config.store_scope != "union", config.store_scope != "own"
+        if union and store.union_store is None:
+            raise KnnSsdError(f"the policy {policy} drafts from the union of every domain's store (store_scope "
+                              f"{config.store_scope!r}), but the store of domain {store.domain!r} carries no union",
+                              fix="build the stores with pipeline.store_stage.build_stores (which sets each "
+                                  "domain's union_store), or set \"store_scope\": \"own\"")
+        return SuffixTreeDrafter(config, self.index(store, prompt, config) if own else None, warm,
+                                 self.index(store.union_store, prompt, config) if union else None)
+
+    def index(self, store: DomainStore, prompt: str, config: SuffixTreeConfig) -> SuffixStore:
+        """`store` without prompt `prompt`'s output (if it is one of its prompts), indexed for config's n-gram
+        sizes, once per worker."""
+        exclude = prompt if prompt in store.prompts else None
         key = (id(store), exclude, config.min_ngram, config.max_ngram)
         if key not in self.indexed:
             if len(self.indexed) >= MAX_INDEXED:
                 self.indexed.pop(next(iter(self.indexed)))  # the oldest
             self.indexed[key] = (store, SuffixStore.of(store.arrays(exclude=exclude), config))  # store: keeps id
-        return SuffixTreeDrafter(config, self.indexed[key][1], warm)
+        return self.indexed[key][1]
 
     def table(self, store: DomainStore, exclude: str | None) -> SuccessorTable:
         """The store's warm table without prompt `exclude`'s rows, built once per worker."""

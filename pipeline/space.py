@@ -10,7 +10,9 @@ parameters, which TPE handles):
                  probability kept, the adaptive depth (spec factor and offset), the recycled successors' node
                  budget and k and, only where the domain has a store (`has_store`), whether to draft from it,
                  and, only where its store has successors (`has_warm`) and the trial recycles (recycled_nodes >
-                 0), whether to start from the domain's warm successor table (`use_warm`).
+                 0), whether to start from the domain's warm successor table (`use_warm`), and, only where
+                 the trial drafts from the store and the domain's store carries a union of more than its own
+                 data (`has_union`), which store (`store_scope`: own, union of every domain's, or both).
 The first trials of a new study are seeds (`seed_trials`), then trials with only the kind fixed
 (`kind_quota`). Trials whose skip ratio falls outside [min_skip_ratio, max_skip_ratio] are pruned before any
 work (`pipeline.search`).
@@ -27,16 +29,17 @@ from typing import Any
 import optuna
 
 from knnssd.engine.drafters import LayerSkipConfig, PromptLookupConfig, SuffixTreeConfig
+from knnssd.engine.drafters.suffix_tree import STORE_SCOPES
 from knnssd.errors import KnnSsdError
 from knnssd.engine.skipset import SkipSet
 
 # Bumped whenever the objective's measurement or search space changes, so a resumed study never mixes
 # incomparable trials.
-# 11: suffix trees may start from the warm successor table (use_warm); 10: suffix trees search recycled_nodes
+# 12: suffix trees may draft from the union of every domain's store (store_scope); 11: suffix trees may start from the warm successor table (use_warm); 10: suffix trees search recycled_nodes
 # over (0, 4, 8, 12, 16) (9 held it at 0); 9: suffix trees search
 # recycled successors and the adaptive depth; 8: the plain step priced as timed, not pooled with wider passes;
 # 7: suffix-tree policies and stores; 6: prefill priced from the table, draft forwards at their context
-MEASUREMENT_VERSION = 11
+MEASUREMENT_VERSION = 12
 SEARCHABLE_KINDS = ("layer_skip", "prompt_lookup", "hybrid", "suffix_tree")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 LAYER_SKIP_DRAFT_RANGE = (2, 12)  # max_draft_tokens searched for layer skipping
@@ -220,14 +223,19 @@ def suggest_skip_set(trial: optuna.Trial, num_layers: int) -> SkipSet:
     return SkipSet.of(attn=attn, mlp=mlp)
 
 
-def suggest_tree(trial: optuna.Trial, has_store: bool, has_warm: bool = False) -> dict[str, Any]:
+def suggest_tree(trial: optuna.Trial, has_store: bool, has_warm: bool = False,
+                 has_union: bool = False) -> dict[str, Any]:
     """A suffix-tree policy's fields. use_store is a parameter only in a study with a store (a study without one
     never suggests it, so its policies never need one), use_warm only in a study whose store has successors and
-    in a trial with recycled_nodes > 0 (conditional, as TPE handles); min_ngram is capped by max_ngram as for
-    lookup."""
+    in a trial with recycled_nodes > 0, store_scope only in a study whose store carries a union of more than its
+    own data and in a trial with use_store (conditional, as TPE handles; elsewhere "own": the mix study's store
+    is the union itself); min_ngram is capped by max_ngram as for lookup."""
     max_ngram = trial.suggest_int("suffix_tree.max_ngram", *NGRAM_RANGE)
     recycled = trial.suggest_categorical("suffix_tree.recycled_nodes", list(RECYCLED_NODES))
     warm = bool(has_warm and recycled > 0 and trial.suggest_categorical("suffix_tree.use_warm", [False, True]))
+    store = bool(has_store and trial.suggest_categorical("suffix_tree.use_store", [False, True]))
+    scope = (trial.suggest_categorical("suffix_tree.store_scope", list(STORE_SCOPES)) if store and has_union
+             else SuffixTreeConfig.store_scope)
     return {"max_ngram": max_ngram,
             "min_ngram": min(max_ngram, trial.suggest_int("suffix_tree.min_ngram", *MIN_NGRAM_RANGE)),
             "max_occurrences": trial.suggest_categorical("suffix_tree.max_occurrences", list(OCCURRENCES)),
@@ -238,18 +246,20 @@ def suggest_tree(trial: optuna.Trial, has_store: bool, has_warm: bool = False) -
             "spec_offset": trial.suggest_categorical("suffix_tree.spec_offset", list(SPEC_OFFSETS)),
             "recycled_nodes": recycled,
             "recycled_k": trial.suggest_categorical("suffix_tree.recycled_k", list(RECYCLED_K)),
-            "use_store": bool(has_store and trial.suggest_categorical("suffix_tree.use_store", [False, True])),
-            "use_warm": warm}
+            "use_store": store,
+            "use_warm": warm,
+            "store_scope": scope}
 
 
 def suggest_policy(trial: optuna.Trial, num_layers: int, config: SearchConfig,
-                   has_store: bool = False, has_warm: bool = False) -> dict[str, Any]:
+                   has_store: bool = False, has_warm: bool = False, has_union: bool = False) -> dict[str, Any]:
     """A draft policy (bundle JSON form) from the trial's parameters; `has_store`: the study's domain has a
     store that suffix-tree policies may draft from; `has_warm`: that store has successors, a warm table that
-    recycling suffix-tree policies may start from."""
+    recycling suffix-tree policies may start from; `has_union`: that store carries a union of more than its own
+    data (`DomainStore.has_union`) that store-drafting suffix-tree policies may draft from instead or as well."""
     kind = trial.suggest_categorical("kind", list(config.kinds))
     if kind == "suffix_tree":
-        return {"kind": kind, **suggest_tree(trial, has_store, has_warm)}
+        return {"kind": kind, **suggest_tree(trial, has_store, has_warm, has_union)}
     parts: dict[str, dict[str, Any]] = {}
     if kind in ("prompt_lookup", "hybrid"):
         max_ngram = trial.suggest_int("prompt_lookup.max_ngram", *NGRAM_RANGE)

@@ -4,6 +4,7 @@ and one more per `--corpus` tokenises the user's texts for that domain's store (
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from pipeline.corpus import Corpus, check_corpus_tokens, corpus_entries
@@ -16,8 +17,9 @@ def build_stores(model: Any, prompts: dict[str, list[str]], max_new_tokens: int,
     """The store stage of calibration: one `pipeline.tasks.build_store` Ray task per domain (`model`: its
     `ModelSpec`; `prompts`: each domain's calibration prompts, all of them used), each domain's corpus (at most
     one, checked by `pipeline.corpus.check_corpora`) tokenised in a Ray task of its own and added after the
-    model's outputs, then, under the name `mix` when given, the union of all stores (what the mix study drafts
-    from). Logs each domain's size and each corpus added. A corpus over `MAX_CORPUS_STORE_TOKENS` is refused
+    model's outputs, then the union of all stores in domain order, set as each domain's `union_store` (what its
+    store_scope "union"/"both" policies draft from) and, under the name `mix` when given, added as a store itself
+    (what the mix study drafts from; the same object, so a worker indexes it once per key). Logs each domain's size and each corpus added. A corpus over `MAX_CORPUS_STORE_TOKENS` is refused
     before any store is waited for."""
     import ray
 
@@ -47,6 +49,8 @@ def build_stores(model: Any, prompts: dict[str, list[str]], max_new_tokens: int,
                                          outputs=store.outputs + outputs)
             log(f"store: [{domain}] + corpus {corpus.name}: {len(keys)} texts, "
                 f"{sum(len(o) for o in outputs)} tokens")
+    union = DomainStore.union(list(stores.values()), mix or "union")
+    stores = {domain: replace(store, union_store=union) for domain, store in stores.items()}
     if mix is not None:
-        stores[mix] = DomainStore.union(list(stores.values()), mix)
+        stores[mix] = union
     return stores

@@ -11,6 +11,12 @@ A store may also carry the model's top successors after every output token (`suc
 would (`SuccessorTable.from_updates`, in store order, the last write of a token winning). A trial on calibration
 prompt p starts from the table without p's rows (`table(exclude=p)`), for the same reason as the text.
 
+A domain's store may also carry the union of every domain's store (`union_store`, set by
+`pipeline.store_stage.build_stores` once all are built): what a suffix-tree policy with store_scope "union" or
+"both" drafts from, leave-one-out the same way (`union_store.arrays(exclude=p)`). It is not part of the store's
+equality (two domains' stores stay unequal by their own data), only of its study's fingerprint
+(`pipeline.search.store_fingerprint`) where it differs from the store itself (`has_union`).
+
 `build_outputs` decodes the prompts in batches (transformers' `generate`, greedy, left padding): the store stage
 of calibration (`pipeline.tasks.build_store`, one Ray task per domain) and what the bundle keeps
 (`knnssd.bundle`, stores/<i>.npy).
@@ -18,7 +24,7 @@ of calibration (`pipeline.tasks.build_store`, one Ray task per domain) and what 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -80,13 +86,15 @@ class DomainStore:
     """domain: its name; prompts: the calibration prompt texts, in order; outputs: the model's greedy
     continuation (new token ids) of each, in the same order; successors: None (not computed), or successors[i][j]
     the model's top successor ids after outputs[i][j], best first (one row per output token); vocab: the
-    model's vocabulary size (the table's rows), given with successors."""
+    model's vocabulary size (the table's rows), given with successors; union_store: None, or the union of every
+    domain's store (this one's among them), for store_scope "union"/"both" policies (not compared, not shown)."""
 
     domain: str
     prompts: tuple[str, ...]
     outputs: tuple[tuple[int, ...], ...]
     successors: tuple[tuple[tuple[int, ...], ...], ...] | None = None
     vocab: int = 0
+    union_store: "DomainStore | None" = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.outputs):
@@ -112,6 +120,12 @@ class DomainStore:
         return [output for prompt, output in zip(self.prompts, self.outputs) if prompt != exclude]
 
     @property
+    def has_union(self) -> bool:
+        """Whether it carries a union that holds more than its own data (only then is store_scope searched)."""
+        return self.union_store is not None and (self.union_store.prompts, self.union_store.outputs) != (
+            self.prompts, self.outputs)
+
+    @property
     def tokens(self) -> int:
         return sum(len(output) for output in self.outputs)
 
@@ -121,7 +135,8 @@ class DomainStore:
 
     @classmethod
     def union(cls, stores: Iterable["DomainStore"], domain: str) -> "DomainStore":
-        """One store of every store's outputs (the Self-SD(Mix) reference drafts from it)."""
+        """One store of every store's outputs (the Self-SD(Mix) reference drafts from it), in the order given,
+        carrying no union of its own."""
         stores = list(stores)
         warm = bool(stores) and all(s.successors is not None for s in stores)
         return cls(domain=domain, prompts=tuple(p for s in stores for p in s.prompts),
