@@ -26,8 +26,9 @@ prompt is fixed by that prompt's greedy continuation:
   `tests/test_replay.py` bounds the error against the real loop, and `benchmarks/replay_check.py` measures it
   (accepted tokens, verify steps, drafted tokens and draft forwards) on Spec-Bench.
 - a hybrid replays the real lookup session and the layer-skip replay, as `HybridSession` combines them;
-- a suffix tree, like prompt lookup, drafts from the committed tokens (and its store) alone: replaying the real
-  `SuffixTreeSession` gives exactly the real run's trees. With recycled successors its table also learns from
+- a suffix tree, like prompt lookup, drafts from the committed tokens (and its stores: own, union, or with
+  store_scope "both" the better candidate of the two, chosen from the text and the stores alone) alone: replaying
+  the real `SuffixTreeSession` gives exactly the real run's trees. With recycled successors its table also learns from
   each verify pass's committed rows (`observe_logits`); replay hands the session the same rows' top successors
   from the trace (`Trace.successors`, recorded by `pipeline.traces.with_successors` on an untimed plain run), so
   the tables, hence the trees, are the real run's too (rows of rejected drafts never reach the table, in either).

@@ -8,8 +8,9 @@ prefill too is priced from the table). A node's workers share one table; a worke
 its own, so scores from different nodes are comparable only as far as their tables agree
 (`pipeline.confirm.top_candidates` therefore dedupes by policy as well as by score).
 
-A suffix-tree policy that drafts from its domain's store replays each prompt drafting from the store without that
-prompt's own output (`pipeline.drafting`), so a workload knows its prompts' texts.
+A suffix-tree policy that drafts from its domain's store (or, by its store_scope, from the union of every domain's)
+replays each prompt drafting from that store without that prompt's own output (`pipeline.drafting`), so a
+workload knows its prompts' texts.
 """
 
 from __future__ import annotations
