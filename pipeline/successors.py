@@ -1,7 +1,10 @@
 """A domain's warm successor rows: the model's top successors after every token of its store's outputs.
 
-At the store stage (`pipeline.tasks.build_store`), after the outputs are decoded, one teacher-forced forward of
-the engine's model over each entry's prompt + output gives the logits after every output token, and
+The store stage (`pipeline.tasks.build_store`) takes these rows from its decoding loop itself
+(`pipeline.store_decoding`: each verify pass's committed row, as a `SuccessorRecorder` records it), so they are
+the rows plain decoding computes. This module computes them for outputs that were not decoded by that loop
+(outputs given as they are): one teacher-forced forward of the engine's model over each entry's prompt + output
+gives the logits after every output token, and
 `knnssd.engine.drafters.recycled.top_successors` their top MAX_SUCCESSORS ids: row j of an entry is the successors
 of output token j. `pipeline.stores.DomainStore` keeps the rows per entry, so that its table (the updates
 applied in store order, the last write of a token winning: `SuccessorTable.from_updates`, what
