@@ -11,8 +11,10 @@ every width from 1 to MAX_FAST_ROWS runs the same code:
     rows_rms_norm    the RMSNorm of each row (a decoder's hidden-size norms of Llama's form), one call where
                      transformers' RMSNorm makes a dozen small tensor ops
 
-Both are batch-invariant: an output's floating-point operations do not depend on how many rows the pass has, so
-a verify row computes the bits the 1-token plain step at that position computes (`KernelPlan.batch_invariant`),
+and `knnssd.engine.fastlayer` runs a Llama-shaped decoder layer's step as a dozen calls of these (with
+`rows_rope_kv` for the rotary embedding and the cache write) instead of transformers' hundred small tensor ops,
+computing the same bits. They are batch-invariant: an output's floating-point operations do not depend on how
+many rows the pass has, so a verify row computes the bits the 1-token plain step at that position computes (`KernelPlan.batch_invariant`),
 and speculative greedy output is plain decoding's exactly. The prefill (`knnssd.engine.decoding.prefill`) keeps
 transformers' own F.linear and SDPA (`transformers_kernels`), for plain decoding and every drafter alike.
 
@@ -252,6 +254,10 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
             norm._knnssd_norm = kernel.rows_rms_norm
             norm.forward = types.MethodType(_fast_rms_norm, norm)
         rows_attention = attention.use_rows_kernel(model, kernel.rows_attention)
+        if rows_attention:
+            from knnssd.engine import fastlayer  # it imports this module
+
+            fastlayer.install(model, kernel)
         return KernelPlan(enabled=True, device=device, threads=threads, rows=methods,
                           attention="rows" if rows_attention else "", isa=vector_isa())
     linears = [m for m in every if m.bias is None]
@@ -293,6 +299,9 @@ def restore(model: nn.Module) -> None:
             del module._knnssd_norm
     attention.set_implementation(model, attention.BASE_IMPLEMENTATION)
     attention.use_rows_kernel(model, None)
+    from knnssd.engine import fastlayer  # it imports this module
+
+    fastlayer.uninstall(model)
 
 
 @contextmanager
@@ -302,6 +311,9 @@ def transformers_kernels(model: nn.Module) -> Iterator[None]:
     saved = {m: (vars(m)["forward"], m._knnssd_run, m._knnssd_wide) for m in model.modules()
              if isinstance(m, nn.Linear) and "forward" in vars(m)}
     norms = {m: (vars(m)["forward"], m._knnssd_norm) for m in model.modules() if "_knnssd_norm" in vars(m)}
+    from knnssd.engine import fastlayer  # it imports this module
+
+    steps = fastlayer.saved_steps(model)
     grouped = attention.uses(model, attention.IMPLEMENTATION)
     rows_kernel = attention.rows_kernel_of(model)
     try:
@@ -312,6 +324,7 @@ def transformers_kernels(model: nn.Module) -> Iterator[None]:
             module.forward, module._knnssd_run, module._knnssd_wide = forward, run, wide
         for module, (forward, norm) in norms.items():
             module.forward, module._knnssd_norm = forward, norm
+        fastlayer.restore_steps(steps)
         if grouped:
             attention.set_implementation(model, attention.IMPLEMENTATION)
         attention.use_rows_kernel(model, rows_kernel)

@@ -86,6 +86,17 @@ class PreallocatedLayer(DynamicLayer):
         self.values = self.value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def reserve(self, end: int) -> None:
+        """Room in the buffers for entries up to position `end` (grown as `update` grows them), for a kernel that
+        writes a step's keys and values in place (`knnssd.engine.fastlayer`); `commit(end)` then shows them."""
+        if end > self.key_buffer.shape[-2]:
+            self._grow(self.keys, self.values, self.get_seq_length(), end)
+
+    def commit(self, end: int) -> None:
+        """The views `keys` / `values` now cover the buffers' first `end` entries (written in place)."""
+        self.keys = self.key_buffer[:, :, :end]
+        self.values = self.value_buffer[:, :, :end]
+
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, end: int) -> None:
         """New buffers of `grown_capacity(end, self.capacity)` positions, holding the first `length` entries."""
         capacity = grown_capacity(end, self.capacity)

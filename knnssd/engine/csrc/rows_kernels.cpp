@@ -3,6 +3,9 @@
 //   rows_gemm(x, w)                 x (m, k) @ w (n, k).T, 1 <= m <= 256 (past 32: a batch of requests' passes)
 //   rows_attention(q, k, v, mask)   attention of T <= 32 query rows over a KV cache, grouped-query heads
 //   rows_rms_norm(x, w, eps)        RMSNorm of each row (Llama's form: w * (x * 1 / sqrt(mean(x^2) + eps)))
+//   rows_rope_kv(q, k, v, cos, sin, key_buffer, value_buffer, start)
+//                                   rotary positions on a step's queries and keys, keys and values written
+//                                   into a preallocated KV cache (knnssd/engine/kvcache.py)
 //
 // Both are batch-invariant: every output element is computed by the same sequence of floating-point operations
 // whatever the number of rows, so a row of a 16-token verify pass has the bits the 1-token plain step at that
@@ -16,6 +19,8 @@
 //   decoding's row for the same token sees, in the same order. Each score is a dot product over the head
 //   dimension with the same reduction tree for every key; the softmax's exponentials use one vector routine for
 //   every element; its sum and the weighted sum of values run over the visible keys in order.
+// - rows_rope_kv: element for element transformers' q * cos + rotate_half(q) * sin, each product and the sum
+//   rounded on its own (no fused multiply-add), so its bits are the library's; the copies are exact.
 // - rows_rms_norm: each row's sum of squares is one sequential LANES-wide reduction, then the same horizontal
 //   sum; one call replaces the dozen small tensor ops of transformers' RMSNorm.
 //
@@ -27,6 +32,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -437,7 +443,62 @@ torch::Tensor rows_rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return out;
 }
 
+namespace {
+
+// out = x * c + rotate_half(x) * s over one head's D values; fp-contract off: two roundings and a sum, as the
+// library's three tensor ops round them (a fused multiply-add would round once and change the bits).
+__attribute__((optimize("fp-contract=off")))
+void rope_head(const float* x, const float* c, const float* s, float* out, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) {
+    const float a = x[d] * c[d];
+    const float b = -x[d + half] * s[d];
+    out[d] = a + b;
+  }
+  for (int64_t d = half; d < D; ++d) {
+    const float a = x[d] * c[d];
+    const float b = x[d - half] * s[d];
+    out[d] = a + b;
+  }
+}
+
+}  // namespace
+
+torch::Tensor rows_rope_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
+                           torch::Tensor key_buffer, torch::Tensor value_buffer, int64_t start) {
+  TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes(), "rows_rope_kv: cos and sin (T, D)");
+  const int64_t T = cos.size(0), D = cos.size(1);
+  TORCH_CHECK(D % 2 == 0 && q.dim() == 2 && k.dim() == 2 && v.sizes() == k.sizes() && q.size(0) == T &&
+              k.size(0) == T && q.size(1) % D == 0 && k.size(1) % D == 0, "rows_rope_kv: q (T, H*D), k, v (T, Hkv*D)");
+  TORCH_CHECK(key_buffer.dim() == 4 && key_buffer.size(0) == 1 && key_buffer.size(3) == D &&
+              key_buffer.size(1) * D == k.size(1) && value_buffer.sizes() == key_buffer.sizes() &&
+              key_buffer.is_contiguous() && value_buffer.is_contiguous(),
+              "rows_rope_kv: buffers (1, Hkv, capacity, D), contiguous");
+  TORCH_CHECK(start >= 0 && start + T <= key_buffer.size(2), "rows_rope_kv: the rows do not fit the buffers");
+  for (const auto& t : {q, k, v, cos, sin, key_buffer, value_buffer}) {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_cpu(), "rows_rope_kv: float32 CPU tensors only");
+  }
+  q = q.contiguous(); k = k.contiguous(); v = v.contiguous(); cos = cos.contiguous(); sin = sin.contiguous();
+  const int64_t H = q.size(1) / D, Hkv = k.size(1) / D, C = key_buffer.size(2);
+  auto out = torch::empty({T, H, D}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *kb = key_buffer.data_ptr<float>(), *vb = value_buffer.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* c = cp + t * D;
+    const float* s = sp + t * D;
+    for (int64_t h = 0; h < H; ++h) rope_head(qp + (t * H + h) * D, c, s, op + (t * H + h) * D, D);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t slot = (h * C + start + t) * D;
+      rope_head(kp + (t * Hkv + h) * D, c, s, kb + slot, D);
+      std::copy(vp + (t * Hkv + h) * D, vp + (t * Hkv + h + 1) * D, vb + slot);
+    }
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rows_rope_kv", &rows_rope_kv, "rotary queries and keys of T rows; keys and values into a KV buffer");
   m.def("rows_rms_norm", &rows_rms_norm, "RMSNorm of each row of x (m, n) with weight w (n)");
   m.def("rows_gemm", &rows_gemm, "x (m, k) @ w (n, k).T, 1 <= m <= 256");
   m.def("rows_attention", &rows_attention, "attention of 1-32 query rows (T, H, D) over k, v (Hkv, L, D)");

@@ -1,0 +1,169 @@
+"""A decoder layer's decoding step in a dozen kernel calls (CPU fp32, the engine's compiled kernels).
+
+transformers' Llama decoder layer makes about a hundred small tensor ops a step (views, transposes, the rotary
+embedding's slices and concatenations, the cache's slices, residual adds, two norms); on a 2-core CPU they cost a
+third of a SmolLM2 step. `fast_step` computes the same step with the same kernels and the same elementwise
+arithmetic, so every output bit is the library path's (tests/test_batch_invariance.py compares the two):
+
+    rows_rms_norm -> q, k, v products -> rows_rope_kv (rotary queries and keys; keys and values written into the
+    preallocated cache) -> rows_attention -> o product + residual -> rows_rms_norm -> gate, up products ->
+    act(gate) * up -> down product + residual
+
+A step takes this path where it qualifies: one request of 1-MAX_FAST_ROWS rows, its own `PreallocatedLayer`
+already holding the prompt, no batched plan, attention and MLP in place (not skipped while drafting), a bool or
+absent mask, fp32 on CPU. Anything else (a prefill, a batched pass, a layer-skip draft, a sliding-window cache)
+runs the class's own forward. `install` gives the path to the layers whose decoder-layer, attention and MLP
+forwards are Llama's own bytecode (Qwen2's full-attention layers too) and whose norms the kernels compute
+(`kernels.llama_rms_norms`); other families (Mistral's sliding window among them) keep transformers' forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from knnssd.engine import attention
+from knnssd.engine.kernels import MAX_FAST_ROWS, llama_rms_norms
+from knnssd.engine.kvcache import PreallocatedLayer
+
+STEP_ATTRIBUTE = "_knnssd_step"  # set on each decoder layer that has the fast path: its `LayerKernels`
+PASSED_KEYWORDS = frozenset({"cache_position"})  # keywords a qualifying step may carry (and the path ignores)
+
+
+class LayerKernels:
+    """What a layer's fast step calls: the compiled kernel module, and the classes its sub-layers must still be."""
+
+    def __init__(self, kernel: Any, attention_class: type, mlp_class: type) -> None:
+        self.kernel = kernel
+        self.attention_class = attention_class
+        self.mlp_class = mlp_class
+
+
+def _code(function: Any) -> Any:
+    return getattr(inspect.unwrap(function), "__code__", None)
+
+
+def _same_code(module: nn.Module, reference: Any) -> bool:
+    mine, theirs = _code(getattr(type(module), "forward", None)), _code(reference)
+    return mine is not None and mine.co_code == theirs.co_code and mine.co_names == theirs.co_names
+
+
+def _plain_attention(attn: nn.Module | None) -> bool:
+    """Llama's attention forward, or Qwen2's (Llama's with a sliding-window argument) on a full-attention layer."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    return attn is not None and (_same_code(attn, LlamaAttention.forward) or (
+        _same_code(attn, Qwen2Attention.forward) and getattr(attn, "sliding_window", None) is None))
+
+
+def eligible_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers whose forwards are Llama's own (Llama, Qwen2's full-attention layers: copies of it) and
+    whose two norms the kernels compute."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP
+
+    norms = {id(norm) for norm in llama_rms_norms(model)}
+    return [layer for layer in model.modules()
+            if _same_code(layer, LlamaDecoderLayer.forward)
+            and _plain_attention(getattr(layer, "self_attn", None))
+            and _same_code(getattr(layer, "mlp", None), LlamaMLP.forward)
+            and id(getattr(layer, "input_layernorm", None)) in norms
+            and id(getattr(layer, "post_attention_layernorm", None)) in norms
+            and all(linear.weight.is_contiguous() for linear in layer.modules() if isinstance(linear, nn.Linear))]
+
+
+def install(model: nn.Module, kernel: Any) -> int:
+    """Give every eligible decoder layer of `model` the fast step; how many got it."""
+    layers = eligible_layers(model)
+    for layer in layers:
+        setattr(layer, STEP_ATTRIBUTE, LayerKernels(kernel, type(layer.self_attn), type(layer.mlp)))
+        layer.forward = types.MethodType(fast_step, layer)
+    return len(layers)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Every decoder layer back to its class's forward."""
+    for module in model.modules():
+        if STEP_ATTRIBUTE in vars(module):
+            vars(module).pop("forward", None)
+            delattr(module, STEP_ATTRIBUTE)
+
+
+def saved_steps(model: nn.Module) -> dict[nn.Module, tuple[Any, LayerKernels]]:
+    """The installed fast steps (layer -> (forward, kernels)), for `restore_steps` after a block without them."""
+    return {m: (vars(m)["forward"], vars(m)[STEP_ATTRIBUTE]) for m in model.modules() if STEP_ATTRIBUTE in vars(m)}
+
+
+def restore_steps(saved: dict[nn.Module, tuple[Any, LayerKernels]]) -> None:
+    for layer, (forward, kernels) in saved.items():
+        layer.forward = forward
+        setattr(layer, STEP_ATTRIBUTE, kernels)
+
+
+def _product(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x (T, in) -> (T, out) exactly as the layer's accelerated forward computes it (`kernels._fast_forward`)."""
+    out = linear._knnssd_run[x.shape[0] - 1](x, linear.weight)
+    return out if linear.bias is None else out + linear.bias
+
+
+def _qualifying_cache(layer: nn.Module, cache: Any, rows: int) -> PreallocatedLayer | None:
+    if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
+        return None
+    index = getattr(layer.self_attn, "layer_idx", None)
+    held = cache.layers[index] if index is not None and index < len(cache.layers) else None
+    if (type(held) is not PreallocatedLayer or not held.is_initialized or held.key_buffer is None
+            or held.keys.shape[0] != 1 or held.get_seq_length() == 0):
+        return None
+    return held
+
+
+def fast_step(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool | None = False,
+              position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
+    """The decoder layer's forward: hidden_states (1, T, hidden) -> (1, T, hidden), by the kernels where the step
+    qualifies (see the module docstring), else by the class's forward with the same arguments."""
+    kernels: LayerKernels = vars(self)[STEP_ATTRIBUTE]
+    attn, mlp = self.self_attn, self.mlp
+    rows = hidden_states.shape[1] if hidden_states.dim() == 3 else 0
+    rows_attention = vars(attn).get(attention.KERNEL_ATTRIBUTE)
+    held = None
+    if (hidden_states.dim() == 3 and hidden_states.shape[0] == 1 and 1 <= rows <= MAX_FAST_ROWS
+            and set(kwargs) <= PASSED_KEYWORDS and position_embeddings is not None and not self.training
+            and type(attn) is kernels.attention_class and type(mlp) is kernels.mlp_class
+            and rows_attention is not None and attention.uses(attn, attention.IMPLEMENTATION)
+            and hidden_states.dtype == torch.float32 and hidden_states.device.type == "cpu"):
+        held = _qualifying_cache(self, cache, rows)
+    if held is not None and attention_mask is not None:
+        length = held.get_seq_length()
+        if not (attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+                and tuple(attention_mask.shape) == (1, 1, rows, length + rows)):
+            held = None
+    if held is None:
+        return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                  cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
+                                  **kwargs)
+    kernel = kernels.kernel
+    hidden = hidden_states.shape[-1]
+    x = hidden_states.reshape(rows, hidden)
+    norm = self.input_layernorm
+    h = kernel.rows_rms_norm(x, norm.weight, norm.variance_epsilon)
+    q, k, v = _product(attn.q_proj, h), _product(attn.k_proj, h), _product(attn.v_proj, h)
+    start = held.get_seq_length()
+    end = start + rows
+    held.reserve(end)
+    cos, sin = position_embeddings
+    query = kernel.rows_rope_kv(q, k, v, cos[0], sin[0], held.key_buffer, held.value_buffer, start)  # (T, H, D)
+    held.commit(end)
+    mask = attention_mask[0, 0] if attention_mask is not None else None
+    out = rows_attention(query, held.keys[0], held.values[0], mask, float(attn.scaling))  # (T, H, D)
+    x = x + _product(attn.o_proj, out.reshape(rows, -1))
+    norm = self.post_attention_layernorm
+    h = kernel.rows_rms_norm(x, norm.weight, norm.variance_epsilon)
+    gate = _product(mlp.gate_proj, h)
+    x = x + _product(mlp.down_proj, mlp.act_fn(gate) * _product(mlp.up_proj, h))
+    return x.reshape(1, rows, hidden)

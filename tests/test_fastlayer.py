@@ -1,0 +1,169 @@
+"""The fast decoder-layer step (`knnssd.engine.fastlayer`) computes transformers' layer bit for bit.
+
+A step through the fast path and the same step through the layer's class forward (the fast path uninstalled, the
+same kernels for products, norms and attention) must give identical logits and identical cache entries, at every
+width 1-32, for a token tree's mask, and after the cache's buffer has grown; and the fast path must actually be
+taken where a step qualifies (counted by the cache's `update`, which only the class forward calls) and not where
+it does not (a layer-skip draft, a prefill, a family whose layers are not Llama's).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from knnssd.engine import fastlayer
+from knnssd.engine.kernels import MAX_FAST_ROWS, accelerate, transformers_kernels
+from knnssd.engine.kvcache import PreallocatedLayer, new_cache, rollback
+from knnssd.engine.skipset import SkipSet
+from knnssd.engine.sublayers import skip_sublayers
+from knnssd.engine.tree import depths, tree_mask
+from tests.conftest import tiny_model
+from tests.test_batch_invariance import kernels_or_skip
+
+
+@pytest.fixture
+def model():
+    kernels_or_skip()
+    model = tiny_model("llama", num_layers=3, vocab_size=160)
+    accelerate(model)
+    return model
+
+
+@pytest.fixture
+def updates(monkeypatch):
+    """How many times a cache layer's `update` ran (the class forward's write; the fast path writes in place)."""
+    calls = [0]
+    original = PreallocatedLayer.update
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreallocatedLayer, "update", counted)
+    return calls
+
+
+def run(model, cache, tokens, positions, mask=None):
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([tokens]), position_ids=torch.tensor([positions]), attention_mask=mask,
+                    cache=cache, use_cache=True).logits[0]
+    return out, [layer.keys.clone() for layer in cache.layers], [layer.values.clone() for layer in cache.layers]
+
+
+def prefilled(model, prompt_length, capacity=None):
+    cache = new_cache(model, capacity=capacity)
+    tokens = torch.randint(3, 160, (prompt_length,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.inference_mode(), transformers_kernels(model):
+        model(input_ids=torch.tensor([tokens]), cache=cache, use_cache=True)
+    return cache
+
+
+def both_paths(model, prompt_length, tokens, positions, mask_of=None, capacity=None):
+    """(fast, library) results of one pass after the same prefill."""
+    saved = fastlayer.saved_steps(model)
+    assert saved, "no layer got the fast path"
+    results = []
+    for install in (True, False):
+        fastlayer.restore_steps(saved) if install else fastlayer.uninstall(model)
+        cache = prefilled(model, prompt_length, capacity)
+        mask = mask_of(cache) if mask_of else None
+        results.append(run(model, cache, tokens, positions, mask))
+    fastlayer.restore_steps(saved)
+    return results
+
+
+def assert_same(fast, library):
+    assert torch.equal(fast[0], library[0])
+    assert all(torch.equal(a, b) for a, b in zip(fast[1], library[1]))
+    assert all(torch.equal(a, b) for a, b in zip(fast[2], library[2]))
+
+
+def test_every_width_is_the_class_forward_bitwise(model, updates):
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(3, 160, (MAX_FAST_ROWS,), generator=generator).tolist()
+    for width in (1, 2, 7, 16, MAX_FAST_ROWS):
+        updates[0] = 0
+        fast, library = both_paths(model, 21, tokens[:width], list(range(21, 21 + width)))
+        assert_same(fast, library)
+        assert updates[0] == 3 + 3 + 3  # the two prefills and the library pass: 3 layers each; the fast pass none
+
+
+def test_a_tree_mask_and_a_growing_buffer(model, updates):
+    parents = [-1, -1, 0, 1, 2, 2, 5, -1]
+    tokens = [9] + torch.randint(3, 160, (len(parents),), generator=torch.Generator().manual_seed(2)).tolist()
+    positions = (30 + torch.tensor([0] + depths(parents))).tolist()
+    fast, library = both_paths(model, 30, tokens, positions, lambda cache: tree_mask(model, cache, parents, 30))
+    assert_same(fast, library)
+    # a capacity of exactly the prompt: the step's write grows the buffer (reserve) on both paths
+    fast, library = both_paths(model, 30, tokens[:5], list(range(30, 35)), capacity=30)
+    assert_same(fast, library)
+
+
+def test_the_fast_path_steps_aside_where_a_step_does_not_qualify(model, updates):
+    cache = prefilled(model, 12)
+    updates[0] = 0
+    with skip_sublayers(model, SkipSet(attn=(1,), mlp=(2,))):  # a layer-skip draft: class forwards
+        run(model, cache, [5], [12])
+    # layer 0 (nothing skipped) steps fast; layer 1 (attention skipped) writes nothing; layer 2 (MLP skipped)
+    # runs the class forward, which writes through update()
+    assert updates[0] == 1
+    rollback(cache, 12)
+    updates[0] = 0
+    run(model, cache, [5, 6], [12, 13])
+    assert updates[0] == 0
+    updates[0] = 0
+    run(model, new_cache(model), list(range(3, 3 + MAX_FAST_ROWS + 1)), list(range(MAX_FAST_ROWS + 1)))
+    assert updates[0] == 3  # a prefill wider than the kernels' steps
+
+
+@pytest.mark.parametrize("family", ["qwen2"])
+def test_qwen2_biases_are_the_class_forward_bitwise(family, updates):
+    kernels_or_skip()
+    model = tiny_model(family, num_layers=2, vocab_size=160)
+    accelerate(model)
+    assert len(fastlayer.saved_steps(model)) == 2
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    tokens = torch.randint(3, 160, (9,), generator=torch.Generator().manual_seed(8)).tolist()
+    updates[0] = 0
+    fast, library = both_paths(model, 17, tokens, list(range(17, 26)))
+    assert_same(fast, library)
+    assert updates[0] == 2 + 2 + 2
+
+
+def test_only_llama_shaped_layers_get_it_and_restore_takes_it_away():
+    kernels_or_skip()
+    mistral = tiny_model("mistral", num_layers=2, vocab_size=160)
+    accelerate(mistral)
+    assert not fastlayer.saved_steps(mistral)  # Mistral's attention slides: transformers' path
+    llama = tiny_model("llama", num_layers=2, vocab_size=160)
+    accelerate(llama)
+    assert len(fastlayer.saved_steps(llama)) == 2
+    with transformers_kernels(llama):
+        assert not fastlayer.saved_steps(llama)
+    assert len(fastlayer.saved_steps(llama)) == 2
+    accelerate(llama, enabled=True)
+    from knnssd.engine.kernels import restore
+
+    restore(llama)
+    assert not fastlayer.saved_steps(llama) and "forward" not in vars(llama.model.layers[0])
+
+
+def test_rope_kernel_rounds_as_the_library_does():
+    kernel = kernels_or_skip()
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    generator = torch.Generator().manual_seed(4)
+    rows, heads, kv_heads, dim, start = 5, 6, 2, 32, 11
+    q = torch.randn(rows, heads * dim, generator=generator)
+    k, v = torch.randn(rows, kv_heads * dim, generator=generator), torch.randn(rows, kv_heads * dim, generator=generator)
+    angles = torch.rand(rows, dim // 2, generator=generator) * 100
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    keys, values = torch.zeros(1, kv_heads, 20, dim), torch.zeros(1, kv_heads, 20, dim)
+    out = kernel.rows_rope_kv(q, k, v, cos, sin, keys, values, start)
+    q_ref, k_ref = apply_rotary_pos_emb(q.view(1, rows, heads, dim).transpose(1, 2),
+                                        k.view(1, rows, kv_heads, dim).transpose(1, 2), cos[None], sin[None])
+    assert torch.equal(out, q_ref[0].transpose(0, 1))
+    assert torch.equal(keys[:, :, start:start + rows], k_ref)
+    assert torch.equal(values[0, :, start:start + rows], v.view(rows, kv_heads, dim).transpose(0, 1))
+    assert not keys[:, :, :start].any() and not keys[:, :, start + rows:].any()
