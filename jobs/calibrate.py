@@ -86,9 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every one it has, each traced from its store's plain output (no decoding in the search).")
     p.add_argument("--confirm-candidates", type=int, default=SearchConfig.confirm_candidates,
                    help="best distinct policies per domain re-measured in wall clock before one is chosen.")
-    p.add_argument("--confirm-prompts", type=int, default=None,
-                   help=f"calibration prompts the candidates are timed on (default: {SearchConfig.confirm_prompts} "
-                        "or --prompts-per-trial, the larger).")
+    p.add_argument("--confirm-prompts", type=int, default=SearchConfig.confirm_prompts,
+                   help="calibration prompts the candidates are timed on in wall clock (default: %(default)s).")
     p.add_argument("--confirm-rounds", type=int, default=SearchConfig.confirm_rounds,
                    help="the most rounds of confirmation timings: another round runs while the candidate fastest "
                         "in wall clock is not faster than the best predicted one beyond the timings' spread, and "
@@ -166,8 +165,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
                       held_out_fraction=args.held_out_fraction, seed=args.seed, max_per_domain=args.max_per_domain)
     search = SearchConfig(trials=args.trials, prompts_per_trial=args.prompts_per_trial,
                           confirm_candidates=args.confirm_candidates, confirm_rounds=args.confirm_rounds,
-                          confirm_prompts=(args.confirm_prompts if args.confirm_prompts is not None
-                                           else max(SearchConfig.confirm_prompts, args.prompts_per_trial)),
+                          confirm_prompts=args.confirm_prompts,
                           workers=args.workers_per_domain, kind_share=args.kind_share,
                           max_new_tokens=args.max_new_tokens, sampler=args.sampler, seed=args.seed,
                           min_skip_ratio=args.min_skip_ratio, max_skip_ratio=args.max_skip_ratio,

@@ -112,13 +112,12 @@ def evaluation_prompts(manifest: dict, data_path: str | None, per_domain: int | 
     if data_path is not None:
         recorded["path"] = data_path
     config = DataConfig(**recorded)
-    min_calibration = int(calibration.get("search", {}).get("prompts_per_trial", 1))
-    table = load_calibration_table(config, min_calibration=min_calibration)
+    table = load_calibration_table(config)
     domains = [d["name"] for d in manifest["domains"]]
     check_held_out(table, domains, calibration, config.path or "(the built-in demo prompts)", allow_unverified)
     unseen = []
     if ood_domains:
-        everything = load_calibration_table(replace(config, domains=()), min_calibration=min_calibration)
+        everything = load_calibration_table(replace(config, domains=()))
         unseen = ood_prompts(everything, domains, ood_domains, per_domain)
     return held_out_prompts(table, domains, per_domain), unseen
 

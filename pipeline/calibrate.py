@@ -90,7 +90,7 @@ def validate(config: CalibrationConfig) -> pa.Table:
     holds a held-out prompt). Returns the split calibration table."""
     check_bundle_name(config.bundle_name)
     check_model(config.model.name)
-    table = load_calibration_table(config.data, min_calibration=config.search.prompts_per_trial)
+    table = load_calibration_table(config.data)
     if config.mix and MIX in domains_of(table):
         raise KnnSsdError(f"the data has a domain named {MIX!r}, the name of the study over all domains together",
                           fix=f"rename that domain (--merge {MIX}=other) or pass --no-mix")

@@ -62,7 +62,7 @@ RECYCLED_K = (2, 4, 8)  # suffix_tree recycled_k
 @dataclass(frozen=True)
 class SearchConfig:
     trials: int = 100
-    prompts_per_trial: int = 4
+    prompts_per_trial: int = 16  # the most calibration prompts a trial is scored on (a domain with fewer: all)
     max_new_tokens: int = 32
     sampler: str = "tpe"
     seed: int = 0
@@ -95,10 +95,8 @@ class SearchConfig:
             raise KnnSsdError("--confirm-rounds must be >= 1", fix="use e.g. 3")
         if self.confirm_candidates < 1:
             raise KnnSsdError("--confirm-candidates must be >= 1", fix="use e.g. 3")
-        if self.confirm_prompts < self.prompts_per_trial:
-            raise KnnSsdError(f"--confirm-prompts ({self.confirm_prompts}) must be >= --prompts-per-trial "
-                              f"({self.prompts_per_trial}): candidates are confirmed on more prompts than searched",
-                              fix=f"use e.g. --confirm-prompts {2 * self.prompts_per_trial}")
+        if self.confirm_prompts < 1:
+            raise KnnSsdError("--confirm-prompts must be >= 1", fix="use e.g. 8")
         if self.workers < 1:
             raise KnnSsdError("--workers-per-domain must be >= 1", fix="use 1, or the GPUs per domain")
         if not 0.0 <= self.kind_share * len(self.kinds) <= 1.0:

@@ -255,7 +255,6 @@ def test_ray_job_submit_against_a_head_node(tiny, tmp_path):
     (["--model", "/nonexistent/model"], "does not exist or holds no config.json"),
     (["--data", "/nonexistent.jsonl"], "data file /nonexistent.jsonl does not exist"),
     (["--columns", "domain=topic"], "has no column 'topic'"),
-    (["--prompts-per-trial", "9"], "too few"),
     (["--bundle-name", "bad name!"], "malformed bundle reference"),
     (["--store-tokens", "0"], "--store-tokens and --store-batch must be >= 1"),
 ])
