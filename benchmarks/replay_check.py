@@ -94,8 +94,8 @@ def main() -> None:
                                   GenerationConfig(max_new_tokens=args.store_tokens)).token_ids
                          for text in [t for k, t in picked if k == category][args.per_category:]]
               for category in categories}
-    print(f"stores: {sum(len(a) for arrays in stores.values() for a in arrays)} tokens over {len(categories)} "
-          "categories", flush=True)
+    union = [array for arrays in stores.values() for array in arrays]  # store_scope union/both draft from it
+    print(f"stores: {sum(len(a) for a in union)} tokens over {len(categories)} categories", flush=True)
     started = time.perf_counter()
     costs = time_step_costs(model, repeats=args.repeats)
     print(f"step costs timed in {time.perf_counter() - started:.0f} s: " +
@@ -108,7 +108,7 @@ def main() -> None:
         for name, policy in policies.items():
             if uses_store(policy) and not stores[category]:
                 continue  # --store-per-category 0
-            drafter = drafter_from_policy(policy, layers, store=stores[category])
+            drafter = drafter_from_policy(policy, layers, store=stores[category], union_store=union)
             skip = policy_skip_set(policy)
             before = generate(model, ids, config).stats.total_seconds
             real = generate(model, ids, config, drafter)

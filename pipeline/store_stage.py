@@ -19,8 +19,9 @@ def build_stores(model: Any, prompts: dict[str, list[str]], max_new_tokens: int,
     one, checked by `pipeline.corpus.check_corpora`) tokenised in a Ray task of its own and added after the
     model's outputs, then the union of all stores in domain order, set as each domain's `union_store` (what its
     store_scope "union"/"both" policies draft from) and, under the name `mix` when given, added as a store itself
-    (what the mix study drafts from; the same object, so a worker indexes it once per key). Logs each domain's size and each corpus added. A corpus over `MAX_CORPUS_STORE_TOKENS` is refused
-    before any store is waited for."""
+    (what the mix study drafts from; the same object, so a worker indexes it once per key). Corpus texts join the
+    store's drafting text, not its successor table (the model did not decode them). Logs each domain's size and
+    each corpus added. A corpus over `MAX_CORPUS_STORE_TOKENS` is refused before any store is waited for."""
     import ray
 
     from pipeline.cluster import task_resources
@@ -45,8 +46,9 @@ def build_stores(model: Any, prompts: dict[str, list[str]], max_new_tokens: int,
         if domain in extra:
             corpus, keys, outputs = extra[domain]
             store = stores[domain]
-            stores[domain] = DomainStore(domain=domain, prompts=store.prompts + keys,
-                                         outputs=store.outputs + outputs)
+            stores[domain] = replace(store, prompts=store.prompts + keys, outputs=store.outputs + outputs,
+                                     successors=None if store.successors is None  # corpus texts: no rows
+                                     else store.successors + tuple(() for _ in outputs))
             log(f"store: [{domain}] + corpus {corpus.name}: {len(keys)} texts, "
                 f"{sum(len(o) for o in outputs)} tokens")
     union = DomainStore.union(list(stores.values()), mix or "union")

@@ -5,8 +5,8 @@ policy with `use_store` drafts from it as well as from the text (`knnssd.engine.
 measures calibration prompt p drafts from the store without p's own output (`DomainStore.arrays(exclude=p)`),
 else it would look its own future up; held-out prompts and the bundle use the whole store.
 
-A store may also carry the model's top successors after every output token (`successors`, computed by
-`pipeline.successors.output_successors` at the store stage): the domain's warm successor table
+A store may also carry the model's top successors after every output token (`successors`, the store stage's
+decoding loop's own rows): the domain's warm successor table
 (`DomainStore.table`) that a suffix-tree policy with `use_warm` starts from, built as the real loop's updates
 would (`SuccessorTable.from_updates`, in store order, the last write of a token winning). A trial on calibration
 prompt p starts from the table without p's rows (`table(exclude=p)`), for the same reason as the text.
@@ -17,9 +17,10 @@ A domain's store may also carry the union of every domain's store (`union_store`
 equality (two domains' stores stay unequal by their own data), only of its study's fingerprint
 (`pipeline.search.store_fingerprint`) where it differs from the store itself (`has_union`).
 
-`build_outputs` decodes the prompts in batches (transformers' `generate`, greedy, left padding): the store stage
-of calibration (`pipeline.tasks.build_store`, one Ray task per domain) and what the bundle keeps
-(`knnssd.bundle`, stores/<i>.npy).
+The store stage decodes with the engine's own loop (`pipeline.store_decoding`, called by
+`pipeline.tasks.build_store`), so outputs are plain decoding's exactly and double as the search's traces.
+`build_outputs` (transformers' batched `generate`, greedy, left padding) is kept for outputs that need not be
+plain decoding's (benchmarks, tests); the bundle keeps stores as stores/<i>.npy (`knnssd.bundle`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def build_outputs(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_n
 class DomainStore:
     """domain: its name; prompts: the calibration prompt texts, in order; outputs: the model's greedy
     continuation (new token ids) of each, in the same order; successors: None (not computed), or successors[i][j]
-    the model's top successor ids after outputs[i][j], best first (one row per output token); vocab: the
+    the model's top successor ids after outputs[i][j], best first (one row per output token, or no rows at all
+    for an entry the model did not decode: a `--corpus` text, which then updates no table row); vocab: the
     model's vocabulary size (the table's rows), given with successors; union_store: None, or the union of every
     domain's store (this one's among them), for store_scope "union"/"both" policies (not compared, not shown)."""
 
@@ -100,8 +102,9 @@ class DomainStore:
         if len(self.prompts) != len(self.outputs):
             raise ValueError(f"store {self.domain}: {len(self.prompts)} prompts but {len(self.outputs)} outputs")
         if self.successors is not None:
-            if [len(rows) for rows in self.successors] != [len(output) for output in self.outputs]:
-                raise ValueError(f"store {self.domain}: successors need one row per output token")
+            if len(self.successors) != len(self.outputs) or any(
+                    rows and len(rows) != len(output) for rows, output in zip(self.successors, self.outputs)):
+                raise ValueError(f"store {self.domain}: successors need one row per output token (or none)")
             if self.vocab < 1:
                 raise ValueError(f"store {self.domain}: successors need the vocabulary size")
 
@@ -111,7 +114,7 @@ class DomainStore:
         if self.successors is None:
             return None
         kept = [(output, rows) for prompt, output, rows in zip(self.prompts, self.outputs, self.successors)
-                if prompt != exclude]
+                if prompt != exclude and rows]
         return SuccessorTable.from_updates(self.vocab, [t for output, _ in kept for t in output],
                                            [row for _, rows in kept for row in rows])
 

@@ -116,3 +116,17 @@ def test_calibration_with_a_corpus_ships_its_tokens_in_the_domain_store(tiny, tm
     registry = BundleRegistry(f"sqlite:///{work}/mlflow.db")
     run = registry.client.get_run(registry.client.get_model_version("corp", "1").run_id)
     assert run.data.params["corpus.low"] == f"c.jsonl {sha256[:16]}"
+
+
+def test_corpus_entries_keep_the_store_warm_table_as_the_model_decoded_it():
+    """A corpus text joins the store's drafting text but writes no successor row: the warm table is the model's
+    own outputs' table, and a row for a token the corpus also holds is not wiped."""
+    model_store = DomainStore(domain="low", prompts=("p0",), outputs=((5, 6, 7),),
+                              successors=(((6, 1), (7, 2), (8, 3)),), vocab=20)
+    joined = DomainStore(domain="low", prompts=("p0", CORPUS_KEY + "ab:1"), outputs=((5, 6, 7), (6, 5)),
+                         successors=(((6, 1), (7, 2), (8, 3)), ()), vocab=20)
+    assert np.array_equal(joined.table().table, model_store.table().table)
+    assert joined.table().table[6].tolist() == [7, 2]
+    assert joined.arrays() == [(5, 6, 7), (6, 5)]
+    with pytest.raises(ValueError, match="one row per output token"):
+        DomainStore(domain="low", prompts=("p0",), outputs=((5, 6, 7),), successors=(((6,), (7,)),), vocab=20)
