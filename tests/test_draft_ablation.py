@@ -1,0 +1,64 @@
+"""benchmarks/draft_ablation.py end to end on the tests' tiny serving model and a tiny Spec-Bench-shaped JSONL
+(one MT-bench category, merged into "chat", and one other): every policy is in the table, tokens per step are at
+least 1, and `--check 1` (the real loop against replay) passes."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from benchmarks.draft_ablation import BASE_POLICY, ablation_policies, main
+from knnssd.errors import KnnSsdError
+from tests.serving import save_serving_model
+
+
+def write_jsonl(path, rows_per_domain: int = 8) -> None:
+    """Two categories of prompts in the tiny word vocabulary (t0..t127), repetitive enough to draft from."""
+    rows = []
+    for i in range(rows_per_domain):
+        rows.append({"category": "writing", "turns": [" ".join(f"t{3 + (i + j) % 20}" for j in range(10))]})
+        rows.append({"category": "qa", "turns": [" ".join(f"t{100 + (i * 3 + j) % 27}" for j in range(10))]})
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ablation")
+    model = save_serving_model(folder / "model")
+    write_jsonl(folder / "question.jsonl")
+    out = folder / "out"
+    summary = main(["--model", str(model), "--data", str(folder / "question.jsonl"), "--store-prompts", "3",
+                    "--held-out", "2", "--max-new-tokens", "12", "--store-tokens", "24", "--threads", "1",
+                    "--check", "1", "--out", str(out)])
+    return summary, out
+
+
+def test_every_policy_in_the_table_with_at_least_one_token_per_step(ablation):
+    summary, out = ablation
+    assert summary["domains"] == ["chat", "qa"]
+    assert list(summary["policies"]) == list(ablation_policies(BASE_POLICY))
+    assert summary["prompts"] == 4 and summary["checked_prompts"] == 1
+    for name, row in summary["policies"].items():
+        assert row["tokens_per_step"] >= 1.0, name
+        assert row["mean_width"] >= 1.0 and 0.0 <= row["no_draft_share"] <= 1.0
+        low, high = row["ci95"]
+        assert low <= row["tokens_per_step"] <= high
+        for domain in ("chat", "qa"):
+            assert row["domains"][domain]["tokens_per_step"] >= 1.0
+    assert summary["policies"]["prompt lookup"]["policy"]["kind"] == "prompt_lookup"
+    with open(out / "per_prompt.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 * len(summary["policies"])
+    # each prompt commits its new tokens but the prefill's through verify steps, whatever the policy
+    by_prompt = {}
+    for row in rows:
+        by_prompt.setdefault((row["domain"], row["prompt"]), set()).add(int(row["tokens"]))
+    assert all(tokens == {11} for tokens in by_prompt.values())
+    assert json.loads((out / "summary.json").read_text())["policies"].keys() == summary["policies"].keys()
+
+
+def test_base_must_be_a_suffix_tree():
+    with pytest.raises(KnnSsdError, match="suffix_tree"):
+        ablation_policies({"kind": "prompt_lookup"})
