@@ -62,3 +62,25 @@ def test_every_policy_in_the_table_with_at_least_one_token_per_step(ablation):
 def test_base_must_be_a_suffix_tree():
     with pytest.raises(KnnSsdError, match="suffix_tree"):
         ablation_policies({"kind": "prompt_lookup"})
+
+
+def test_check_refuses_a_replay_that_is_not_the_loops():
+    """--check's comparison fails when the replayed events are not the loop's: here the replay of a recycling
+    tree against the loop decoding plainly (no drafter: nothing accepted)."""
+    import torch
+
+    from benchmarks.draft_ablation import check_against_loop
+    from knnssd.engine.policy import drafter_from_policy
+    from pipeline.replay import replay
+    from pipeline.traces import trace_prompt
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.tensor([[1] + [3 + (j % 7) for j in range(20)]])
+    trace = trace_prompt(model, ids, 24)
+    drafter = drafter_from_policy({**BASE_POLICY, "use_store": False, "recycled_nodes": 8}, 4)
+    replayed = replay(drafter, trace)
+    check_against_loop(model, ids, trace, drafter, replayed, "tree")  # the real pair agrees
+    assert replayed.tally.accepted > 0  # else the plain loop below would agree too
+    with pytest.raises(KnnSsdError, match="replay is not the loop"):
+        check_against_loop(model, ids, trace, None, replayed, "tree")
