@@ -239,7 +239,7 @@ def write_outputs(out: Path, summary: dict[str, Any], results: list[PromptResult
     axes.bar(range(len(names)), values, yerr=errors, capsize=4, color="#4c72b0")
     axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
     axes.set_ylabel("tokens per verify step (95% CI)")
-    axes.set_title(f"draft ablation: {header['model']}, {header['prompts']} held-out prompts, "
+    axes.set_title(f"draft ablation: {Path(header['model']).name}, {header['prompts']} held-out prompts, "
                    f"{header['max_new_tokens']} new tokens")
     axes.axhline(1.0, color="grey", linewidth=0.8)
     figure.tight_layout()
