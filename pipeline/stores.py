@@ -34,8 +34,8 @@ import torch
 from knnssd.bundle import join_store
 from knnssd.engine.decoding import model_eos_ids
 from knnssd.engine.drafters import SuccessorTable
-from knnssd.errors import KnnSsdError
 from knnssd.engine.kernels import transformers_kernels
+from pipeline.store_decoding import check_settings
 
 
 def build_outputs(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
@@ -50,12 +50,7 @@ def build_outputs(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_n
     greedy one where two next tokens are near-tied (padding changes the float sums slightly). That is fine for a
     store: it is draft knowledge only, and verification keeps every output lossless whatever is drafted.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise KnnSsdError(f"store outputs need max_new_tokens >= 1, got {max_new_tokens!r}",
-                          fix="use e.g. --store-tokens 128")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise KnnSsdError(f"the store batch size must be an integer >= 1, got {batch_size!r}",
-                          fix="use e.g. --store-batch 8")
+    check_settings(max_new_tokens, batch_size)
     eos = model_eos_ids(model)
     pad = next((p for p in (getattr(model.generation_config, "pad_token_id", None), model.config.pad_token_id,
                             *eos) if p is not None), 0)
