@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "store (every calibration prompt is used; suffix_tree policies with use_store draft from "
                         "it; the bundle ships it).")
     p.add_argument("--store-batch", type=int, default=CalibrationConfig.store_batch,
-                   help="calibration prompts decoded together (left-padded) while building a store.")
+                   help="calibration prompts decoded together (one batched pass a step, plain decoding's exact output) "
+                        "while building a store.")
     p.add_argument("--corpus", action="append", default=None, metavar="DOMAIN=PATH",
                    help="add your own texts to DOMAIN's store (repeatable, one file per domain): a JSONL file, one "
                         "text a line (a JSON string or an object with a \"text\" field), tokenised as plain text "

@@ -73,10 +73,12 @@ def stop_after_eos_row(eos: set[int]) -> TokenHook:
 
 def finished(generation: Generation, recorder: SuccessorRecorder, eos: set[int],
              max_new_tokens: int) -> tuple[tuple[int, ...], Rows]:
-    """A done generation's output (cut after its first EOS, at most `max_new_tokens`) and its rows."""
+    """A done generation's output (cut after its first EOS, at most `max_new_tokens`, and only as far as it has
+    rows: a prompt near the model's context decodes what fits, and its last token, whose row would need one more
+    position, is left out) and its rows."""
     tokens = generation.history[generation.state.prompt_length:]
     cut = next((i + 1 for i, token in enumerate(tokens) if token in eos), len(tokens))
-    output = tuple(tokens[:min(cut, max_new_tokens)])
+    output = tuple(tokens[:min(cut, max_new_tokens, len(recorder.rows))])
     rows = tuple(tuple(row) for row in recorder.rows[:len(output)])
     if len(rows) != len(output):  # the loop verified every output token: cannot happen unless the loop changed
         raise RuntimeError(f"store decoding recorded {len(rows)} successor rows for {len(output)} output tokens")
@@ -94,7 +96,13 @@ def decode_store(model: PreTrainedModel, prompts: Sequence[torch.Tensor], max_ne
     as prompts finish (at most about ten times)."""
     check_settings(max_new_tokens, batch_size)
     eos = set(model_eos_ids(model))
-    config = GenerationConfig(max_new_tokens=max_new_tokens + 1, eos_token_ids=())  # one more: the last row
+    context = getattr(model.config, "max_position_embeddings", None)
+
+    def config_for(prompt_length: int) -> GenerationConfig:  # one more token than kept: the last token's row;
+        budget = max_new_tokens + 1  # near the context, what fits (a prompt with no room is refused by `begin`)
+        if context is not None and prompt_length + budget > context:
+            budget = max(1, context - prompt_length)
+        return GenerationConfig(max_new_tokens=budget, eos_token_ids=())
     queue = list(enumerate(prompts))
     running: list[tuple[int, Generation, SuccessorRecorder]] = []
     results: dict[int, tuple[tuple[int, ...], Rows]] = {}
@@ -103,7 +111,9 @@ def decode_store(model: PreTrainedModel, prompts: Sequence[torch.Tensor], max_ne
         while queue and len(running) < batch_size:
             index, prompt = queue.pop(0)
             recorder = SuccessorRecorder()
-            started = begin(model, prompt.reshape(1, -1).to(torch.long), config)
+            ids = prompt.reshape(1, -1).to(torch.long)
+            config = config_for(ids.shape[1])
+            started = begin(model, ids, config)
             running.append((index, Generation(model, started.state, config, recorder, started.generator,
                                               started.clock, stop_after_eos_row(eos)), recorder))
         if batch_invariant:

@@ -7,8 +7,19 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
+from knnssd.bundle import MAX_STORE_TOKENS
+from knnssd.errors import KnnSsdError
 from pipeline.corpus import Corpus, check_corpus_tokens, corpus_entries
 from pipeline.stores import DomainStore
+
+
+def check_store_total(stores: dict[str, DomainStore], limit: int = MAX_STORE_TOKENS) -> None:
+    """Refuse stores a bundle could not hold (`limit` entries, tokens and separators, over every domain), now
+    rather than when the bundle is written after the searches."""
+    entries = sum(len(output) + 1 for store in stores.values() for output in store.outputs)
+    if entries > limit:
+        raise KnnSsdError(f"the stores hold {entries} entries in all, more than a bundle holds ({limit})",
+                          fix="lower --store-tokens, use fewer or smaller --corpus files, or calibrate fewer domains")
 
 
 def build_stores(model: Any, prompts: dict[str, list[str]], max_new_tokens: int, batch_size: int,
@@ -51,6 +62,7 @@ def build_stores(model: Any, prompts: dict[str, list[str]], max_new_tokens: int,
                                      else store.successors + tuple(() for _ in outputs))
             log(f"store: [{domain}] + corpus {corpus.name}: {len(keys)} texts, "
                 f"{sum(len(o) for o in outputs)} tokens")
+    check_store_total(stores)
     union = DomainStore.union(list(stores.values()), mix or "union")
     stores = {domain: replace(store, union_store=union) for domain, store in stores.items()}
     if mix is not None:

@@ -162,8 +162,8 @@ def search_worker(spec: ModelSpec, domain: str, prompts: list[str], config: Sear
 @ray.remote(max_retries=MAX_RETRIES)
 def confirm_domain(spec: ModelSpec, domain: str, prompts: list[str], config: SearchConfig, storage: str,
                    study: str, costs_dir: str, store: DomainStore | None = None) -> dict[str, Any]:
-    """The study's top candidates timed against plain decoding on up to `config.confirm_prompts` prompts (more
-    than a trial scored), in up to `config.confirm_rounds` rounds, each also predicted on them; the choice as
+    """The study's top candidates timed against plain decoding on up to `config.confirm_prompts` prompts (in wall
+    clock: fewer than a trial may score by replay), in up to `config.confirm_rounds` rounds, each also predicted on them; the choice as
     `pipeline.confirm` makes it. `store`: the domain's store, as the search had it."""
     started = time.perf_counter()
     loaded = spec.load()

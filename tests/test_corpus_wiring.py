@@ -130,3 +130,13 @@ def test_corpus_entries_keep_the_store_warm_table_as_the_model_decoded_it():
     assert joined.arrays() == [(5, 6, 7), (6, 5)]
     with pytest.raises(ValueError, match="one row per output token"):
         DomainStore(domain="low", prompts=("p0",), outputs=((5, 6, 7),), successors=(((6,), (7,)),), vocab=20)
+
+
+def test_stores_a_bundle_could_not_hold_are_refused_before_the_searches():
+    from pipeline.store_stage import check_store_total
+
+    stores = {"low": DomainStore(domain="low", prompts=("p0", CORPUS_KEY + "ab:1"), outputs=((5, 6, 7), (6, 5))),
+              "high": DomainStore(domain="high", prompts=("p1",), outputs=((9,),))}
+    check_store_total(stores, limit=9)  # 3 + 1, 2 + 1, 1 + 1 entries
+    with pytest.raises(KnnSsdError, match="9 entries in all, more than a bundle holds \\(8\\)"):
+        check_store_total(stores, limit=8)

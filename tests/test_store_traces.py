@@ -163,3 +163,19 @@ def test_fewer_prompts_than_prompts_per_trial_use_what_there_is():
     rows = [("x", "one"), ("x", "two"), ("y", "three"), ("y", "four"), ("y", "five")]
     table = split_table(rows, DataConfig(held_out_fraction=0.5))
     assert sorted(table["split"].to_pylist()).count("calibration") == 2
+
+
+def test_a_prompt_near_the_context_stores_what_fits_with_its_rows():
+    """A prompt 4 positions short of the model's context: plain decoding fits 4 new tokens, the store keeps the 3
+    whose rows it computed (the 4th token's row would need a 5th position), equal to plain decoding's first 3; a
+    short prompt beside it in the same batch keeps its whole budget."""
+    model = tiny_model("llama", max_position_embeddings=64)
+    generator = torch.Generator().manual_seed(3)
+    near = torch.randint(3, 128, (1, 60), generator=generator)
+    short = torch.randint(3, 128, (1, 10), generator=generator)
+    decoded = decode_store(model, [near, short], 8, 2, True)
+    plain_near = generate(model, near, GenerationConfig(max_new_tokens=4, eos_token_ids=())).token_ids
+    plain_short = generate(model, short, GenerationConfig(max_new_tokens=8, eos_token_ids=())).token_ids
+    assert decoded.outputs[0] == tuple(plain_near[:3]) and len(decoded.successors[0]) == 3
+    assert decoded.outputs[1] == tuple(plain_short[:len(decoded.outputs[1])])
+    assert len(decoded.outputs[1]) == 8 or decoded.outputs[1][-1] == 2
