@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new tokens of the model's own greedy output kept per calibration prompt in its domain's "
                         "store (every calibration prompt is used; suffix_tree policies with use_store draft from "
                         "it; the bundle ships it).")
+    p.add_argument("--search-threads", type=int, default=CalibrationConfig.search_threads,
+                   help="torch threads, and Ray CPUs, of each search task on CPUs (default: %(default)s): a trial's "
+                        "replay is mostly one Python thread, so on N cores N studies search at once; trials are "
+                        "still priced for --threads, and wall-clock timings still use --threads cores alone.")
     p.add_argument("--store-batch", type=int, default=CalibrationConfig.store_batch,
                    help="calibration prompts decoded together (one batched pass a step, plain decoding's exact output) "
                         "while building a store.")
@@ -179,7 +183,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         reduce=ReduceConfig(anchors_per_domain=args.anchors_per_domain, seed=args.seed),
         work_dir=args.work_dir, storage=args.storage, tracking_uri=args.tracking_uri, publish=not args.no_publish,
         ray_address=args.address, mix=not args.no_mix, validate_prompts=args.validate_prompts,
-        store_tokens=args.store_tokens, store_batch=args.store_batch,
+        store_tokens=args.store_tokens, store_batch=args.store_batch, search_threads=args.search_threads,
         corpora=tuple(read_corpus(*parse_corpus_flag(item)) for item in args.corpus or ()),
         signing_key=str(check_signing_key(args.signing_key)) if args.signing_key else None)
 

@@ -57,12 +57,16 @@ class CalibrationConfig:
     signing_key: str | None = None  # a private key: the published bundle is signed (knnssd.bundle.signing)
     store_tokens: int = 128  # new tokens per calibration prompt in its domain's store (pipeline.stores)
     store_batch: int = 8  # prompts decoded together while building a store
+    search_threads: int = 1  # torch threads (and Ray CPUs) of a CPU search task; see `run_searches`
     corpora: tuple[Corpus, ...] = ()  # the user's own texts added to a domain's store (`pipeline.corpus`)
 
     def __post_init__(self) -> None:  # the thread count every task decodes with, fixed on the driver
         object.__setattr__(self, "model", replace(self.model, threads=resolve_threads(self.model.threads)))
         if self.validate_prompts < 1:
             raise KnnSsdError("--validate-prompts must be >= 1", fix="use e.g. 3 held-out prompts per domain")
+        if not 1 <= self.search_threads <= self.model.threads:
+            raise KnnSsdError(f"--search-threads must be between 1 and the decoding threads ({self.model.threads}), "
+                              f"got {self.search_threads}", fix="use 1 (each search task replays on one core)")
         if self.store_tokens < 1 or self.store_batch < 1:
             raise KnnSsdError(f"--store-tokens and --store-batch must be >= 1, got {self.store_tokens} and "
                               f"{self.store_batch}", fix="use e.g. --store-tokens 128 --store-batch 8")
@@ -104,13 +108,20 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
     """One study per domain, plus the mix study (all domains' prompts together) when `config.mix`: each prepared
     here (seeds, interrupted trials), run by `search.workers` workers, then confirmed in wall clock. `stores`:
     domain (and MIX) -> its `DomainStore`, which its suffix-tree trials may draft from (a domain without one
-    never suggests use_store)."""
+    never suggests use_store).
+
+    On CPUs a search task asks for `config.search_threads` CPUs (default 1) and replays on that many torch
+    threads: a trial's replay is mostly one Python thread, so on a node of N cores N studies search at once. It
+    still prices trials with the step-cost table of the decoding thread count (`config.model.threads`), timed
+    before the searches by `identify_model` on the driver's node. Confirmation tasks time wall clock on every
+    decoding thread and ask for as many CPUs, so no search shares their cores."""
     import ray
 
     from pipeline.cluster import task_resources
     from pipeline.tasks import confirm_domain, search_worker
 
     resources = task_resources(config.model.threads)
+    lane = task_resources(config.search_threads)
     studies = {domain: (prompts_of(table, domain, CALIBRATION), config.search) for domain in domains_of(table)}
     if config.mix:
         studies[MIX] = (mixed_prompts(table), mix_search(config.search, len(studies)))
@@ -125,11 +136,12 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
     workers = {}
     for domain, (prompts, search) in studies.items():
         for worker in range(search.workers):
-            ref = search_worker.options(**resources).remote(config.model, domain, prompts, search, config.storage_url,
-                                                           names[domain], worker, config.costs_dir, store[domain])
+            ref = search_worker.options(**lane).remote(config.model, domain, prompts, search, config.storage_url,
+                                                      names[domain], worker, config.costs_dir, store[domain],
+                                                      config.search_threads)
             workers[ref] = domain
     log(f"search: {len(studies)} studies ({', '.join(studies)}), {config.search.trials} completed trials each, "
-        f"{config.search.workers} worker(s) per study, each on {resources}")
+        f"{config.search.workers} worker(s) per study, each on {lane} (confirmation on {resources})")
     left = {domain: config.search.workers for domain in studies}
     confirming: dict[Any, str] = {}
     results = []

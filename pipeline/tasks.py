@@ -4,7 +4,7 @@
   timed once (`pipeline.costs`) so later tasks on the node read it.
 - `search_worker`: one or more per domain; runs trials of the domain's Optuna study (prepared by the driver)
   until it holds its budget of completed trials. Asks for a GPU where the cluster has them, else as many CPUs as
-  it runs torch threads. A worker that dies is retried by Ray (`max_retries`); its cut-short trial is marked
+  it replays on torch threads (`search_threads`, default 1; its trials priced for the decoding thread count). A worker that dies is retried by Ray (`max_retries`); its cut-short trial is marked
   failed by the driver on the next run.
 - `confirm_domain`: the study's top candidates re-measured in wall clock on more prompts, in rounds
   until a difference is larger than its spread (`pipeline.confirm`), and the choice.
@@ -39,6 +39,7 @@ from knnssd.engine.models import LoadedModel, load_model
 from knnssd.engine.policy import describe_policy
 from knnssd.engine.prompts import encode_prompt
 from knnssd.engine.sampling import SamplingConfig
+from knnssd.engine.threads import use_threads
 from pipeline.costs import StepCosts, step_costs_for, table_key
 from pipeline.drafting import PolicyDrafters
 from pipeline.measure import Measured, measure_policies
@@ -139,13 +140,20 @@ def search_workload(model: Any, encode: Callable[[str], torch.Tensor], prompts: 
 
 @ray.remote(max_retries=MAX_RETRIES)
 def search_worker(spec: ModelSpec, domain: str, prompts: list[str], config: SearchConfig, storage: str,
-                  study: str, worker: int, costs_dir: str, store: DomainStore | None = None) -> dict[str, Any]:
+                  study: str, worker: int, costs_dir: str, store: DomainStore | None = None,
+                  replay_threads: int | None = None) -> dict[str, Any]:
     """Run trials of `study` (prepared by the driver) until it holds `config.trials` completed ones; `store`:
-    the domain's store (None: none, and no trial drafts from one)."""
+    the domain's store (None: none, and no trial drafts from one). The model loads as the runtime's (`spec`'s
+    threads and kernels), so the trials are priced by the step-cost table of the decoding thread count; the
+    replay then runs on `replay_threads` torch threads (None: the spec's), as many as the task holds CPUs. The
+    kernels' products do not depend on the thread count (threads split weight rows, never a sum), so a draft
+    replayed on one thread is the draft the runtime computes on several."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     loaded = spec.load()
     costs = worker_costs(loaded, costs_dir, domain)
+    if replay_threads is not None:
+        use_threads(replay_threads)
     handle = open_worker_study(storage, study, config, worker)
     handle.set_user_attr(f"worker_pid.{worker}", os.getpid())
     ran = 0

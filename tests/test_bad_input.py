@@ -158,6 +158,8 @@ CASES = [
     ("calibrate", lambda f: calibrate_args(f, "--confirm-prompts", "0"), "--confirm-prompts must be >= 1"),
     ("calibrate", lambda f: calibrate_args(f, "--workers-per-domain", "0"), "--workers-per-domain must be >= 1"),
     ("calibrate", lambda f: calibrate_args(f, "--validate-prompts", "0"), "--validate-prompts must be >= 1"),
+    ("calibrate", lambda f: calibrate_args(f, "--threads", "2", "--search-threads", "3"),
+     "--search-threads must be between 1 and the decoding threads (2)"),
     ("calibrate", lambda f: calibrate_args(f, "--kind-share", "0.5"), "--kind-share 0.5 must be in [0, 1 / 4 kinds]"),
     # jobs/evaluate.py
     ("evaluate", lambda f: ["--bundle", "no/such/bundle"], "does not exist"),

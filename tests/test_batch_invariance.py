@@ -113,6 +113,32 @@ def test_products_and_attention_do_not_depend_on_the_row_count():
         assert torch.equal(alone[0], out[t])
 
 
+def test_the_thread_count_changes_no_bit():
+    """A search task replays drafts on one thread (`pipeline.tasks.search_worker`); the runtime decodes on
+    several. Threads split the kernels' weight rows and attention heads, never a sum, so products, attention and a
+    whole model pass (layers wide enough that two threads each take a share) compute the same bits."""
+    kernel = kernels_or_skip()
+    generator = torch.Generator().manual_seed(5)
+    x, w = torch.randn(5, 576, generator=generator), torch.randn(3000, 576, generator=generator)
+    q = torch.randn(5, 8, 32, generator=generator)
+    k, v = (torch.randn(4, 300, 32, generator=generator) for _ in range(2))
+    model = invariant_model("llama", hidden_size=256, intermediate_size=1024, num_attention_heads=8,
+                            num_key_value_heads=4)
+    prompt = torch.randint(3, 160, (1, 40), generator=generator)
+    before = torch.get_num_threads()
+    outputs = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            state = prefilled(model, prompt)
+            outputs[threads] = (kernel.rows_gemm(x, w), kernel.rows_attention(q, k, v, None, 32 ** -0.5),
+                                forward(model, state.cache, [5, 6, 7, 8], [40, 41, 42, 43]))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(outputs[1], outputs[2]):
+        assert torch.equal(one, two)
+
+
 def test_the_check_can_fail():
     """Library products are not batch-invariant: the test above would see it (so it is not vacuous)."""
     generator = torch.Generator().manual_seed(0)
