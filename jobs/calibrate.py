@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-prompts", type=int, default=SearchConfig.confirm_prompts,
                    help="calibration prompts the candidates are timed on in wall clock (default: %(default)s).")
     p.add_argument("--confirm-rounds", type=int, default=SearchConfig.confirm_rounds,
-                   help="the most rounds of confirmation timings: another round runs while the candidate fastest "
-                        "in wall clock is not faster than the best predicted one beyond the timings' spread, and "
-                        "after the last the best predicted one is kept.")
+                   help="the most rounds of confirmation timings (default: %(default)s): another round runs while "
+                        "the candidate fastest in wall clock is not faster than the best predicted one beyond the "
+                        "timings' spread, and after the last the best predicted one is kept.")
     p.add_argument("--kind-share", type=float, default=SearchConfig.kind_share,
                    help="each drafter kind's guaranteed share of the trials (its first trials are enqueued with "
                         "the kind fixed), so the search cannot settle on one kind before trying the others.")
