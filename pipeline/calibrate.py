@@ -134,7 +134,9 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
         log(f"search: [{domain}] study {names[domain]}: {completed} of {search.trials} trials completed"
             + (f", {stale} interrupted trial(s) marked failed" if stale else ""))
     workers = {}
-    for domain, (prompts, search) in studies.items():
+    # the studies scoring the most prompts first (the mix), so parallel lanes finish near together
+    for domain, (prompts, search) in sorted(studies.items(),
+                                            key=lambda item: -min(len(item[1][0]), item[1][1].prompts_per_trial)):
         for worker in range(search.workers):
             ref = search_worker.options(**lane).remote(config.model, domain, prompts, search, config.storage_url,
                                                       names[domain], worker, config.costs_dir, store[domain],
