@@ -45,7 +45,9 @@ tokens accepted).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -59,7 +61,7 @@ from knnssd.engine.kernels import transformers_kernels
 from knnssd.engine.kvcache import rollback
 from knnssd.engine.skipset import SkipSet
 from knnssd.engine.stats import StatsRecorder, Tally
-from knnssd.engine.sublayers import model_lock, skip_sublayers
+from knnssd.engine.sublayers import decoder_layers, model_lock, skip_sublayers
 from knnssd.engine.tree import accept_targets, depths, nodes_per_depth, within_depth
 from pipeline.traces import Trace, trace_of, trace_prompt, with_successors  # noqa: F401 - where callers import them from
 
@@ -150,9 +152,18 @@ def replay_mask(prompt_length: int, queries: int, window: int | None, device: to
 
 
 @torch.inference_mode()
-def predict(model: PreTrainedModel, trace: Trace, cache: DynamicCache, skip_set: SkipSet) -> Prediction:
+def predict(model: PreTrainedModel, trace: Trace, cache: DynamicCache, skip_set: SkipSet,
+            inputs: list[torch.Tensor] | None = None) -> Prediction:
     """One parallel pass of the model skipping `skip_set` over the trace (see the module docstring); `cache` is
-    `full_cache(model, trace)` and is left as it was."""
+    `full_cache(model, trace)` and is left as it was.
+
+    `inputs` (optional, read and extended in place): this trace's layer inputs with nothing skipped, inputs[L]
+    (1, queries, hidden) the hidden states entering decoder layer L in this very pass. The decoder layers before
+    the first one `skip_set` touches compute what they compute with nothing skipped, so the pass starts at the
+    deepest captured layer up to that one, from its captured input (`layers_from`): the same layers see the same
+    tensors, mask, positions and cache as in the whole pass, so the prediction is bit for bit the whole pass's.
+    The pass captures the inputs of the layers it runs up to that first skipped one. Memory: 4 x layers x
+    queries x hidden bytes per trace at most (fp32)."""
     queries = len(trace.tokens) - 1
     if queries < 1:
         return Prediction(tokens=(), confidence=())
@@ -161,15 +172,59 @@ def predict(model: PreTrainedModel, trace: Trace, cache: DynamicCache, skip_set:
     ids = torch.tensor([list(trace.tokens[:-1])], device=device)  # (1, queries)
     positions = torch.arange(len(trace.prompt), len(trace.prompt) + queries, device=device).unsqueeze(0)
     mask = replay_mask(len(trace.prompt), queries, sliding_window(model), device)
+    layers = decoder_layers(model)
+    first = min(skip_set.attn + skip_set.mlp, default=len(layers))  # layers < first: nothing skipped
+    start = min(first, len(inputs) - 1) if inputs else 0
+    feed = {"input_ids": ids} if start == 0 else {"inputs_embeds": inputs[start]}
     try:
-        with model_lock(model), skip_sublayers(model, skip_set), transformers_kernels(model):
-            hidden = model.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
+        with model_lock(model), skip_sublayers(model, skip_set), transformers_kernels(model), \
+                layers_from(model, start), capturing_inputs(layers, first, inputs):
+            hidden = model.model(**feed, position_ids=positions, attention_mask=mask, cache=cache,
                                  use_cache=True).last_hidden_state[0]  # (queries, hidden)
             logits = model.get_output_embeddings()(hidden)  # (queries, vocab)
     finally:
         rollback(cache, cached)
     confidence, tokens = logits.float().softmax(dim=-1).max(dim=-1)
     return Prediction(tokens=tuple(tokens.tolist()), confidence=tuple(confidence.tolist()))
+
+
+@contextmanager
+def layers_from(model: PreTrainedModel, start: int) -> Iterator[None]:
+    """Within the block the model's forward runs decoder layers start.. only (each keeps its own layer_idx, so
+    it reads and writes its own cache layer); its input is then layer `start`'s (`inputs_embeds`)."""
+    if start == 0:
+        yield
+        return
+    base = model.model
+    layers = base.layers
+    base.layers = layers[start:]
+    try:
+        yield
+    finally:
+        base.layers = layers
+
+
+@contextmanager
+def capturing_inputs(layers: torch.nn.ModuleList, first: int, inputs: list[torch.Tensor] | None) -> Iterator[None]:
+    """Within the block a forward appends to `inputs` the input hidden states of layers len(inputs)..`first`
+    (those not captured yet, up to the first layer whose sub-layers are skipped); nothing when `inputs` is None."""
+    if inputs is None:
+        yield
+        return
+    wanted = range(len(inputs), min(first, len(layers) - 1) + 1)
+
+    def capture(index: int):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            if len(inputs) == index:  # layers run in order: index is the next one missing
+                inputs.append(args[0])
+        return hook
+
+    handles = [layers[index].register_forward_pre_hook(capture(index)) for index in wanted]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class ReplayedLayerSkip:

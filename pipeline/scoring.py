@@ -15,7 +15,7 @@ workload knows its prompts' texts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -24,20 +24,54 @@ from transformers import DynamicCache, PreTrainedModel
 from knnssd.engine.policy import layer_skip_parts
 from knnssd.engine.skipset import SkipSet
 from knnssd.engine.stats import Tally
+from knnssd.errors import KnnSsdError
 from pipeline.costs import StepCosts
 from pipeline.drafting import PolicyDrafters
-from pipeline.replay import Trace, full_cache, predict, replay, trace_prompt
+from pipeline.replay import Prediction, Trace, full_cache, predict, replay, trace_prompt
 from pipeline.stores import DomainStore
+
+
+class Predictions:
+    """A workload's layer-skip predictions (`pipeline.replay.predict`), each computed once per (prompt, skip set)
+    and kept, and each prompt's layer inputs with nothing skipped (`predict`'s `inputs`), so a pass starts at the
+    first layer its skip set touches. A search's trials share them: layer-skip and hybrid trials of one skip
+    set replay one prediction per prompt, and every pass skips the layers before its first skipped one.
+
+    A prediction is a pure function of the model, the trace, its cache and the skip set, and `predict` computes
+    the same bits from a captured layer input, so a score is the same as with a fresh pass per trial. For one
+    model: the workload's caches are that model's (a second model is refused). Memory: two tuples of `queries`
+    numbers per (prompt, skip set), and at most 4 x layers x queries x hidden bytes of layer inputs per prompt."""
+
+    def __init__(self) -> None:
+        self.model: PreTrainedModel | None = None
+        self.kept: dict[tuple[int, SkipSet], Prediction] = {}
+        self.inputs: dict[int, list[torch.Tensor]] = {}
+
+    def get(self, model: PreTrainedModel, index: int, trace: Trace, cache: DynamicCache,
+            skip_set: SkipSet) -> Prediction:
+        """`predict(model, trace, cache, skip_set)` for the workload's prompt `index` (whose trace and cache
+        these are)."""
+        if self.model is None:
+            self.model = model
+        elif self.model is not model:
+            raise KnnSsdError("a workload's layer-skip predictions were asked of a second model",
+                              fix="score a workload with the model that built it (workload_of)")
+        key = (index, skip_set)
+        if key not in self.kept:
+            self.kept[key] = predict(model, trace, cache, skip_set, self.inputs.setdefault(index, []))
+        return self.kept[key]
 
 
 @dataclass(frozen=True)
 class Workload:
     """The prompts a search scores on: each one's plain greedy trace and the full model's cache over it, and its
-    text (None: unknown; a store-drafting policy then drafts from the whole store)."""
+    text (None: unknown; a store-drafting policy then drafts from the whole store); `predictions`: its layer-skip
+    predictions, kept across the policies scored on it (`Predictions`)."""
 
     traces: tuple[Trace, ...]
     caches: tuple[DynamicCache, ...]
     texts: tuple[str | None, ...] = ()
+    predictions: Predictions = field(default_factory=Predictions, init=False, compare=False, repr=False)
 
     def text(self, index: int) -> str | None:
         return self.texts[index] if index < len(self.texts) else None
@@ -98,7 +132,8 @@ def score_policy(model: PreTrainedModel, policy: dict[str, Any], num_layers: int
             seconds += costs.plain_seconds(trace)
             tally += Tally(steps=len(trace.tokens) - 1)
             continue
-        prediction = predict(model, trace, cache, skip_set) if skip_set is not None else None
+        prediction = (workload.predictions.get(model, index, trace, cache, skip_set) if skip_set is not None
+                      else None)
         replayed = replay(drafter, trace, prediction)
         seconds += costs.generation_seconds(trace, replayed, skip_set)
         tally += replayed.tally
