@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -151,7 +151,6 @@ def replay_mask(prompt_length: int, queries: int, window: int | None, device: to
     return torch.cat([past, own], dim=1)[None, None]
 
 
-@torch.inference_mode()
 def predict(model: PreTrainedModel, trace: Trace, cache: DynamicCache, skip_set: SkipSet,
             inputs: list[torch.Tensor] | None = None) -> Prediction:
     """One parallel pass of the model skipping `skip_set` over the trace (see the module docstring); `cache` is
@@ -164,6 +163,21 @@ def predict(model: PreTrainedModel, trace: Trace, cache: DynamicCache, skip_set:
     tensors, mask, positions and cache as in the whole pass, so the prediction is bit for bit the whole pass's.
     The pass captures the inputs of the layers it runs up to that first skipped one. Memory: 4 x layers x
     queries x hidden bytes per trace at most (fp32)."""
+    return predict_all(model, [(trace, cache, inputs)], skip_set)[0]
+
+
+@torch.inference_mode()
+def predict_all(model: PreTrainedModel, prompts: Sequence[tuple[Trace, DynamicCache, list[torch.Tensor] | None]],
+                skip_set: SkipSet) -> list[Prediction]:
+    """`predict(model, trace, cache, skip_set, inputs)` of each (trace, cache, inputs) of `prompts`, the model
+    set up for `skip_set` once for all of them (entering the kernels' and skipping blocks walks every module)."""
+    with model_lock(model), skip_sublayers(model, skip_set), transformers_kernels(model):
+        return [skipping_pass(model, trace, cache, skip_set, inputs) for trace, cache, inputs in prompts]
+
+
+def skipping_pass(model: PreTrainedModel, trace: Trace, cache: DynamicCache, skip_set: SkipSet,
+                  inputs: list[torch.Tensor] | None) -> Prediction:
+    """`predict`'s pass, inside its blocks (the model already skipping `skip_set`, transformers' kernels)."""
     queries = len(trace.tokens) - 1
     if queries < 1:
         return Prediction(tokens=(), confidence=())
@@ -177,8 +191,7 @@ def predict(model: PreTrainedModel, trace: Trace, cache: DynamicCache, skip_set:
     start = min(first, len(inputs) - 1) if inputs else 0
     feed = {"input_ids": ids} if start == 0 else {"inputs_embeds": inputs[start]}
     try:
-        with model_lock(model), skip_sublayers(model, skip_set), transformers_kernels(model), \
-                layers_from(model, start), capturing_inputs(layers, first, inputs):
+        with layers_from(model, start), capturing_inputs(layers, first, inputs):
             hidden = model.model(**feed, position_ids=positions, attention_mask=mask, cache=cache,
                                  use_cache=True).last_hidden_state[0]  # (queries, hidden)
             logits = model.get_output_embeddings()(hidden)  # (queries, vocab)

@@ -27,7 +27,7 @@ from knnssd.engine.stats import Tally
 from knnssd.errors import KnnSsdError
 from pipeline.costs import StepCosts
 from pipeline.drafting import PolicyDrafters
-from pipeline.replay import Prediction, Trace, full_cache, predict, replay, trace_prompt
+from pipeline.replay import Prediction, Trace, full_cache, predict_all, replay, trace_prompt
 from pipeline.stores import DomainStore
 
 
@@ -47,19 +47,24 @@ class Predictions:
         self.kept: dict[tuple[int, SkipSet], Prediction] = {}
         self.inputs: dict[int, list[torch.Tensor]] = {}
 
-    def get(self, model: PreTrainedModel, index: int, trace: Trace, cache: DynamicCache,
-            skip_set: SkipSet) -> Prediction:
-        """`predict(model, trace, cache, skip_set)` for the workload's prompt `index` (whose trace and cache
-        these are)."""
+    def prepare(self, model: PreTrainedModel, workload: "Workload", skip_set: SkipSet) -> None:
+        """Compute the predictions of `skip_set` on every prompt of `workload` not kept yet, in one
+        `predict_all` (the model set up for the skip set once)."""
         if self.model is None:
             self.model = model
         elif self.model is not model:
             raise KnnSsdError("a workload's layer-skip predictions were asked of a second model",
                               fix="score a workload with the model that built it (workload_of)")
-        key = (index, skip_set)
-        if key not in self.kept:
-            self.kept[key] = predict(model, trace, cache, skip_set, self.inputs.setdefault(index, []))
-        return self.kept[key]
+        missing = [i for i in range(len(workload.traces)) if (i, skip_set) not in self.kept]
+        if missing:
+            made = predict_all(model, [(workload.traces[i], workload.caches[i], self.inputs.setdefault(i, []))
+                                       for i in missing], skip_set)
+            self.kept.update({(i, skip_set): prediction for i, prediction in zip(missing, made)})
+
+    def get(self, model: PreTrainedModel, workload: "Workload", index: int, skip_set: SkipSet) -> Prediction:
+        """`predict(model, trace, cache, skip_set)` for the prompt `index` of `workload` (`prepare` first)."""
+        self.prepare(model, workload, skip_set)
+        return self.kept[index, skip_set]
 
 
 @dataclass(frozen=True)
@@ -132,8 +137,7 @@ def score_policy(model: PreTrainedModel, policy: dict[str, Any], num_layers: int
             seconds += costs.plain_seconds(trace)
             tally += Tally(steps=len(trace.tokens) - 1)
             continue
-        prediction = (workload.predictions.get(model, index, trace, cache, skip_set) if skip_set is not None
-                      else None)
+        prediction = workload.predictions.get(model, workload, index, skip_set) if skip_set is not None else None
         replayed = replay(drafter, trace, prediction)
         seconds += costs.generation_seconds(trace, replayed, skip_set)
         tally += replayed.tally
