@@ -62,6 +62,7 @@ from knnssd.errors import KnnSsdError
 
 SEPARATOR = -1  # between the store's arrays: no n-gram spans it and no continuation crosses it
 STORE_SCOPES = ("own", "union", "both")  # SuffixTreeConfig.store_scope: the store(s) a use_store policy drafts from
+MAX_RANGES = 1 << 16  # n-gram ranges a StoreIndex keeps (see there)
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,14 @@ class StoreIndex:
     synthetic store at the bundle limit (MAX_STORE_TOKENS, 4M entries: Zipf(1.2) ids mod 32000 in arrays of 255,
     n-grams 1-4): 79.1 MB held after building (63.1 MB of sorted ends, 16.0 MB of tokens), 330 MB peak while
     building (the sort's int64 temporaries), 9 s to build; a lookup costs 0.1-0.6 ms (two binary searches).
+    Each n-gram's range in its order is kept once found (`ranges`, at most MAX_RANGES n-grams, about 200 bytes
+    each, dropped all at once when full): a calibration search looks the same n-grams up in every trial.
     """
 
     def __init__(self, tokens: np.ndarray, min_ngram: int, max_ngram: int) -> None:
         self.tokens = tokens  # (entries,) int32, SEPARATOR between arrays
         self.orders: dict[int, np.ndarray] = {}
+        self.ranges: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> [low, high) in orders[len(gram)]
         separator = tokens == SEPARATOR
         before = np.concatenate([[0], np.cumsum(separator)])  # before[i]: separators in tokens[:i]
         for n in range(min_ngram, max_ngram + 1):
@@ -197,14 +201,24 @@ class StoreIndex:
         n, order = len(gram), self.orders.get(len(gram))
         if order is None or not len(order):
             return []
+        found = self.ranges.get(gram)
+        if found is None:
+            found = self.ranges[gram] = self.range_of(gram, order)
+            if len(self.ranges) > MAX_RANGES:
+                self.ranges.clear()
+        low, high = found
+        return order[max(low, high - cap):high].tolist()
+
+    def range_of(self, gram: tuple[int, ...], order: np.ndarray) -> tuple[int, int]:
+        """[low, high): where the n-gram's end positions lie in `order` (its n's), by two binary searches."""
+        n = len(gram)
 
         def key(i: int) -> tuple[int, ...]:
             end = int(order[i])
             return tuple(self.tokens[end - n + 1:end + 1].tolist())
 
         low = bisect_left(range(len(order)), gram, key=key)
-        high = bisect_right(range(len(order)), gram, lo=low, key=key)
-        return order[max(low, high - cap):high].tolist()
+        return low, bisect_right(range(len(order)), gram, lo=low, key=key)
 
 
 @dataclass(frozen=True, eq=False)
