@@ -2,8 +2,10 @@
 
 What a trial searches, and the settings, are in `pipeline.space`. A trial's value is its predicted speedup
 (`pipeline.scoring`): its events replayed over the prompts' plain greedy continuations (`pipeline.replay`) and
-priced by the node's step costs (`pipeline.costs`), deterministic and about a tenth of a second per prompt,
-where decoding it would take seconds and time it with noise larger than the differences between policies. Wall
+priced by the node's step costs (`pipeline.costs`), deterministic and cheap: a few ms per prompt for lookup
+and suffix trees; one forward of the skipping model per prompt the first time a study scores a skip set, from
+its first skipped layer on, and none for that skip set again (`pipeline.scoring.Predictions`), where decoding
+it would take seconds and time it with noise larger than the differences between policies. Wall
 clock is consulted later: the top `confirm_candidates` distinct policies are re-measured on `confirm_prompts`
 prompts (`pipeline.confirm`) before one is chosen.
 
