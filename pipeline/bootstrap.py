@@ -82,6 +82,21 @@ def difference_interval(plain: Sequence[float], seconds: Sequence[float], others
     return _interval(estimate, samples, level)
 
 
+def ratio_difference_interval(numerator: Sequence[float], denominator: Sequence[float],
+                              base_numerator: Sequence[float], base_denominator: Sequence[float],
+                              resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Interval:
+    """sum(numerator) / sum(denominator) - sum(base_numerator) / sum(base_denominator), every series on the same
+    prompts (each ratio with its own numerator, e.g. tokens per verify step of two policies whose committed
+    tokens differ past an EOS), with its `level` interval."""
+    series = [np.asarray(x, dtype=float) for x in (numerator, denominator, base_numerator, base_denominator)]
+    if any(x.shape != series[0].shape for x in series) or series[0].size == 0:
+        raise ValueError("ratio_difference_interval needs paired, non-empty series")
+    n, d, bn, bd = series
+    draws = _draws(n.size, resamples, seed)
+    samples = _ratios(n, d, draws) - _ratios(bn, bd, draws)
+    return _interval(n.sum() / d.sum() - bn.sum() / bd.sum(), samples, level)
+
+
 def verdict(difference: Interval, prompts: int) -> str:
     """"beats", "loses to" or "no significant difference from", from the interval of a difference over
     `prompts` paired prompts; TOO_FEW below MIN_VERDICT_PROMPTS."""
