@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -177,8 +177,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     workload = search_workload(loaded.model, lambda text: encode_prompt(loaded.tokenizer, text, chat=True),
                                prompts[args.domain], config, store, lambda message: None)
     workload_seconds = time.perf_counter() - started
-    journal = Path(tempfile.mkdtemp(prefix="knnssd-search-profile-")) / "studies.journal"
-    study = open_study(str(journal), "profile", config)  # a journal file, as the job's default storage
+    folder = tempfile.TemporaryDirectory(prefix="knnssd-search-profile-")
+    study = open_study(str(Path(folder.name) / "studies.journal"), "profile", config)  # as the job's default
     enqueue_seeds(study, loaded.num_layers, config, has_store=True)
     objective = make_objective(loaded.model, loaded.num_layers, workload, costs, config, lambda message: None, store)
     timed: dict[int, float] = {}
@@ -297,11 +297,14 @@ def extract_revision(rev: str) -> str:
 def compare(args: argparse.Namespace) -> int:
     old = extract_revision(args.compare)
     runs: dict[str, list[dict]] = {"before": [], "after": []}
-    for round_ in range(args.rounds):
-        order = [("before", old), ("after", str(REPO_ROOT))]
-        for side, code in order if round_ % 2 == 0 else order[::-1]:
-            print(f"round {round_ + 1}: {side} ({code})", flush=True)
-            runs[side].append(run_side(args, code))
+    try:
+        for round_ in range(args.rounds):
+            order = [("before", old), ("after", str(REPO_ROOT))]
+            for side, code in order if round_ % 2 == 0 else order[::-1]:
+                print(f"round {round_ + 1}: {side} ({code})", flush=True)
+                runs[side].append(run_side(args, code))
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
     reference = runs["before"][0]
     same = all(identity(r) == identity(reference) for rs in runs.values() for r in rs)
     print(f"\n{args.domain}: {len(reference['trials'])} trials ({args.trials} completed wanted), seed {args.seed}, "
