@@ -307,3 +307,35 @@ def test_successors_of_another_text_are_refused():
     other = replace(trace, tokens=trace.tokens[:3] + tuple((t + 1) % 128 for t in trace.tokens[3:]), successors=None)
     with pytest.raises(KnnSsdError, match="differ at new token 3"):
         with_successors(model, other)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_pass_started_at_its_first_skipped_layer_predicts_the_whole_pass_bits(family):
+    """Search trials keep each prompt's layer inputs with nothing skipped and start a skipping pass at its first
+    skipped layer (`predict(..., inputs)`): the prediction must be the whole pass's, token and confidence."""
+    import random
+
+    from knnssd.engine.sublayers import num_decoder_layers
+
+    model = tiny_model(family)
+    layers = num_decoder_layers(model)
+    rng = random.Random(1)
+    compared = 0
+    traces = []
+    for seed in range(20):  # random models may stop at once: two prompts that run on
+        torch.manual_seed(seed)
+        trace = trace_prompt(model, torch.randint(3, 128, (1, 20 + 5 * (seed % 2))), 24)
+        traces += [trace] if len(trace.tokens) >= 12 else []
+    assert len(traces) >= 2
+    for trace in traces[:2]:
+        cache = full_cache(model, trace)
+        inputs: list[torch.Tensor] = []
+        for _ in range(10):
+            skip = SkipSet.of(attn=[i for i in range(layers) if rng.random() < 0.3],
+                              mlp=[i for i in range(layers) if rng.random() < 0.3])
+            if skip.num_skipped in (0, 2 * layers):
+                continue
+            assert predict(model, trace, cache, skip, inputs) == predict(model, trace, cache, skip)
+            compared += 1
+        assert inputs, "no layer input was kept: the fast path was not exercised"
+    assert compared >= 10
