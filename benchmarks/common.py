@@ -72,3 +72,17 @@ def machine_description() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{os.cpu_count()} CPU cores ({name}; {flags}), {gpu}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {kernel_status()}")
+
+
+def chosen_names(flag: str, text: str | None, available: list[str]) -> list[str]:
+    """The names a comma-separated flag value picks out of `available`, in `available`'s order (all of them when
+    the flag is empty); an unknown name is a clear error naming the choices."""
+    if not text:
+        return list(available)
+    from knnssd.errors import KnnSsdError
+
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        raise KnnSsdError(f"{flag}: unknown {unknown}", fix=f"choose from: {', '.join(available)}")
+    return [name for name in available if name in chosen]

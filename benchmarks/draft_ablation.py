@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine_description, spec_bench_file  # noqa: E402
+from benchmarks.common import chosen_names, machine_description, spec_bench_file  # noqa: E402
 from knnssd.engine.decoding import GenerationConfig, generate, model_eos_ids  # noqa: E402
 from knnssd.engine.models import load_model  # noqa: E402
 from knnssd.engine.drafters import SuffixStore  # noqa: E402
@@ -277,6 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def spec_bench_split(path: str | None, held_out_fraction: float, seed: int) -> Any:
+    """Spec-Bench (`path`, or the default file) split as calibration splits it with --merge-mt-bench."""
+    data = DataConfig(path=str(spec_bench_file(path)), merge={c: "chat" for c in SPEC_BENCH_MT_CATEGORIES},
+                      held_out_fraction=held_out_fraction, seed=seed)
+    return load_calibration_table(data)
+
+
+def load_for_replay(name: str, threads: int) -> tuple[Any, bool]:
+    """The model (`load_model`) and whether its kernels are batch-invariant; prints the machine line."""
+    loaded = load_model(name, threads=threads)
+    print(f"machine: {machine_description()}", flush=True)
+    return loaded, loaded.kernels is not None and loaded.kernels.batch_invariant
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the ablation; returns what summary.json holds."""
     args = build_parser().parse_args(argv)
@@ -285,20 +299,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise KnnSsdError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}",
                               fix="pass a positive number")
     policies = ablation_policies(policies_base(args))
-    if args.policies:
-        chosen = [n.strip() for n in args.policies.split(",") if n.strip()]
-        unknown = [n for n in chosen if n not in policies]
-        if unknown:
-            raise KnnSsdError(f"unknown policies {unknown}", fix=f"choose from: {', '.join(policies)}")
-        policies = {n: policies[n] for n in chosen}
-    data = DataConfig(path=str(spec_bench_file(args.data)), merge={c: "chat" for c in SPEC_BENCH_MT_CATEGORIES},
-                      held_out_fraction=args.held_out_fraction, seed=args.seed)
-    table = load_calibration_table(data)
+    policies = {n: policies[n] for n in chosen_names("--policies", args.policies, list(policies))}
+    table = spec_bench_split(args.data, args.held_out_fraction, args.seed)
     domains = domains_of(table)
-    loaded = load_model(args.model, threads=args.threads)
+    loaded, invariant = load_for_replay(args.model, args.threads)
     model = loaded.model
-    invariant = loaded.kernels is not None and loaded.kernels.batch_invariant
-    print(f"machine: {machine_description()}", flush=True)
     print(f"model {args.model}, {len(domains)} domains ({', '.join(domains)}), batch-invariant kernels: "
           f"{invariant}", flush=True)
 

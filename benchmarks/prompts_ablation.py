@@ -59,17 +59,16 @@ from typing import Any, Callable, Sequence
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine_description, spec_bench_file  # noqa: E402
-from benchmarks.draft_ablation import (PromptResult, build_stores, build_traces, check_held_out, pooled,  # noqa: E402
-                                       tokens_interval)
+from benchmarks.common import chosen_names, machine_description  # noqa: E402
+from benchmarks.draft_ablation import (PromptResult, build_stores, build_traces, check_held_out,  # noqa: E402
+                                       load_for_replay, pooled, spec_bench_split, tokens_interval)
 from knnssd.engine.decoding import model_eos_ids  # noqa: E402
-from knnssd.engine.models import load_model  # noqa: E402
 from knnssd.engine.policy import describe_policy  # noqa: E402
 from knnssd.engine.prompts import encode_prompt  # noqa: E402
 from knnssd.errors import KnnSsdError  # noqa: E402
 from pipeline.bootstrap import difference_interval, ratio_difference_interval, speedup_interval  # noqa: E402
 from pipeline.costs import StepCosts, time_step_costs  # noqa: E402
-from pipeline.data import SPEC_BENCH_MT_CATEGORIES, DataConfig, domains_of, load_calibration_table  # noqa: E402
+from pipeline.data import DataConfig, domains_of  # noqa: E402
 from pipeline.drafting import PolicyDrafters  # noqa: E402
 from pipeline.replay import Replayed, Step, predict, replay  # noqa: E402
 from pipeline.scoring import Workload, policy_skip_set, workload_of  # noqa: E402
@@ -482,20 +481,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the ablation; returns what summary.json holds."""
     args = build_parser().parse_args(argv)
     settings = check_args(args)
-    data = DataConfig(path=str(spec_bench_file(args.data)), merge={c: "chat" for c in SPEC_BENCH_MT_CATEGORIES},
-                      held_out_fraction=args.held_out_fraction, seed=args.seed)
-    table = load_calibration_table(data)
-    domains = domains_of(table)
-    if args.domains:
-        chosen = [d.strip() for d in args.domains.split(",") if d.strip()]
-        unknown = [d for d in chosen if d not in domains]
-        if unknown:
-            raise KnnSsdError(f"unknown domains {unknown}", fix=f"choose from: {', '.join(domains)}")
-        domains = [d for d in domains if d in chosen]
-    loaded = load_model(args.model, threads=args.threads)
+    table = spec_bench_split(args.data, args.held_out_fraction, args.seed)
+    domains = chosen_names("--domains", args.domains, domains_of(table))
+    loaded, invariant = load_for_replay(args.model, args.threads)
     model = loaded.model
-    invariant = loaded.kernels is not None and loaded.kernels.batch_invariant
-    print(f"machine: {machine_description()}", flush=True)
     print(f"model {args.model}, {len(domains)} domains ({', '.join(domains)}), settings {settings}, "
           f"{args.trials} trials per study", flush=True)
     started = time.perf_counter()
