@@ -110,11 +110,13 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
     domain (and MIX) -> its `DomainStore`, which its suffix-tree trials may draft from (a domain without one
     never suggests use_store).
 
-    On CPUs a search task asks for `config.search_threads` CPUs (default 1) and replays on that many torch
-    threads: a trial's replay is mostly one Python thread, so on a node of N cores N studies search at once. It
-    still prices trials with the step-cost table of the decoding thread count (`config.model.threads`), timed
-    before the searches by `identify_model` on the driver's node. Confirmation tasks time wall clock on every
-    decoding thread and ask for as many CPUs, so no search shares their cores."""
+    On a single CPU node a search task asks for `config.search_threads` CPUs (default 1) and replays on that many
+    torch threads: a trial's replay is mostly one Python thread, so on a node of N cores N studies search at once.
+    It still prices trials with the step-cost table of the decoding thread count (`config.model.threads`), timed
+    before the searches by `identify_model` on that node. On several CPU nodes a node's first search task would
+    time its own table while holding fewer CPUs than it times with, so there each search keeps the decoding
+    threads' CPUs. Confirmation tasks time wall clock on every decoding thread and ask for as many CPUs, so no
+    search shares their cores."""
     import ray
 
     from pipeline.cluster import task_resources
@@ -122,6 +124,11 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
 
     resources = task_resources(config.model.threads)
     lane = task_resources(config.search_threads)
+    cpu_nodes = [node for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) > 0]
+    if "num_cpus" in lane and lane != resources and len(cpu_nodes) > 1:
+        log(f"search: {len(cpu_nodes)} CPU nodes: each search keeps {resources} (a node's first search times its "
+            "step-cost table, which must not run beside other searches); --search-threads applies on one node")
+        lane = resources
     studies = {domain: (prompts_of(table, domain, CALIBRATION), config.search) for domain in domains_of(table)}
     if config.mix:
         studies[MIX] = (mixed_prompts(table), mix_search(config.search, len(studies)))
@@ -135,14 +142,15 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
             + (f", {stale} interrupted trial(s) marked failed" if stale else ""))
     workers = {}
     # the studies scoring the most prompts first (the mix), so parallel lanes finish near together
-    for domain, (prompts, search) in sorted(studies.items(),
-                                            key=lambda item: -min(len(item[1][0]), item[1][1].prompts_per_trial)):
+    started = sorted(studies, key=lambda d: -min(len(studies[d][0]), studies[d][1].prompts_per_trial))
+    for domain in started:
+        prompts, search = studies[domain]
         for worker in range(search.workers):
             ref = search_worker.options(**lane).remote(config.model, domain, prompts, search, config.storage_url,
                                                       names[domain], worker, config.costs_dir, store[domain],
                                                       config.search_threads)
             workers[ref] = domain
-    log(f"search: {len(studies)} studies ({', '.join(studies)}), {config.search.trials} completed trials each, "
+    log(f"search: {len(studies)} studies ({', '.join(started)}), {config.search.trials} completed trials each, "
         f"{config.search.workers} worker(s) per study, each on {lane} (confirmation on {resources})")
     left = {domain: config.search.workers for domain in studies}
     confirming: dict[Any, str] = {}

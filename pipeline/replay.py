@@ -187,6 +187,8 @@ def skipping_pass(model: PreTrainedModel, trace: Trace, cache: DynamicCache, ski
     positions = torch.arange(len(trace.prompt), len(trace.prompt) + queries, device=device).unsqueeze(0)
     mask = replay_mask(len(trace.prompt), queries, sliding_window(model), device)
     layers = decoder_layers(model)
+    if getattr(model.config, "model_type", None) not in LATE_START_FAMILIES:
+        inputs = None  # the whole pass, nothing kept
     first = min(skip_set.attn + skip_set.mlp, default=len(layers))  # layers < first: nothing skipped
     start = min(first, len(inputs) - 1) if inputs else 0
     feed = {"input_ids": ids} if start == 0 else {"inputs_embeds": inputs[start]}
@@ -199,6 +201,13 @@ def skipping_pass(model: PreTrainedModel, trace: Trace, cache: DynamicCache, ski
         rollback(cache, cached)
     confidence, tokens = logits.float().softmax(dim=-1).max(dim=-1)
     return Prediction(tokens=tuple(tokens.tolist()), confidence=tuple(confidence.tolist()))
+
+
+# Families whose pass may start at a later layer (`layers_from`): their forward feeds `inputs_embeds` unscaled and
+# runs each layer on the mask it is given. Qwen2 picks a layer's mask by its index in the (sliced) list, which is
+# harmless here only because replay passes one 4-D mask tensor for every layer type; a family that scales its
+# embeddings (Gemma) or keys per-layer settings by index otherwise replays the whole pass.
+LATE_START_FAMILIES = ("llama", "qwen2", "mistral")
 
 
 @contextmanager

@@ -71,7 +71,7 @@ class SearchConfig:
     min_speedup: float = 1.0
     confirm_candidates: int = 3
     confirm_prompts: int = 8
-    confirm_rounds: int = 1  # more rounds changed 1 choice in 18 logged, by +0.018 (docs/calibration.md)
+    confirm_rounds: int = 1  # more rounds changed 1 choice of 19 logged, by +0.018 (docs/calibration.md)
     workers: int = 1
     kind_share: float = 0.15
     kinds: tuple[str, ...] = SEARCHABLE_KINDS

@@ -4,7 +4,8 @@
   timed once (`pipeline.costs`) so later tasks on the node read it.
 - `search_worker`: one or more per domain; runs trials of the domain's Optuna study (prepared by the driver)
   until it holds its budget of completed trials. Asks for a GPU where the cluster has them, else as many CPUs as
-  it replays on torch threads (`search_threads`, default 1; its trials priced for the decoding thread count). A worker that dies is retried by Ray (`max_retries`); its cut-short trial is marked
+  it replays on torch threads (`search_threads`, default 1, on a single CPU node; its trials priced for the
+  decoding thread count). A worker that dies is retried by Ray (`max_retries`); its cut-short trial is marked
   failed by the driver on the next run.
 - `confirm_domain`: the study's top candidates re-measured in wall clock on more prompts, in rounds
   until a difference is larger than its spread (`pipeline.confirm`), and the choice.
@@ -145,9 +146,10 @@ def search_worker(spec: ModelSpec, domain: str, prompts: list[str], config: Sear
     """Run trials of `study` (prepared by the driver) until it holds `config.trials` completed ones; `store`:
     the domain's store (None: none, and no trial drafts from one). The model loads as the runtime's (`spec`'s
     threads and kernels), so the trials are priced by the step-cost table of the decoding thread count; the
-    replay then runs on `replay_threads` torch threads (None: the spec's), as many as the task holds CPUs. The
-    kernels' products do not depend on the thread count (threads split weight rows, never a sum), so a draft
-    replayed on one thread is the draft the runtime computes on several."""
+    replay then runs on `replay_threads` torch threads (None: the spec's), as many as the task holds CPUs.
+    Replay's layer-skip predictions use the library's products, as they always have (`pipeline.replay`), which
+    may round differently on another thread count: that moves a near-tie prediction only, as replay's library
+    path already can. Suffix trees and prompt lookup replay no model pass at all."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     loaded = spec.load()
@@ -171,8 +173,8 @@ def search_worker(spec: ModelSpec, domain: str, prompts: list[str], config: Sear
 def confirm_domain(spec: ModelSpec, domain: str, prompts: list[str], config: SearchConfig, storage: str,
                    study: str, costs_dir: str, store: DomainStore | None = None) -> dict[str, Any]:
     """The study's top candidates timed against plain decoding on up to `config.confirm_prompts` prompts (in wall
-    clock: fewer than a trial may score by replay), in up to `config.confirm_rounds` rounds, each also predicted on them; the choice as
-    `pipeline.confirm` makes it. `store`: the domain's store, as the search had it."""
+    clock: fewer than a trial may score by replay), in up to `config.confirm_rounds` rounds, each also predicted
+    on them; the choice as `pipeline.confirm` makes it. `store`: the domain's store, as the search had it."""
     started = time.perf_counter()
     loaded = spec.load()
     costs = worker_costs(loaded, costs_dir, domain)

@@ -71,3 +71,15 @@ def test_no_verdict_on_a_handful_of_prompts():
     tiny = difference_interval([1.0, 2.0, 3.0], [0.5, 1.0, 1.5], [[1.0, 2.0, 3.0]])
     assert tiny.excludes_zero() and verdict(tiny, 3) == TOO_FEW
     assert verdict(tiny, MIN_VERDICT_PROMPTS) == "beats"
+
+
+def test_a_ratio_difference_pairs_two_ratios_with_their_own_numerators():
+    from pipeline.bootstrap import ratio_difference_interval
+
+    tokens, steps = [10, 12, 9, 11], [5, 6, 6, 4]
+    same = ratio_difference_interval(tokens, steps, tokens, steps)
+    assert same.estimate == 0 and same.low == 0 == same.high
+    more = ratio_difference_interval([t + 3 for t in tokens], steps, tokens, steps)
+    assert more.estimate == pytest.approx(12 / 21) and more.low > 0
+    with pytest.raises(ValueError):
+        ratio_difference_interval(tokens, steps[:3], tokens, steps)

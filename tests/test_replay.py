@@ -320,7 +320,7 @@ def test_a_pass_started_at_its_first_skipped_layer_predicts_the_whole_pass_bits(
     model = tiny_model(family)
     layers = num_decoder_layers(model)
     rng = random.Random(1)
-    compared = 0
+    compared = started_late = 0
     traces = []
     for seed in range(20):  # random models may stop at once: two prompts that run on
         torch.manual_seed(seed)
@@ -335,7 +335,7 @@ def test_a_pass_started_at_its_first_skipped_layer_predicts_the_whole_pass_bits(
                               mlp=[i for i in range(layers) if rng.random() < 0.3])
             if skip.num_skipped in (0, 2 * layers):
                 continue
+            started_late += len(inputs) > 1 and min(skip.attn + skip.mlp) > 0  # this pass starts past layer 0
             assert predict(model, trace, cache, skip, inputs) == predict(model, trace, cache, skip)
             compared += 1
-        assert inputs, "no layer input was kept: the fast path was not exercised"
-    assert compared >= 10
+    assert compared >= 10 and started_late >= 1, (compared, started_late)

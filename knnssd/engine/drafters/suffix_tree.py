@@ -180,8 +180,9 @@ class StoreIndex:
     synthetic store at the bundle limit (MAX_STORE_TOKENS, 4M entries: Zipf(1.2) ids mod 32000 in arrays of 255,
     n-grams 1-4): 79.1 MB held after building (63.1 MB of sorted ends, 16.0 MB of tokens), 330 MB peak while
     building (the sort's int64 temporaries), 9 s to build; a lookup costs 0.1-0.6 ms (two binary searches).
-    Each n-gram's range in its order is kept once found (`ranges`, at most MAX_RANGES n-grams, about 200 bytes
-    each, dropped all at once when full): a calibration search looks the same n-grams up in every trial.
+    Each n-gram's range in its order is kept once found (`ranges`, at most MAX_RANGES n-grams, a few hundred
+    bytes each with the key and value tuples and the dict slot, so some 20 MB at the cap, not measured; dropped
+    all at once when full): a calibration search looks the same n-grams up in every trial.
     """
 
     def __init__(self, tokens: np.ndarray, min_ngram: int, max_ngram: int) -> None:
