@@ -108,27 +108,15 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
     """One study per domain, plus the mix study (all domains' prompts together) when `config.mix`: each prepared
     here (seeds, interrupted trials), run by `search.workers` workers, then confirmed in wall clock. `stores`:
     domain (and MIX) -> its `DomainStore`, which its suffix-tree trials may draft from (a domain without one
-    never suggests use_store).
-
-    On a single CPU node a search task asks for `config.search_threads` CPUs (default 1) and replays on that many
-    torch threads: a trial's replay is mostly one Python thread, so on a node of N cores N studies search at once.
-    It still prices trials with the step-cost table of the decoding thread count (`config.model.threads`), timed
-    before the searches by `identify_model` on that node. On several CPU nodes a node's first search task would
-    time its own table while holding fewer CPUs than it times with, so there each search keeps the decoding
-    threads' CPUs. Confirmation tasks time wall clock on every decoding thread and ask for as many CPUs, so no
-    search shares their cores."""
+    never suggests use_store). A search task's resources: `pipeline.cluster.search_resources` (on one CPU node,
+    `config.search_threads` CPUs, so N cores search N studies at once); confirmation's: every decoding thread."""
     import ray
 
-    from pipeline.cluster import task_resources
+    from pipeline.cluster import search_resources, task_resources
     from pipeline.tasks import confirm_domain, search_worker
 
     resources = task_resources(config.model.threads)
-    lane = task_resources(config.search_threads)
-    cpu_nodes = [node for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) > 0]
-    if "num_cpus" in lane and lane != resources and len(cpu_nodes) > 1:
-        log(f"search: {len(cpu_nodes)} CPU nodes: each search keeps {resources} (a node's first search times its "
-            "step-cost table, which must not run beside other searches); --search-threads applies on one node")
-        lane = resources
+    lane = search_resources(config.model.threads, config.search_threads, log)
     studies = {domain: (prompts_of(table, domain, CALIBRATION), config.search) for domain in domains_of(table)}
     if config.mix:
         studies[MIX] = (mixed_prompts(table), mix_search(config.search, len(studies)))
