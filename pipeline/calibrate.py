@@ -116,7 +116,7 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
     from pipeline.tasks import confirm_domain, search_worker
 
     resources = task_resources(config.model.threads)
-    lane = search_resources(config.model.threads, config.search_threads, log)
+    lane, replay_threads = search_resources(config.model.threads, config.search_threads, log)
     studies = {domain: (prompts_of(table, domain, CALIBRATION), config.search) for domain in domains_of(table)}
     if config.mix:
         studies[MIX] = (mixed_prompts(table), mix_search(config.search, len(studies)))
@@ -136,7 +136,7 @@ def run_searches(config: CalibrationConfig, table: pa.Table, model: dict[str, An
         for worker in range(search.workers):
             ref = search_worker.options(**lane).remote(config.model, domain, prompts, search, config.storage_url,
                                                       names[domain], worker, config.costs_dir, store[domain],
-                                                      config.search_threads)
+                                                      replay_threads)
             workers[ref] = domain
     log(f"search: {len(studies)} studies ({', '.join(started)}), {config.search.trials} completed trials each, "
         f"{config.search.workers} worker(s) per study, each on {lane} (confirmation on {resources})")

@@ -58,22 +58,25 @@ def task_resources(threads: int = 1) -> dict[str, float]:
     return {"num_cpus": threads}
 
 
-def search_resources(threads: int, search_threads: int, log: Callable[[str], None]) -> dict[str, float]:
-    """What one search task asks for. On a single CPU node, `search_threads` CPUs (it replays on that many torch
-    threads: a trial's replay is mostly one Python thread, so N cores search N studies at once), while its
-    trials are priced with the step-cost table of `threads`, timed before the searches on that node. On several
-    CPU nodes a node's first search would time that node's table holding fewer CPUs than it times with, beside
-    other searches, so there each search keeps `threads` CPUs (said in the log). A GPU where the cluster has
-    them."""
+def search_resources(threads: int, search_threads: int,
+                     log: Callable[[str], None]) -> tuple[dict[str, float], int]:
+    """What one search task asks for, and the torch threads it replays on. On a single CPU node,
+    `search_threads` CPUs and threads (a trial's replay is mostly one Python thread, so N cores search N studies
+    at once), while its trials are priced with the step-cost table of `threads`, timed before the searches on
+    that node. On several CPU nodes a node's first search would time that node's table holding fewer CPUs than
+    it times with, beside other searches, so there each search keeps `threads` CPUs and threads (said in the
+    log). A GPU where the cluster has them, with `threads`."""
     import ray
 
     full, lane = task_resources(threads), task_resources(search_threads)
     cpu_nodes = [node for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) > 0]
-    if "num_cpus" in lane and lane != full and len(cpu_nodes) > 1:
+    if "num_cpus" not in lane or lane == full:
+        return full, threads
+    if len(cpu_nodes) > 1:
         log(f"search: {len(cpu_nodes)} CPU nodes: each search keeps {full} (a node's first search times its "
             "step-cost table, which must not run beside other searches); --search-threads applies on one node")
-        return full
-    return lane
+        return full, threads
+    return lane, search_threads
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,7 @@ class StoreIndex:
 
     def latest(self, gram: tuple[int, ...], cap: int) -> list[int]:
         """The latest `cap` end positions of `gram`, oldest first."""
-        n, order = len(gram), self.orders.get(len(gram))
+        order = self.orders.get(len(gram))
         if order is None or not len(order):
             return []
         found = self.ranges.get(gram)
