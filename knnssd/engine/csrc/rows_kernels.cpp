@@ -18,15 +18,19 @@
 //   not added as zeros, so a tree node's row sees exactly the keys (prefix, then its ancestors) that plain
 //   decoding's row for the same token sees, in the same order. Each score is a dot product over the head
 //   dimension with the same reduction tree for every key; the softmax's exponentials use one vector routine for
-//   every element; its sum and the weighted sum of values run over the visible keys in order.
+//   every element; its sum and the weighted sum of values run over the visible keys in order. The query heads
+//   that share a key/value head and a position (so a mask row) are taken together, up to 4, each key and value
+//   row read once for all of them; that changes which rows are computed together, never a row's operations.
 // - rows_rope_kv: element for element transformers' q * cos + rotate_half(q) * sin, each product and the sum
 //   rounded on its own (no fused multiply-add), so its bits are the library's; the copies are exact.
 // - rows_rms_norm: each row's sum of squares is one sequential LANES-wide reduction, then the same horizontal
 //   sum; one call replaces the dozen small tensor ops of transformers' RMSNorm.
 //
-// A small-batch product is memory-bound: each weight row is streamed from memory once (with a software prefetch
-// kPrefetch floats ahead, so requests stay in flight while the core multiplies) and multiplied by every input
-// row. Parallel over weight-row blocks (gemm) and over (key/value head, query block) pairs (attention) with
+// A small-batch product is memory-bound: each weight row is streamed from memory once and multiplied by every
+// input row. While a block of weight rows is multiplied (by every group of input rows in turn), the next block is
+// prefetched, spread over all the groups' iterations, so memory stays busy while the later groups compute from
+// L1 (with one prefetch window per group, a 16-row pass waited on memory, then on the cores). Parallel over
+// weight-row blocks (gemm) and over (key/value head, positions, query heads) items (attention) with
 // ATen's thread pool, the GIL released. Built at first use with -march=native by knnssd/engine/kernel_build.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -97,14 +101,16 @@ constexpr int kMaxRows = 32;        // query rows of one attention call (one req
 constexpr int kMaxGemmRows = 256;   // input rows of one product (a batch of requests' passes)
 constexpr int kGroup = 6;                        // input rows per register tile, at most
 constexpr int kBlock = LANES == 16 ? 4 : 2;     // weight rows per register tile (kBlock * kGroup accumulators)
-constexpr int64_t kPrefetch = 2048;             // floats ahead of each weight row read (8 KB)
+constexpr int kFewBlock = LANES == 16 ? 8 : 4;  // weight rows per tile for 1 or 2 input rows: more rows in flight
+constexpr int64_t kLine = 16;                   // floats per cache line (64 bytes)
+constexpr int64_t kAhead = 1;                   // weight blocks ahead prefetched (2 and 4 were no faster)
 
 // ---------------------------------------------------------------------------------------------------- gemm
 
 // out[m, n0 + i] = x[m] . w[n0 + i] for m < G, i < B (kBlock * kGroup + kBlock + 1 vector registers at most).
 template <int G, int B>
 inline void tile(const float* __restrict x, const float* __restrict wn, float* __restrict out, int64_t n0,
-                 int64_t n_out, int64_t k, bool prefetch, const float* w_end) {
+                 int64_t n_out, int64_t k, const float* pf, const float* pf_end, int per) {
   vec acc[B][G];
 #pragma GCC unroll 8
   for (int i = 0; i < B; ++i)
@@ -114,13 +120,9 @@ inline void tile(const float* __restrict x, const float* __restrict wn, float* _
   for (; j + LANES <= k; j += LANES) {
     vec wv[B];
 #pragma GCC unroll 8
-    for (int i = 0; i < B; ++i) {
-      if (prefetch) {
-        const float* ahead = wn + i * k + j + kPrefetch;
-        if (ahead < w_end) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
-      }
-      wv[i] = vload(wn + i * k + j);
-    }
+    for (int i = 0; i < B; ++i) wv[i] = vload(wn + i * k + j);
+    for (int u = 0; u < per; ++u, pf += kLine)
+      if (pf < pf_end) _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int m = 0; m < G; ++m) {
       const vec xv = vload(x + m * k + j);
@@ -145,10 +147,10 @@ inline void tile(const float* __restrict x, const float* __restrict wn, float* _
 
 template <int B, int G = 1>
 inline void rest_group(int rows, const float* x, const float* wn, float* out, int64_t n0, int64_t n_out, int64_t k,
-                       bool prefetch, const float* w_end) {
+                       const float* pf, const float* pf_end, int per) {
   if constexpr (G <= kGroup) {
-    if (rows == G) return tile<G, B>(x, wn, out, n0, n_out, k, prefetch, w_end);
-    return rest_group<B, G + 1>(rows, x, wn, out, n0, n_out, k, prefetch, w_end);
+    if (rows == G) return tile<G, B>(x, wn, out, n0, n_out, k, pf, pf_end, per);
+    return rest_group<B, G + 1>(rows, x, wn, out, n0, n_out, k, pf, pf_end, per);
   }
 }
 
@@ -159,9 +161,17 @@ inline void weight_block(int rows, const float* x, const float* w, float* out, i
                          int64_t k, const float* w_end) {
   const float* wn = w + n0 * k;
   const int groups = (rows + kGroup - 1) / kGroup;  // as even as possible: 16 rows as 5 + 5 + 6, not 6 + 6 + 4
+  // The weight rows kAhead blocks on are prefetched while this block is multiplied, spread over every group's
+  // iterations, so memory stays busy while the later groups compute from L1.
+  const float* ahead = wn + kAhead * B * k;
+  const int64_t lines = (B * k + kLine - 1) / kLine, iters = (k + LANES - 1) / LANES;
+  const int64_t slice = (lines + groups - 1) / groups;
+  const int per = static_cast<int>((slice + iters - 1) / iters);
+  const float* end = std::min(ahead + B * k, w_end);
   for (int g = 0, m0 = 0; g < groups; ++g) {
     const int size = (rows - m0) / (groups - g);
-    rest_group<B>(size, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, m0 == 0, w_end);
+    const float* pf = ahead + g * slice * kLine;
+    rest_group<B>(size, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, pf, std::min(pf + slice * kLine, end), per);
     m0 += size;
   }
 }
@@ -283,15 +293,154 @@ inline void weigh_values_any(const float* p, const int64_t* keys, int64_t n, con
   }
 }
 
-// Query rows [r0, r1) of kv head h; row r is query (t = r / G, head h * G + r % G).
-void attend(const Attention& a, int64_t h, int64_t r0, int64_t r1, std::vector<float>& scores,
-            std::vector<int64_t>& keys, std::vector<float>& acc) {
+// Scores of S query rows (qs[s], the query heads of one position that share key/value head) against keys
+// keys[0 .. n): scores[s * stride + i] = q_s . key_i, each one with the operations dot() and dot4() use (one
+// LANES-wide fused multiply-add chain over the head dimension, then vsum's tree), so a score's bits do not depend
+// on S. Each key vector is loaded once for the S rows.
+template <int S>
+inline void scores_heads(const float* const* qs, const float* kb, int64_t kj, const int64_t* keys, int64_t n,
+                         int64_t D, float* scores, int64_t stride) {
+  int64_t i4 = 0;
+  for (; i4 + 4 <= n; i4 += 4) {
+    const float* b[4] = {kb + keys[i4] * kj, kb + keys[i4 + 1] * kj, kb + keys[i4 + 2] * kj, kb + keys[i4 + 3] * kj};
+    vec c[S][4];
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) c[s][i] = vzero();
+    int64_t j = 0;
+    for (; j + LANES <= D; j += LANES) {
+      vec kv[4];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) kv[i] = vload(b[i] + j);
+#pragma GCC unroll 8
+      for (int s = 0; s < S; ++s) {
+        const vec av = vload(qs[s] + j);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) c[s][i] = vfma(av, kv[i], c[s][i]);
+      }
+    }
+    if (j < D) {
+      const int rest = static_cast<int>(D - j);
+      vec kv[4];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) kv[i] = vload_tail(b[i] + j, rest);
+#pragma GCC unroll 8
+      for (int s = 0; s < S; ++s) {
+        const vec av = vload_tail(qs[s] + j, rest);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) c[s][i] = vfma(av, kv[i], c[s][i]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      __m128 r0 = vquarter(c[s][0]), r1 = vquarter(c[s][1]), r2 = vquarter(c[s][2]), r3 = vquarter(c[s][3]);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // as dot4: r_i = lane i of each key's quarter sums
+      _mm_storeu_ps(scores + s * stride + i4, _mm_add_ps(_mm_add_ps(r0, r2), _mm_add_ps(r1, r3)));
+    }
+  }
+  for (; i4 < n; ++i4)
+    for (int s = 0; s < S; ++s) scores[s * stride + i4] = dot(qs[s], kb + keys[i4] * kj, D);
+}
+
+// acc[s * C * LANES ...] = sum over m < n of p[s * stride + m] * v[keys[m]] for S rows at once, in key order, as
+// weigh_values computes each row (each value row loaded once for the S rows).
+template <int S, int C>
+inline void weigh_values_heads(const float* p, int64_t stride, const int64_t* keys, int64_t n, const float* v,
+                               int64_t vj, float* acc) {
+  vec sum[S][C];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) sum[s][c] = vzero();
+  for (int64_t m = 0; m < n; ++m) {
+    const float* vr = v + keys[m] * vj;
+    vec vv[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) vv[c] = vload(vr + c * LANES);
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      const vec pm = vset1(p[s * stride + m]);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) sum[s][c] = vfma(pm, vv[c], sum[s][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) vstore(acc + (s * C + c) * LANES, sum[s][c]);
+}
+
+// Softmax of one row's n scores in place (exponentials of score * scale - max); returns 1 / their sum. The sum runs
+// as LANES running sums over the visible keys in order, then a fixed tree.
+inline float softmax_row(float* scores, int64_t n, float scale) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    scores[i] *= scale;
+    top = scores[i] > top ? scores[i] : top;
+  }
+  const vec vtop = vset1(top);
+  vec sum = vzero();
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    const vec e = vexp(vsub(vload(scores + i), vtop));
+    vstore(scores + i, e);
+    sum = vadd(sum, e);
+  }
+  if (i < n) {
+    const int rest = static_cast<int>(n - i);
+    vec e = vexp(vsub(vload_tail(scores + i, rest), vtop));
+    vstore_tail(scores + i, e, rest);
+    sum = vadd(sum, vload_tail(scores + i, rest));
+  }
+  return 1.0f / vsum(sum);
+}
+
+// Query heads [g0, g0 + S) of kv head h at position t (they share its mask row, so the same keys): scores, softmax
+// and the weighted sum of values, each key and value row read once for the S heads. scores holds S * stride
+// floats, acc S * D.
+template <int S>
+void attend_heads(const Attention& a, int64_t h, int64_t t, int64_t g0, const int64_t* keys, int64_t n,
+                  float* scores, int64_t stride, float* acc) {
   const int64_t G = a.H / a.Hkv, D = a.D;
   const float* kb = a.k + h * a.kh;
   const float* vb = a.v + h * a.vh;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t t = r / G, head = h * G + r % G;
-    const float* qr = a.q + (t * a.H + head) * D;
+  const float* qs[S];
+  float* outs[S];
+  for (int s = 0; s < S; ++s) {
+    const int64_t head = h * G + g0 + s;
+    qs[s] = a.q + (t * a.H + head) * D;
+    outs[s] = a.out + (t * a.H + head) * D;
+  }
+  if (n == 0) {  // a row that sees no key: zeros, as no probability mass lands anywhere
+    for (int s = 0; s < S; ++s)
+      for (int64_t d = 0; d < D; ++d) outs[s][d] = 0.0f;
+    return;
+  }
+  scores_heads<S>(qs, kb, a.kj, keys, n, D, scores, stride);
+  float inv[S];
+  for (int s = 0; s < S; ++s) inv[s] = softmax_row(scores + s * stride, n, a.scale);
+  // weighted sum of values over the visible keys in order, vectorised over the head dimension: in registers for
+  // head dimensions of 1, 2, 4 or 8 vectors (SmolLM2's 64), else in memory; the same operations either way
+  switch (D % LANES == 0 ? D / LANES : 0) {
+    case 1: weigh_values_heads<S, 1>(scores, stride, keys, n, vb, a.vj, acc); break;
+    case 2: weigh_values_heads<S, 2>(scores, stride, keys, n, vb, a.vj, acc); break;
+    case 4: weigh_values_heads<S, 4>(scores, stride, keys, n, vb, a.vj, acc); break;
+    case 8:
+      for (int s = 0; s < S; ++s) weigh_values<8>(scores + s * stride, keys, n, vb, a.vj, acc + s * D);
+      break;
+    default:
+      for (int s = 0; s < S; ++s) weigh_values_any(scores + s * stride, keys, n, vb, a.vj, D, acc + s * D);
+  }
+  for (int s = 0; s < S; ++s)
+    for (int64_t d = 0; d < D; ++d) outs[s][d] = acc[s * D + d] * inv[s];
+}
+
+// Positions [t0, t1) of kv head h, query heads [g0, g0 + S) of its group (S from 1 to 4) taken together.
+void attend(const Attention& a, int64_t h, int64_t t0, int64_t t1, int64_t g0, int S, std::vector<float>& scores,
+            std::vector<int64_t>& keys, std::vector<float>& acc) {
+  const int64_t stride = a.L + LANES;
+  for (int64_t t = t0; t < t1; ++t) {
     int64_t n = 0;
     if (a.mask) {
       const bool* row = a.mask + t * a.L;
@@ -300,47 +449,12 @@ void attend(const Attention& a, int64_t h, int64_t r0, int64_t r1, std::vector<f
     } else {
       for (int64_t j = 0; j <= a.L - a.T + t; ++j) keys[n++] = j;
     }
-    float* o = a.out + (t * a.H + head) * D;
-    if (n == 0) {  // a row that sees no key: zeros, as no probability mass lands anywhere
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-      continue;
+    switch (S) {
+      case 4: attend_heads<4>(a, h, t, g0, keys.data(), n, scores.data(), stride, acc.data()); break;
+      case 3: attend_heads<3>(a, h, t, g0, keys.data(), n, scores.data(), stride, acc.data()); break;
+      case 2: attend_heads<2>(a, h, t, g0, keys.data(), n, scores.data(), stride, acc.data()); break;
+      default: attend_heads<1>(a, h, t, g0, keys.data(), n, scores.data(), stride, acc.data());
     }
-    int64_t i4 = 0;
-    for (; i4 + 4 <= n; i4 += 4)
-      dot4(qr, kb + keys[i4] * a.kj, kb + keys[i4 + 1] * a.kj, kb + keys[i4 + 2] * a.kj, kb + keys[i4 + 3] * a.kj,
-           D, scores.data() + i4);
-    for (; i4 < n; ++i4) scores[i4] = dot(qr, kb + keys[i4] * a.kj, D);
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) {
-      scores[i] *= a.scale;
-      top = scores[i] > top ? scores[i] : top;
-    }
-    // exponentials, and their sum as LANES running sums over the visible keys in order, then a fixed tree
-    const vec vtop = vset1(top);
-    vec sum = vzero();
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-      const vec e = vexp(vsub(vload(scores.data() + i), vtop));
-      vstore(scores.data() + i, e);
-      sum = vadd(sum, e);
-    }
-    if (i < n) {
-      const int rest = static_cast<int>(n - i);
-      vec e = vexp(vsub(vload_tail(scores.data() + i, rest), vtop));
-      vstore_tail(scores.data() + i, e, rest);
-      sum = vadd(sum, vload_tail(scores.data() + i, rest));
-    }
-    const float inv = 1.0f / vsum(sum);
-    // weighted sum of values over the visible keys in order, vectorised over the head dimension: in registers
-    // for head dimensions of 1, 2, 4 or 8 vectors (SmolLM2's 64), else in memory; the same operations either way
-    switch (D % LANES == 0 ? D / LANES : 0) {
-      case 1: weigh_values<1>(scores.data(), keys.data(), n, vb, a.vj, acc.data()); break;
-      case 2: weigh_values<2>(scores.data(), keys.data(), n, vb, a.vj, acc.data()); break;
-      case 4: weigh_values<4>(scores.data(), keys.data(), n, vb, a.vj, acc.data()); break;
-      case 8: weigh_values<8>(scores.data(), keys.data(), n, vb, a.vj, acc.data()); break;
-      default: weigh_values_any(scores.data(), keys.data(), n, vb, a.vj, D, acc.data());
-    }
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
   }
 }
 
@@ -364,7 +478,7 @@ torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor w) {
     // so other Python threads (a server's other requests) run during the product. x, w and out stay alive:
     // this frame holds their tensors.
     pybind11::gil_scoped_release no_gil;
-    if (rows <= 2) rows_times_weight<4>(rows, xp, wp, op, n, k);  // few accumulators: more weight rows in flight
+    if (rows <= 2) rows_times_weight<kFewBlock>(rows, xp, wp, op, n, k);
     else rows_times_weight<kBlock>(rows, xp, wp, op, n, k);
   }
   return out;
@@ -392,17 +506,24 @@ torch::Tensor rows_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   Attention a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
               mask.has_value() ? m.data_ptr<bool>() : nullptr, out.data_ptr<float>(),
               T, H, Hkv, L, D, k.stride(0), k.stride(1), v.stride(0), v.stride(1), static_cast<float>(scale)};
-  const int64_t rows = T * (H / Hkv);                    // query rows per kv head
-  const int64_t per = rows <= 4 ? 1 : (rows + 7) / 8;    // rows per work item: about 8 items per kv head
-  const int64_t chunks = (rows + per - 1) / per;
+  // Work items: (kv head, block of positions, group of query heads). The query heads of a position share its keys
+  // and are taken together, up to 4 (their accumulators fit the registers; 1 for head dimensions of 128 floats
+  // or more); a step with few positions (a plain step) takes each head alone, for more items than threads.
+  const int64_t G = H / Hkv;
+  const int64_t widest = std::min<int64_t>(G, D >= 8 * LANES ? 1 : 4);
+  const int64_t heads = Hkv * T < 2 * at::get_num_threads() ? 1 : widest;
+  const int64_t groups = (G + heads - 1) / heads;
+  const int64_t per = T <= 8 ? 1 : (T + 7) / 8;  // positions per work item: at most 8 blocks per kv head
+  const int64_t chunks = (T + per - 1) / per;
   {
     pybind11::gil_scoped_release no_gil;
-    at::parallel_for(0, Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(L + LANES), acc(D);
+    at::parallel_for(0, Hkv * chunks * groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(heads * (L + LANES)), acc(heads * D);
       std::vector<int64_t> keys(L);
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t h = item / chunks, c = item % chunks;
-        attend(a, h, c * per, std::min(rows, (c + 1) * per), scores, keys, acc);
+        const int64_t h = item / (chunks * groups), c = item / groups % chunks, g0 = item % groups * heads;
+        attend(a, h, c * per, std::min(T, (c + 1) * per), g0, static_cast<int>(std::min(heads, G - g0)), scores,
+               keys, acc);
       }
     });
   }
