@@ -1,5 +1,6 @@
 """Calibration end to end: data -> per-domain stores of the model's own outputs (Ray) -> per-domain search and
-confirmation (Ray) -> embeddings (Ray) -> reduce -> held-out check (Ray) -> bundle (with the stores) -> MLflow.
+confirmation (Ray) -> embeddings (the store stage's own prefills, `pipeline.embedding_stage`) -> reduce -> held-out
+check (Ray) -> bundle (with the stores) -> MLflow.
 
 Every input is checked before Ray starts. Stage outputs land in `work_dir` as they finish (data.parquet,
 step-costs/, search.json, embeddings.parquet, validation.json, the bundle folder), and the Optuna journal keeps
@@ -17,7 +18,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -28,6 +28,7 @@ from knnssd.engine.policy import describe_policy
 from knnssd.engine.threads import resolve_threads
 from pipeline.corpus import Corpus, check_corpora, corpus_record
 from pipeline.data import CALIBRATION, HELD_OUT, DataConfig, domains_of, load_calibration_table, prompts_of
+from pipeline.embedding_stage import run_embeddings
 from pipeline.mix import MIX, mix_search, mixed_prompts
 from pipeline.reduce import ReduceConfig, build_bundle_spec
 from pipeline.search import prepare_study, study_name
@@ -206,18 +207,6 @@ def run_validation(config: CalibrationConfig, table: pa.Table, policies: dict[st
     return validation_table(results, policies, alias)
 
 
-def run_embeddings(config: CalibrationConfig, table: pa.Table) -> np.ndarray:
-    import ray
-
-    from pipeline.cluster import task_resources
-    from pipeline.tasks import embed_prompts
-
-    prompts = table["prompt"].to_pylist()
-    chunks = [prompts[i:i + config.embed_chunk] for i in range(0, len(prompts), config.embed_chunk)]
-    resources = task_resources(config.model.threads)
-    return np.concatenate(ray.get([embed_prompts.options(**resources).remote(config.model, c) for c in chunks]))
-
-
 def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = print) -> CalibrationResult:
     """Run every stage; see the module docstring."""
     from pipeline.cluster import connect
@@ -238,7 +227,7 @@ def run_calibration(config: CalibrationConfig, log: Callable[[str], None] = prin
     searches = [r for r in everything if r["domain"] != MIX]
     references = {MIX: {"policy": r["policy"], "metrics": r["metrics"]} for r in everything if r["domain"] == MIX}
     calibration = table.filter(pc.equal(table["split"], CALIBRATION))
-    embeddings = run_embeddings(config, calibration)
+    embeddings = run_embeddings(config.model, config.embed_chunk, calibration, stores, log)
     pq.write_table(calibration.append_column("embedding", pa.array(list(embeddings), pa.list_(pa.float32()))),
                    work / "embeddings.parquet")
     log(f"embed: {embeddings.shape[0]} prompts x {embeddings.shape[1]} -> {work / 'embeddings.parquet'}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -40,11 +41,14 @@ Rows = tuple[tuple[int, ...], ...]
 class StoreDecoding:
     """outputs[i]: prompt i's new tokens (plain greedy decoding, cut after its first EOS, at most max_new_tokens);
     successors[i][j]: the loop's top successor ids after outputs[i][j], best first (one row per output token);
-    batched: whether generations shared verify passes (False: each was stepped alone)."""
+    batched: whether generations shared verify passes (False: each was stepped alone); embeddings: (prompts,
+    hidden) float32, row i prompt i's embedding from its own prefill (final hidden state mean-pooled over the
+    prompt), the one the runtime routes by, so calibration need not prefill the prompts again."""
 
     outputs: tuple[tuple[int, ...], ...]
     successors: tuple[Rows, ...]
     batched: bool
+    embeddings: np.ndarray
 
 
 def check_settings(max_new_tokens: int, batch_size: int) -> None:
@@ -106,6 +110,7 @@ def decode_store(model: PreTrainedModel, prompts: Sequence[torch.Tensor], max_ne
     queue = list(enumerate(prompts))
     running: list[tuple[int, Generation, SuccessorRecorder]] = []
     results: dict[int, tuple[tuple[int, ...], Rows]] = {}
+    embeddings: dict[int, np.ndarray] = {}
     every = max(1, len(queue) // 10)
     while queue or running:
         while queue and len(running) < batch_size:
@@ -114,6 +119,7 @@ def decode_store(model: PreTrainedModel, prompts: Sequence[torch.Tensor], max_ne
             ids = prompt.reshape(1, -1).to(torch.long)
             config = config_for(ids.shape[1])
             started = begin(model, ids, config)
+            embeddings[index] = started.state.embedding.float().cpu().numpy()
             running.append((index, Generation(model, started.state, config, recorder, started.generator,
                                               started.clock, stop_after_eos_row(eos)), recorder))
         if batch_invariant:
@@ -128,4 +134,6 @@ def decode_store(model: PreTrainedModel, prompts: Sequence[torch.Tensor], max_ne
                 progress(len(results), len(prompts))
     order = range(len(prompts))
     return StoreDecoding(outputs=tuple(results[i][0] for i in order), successors=tuple(results[i][1] for i in order),
-                         batched=batch_invariant and batch_size > 1)
+                         batched=batch_invariant and batch_size > 1,
+                         embeddings=np.stack([embeddings[i] for i in order]).astype(np.float32)
+                         if prompts else np.zeros((0, model.config.hidden_size), np.float32))

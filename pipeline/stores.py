@@ -84,7 +84,10 @@ class DomainStore:
     the model's top successor ids after outputs[i][j], best first (one row per output token, or no rows at all
     for an entry the model did not decode: a `--corpus` text, which then updates no table row); vocab: the
     model's vocabulary size (the table's rows), given with successors; union_store: None, or the union of every
-    domain's store (this one's among them), for store_scope "union"/"both" policies (not compared, not shown)."""
+    domain's store (this one's among them), for store_scope "union"/"both" policies (not compared, not shown);
+    embeddings: None, or (n, hidden) float32, the runtime's embedding of prompts[i] for i < n (the store stage's
+    own prefills, `pipeline.store_decoding`), which calibration's embedding stage takes instead of prefilling
+    those prompts again (not compared, not shown, not shipped)."""
 
     domain: str
     prompts: tuple[str, ...]
@@ -92,6 +95,7 @@ class DomainStore:
     successors: tuple[tuple[tuple[int, ...], ...], ...] | None = None
     vocab: int = 0
     union_store: "DomainStore | None" = field(default=None, compare=False, repr=False)
+    embeddings: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.outputs):
@@ -102,6 +106,15 @@ class DomainStore:
                 raise ValueError(f"store {self.domain}: successors need one row per output token (or none)")
             if self.vocab < 1:
                 raise ValueError(f"store {self.domain}: successors need the vocabulary size")
+        if self.embeddings is not None and (self.embeddings.ndim != 2 or len(self.embeddings) > len(self.prompts)):
+            raise ValueError(f"store {self.domain}: embeddings must be (n, hidden) with n <= {len(self.prompts)} "
+                             f"prompts, got {self.embeddings.shape}")
+
+    def prompt_embeddings(self) -> dict[str, np.ndarray]:
+        """{prompt text: its embedding (hidden,)} for the prompts the store stage prefilled (none without)."""
+        if self.embeddings is None:
+            return {}
+        return dict(zip(self.prompts, self.embeddings))
 
     def table(self, exclude: str | None = None) -> SuccessorTable | None:
         """The warm successor table (vocab, k) of every entry's rows but those of prompt text `exclude` (if it is

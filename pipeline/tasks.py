@@ -258,4 +258,4 @@ def build_store(spec: ModelSpec, domain: str, prompts: list[str], max_new_tokens
     decoded = decode_store(loaded.model, ids, max_new_tokens, batch_size, invariant,
                            progress=lambda done, total: _log(domain, f"store: {done}/{total} prompts"))
     return DomainStore(domain=domain, prompts=tuple(prompts), outputs=decoded.outputs,
-                       successors=decoded.successors, vocab=model_vocab(loaded.model))
+                       successors=decoded.successors, vocab=model_vocab(loaded.model), embeddings=decoded.embeddings)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from knnssd.engine.batch import can_batch
-from knnssd.engine.decoding import GenerationConfig, begin, generate
+from knnssd.engine.decoding import GenerationConfig, begin, generate, prefill
+from knnssd.engine.sampling import SamplingConfig
 from knnssd.engine.drafters import SuccessorRecorder
 from pipeline.data import DataConfig, split_table
 from pipeline.scoring import Workload, build_workload, score_policy
@@ -61,6 +62,11 @@ def test_store_outputs_are_plain_decoding_token_for_token_with_the_loops_success
     decoded = decode_store(model, prompts, STORE_TOKENS, batch_size=4, batch_invariant=True)
     assert decoded.batched and [len(o) for o in decoded.outputs] == [STORE_TOKENS] * len(prompts)
     check_store_is_plain_decoding(model, prompts, decoded)
+    # each prompt's embedding, the runtime's (what `pipeline.tasks.embed_prompts` computes): bit for bit
+    for ids, embedding in zip(prompts, decoded.embeddings):
+        alone = prefill(model, ids.reshape(1, -1), SamplingConfig(), None, lambda: 0.0).embedding
+        assert torch.equal(torch.from_numpy(embedding), alone)
+    assert decoded.embeddings.shape == (len(prompts), model.config.hidden_size)
 
 
 def test_an_eos_ends_a_store_output_as_it_ends_plain_decoding_and_still_gets_its_row():

@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -272,16 +273,26 @@ def test_the_store_stage_runs_one_ray_task_per_domain(loaded, outputs):
     import ray
 
     from pipeline.cluster import connect
+    from pipeline.embedding_stage import run_embeddings
     from pipeline.store_stage import build_stores
-    from pipeline.tasks import ModelSpec
+    from pipeline.tasks import ModelSpec, embed_prompts
 
     logged = []
+    spec = ModelSpec(name=loaded.source, chat=False, threads=1)
+    extra = "a prompt no store has decoded"
+    table = pa.table({"domain": ["high", "low", "high"],
+                      "prompt": [TINY_PROMPTS["high"][1], TINY_PROMPTS["low"][0], extra]})
     connect(None)
     try:
-        stores = build_stores(ModelSpec(name=loaded.source, chat=False, threads=1), TINY_PROMPTS, NEW_TOKENS, 4,
-                              logged.append, mix="mix")
+        stores = build_stores(spec, TINY_PROMPTS, NEW_TOKENS, 4, logged.append, mix="mix")
+        # embeddings: the stores' own prefills where they have the prompt, a Ray task for the rest; both equal the
+        # runtime's embedding (`embed_prompts`) bit for bit
+        embeddings = run_embeddings(spec, 16, table, stores, logged.append)
+        expected = ray.get(embed_prompts.remote(spec, table["prompt"].to_pylist()))
     finally:
         ray.shutdown()
+    assert np.array_equal(embeddings, expected) and embeddings.dtype == np.float32
+    assert "embed: 2 prompts from the store stage's prefills, 1 prefilled" in "\n".join(logged)
     assert list(stores) == ["low", "high", "mix"]
     for domain, texts in TINY_PROMPTS.items():
         assert stores[domain].prompts == tuple(texts) and list(stores[domain].outputs) == outputs[domain]
