@@ -37,16 +37,24 @@ def speedup_table(table: list[dict[str, Any]], stream: str) -> list[str]:
     return lines
 
 
+def share_text(row: dict[str, Any]) -> str:
+    """The row's share of steps with no draft, e.g. "23%", or "-" where it was not recorded."""
+    share = row.get("no_draft_share", float("nan"))
+    return "-" if share != share else f"{share:.0%}"
+
+
 def acceptance_table(table: list[dict[str, Any]], stream: str) -> list[str]:
-    """| method | each domain | overall | tree steps |, cells "mean accepted / mean verify width"; our methods."""
+    """| method | each domain | overall | tree steps | no draft |, cells "mean accepted / mean verify width"; our
+    methods (no draft: the share of verify steps that verified no draft, "-" where not recorded)."""
     rows = [r for r in table if r["stream"] == stream and r["mean_verify_width"] > 0]
     domains = [d for d in dict.fromkeys(r["domain"] for r in rows) if d != OVERALL] + [OVERALL]
     cell = {(r["method"], r["domain"]): r for r in rows}
-    lines = _header(["method", *domains, "tree steps"])
+    lines = _header(["method", *domains, "tree steps", "no draft"])
     for method in dict.fromkeys(r["method"] for r in rows):
         texts = [f"{c['mean_accepted']:.2f} / {c['mean_verify_width']:.2f}" if c else "-"
                  for c in (cell.get((method, d)) for d in domains)]
-        lines.append(_row([method, *texts, f"{cell[(method, OVERALL)]['tree_share']:.0%}"]))
+        overall = cell[(method, OVERALL)]
+        lines.append(_row([method, *texts, f"{overall['tree_share']:.0%}", share_text(overall)]))
     return lines
 
 

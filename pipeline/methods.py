@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Outcome:
     """One method on one prompt: its new tokens, seconds, and the loop's counts (`knnssd.engine.stats`; 0 for
-    transformers' peers): accepted and drafted tokens, verify steps and how many of them verified a token tree.
+    transformers' peers): accepted and drafted tokens, verify steps, how many of them verified a token tree and
+    how many verified no draft at all (the loop's verify passes of width 1).
     A step's verify width is its drafted tokens (a tree's nodes) plus the last committed token, so the mean
     verify width is (drafted + steps) / steps."""
 
@@ -33,13 +34,14 @@ class Outcome:
     steps: int = 0
     routed_to: str = ""
     tree_steps: int = 0
+    no_draft_steps: int = 0
 
     @classmethod
     def of(cls, result: Any, seconds: float, routed_to: str = "") -> "Outcome":
         """From a `GenerationResult` of the decoding loop."""
         s = result.stats
         return cls(tuple(result.token_ids), seconds, s.accepted_tokens, s.drafted_tokens, s.verify_steps,
-                   routed_to, s.tree_steps)
+                   routed_to, s.tree_steps, s.verify_widths[0] if s.verify_widths else 0)
 
 
 Runner = Callable[[torch.Tensor, str], Outcome]

@@ -8,6 +8,8 @@ Needs no torch: `jobs/evaluate.py --rerender` rebuilds a run's report from its p
                     transformers' peers); mean_verify_width = (drafted + steps) / steps, the tokens a verify pass
                     actually ran on (a tree's nodes plus the last committed token; 1.0 for plain decoding)
     tree_share    = verify steps that verified a token tree / verify steps
+    no_draft_share = verify steps that verified no draft at all / verify steps (NaN for rows of a per_prompt.csv
+                    written before the count was kept: unknown, not zero)
     identical     = fraction of prompts whose tokens equal plain decoding's
     routing_accuracy (knn) = fraction routed to the prompt's true domain (a fallback counts as a miss)
 """
@@ -24,6 +26,7 @@ from knnssd.bundle.reports import bar_chart, write_csv
 from knnssd.engine.stats import Tally
 from pipeline.bootstrap import speedup_interval
 from pipeline.comparisons import OVERALL, judgements
+from pipeline.markdown import share_text
 
 # Spec-Bench's leaderboard columns: its 8 MT-bench categories pooled (or merged into "chat"), then the five tasks.
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -47,6 +50,7 @@ class PromptRun:
     identical: bool
     routed_to: str
     tree_steps: int = 0  # absent from per_prompt.csv files written before token trees: read as 0
+    no_draft_steps: int | None = None  # absent from per_prompt.csv files written before 2026-12-05: unknown
 
 
 def summarise(rows: list[PromptRun]) -> list[dict[str, Any]]:
@@ -66,6 +70,8 @@ def summarise(rows: list[PromptRun]) -> list[dict[str, Any]]:
             "acceptance": tally.acceptance_rate,
             "mean_verify_width": tally.mean_verify_width,
             "tree_share": sum(r.tree_steps for r in group) / tally.steps if tally.steps else 0.0,
+            "no_draft_share": (sum(r.no_draft_steps for r in group) / tally.steps
+                               if tally.steps and all(r.no_draft_steps is not None for r in group) else float("nan")),
             "identical": sum(r.identical for r in group) / len(group),
             "routing_accuracy": (sum(r.routed_to == r.domain for r in group) / len(group)
                                  if method == "knn" else float("nan")),
@@ -145,7 +151,8 @@ def read_rows(path: Any) -> list[PromptRun]:
                 seconds=float(r["seconds"]), plain_seconds=float(r["plain_seconds"]), new_tokens=int(r["new_tokens"]),
                 accepted=int(r["accepted"]), drafted=int(r["drafted"]), steps=int(r["steps"]),
                 identical=r["identical"] == "True", routed_to=r["routed_to"],
-                tree_steps=int(r.get("tree_steps") or 0)))
+                tree_steps=int(r.get("tree_steps") or 0),
+                no_draft_steps=int(r["no_draft_steps"]) if r.get("no_draft_steps") not in (None, "") else None))
     return rows
 
 
@@ -172,17 +179,19 @@ def format_table(table: list[dict[str, Any]], stream: str) -> str:
 
 def format_acceptance(table: list[dict[str, Any]], stream: str) -> str:
     """Per method (ours: the loop's counts) and domain (then overall): mean accepted tokens per verify step /
-    mean verify width, e.g. "1.43/8.09"; the last column is the share of verify steps that verified a tree."""
+    mean verify width, e.g. "1.43/8.09"; the last columns are the shares of verify steps that verified a tree and
+    that verified no draft ("-": not recorded)."""
     rows = [r for r in table if r["stream"] == stream and r["mean_verify_width"] > 0]
     domains = list(dict.fromkeys(r["domain"] for r in rows if r["domain"] != OVERALL)) + [OVERALL]
     cell = {(r["method"], r["domain"]): r for r in rows}
     width = max(12, max(len(d) for d in domains) + 1)
-    lines = [f"{'method':<20}" + "".join(f"{d[:width - 1]:>{width}}" for d in domains) + f"{'tree steps':>12}"]
+    lines = [f"{'method':<20}" + "".join(f"{d[:width - 1]:>{width}}" for d in domains) + f"{'tree steps':>12}"
+             + f"{'no draft':>10}"]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = [cell.get((method, d)) for d in domains]
         texts = ["%.2f/%.2f" % (c["mean_accepted"], c["mean_verify_width"]) if c else "-" for c in cells]
         lines.append(f"{method:<20}" + "".join(f"{t:>{width}}" for t in texts)
-                     + f"{cell[(method, OVERALL)]['tree_share']:>12.0%}")
+                     + f"{cell[(method, OVERALL)]['tree_share']:>12.0%}" + f"{share_text(cell[(method, OVERALL)]):>10}")
     return "\n".join(lines)
 
 

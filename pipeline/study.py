@@ -74,7 +74,8 @@ def run_stream(stream: str, prompts: list[tuple[str, str]], encode: Callable[[st
             rows.append(PromptRun(stream=stream, order=i, domain=domain, method=name, seconds=out.seconds,
                                   plain_seconds=plain.seconds, new_tokens=len(out.tokens), accepted=out.accepted,
                                   drafted=out.drafted, steps=out.steps, identical=out.tokens == plain.tokens,
-                                  routed_to=out.routed_to, tree_steps=out.tree_steps))
+                                  routed_to=out.routed_to, tree_steps=out.tree_steps,
+                                  no_draft_steps=out.no_draft_steps))
         knn = outcomes.get("knn")
         log(f"[{stream} {i + 1}/{len(ordered)}] {domain}: " + ", ".join(
             f"{name} {plain.seconds / outcomes[name].seconds:.2f}x" for name in names if name != "plain")

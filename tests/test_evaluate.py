@@ -178,8 +178,9 @@ def test_verify_width_and_tree_share_are_pooled_per_method():
             run("tree", "a", 1.0, 2.0, accepted=6, drafted=20, steps=2),
             run("tree", "b", 1.0, 2.0, accepted=2, drafted=10, steps=6),
             run("hf-prompt-lookup", "a", 1.0, 2.0, steps=0), run("hf-prompt-lookup", "b", 1.0, 2.0, steps=0)]
-    rows[2] = PromptRun(**{**asdict(rows[2]), "tree_steps": 2})
-    rows[3] = PromptRun(**{**asdict(rows[3]), "tree_steps": 1})
+    rows[2] = PromptRun(**{**asdict(rows[2]), "tree_steps": 2, "no_draft_steps": 0})
+    rows[3] = PromptRun(**{**asdict(rows[3]), "tree_steps": 1, "no_draft_steps": 3})
+    rows[:2] = [PromptRun(**{**asdict(r), "no_draft_steps": 8}) for r in rows[:2]]
     table = {(r["method"], r["domain"]): r for r in summarise(rows)}
     assert table[("plain", "a")]["mean_verify_width"] == table[("plain", "overall")]["mean_verify_width"] == 1.0
     assert table[("plain", "overall")]["mean_accepted"] == 1.0 and table[("plain", "a")]["tree_share"] == 0.0
@@ -187,12 +188,14 @@ def test_verify_width_and_tree_share_are_pooled_per_method():
     assert table[("tree", "overall")]["mean_verify_width"] == pytest.approx((30 + 8) / 8)
     assert table[("tree", "overall")]["mean_accepted"] == pytest.approx((8 + 8) / 8)
     assert table[("tree", "overall")]["tree_share"] == pytest.approx(3 / 8)
+    assert table[("tree", "overall")]["no_draft_share"] == pytest.approx(3 / 8)
+    assert table[("tree", "a")]["no_draft_share"] == 0.0 and table[("plain", "overall")]["no_draft_share"] == 1.0
     assert table[("hf-prompt-lookup", "a")]["mean_verify_width"] == 0.0
     text = format_acceptance(summarise(rows), "task")
     assert "hf-prompt-lookup" not in text
     plain_line, tree_line = text.splitlines()[1:]
-    assert plain_line.split() == ["plain", "1.00/1.00", "1.00/1.00", "1.00/1.00", "0%"]
-    assert tree_line.split() == ["tree", "4.00/11.00", "1.33/2.67", "2.00/4.75", "38%"]
+    assert plain_line.split() == ["plain", "1.00/1.00", "1.00/1.00", "1.00/1.00", "0%", "100%"]
+    assert tree_line.split() == ["tree", "4.00/11.00", "1.33/2.67", "2.00/4.75", "38%", "38%"]
 
 
 def test_knn_is_judged_against_named_policies_and_transformers_lookup():
@@ -212,18 +215,23 @@ def test_knn_is_judged_against_named_policies_and_transformers_lookup():
 
 
 def test_per_prompt_tables_from_before_token_trees_still_rerender(tmp_path):
-    """A per_prompt.csv without the tree_steps column (every run in benchmarks/results so far) reads as 0."""
-    from pipeline.report import read_rows
+    """A per_prompt.csv without the tree_steps column (runs before token trees) reads it as 0; one without
+    no_draft_steps (runs before 2026-12-05) reads it as unknown, shown as '-', never as 0%."""
+    from pipeline.report import format_acceptance, read_rows
 
     path = tmp_path / "per_prompt.csv"
-    fields = [f for f in PromptRun.__dataclass_fields__ if f != "tree_steps"]
+    old = ("tree_steps", "no_draft_steps")
+    fields = [f for f in PromptRun.__dataclass_fields__ if f not in old]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerow({f: v for f, v in asdict(run("knn", "a", 1.0, 2.0, accepted=3, drafted=4, steps=2)).items()
-                         if f != "tree_steps"})
+                         if f not in old})
     (row,) = read_rows(path)
-    assert row.tree_steps == 0 and row.drafted == 4
+    assert row.tree_steps == 0 and row.drafted == 4 and row.no_draft_steps is None
+    summary = summarise([row])
+    assert all(r["no_draft_share"] != r["no_draft_share"] for r in summary)  # NaN: not recorded
+    assert format_acceptance(summary, "task").splitlines()[1].split()[-1] == "-"
 
 
 def test_markdown_tables_hold_the_summary_and_the_verdicts(tmp_path):
@@ -239,7 +247,7 @@ def test_markdown_tables_hold_the_summary_and_the_verdicts(tmp_path):
     write_outputs(rows, summarise(rows), tmp_path, "t")
     text = (tmp_path / "tables.md").read_text()
     assert "| **knn** | **2.00 [2.00, 2.00]** | **2.00 [2.00, 2.00]** |" in text
-    assert "| knn | 3.00 / 5.00 | 3.00 / 5.00 | 0% |" in text and "| plain | 1.00 / 1.00 |" in text
+    assert "| knn | 3.00 / 5.00 | 3.00 / 5.00 | 0% | - |" in text and "| plain | 1.00 / 1.00 |" in text
     assert '| domain (prompts) | KNN-SSD | vs Self-SD(Fix) on average | vs "lookup" |' in text
     assert ('| overall (12) | 2.00 [2.00, 2.00] | beats, +0.667 [+0.667, +0.667] (significantly above 1, below 0 of '
             '1 fixed policies) | beats, +0.667 [+0.667, +0.667] |') in text
