@@ -1,0 +1,174 @@
+"""The engine's kernels against an earlier revision's, in one run: the same bits, and how long each takes.
+
+    python benchmarks/kernel_ab.py --base REV [--model smollm2-135m] [--rows 1,2,4,6,8,12,16,24,32]
+                                   [--contexts 200,1500] [--rounds 9] [--out FILE.json]
+
+Builds `knnssd/engine/csrc/rows_kernels.cpp` as it is at git revision REV and as it is in this checkout (two
+extensions, -O3 -march=native as `knnssd.engine.kernel_build` builds them), then:
+
+1. **Bits.** For random inputs of many shapes (1-100 rows, odd sizes, masks and causal attention, grouped-query
+   heads of 1-7 per key/value head, head dimensions 16-128), every output of `rows_gemm` and `rows_attention` must
+   equal REV's bit for bit; the run stops at the first difference. A kernel change that only reorganises the
+   work keeps plain decoding's output, so every speedup measured before stays comparable.
+2. **Products.** One pass of `--model`'s products (each layer's q, k, v, o, gate, up and down shapes, and the LM
+   head; random weights of those shapes, every matrix distinct, so nothing stays in cache) at each row count.
+3. **Attention.** The model's attention shape (heads, key/value heads, head dimension) over each context, times
+   its layer count, at each row count.
+
+Both builds run alternately, round by round, so a change in the machine's load hits both alike; medians of
+`--rounds` rounds, with quartiles. The model is read for its config only: no weights are loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import machine_description  # noqa: E402
+
+SOURCE = "knnssd/engine/csrc/rows_kernels.cpp"
+
+
+def build(source: str, label: str):
+    """The extension built from C++ `source` text, in a temporary folder keyed by its hash."""
+    from torch.utils.cpp_extension import load
+
+    key = hashlib.sha256(source.encode()).hexdigest()[:10]
+    folder = Path(tempfile.gettempdir()) / f"knnssd-kernel-ab-{key}"
+    folder.mkdir(exist_ok=True)
+    path = folder / "rows_kernels.cpp"
+    path.write_text(source)
+    print(f"building {label} ({key}) ...", flush=True)
+    return load(name=f"knnssd_ab_{key}", sources=[str(path)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], build_directory=str(folder))
+
+
+def check_bits(base, new) -> int:
+    """Compare every output on random shapes; returns how many tensors were compared. Raises on a difference."""
+    generator = torch.Generator().manual_seed(0)
+    compared = 0
+    for rows in (1, 2, 3, 5, 6, 7, 12, 16, 31, 32, 100):
+        for n, k in ((577, 576), (64, 1536), (33, 20), (7, 100), (1024, 64)):
+            x, w = torch.randn(rows, k, generator=generator), torch.randn(n, k, generator=generator)
+            if not torch.equal(base.rows_gemm(x, w), new.rows_gemm(x, w)):
+                raise SystemExit(f"rows_gemm differs from the base at {rows} rows, weight ({n}, {k})")
+            compared += 1
+    for heads, kv_heads, dim in ((9, 3, 64), (14, 2, 64), (8, 8, 64), (32, 8, 128), (4, 2, 24), (12, 4, 16)):
+        for rows in (1, 2, 5, 16, 32):
+            keys = 40 + rows
+            q = torch.randn(rows, heads, dim, generator=generator)
+            k, v = torch.randn(kv_heads, keys, dim, generator=generator), torch.randn(kv_heads, keys, dim,
+                                                                                      generator=generator)
+            mask = torch.rand(rows, keys, generator=generator) < 0.7
+            mask[:, 0] = True
+            for m in (mask, None):
+                if not torch.equal(base.rows_attention(q, k, v, m, dim ** -0.5), new.rows_attention(q, k, v, m,
+                                                                                                      dim ** -0.5)):
+                    raise SystemExit(f"rows_attention differs from the base: {heads} heads on {kv_heads}, "
+                                     f"dimension {dim}, {rows} rows, {'mask' if m is not None else 'causal'}")
+                compared += 1
+    return compared
+
+
+def model_shapes(name: str) -> dict:
+    from knnssd.engine.models import check_model
+
+    config = check_model(name)  # the config only, no weights
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = config.num_key_value_heads * dim
+    layer = [(heads * dim, hidden), (kv, hidden), (kv, hidden), (hidden, heads * dim),
+             (config.intermediate_size, hidden), (config.intermediate_size, hidden), (hidden, config.intermediate_size)]
+    return {"layers": config.num_hidden_layers, "layer": layer, "head": (config.vocab_size, hidden),
+            "heads": heads, "kv_heads": config.num_key_value_heads, "dim": dim}
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 4], ordered[len(ordered) // 2], ordered[(3 * len(ordered)) // 4]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="git revision whose kernel source is the baseline")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rows", default="1,2,4,6,8,12,16,24,32")
+    parser.add_argument("--contexts", default="200,1500")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    base_source = subprocess.run(["git", "show", f"{args.base}:{SOURCE}"], cwd=ROOT, capture_output=True,
+                                 text=True)
+    if base_source.returncode != 0:
+        raise SystemExit(f"cannot read {SOURCE} at {args.base!r}: {base_source.stderr.strip()}")
+    builds = {"base": build(base_source.stdout, f"{args.base}'s kernel"),
+              "this": build((ROOT / SOURCE).read_text(), "this checkout's kernel")}
+    print(machine_description())
+    print(f"bits: {check_bits(builds['base'], builds['this'])} outputs compared, all equal to {args.base}'s")
+    shapes = model_shapes(args.model)
+    weights = [torch.randn(n, k) for _ in range(shapes["layers"]) for n, k in shapes["layer"]]
+    weights.append(torch.randn(*shapes["head"]))
+    rows_list = [int(r) for r in args.rows.split(",")]
+    results: dict = {"base": args.base, "model": args.model, "machine": machine_description(), "products": {},
+                     "attention": {}}
+
+    def products(module, x_by_k) -> float:
+        start = time.perf_counter()
+        for w in weights:
+            module.rows_gemm(x_by_k[w.shape[1]], w)
+        return (time.perf_counter() - start) * 1e3
+
+    print(f"\nproducts of one {args.model} pass (ms, median [q1, q3] of {args.rounds} rounds, alternating builds)")
+    print(" rows            base                 this      this/base")
+    for rows in rows_list:
+        x_by_k = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
+        samples: dict[str, list[float]] = {"base": [], "this": []}
+        for round_ in range(args.rounds + 1):
+            for label in ("base", "this") if round_ % 2 else ("this", "base"):
+                ms = products(builds[label], x_by_k)
+                if round_:
+                    samples[label].append(ms)
+        q = {label: quartiles(v) for label, v in samples.items()}
+        results["products"][rows] = {label: {"q1": a, "median": m, "q3": b} for label, (a, m, b) in q.items()}
+        print(f"{rows:5d}   {q['base'][1]:6.1f} [{q['base'][0]:5.1f}, {q['base'][2]:5.1f}]   "
+              f"{q['this'][1]:6.1f} [{q['this'][0]:5.1f}, {q['this'][2]:5.1f}]   {q['this'][1] / q['base'][1]:8.2f}")
+    for context in (int(c) for c in args.contexts.split(",")):
+        print(f"\nattention over {context} keys, x {shapes['layers']} layers (ms)")
+        print(" rows            base                 this      this/base")
+        for rows in rows_list:
+            keys = context + rows
+            q = torch.randn(rows, shapes["heads"], shapes["dim"])
+            k, v = (torch.randn(shapes["kv_heads"], keys, shapes["dim"]) for _ in range(2))
+            mask = torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows)
+            samples = {"base": [], "this": []}
+            for round_ in range(args.rounds + 1):
+                for label in ("base", "this") if round_ % 2 else ("this", "base"):
+                    start = time.perf_counter()
+                    for _ in range(shapes["layers"]):
+                        builds[label].rows_attention(q, k, v, mask, shapes["dim"] ** -0.5)
+                    if round_:
+                        samples[label].append((time.perf_counter() - start) * 1e3)
+            qa = {label: quartiles(s) for label, s in samples.items()}
+            results["attention"].setdefault(context, {})[rows] = {
+                label: {"q1": a, "median": m, "q3": b} for label, (a, m, b) in qa.items()}
+            print(f"{rows:5d}   {qa['base'][1]:6.2f} [{qa['base'][0]:5.2f}, {qa['base'][2]:5.2f}]   "
+                  f"{qa['this'][1]:6.2f} [{qa['this'][0]:5.2f}, {qa['this'][2]:5.2f}]   "
+                  f"{qa['this'][1] / qa['base'][1]:8.2f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"\n-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
