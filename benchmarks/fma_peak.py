@@ -1,12 +1,13 @@
-"""The CPU's fp32 peak, measured: what a wide verify pass could cost at best, beside the memory floor.
+"""The CPU's fp32 peak, measured: the least time a wide verify pass's products could take on this CPU.
 
     python benchmarks/fma_peak.py [--threads N] [--model smollm2-135m] [--widths 1,4,8,16,24,32]
 
 A memory-bound step costs one read of the weights (`benchmarks/step_cost.py`'s floor). A wide pass also has to
 multiply: w rows x P weights x 2 flops. This script times independent fused multiply-add chains (12 per thread,
 enough to hide the FMA latency) in the widest vectors the kernels use (AVX-512 or AVX2), on 1 thread and on N
-threads at once, and prints, for each width, the products' least time at that peak beside the memory floor: the
-bound no kernel of this precision beats on this CPU. Nothing here is a speed of the engine.
+threads at once, and prints, for each width, the products' least time at that peak (compare it with
+`benchmarks/step_cost.py`'s memory floor): the bound no kernel of this precision beats on this CPU. Nothing here
+is a speed of the engine.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The engine's kernels against an earlier revision's, in one run: the same bits, and how long each takes.
 
     python benchmarks/kernel_ab.py --base REV [--model smollm2-135m] [--rows 1,2,4,6,8,12,16,24,32]
-                                   [--contexts 200,1500] [--rounds 9] [--out FILE.json]
+                                   [--contexts 200,1500] [--rounds 9] [--cflags=-mno-avx512f] [--out FILE.json]
 
 Builds `knnssd/engine/csrc/rows_kernels.cpp` as it is at git revision REV and as it is in this checkout (two
-extensions, -O3 -march=native as `knnssd.engine.kernel_build` builds them), then:
+extensions, -O3 -march=native as `knnssd.engine.kernel_build` builds them, plus `--cflags`: `--cflags=-mno-avx512f`
+builds and checks the AVX2 code path on an AVX-512 CPU), then:
 
 1. **Bits.** For random inputs of many shapes (1-100 rows, odd sizes, masks and causal attention, grouped-query
    heads of 1-7 per key/value head, head dimensions 16-128), every output of `rows_gemm` and `rows_attention` must
@@ -39,17 +40,18 @@ from benchmarks.common import machine_description  # noqa: E402
 SOURCE = "knnssd/engine/csrc/rows_kernels.cpp"
 
 
-def build(source: str, label: str):
-    """The extension built from C++ `source` text, in a temporary folder keyed by its hash."""
+def build(source: str, label: str, cflags: tuple[str, ...] = ()):
+    """The extension built from C++ `source` text with extra `cflags`, in a temporary folder keyed by both."""
     from torch.utils.cpp_extension import load
 
-    key = hashlib.sha256(source.encode()).hexdigest()[:10]
+    key = hashlib.sha256((source + " ".join(cflags)).encode()).hexdigest()[:10]
     folder = Path(tempfile.gettempdir()) / f"knnssd-kernel-ab-{key}"
     folder.mkdir(exist_ok=True)
     path = folder / "rows_kernels.cpp"
     path.write_text(source)
     print(f"building {label} ({key}) ...", flush=True)
-    return load(name=f"knnssd_ab_{key}", sources=[str(path)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+    return load(name=f"knnssd_ab_{key}", sources=[str(path)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp", *cflags],
                 extra_ldflags=["-fopenmp"], build_directory=str(folder))
 
 
@@ -63,7 +65,8 @@ def check_bits(base, new) -> int:
             if not torch.equal(base.rows_gemm(x, w), new.rows_gemm(x, w)):
                 raise SystemExit(f"rows_gemm differs from the base at {rows} rows, weight ({n}, {k})")
             compared += 1
-    for heads, kv_heads, dim in ((9, 3, 64), (14, 2, 64), (8, 8, 64), (32, 8, 128), (4, 2, 24), (12, 4, 16)):
+    for heads, kv_heads, dim in ((9, 3, 64), (14, 2, 64), (8, 8, 64), (32, 8, 128), (4, 2, 24), (12, 4, 16),
+                                 (10, 2, 32), (7, 1, 8), (16, 2, 256)):
         for rows in (1, 2, 5, 16, 32):
             keys = 40 + rows
             q = torch.randn(rows, heads, dim, generator=generator)
@@ -105,21 +108,25 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,6,8,12,16,24,32")
     parser.add_argument("--contexts", default="200,1500")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--cflags", default="", help="extra compiler flags for both builds, e.g. -mno-avx512f")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    cflags = tuple(args.cflags.split())
     base_source = subprocess.run(["git", "show", f"{args.base}:{SOURCE}"], cwd=ROOT, capture_output=True,
                                  text=True)
     if base_source.returncode != 0:
         raise SystemExit(f"cannot read {SOURCE} at {args.base!r}: {base_source.stderr.strip()}")
-    builds = {"base": build(base_source.stdout, f"{args.base}'s kernel"),
-              "this": build((ROOT / SOURCE).read_text(), "this checkout's kernel")}
-    print(machine_description())
+    builds = {"base": build(base_source.stdout, f"{args.base}'s kernel", cflags),
+              "this": build((ROOT / SOURCE).read_text(), "this checkout's kernel", cflags)}
+    print(machine_description() + (f"; both kernels built with {' '.join(cflags)} ({builds['this'].lanes} lanes)"
+                                   if cflags else ""))
     print(f"bits: {check_bits(builds['base'], builds['this'])} outputs compared, all equal to {args.base}'s")
     shapes = model_shapes(args.model)
     weights = [torch.randn(n, k) for _ in range(shapes["layers"]) for n, k in shapes["layer"]]
     weights.append(torch.randn(*shapes["head"]))
     rows_list = [int(r) for r in args.rows.split(",")]
-    results: dict = {"base": args.base, "model": args.model, "machine": machine_description(), "products": {},
+    results: dict = {"base": args.base, "model": args.model, "machine": machine_description(), "cflags": cflags,
+                     "products": {},
                      "attention": {}}
 
     def products(module, x_by_k) -> float:

@@ -23,7 +23,7 @@ verifies the EOS gives its row. Its output is then cut after its first EOS, at `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -48,7 +48,7 @@ class StoreDecoding:
     outputs: tuple[tuple[int, ...], ...]
     successors: tuple[Rows, ...]
     batched: bool
-    embeddings: np.ndarray
+    embeddings: np.ndarray = field(compare=False, repr=False)
 
 
 def check_settings(max_new_tokens: int, batch_size: int) -> None:

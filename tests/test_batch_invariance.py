@@ -113,6 +113,34 @@ def test_products_and_attention_do_not_depend_on_the_row_count():
         assert torch.equal(alone[0], out[t])
 
 
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 2, 16), (10, 2, 32), (9, 3, 64), (7, 1, 64), (16, 2, 128)])
+def test_query_heads_taken_together_compute_each_heads_bits(heads, kv_heads, dim):
+    """Attention takes the query heads of a position together (up to 4 with AVX-512, 2 with AVX2) where a pass has
+    enough positions, and each head alone where it has few (a plain step): the same bits either way, for head
+    dimensions whose weighted sums live in registers (1, 2, 4 vectors), one at a time (8) and group sizes that
+    leave a remainder. One thread, so the 9-row pass takes heads together and the 1-row steps alone."""
+    kernel = kernels_or_skip()
+    generator = torch.Generator().manual_seed(heads * dim)
+    queries, keys = 9, 40
+    q = torch.randn(queries, heads, dim, generator=generator)
+    k, v = (torch.randn(kv_heads, keys, dim, generator=generator) for _ in range(2))
+    mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+    mask[4, 3] = mask[6, 10] = False  # tree-like holes: masked keys are skipped
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = kernel.rows_attention(q, k, v, mask, dim ** -0.5)
+        for t in range(queries):
+            alone = kernel.rows_attention(q[t:t + 1], k, v, mask[t:t + 1], dim ** -0.5)
+            assert torch.equal(alone[0], out[t])
+    finally:
+        torch.set_num_threads(threads)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(heads // kv_heads, 0), v.repeat_interleave(heads // kv_heads, 0),
+        attn_mask=mask).transpose(0, 1)
+    assert torch.allclose(out, reference, atol=1e-5)
+
+
 def test_the_thread_count_changes_no_bit():
     """A search task replays drafts on one thread (`pipeline.tasks.search_worker`); the runtime decodes on
     several. Threads split the kernels' weight rows and attention heads, never a sum, so products, attention and a

@@ -29,7 +29,7 @@
 // A small-batch product is memory-bound: each weight row is streamed from memory once and multiplied by every
 // input row. While a block of weight rows is multiplied (by every group of input rows in turn), the next block is
 // prefetched, spread over all the groups' iterations, so memory stays busy while the later groups compute from
-// L1 (with one prefetch window per group, a 16-row pass waited on memory, then on the cores). Parallel over
+// L1 (when only the first group prefetched, a 16-row pass waited on memory, then on the cores). Parallel over
 // weight-row blocks (gemm) and over (key/value head, positions, query heads) items (attention) with
 // ATen's thread pool, the GIL released. Built at first use with -march=native by knnssd/engine/kernel_build.py.
 #include <torch/extension.h>
@@ -109,8 +109,10 @@ constexpr int64_t kAhead = 1;                   // weight blocks ahead prefetche
 
 // out[m, n0 + i] = x[m] . w[n0 + i] for m < G, i < B (kBlock * kGroup + kBlock + 1 vector registers at most).
 template <int G, int B>
+// Each of the loop's iterations also prefetches `per` cache lines of w at offsets pf, pf + kLine, ... below pf_end
+// (offsets from w, never a pointer past the array).
 inline void tile(const float* __restrict x, const float* __restrict wn, float* __restrict out, int64_t n0,
-                 int64_t n_out, int64_t k, const float* pf, const float* pf_end, int per) {
+                 int64_t n_out, int64_t k, const float* w, int64_t pf, int64_t pf_end, int per) {
   vec acc[B][G];
 #pragma GCC unroll 8
   for (int i = 0; i < B; ++i)
@@ -122,7 +124,7 @@ inline void tile(const float* __restrict x, const float* __restrict wn, float* _
 #pragma GCC unroll 8
     for (int i = 0; i < B; ++i) wv[i] = vload(wn + i * k + j);
     for (int u = 0; u < per; ++u, pf += kLine)
-      if (pf < pf_end) _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0);
+      if (pf < pf_end) _mm_prefetch(reinterpret_cast<const char*>(w + pf), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int m = 0; m < G; ++m) {
       const vec xv = vload(x + m * k + j);
@@ -145,45 +147,45 @@ inline void tile(const float* __restrict x, const float* __restrict wn, float* _
     for (int m = 0; m < G; ++m) out[m * n_out + n0 + i] = vsum(acc[i][m]);
 }
 
-template <int B, int G = 1>
+// A tile of `rows` input rows (1 to kMost) by B weight rows.
+template <int B, int kMost, int G = 1>
 inline void rest_group(int rows, const float* x, const float* wn, float* out, int64_t n0, int64_t n_out, int64_t k,
-                       const float* pf, const float* pf_end, int per) {
-  if constexpr (G <= kGroup) {
-    if (rows == G) return tile<G, B>(x, wn, out, n0, n_out, k, pf, pf_end, per);
-    return rest_group<B, G + 1>(rows, x, wn, out, n0, n_out, k, pf, pf_end, per);
+                       const float* w, int64_t pf, int64_t pf_end, int per) {
+  if constexpr (G <= kMost) {
+    if (rows == G) return tile<G, B>(x, wn, out, n0, n_out, k, w, pf, pf_end, per);
+    return rest_group<B, kMost, G + 1>(rows, x, wn, out, n0, n_out, k, w, pf, pf_end, per);
   }
 }
 
-// Every input row times weight rows [n0, n0 + B): groups of at most kGroup rows, the first group streaming the
-// block from memory (with prefetches), the others reading it from L1.
-template <int B>
+// Every input row times weight rows [n0, n0 + B) of w (n_out, k): groups of at most kMost rows, each reading the
+// block (from memory for the first, from L1 for the others). Meanwhile the weight rows kAhead blocks on are
+// prefetched, spread over every group's iterations, so memory stays busy while the later groups compute.
+template <int B, int kMost>
 inline void weight_block(int rows, const float* x, const float* w, float* out, int64_t n0, int64_t n_out,
-                         int64_t k, const float* w_end) {
+                         int64_t k) {
   const float* wn = w + n0 * k;
-  const int groups = (rows + kGroup - 1) / kGroup;  // as even as possible: 16 rows as 5 + 5 + 6, not 6 + 6 + 4
-  // The weight rows kAhead blocks on are prefetched while this block is multiplied, spread over every group's
-  // iterations, so memory stays busy while the later groups compute from L1.
-  const float* ahead = wn + kAhead * B * k;
-  const int64_t lines = (B * k + kLine - 1) / kLine, iters = (k + LANES - 1) / LANES;
+  const int groups = (rows + kMost - 1) / kMost;  // as even as possible: 16 rows as 5 + 5 + 6, not 6 + 6 + 4
+  const int64_t ahead = (n0 + kAhead * B) * k, end = std::min(ahead + B * k, n_out * k);
+  const int64_t lines = (B * k + kLine - 1) / kLine, iters = std::max<int64_t>(1, k / LANES);  // full iterations
   const int64_t slice = (lines + groups - 1) / groups;
-  const int per = static_cast<int>((slice + iters - 1) / iters);
-  const float* end = std::min(ahead + B * k, w_end);
+  const int per = k >= LANES ? static_cast<int>((slice + iters - 1) / iters) : 0;
   for (int g = 0, m0 = 0; g < groups; ++g) {
     const int size = (rows - m0) / (groups - g);
-    const float* pf = ahead + g * slice * kLine;
-    rest_group<B>(size, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, pf, std::min(pf + slice * kLine, end), per);
+    const int64_t pf = ahead + g * slice * kLine;
+    rest_group<B, kMost>(size, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, w, pf,
+                         std::min(pf + slice * kLine, end), per);
     m0 += size;
   }
 }
 
-template <int B>
+// B weight rows a block; kMost input rows a tile at most. Threads take runs of blocks of about 64 weight rows.
+template <int B, int kMost>
 void rows_times_weight(int rows, const float* x, const float* w, float* out, int64_t n_out, int64_t k) {
-  const float* w_end = w + n_out * k;
   const int64_t blocks = n_out / B;
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) weight_block<B>(rows, x, w, out, b * B, n_out, k, w_end);
+  at::parallel_for(0, blocks, std::max(1, 64 / B), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) weight_block<B, kMost>(rows, x, w, out, b * B, n_out, k);
   });
-  for (int64_t n = blocks * B; n < n_out; ++n) weight_block<1>(rows, x, w, out, n, n_out, k, w_end);
+  for (int64_t n = blocks * B; n < n_out; ++n) weight_block<1, kMost>(rows, x, w, out, n, n_out, k);
 }
 
 // ----------------------------------------------------------------------------------------------- attention
@@ -478,8 +480,8 @@ torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor w) {
     // so other Python threads (a server's other requests) run during the product. x, w and out stay alive:
     // this frame holds their tensors.
     pybind11::gil_scoped_release no_gil;
-    if (rows <= 2) rows_times_weight<kFewBlock>(rows, xp, wp, op, n, k);
-    else rows_times_weight<kBlock>(rows, xp, wp, op, n, k);
+    if (rows <= 2) rows_times_weight<kFewBlock, 2>(rows, xp, wp, op, n, k);
+    else rows_times_weight<kBlock, kGroup>(rows, xp, wp, op, n, k);
   }
   return out;
 }
@@ -507,10 +509,12 @@ torch::Tensor rows_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
               mask.has_value() ? m.data_ptr<bool>() : nullptr, out.data_ptr<float>(),
               T, H, Hkv, L, D, k.stride(0), k.stride(1), v.stride(0), v.stride(1), static_cast<float>(scale)};
   // Work items: (kv head, block of positions, group of query heads). The query heads of a position share its keys
-  // and are taken together, up to 4 (their accumulators fit the registers; 1 for head dimensions of 128 floats
-  // or more); a step with few positions (a plain step) takes each head alone, for more items than threads.
+  // and are taken together: up to 4 with AVX-512's 32 vector registers, 2 with AVX2's 16 (their score
+  // accumulators, 4 keys a head, must fit; weighted sums of 8 or more vectors a head run one head at a time).
+  // Where that leaves fewer items than twice the threads (a step of few positions over few key/value heads, as a
+  // plain step), each head alone, for more items.
   const int64_t G = H / Hkv;
-  const int64_t widest = std::min<int64_t>(G, D >= 8 * LANES ? 1 : 4);
+  const int64_t widest = std::min<int64_t>(G, LANES == 16 ? 4 : 2);
   const int64_t heads = Hkv * T < 2 * at::get_num_threads() ? 1 : widest;
   const int64_t groups = (G + heads - 1) / heads;
   const int64_t per = T <= 8 ? 1 : (T + 7) / 8;  // positions per work item: at most 8 blocks per kv head
