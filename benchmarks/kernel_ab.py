@@ -129,48 +129,42 @@ def main() -> None:
                      "products": {},
                      "attention": {}}
 
-    def products(module, x_by_k) -> float:
-        start = time.perf_counter()
-        for w in weights:
-            module.rows_gemm(x_by_k[w.shape[1]], w)
-        return (time.perf_counter() - start) * 1e3
+    def alternated(measure) -> dict[str, dict[str, float]]:
+        """{"base"/"this": {"q1", "median", "q3"}} of `measure(build)` ms, the builds alternated round by round
+        (the order flipped each round), round 0 a dropped warm-up."""
+        samples: dict[str, list[float]] = {"base": [], "this": []}
+        for round_ in range(args.rounds + 1):
+            for label in ("base", "this") if round_ % 2 else ("this", "base"):
+                start = time.perf_counter()
+                measure(builds[label])
+                if round_:
+                    samples[label].append((time.perf_counter() - start) * 1e3)
+        return {label: dict(zip(("q1", "median", "q3"), quartiles(v))) for label, v in samples.items()}
+
+    def line(rows: int, q: dict[str, dict[str, float]], digits: int) -> str:
+        cells = [f"{q[b]['median']:6.{digits}f} [{q[b]['q1']:5.{digits}f}, {q[b]['q3']:5.{digits}f}]"
+                 for b in ("base", "this")]
+        return f"{rows:5d}   {cells[0]}   {cells[1]}   {q['this']['median'] / q['base']['median']:8.2f}"
 
     print(f"\nproducts of one {args.model} pass (ms, median [q1, q3] of {args.rounds} rounds, alternating builds)")
     print(" rows            base                 this      this/base")
     for rows in rows_list:
         x_by_k = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
-        samples: dict[str, list[float]] = {"base": [], "this": []}
-        for round_ in range(args.rounds + 1):
-            for label in ("base", "this") if round_ % 2 else ("this", "base"):
-                ms = products(builds[label], x_by_k)
-                if round_:
-                    samples[label].append(ms)
-        q = {label: quartiles(v) for label, v in samples.items()}
-        results["products"][rows] = {label: {"q1": a, "median": m, "q3": b} for label, (a, m, b) in q.items()}
-        print(f"{rows:5d}   {q['base'][1]:6.1f} [{q['base'][0]:5.1f}, {q['base'][2]:5.1f}]   "
-              f"{q['this'][1]:6.1f} [{q['this'][0]:5.1f}, {q['this'][2]:5.1f}]   {q['this'][1] / q['base'][1]:8.2f}")
+        results["products"][rows] = q = alternated(
+            lambda module: [module.rows_gemm(x_by_k[w.shape[1]], w) for w in weights])
+        print(line(rows, q, 1))
     for context in (int(c) for c in args.contexts.split(",")):
         print(f"\nattention over {context} keys, x {shapes['layers']} layers (ms)")
         print(" rows            base                 this      this/base")
         for rows in rows_list:
             keys = context + rows
-            q = torch.randn(rows, shapes["heads"], shapes["dim"])
+            query = torch.randn(rows, shapes["heads"], shapes["dim"])
             k, v = (torch.randn(shapes["kv_heads"], keys, shapes["dim"]) for _ in range(2))
             mask = torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows)
-            samples = {"base": [], "this": []}
-            for round_ in range(args.rounds + 1):
-                for label in ("base", "this") if round_ % 2 else ("this", "base"):
-                    start = time.perf_counter()
-                    for _ in range(shapes["layers"]):
-                        builds[label].rows_attention(q, k, v, mask, shapes["dim"] ** -0.5)
-                    if round_:
-                        samples[label].append((time.perf_counter() - start) * 1e3)
-            qa = {label: quartiles(s) for label, s in samples.items()}
-            results["attention"].setdefault(context, {})[rows] = {
-                label: {"q1": a, "median": m, "q3": b} for label, (a, m, b) in qa.items()}
-            print(f"{rows:5d}   {qa['base'][1]:6.2f} [{qa['base'][0]:5.2f}, {qa['base'][2]:5.2f}]   "
-                  f"{qa['this'][1]:6.2f} [{qa['this'][0]:5.2f}, {qa['this'][2]:5.2f}]   "
-                  f"{qa['this'][1] / qa['base'][1]:8.2f}")
+            results["attention"].setdefault(context, {})[rows] = q = alternated(
+                lambda module: [module.rows_attention(query, k, v, mask, shapes["dim"] ** -0.5)
+                                for _ in range(shapes["layers"])])
+            print(line(rows, q, 2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
