@@ -182,3 +182,34 @@ def test_the_plan_names_its_instruction_set():
     plan = accelerate(model)
     assert vector_isa() in ("avx512", "avx2") and f"{vector_isa()}, batch-invariant" in plan.describe()
     assert plan.describe().startswith(f"rows 1-{MAX_FAST_ROWS}, attention rows 1-{MAX_FAST_ROWS}")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_weights_placed_and_joined_change_no_bit(family):
+    """`accelerate` moves the weights into one arena (huge pages where the OS allows) with each layer's q, k, v
+    and gate, up adjacent, and a step multiplies each group in one product. Qwen2's q, k and v have biases, added
+    after the split. Every logit of plain steps and of a verify pass equals the bits of a model left in place
+    with one product per projection; a group whose parameter moved elsewhere falls back to separate products."""
+    kernels_or_skip()
+    placed = tiny_model(family, num_layers=3, vocab_size=160)
+    separate = tiny_model(family, num_layers=3, vocab_size=160, fast_kernels=False)
+    assert accelerate(separate, place=False).weights == ""
+    plan = accelerate(placed)
+    assert plan.batch_invariant and "3 groups joined" not in plan.weights and "6 groups joined" in plan.weights
+    from knnssd.engine.fastlayer import STEP_ATTRIBUTE
+
+    steps = [vars(layer)[STEP_ATTRIBUTE] for layer in placed.model.layers]
+    assert all(step.qkv is not None and step.gate_up is not None for step in steps)
+    assert not any(STEP_ATTRIBUTE in vars(layer) and vars(layer)[STEP_ATTRIBUTE].qkv for layer in separate.model.layers)
+    generator = torch.Generator().manual_seed(11)
+    prompt = torch.randint(3, 160, (1, 19), generator=generator)
+    tokens = torch.randint(3, 160, (8,), generator=generator).tolist()
+    expected = plain_steps(separate, prompt, tokens)
+    assert torch.equal(plain_steps(placed, prompt, tokens), expected)
+    state = prefilled(placed, prompt)
+    assert torch.equal(forward(placed, state.cache, tokens, list(range(19, 27))), expected)
+    attn = placed.model.layers[1].self_attn
+    with torch.no_grad():
+        attn.k_proj.weight.data = attn.k_proj.weight.data.clone()  # no longer adjacent: the join must not be used
+    assert not steps[1].qkv.current()
+    assert torch.equal(plain_steps(placed, prompt, tokens), expected)

@@ -5,8 +5,8 @@ embedding's slices and concatenations, the cache's slices, residual adds, two no
 third of a SmolLM2 step. `fast_step` computes the same step with the same kernels and the same elementwise
 arithmetic, so every output bit is the library path's (tests/test_batch_invariance.py compares the two):
 
-    rows_rms_norm -> q, k, v products -> rows_rope_kv (rotary queries and keys; keys and values written into the
-    preallocated cache) -> rows_attention -> o product + residual -> rows_rms_norm -> gate, up products ->
+    rows_rms_norm -> q, k, v product -> rows_rope_kv (rotary queries and keys; keys and values written into the
+    preallocated cache) -> rows_attention -> o product + residual -> rows_rms_norm -> gate, up product ->
     act(gate) * up -> down product + residual
 
 A step takes this path where it qualifies: one request of 1-MAX_FAST_ROWS rows, its own `PreallocatedLayer`
@@ -30,18 +30,23 @@ from transformers import DynamicCache
 from knnssd.engine import attention
 from knnssd.engine.kernels import MAX_FAST_ROWS, llama_rms_norms
 from knnssd.engine.kvcache import PreallocatedLayer
+from knnssd.engine.weights import Joined, joined
 
 STEP_ATTRIBUTE = "_knnssd_step"  # set on each decoder layer that has the fast path: its `LayerKernels`
 PASSED_KEYWORDS = frozenset({"cache_position"})  # keywords a qualifying step may carry (and the path ignores)
 
 
 class LayerKernels:
-    """What a layer's fast step calls: the compiled kernel module, and the classes its sub-layers must still be."""
+    """What a layer's fast step calls: the compiled kernel module, the classes its sub-layers must still be, and
+    its q, k, v and its gate, up weights joined into one matrix each where they lie adjacent (`weights.joined`)."""
 
-    def __init__(self, kernel: Any, attention_class: type, mlp_class: type) -> None:
+    def __init__(self, kernel: Any, attention_class: type, mlp_class: type, qkv: Joined | None = None,
+                 gate_up: Joined | None = None) -> None:
         self.kernel = kernel
         self.attention_class = attention_class
         self.mlp_class = mlp_class
+        self.qkv = qkv
+        self.gate_up = gate_up
 
 
 def _code(function: Any) -> Any:
@@ -77,11 +82,24 @@ def eligible_layers(model: nn.Module) -> list[nn.Module]:
             and all(linear.weight.is_contiguous() for linear in layer.modules() if isinstance(linear, nn.Linear))]
 
 
+def _projections(layer: nn.Module) -> tuple[list[nn.Linear], list[nn.Linear]]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+
+
+def joinable_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Per eligible layer, [q, k, v] and [gate, up] weights: each group multiplies the same input, so
+    `weights.place_weights` lays it out as one matrix."""
+    return [[linear.weight for linear in group] for layer in eligible_layers(model)
+            for group in _projections(layer)]
+
+
 def install(model: nn.Module, kernel: Any) -> int:
     """Give every eligible decoder layer of `model` the fast step; how many got it."""
     layers = eligible_layers(model)
     for layer in layers:
-        setattr(layer, STEP_ATTRIBUTE, LayerKernels(kernel, type(layer.self_attn), type(layer.mlp)))
+        qkv, gate_up = (joined([linear.weight for linear in group]) for group in _projections(layer))
+        setattr(layer, STEP_ATTRIBUTE, LayerKernels(kernel, type(layer.self_attn), type(layer.mlp), qkv, gate_up))
         layer.forward = types.MethodType(fast_step, layer)
     return len(layers)
 
@@ -109,6 +127,16 @@ def _product(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """x (T, in) -> (T, out) exactly as the layer's accelerated forward computes it (`kernels._fast_forward`)."""
     out = linear._knnssd_run[x.shape[0] - 1](x, linear.weight)
     return out if linear.bias is None else out + linear.bias
+
+
+def _products(kernel: Any, linears: list[nn.Linear], join: Joined | None, x: torch.Tensor) -> list[torch.Tensor]:
+    """x (T, in) -> [(T, out_i)] for linears that share the input: one `rows_gemm` over their joined weights where
+    they are still joined, the columns split after (each output's bits are the separate products'), else one
+    product each."""
+    if join is None or not join.current():
+        return [_product(linear, x) for linear in linears]
+    outs = kernel.rows_gemm(x, join.matrix).split(join.sizes, dim=1)
+    return [out if linear.bias is None else out + linear.bias for out, linear in zip(outs, linears)]
 
 
 def _qualifying_cache(layer: nn.Module, cache: Any, rows: int) -> PreallocatedLayer | None:
@@ -152,7 +180,7 @@ def fast_step(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torc
     x = hidden_states.reshape(rows, hidden)
     norm = self.input_layernorm
     h = kernel.rows_rms_norm(x, norm.weight, norm.variance_epsilon)
-    q, k, v = _product(attn.q_proj, h), _product(attn.k_proj, h), _product(attn.v_proj, h)
+    q, k, v = _products(kernel, [attn.q_proj, attn.k_proj, attn.v_proj], kernels.qkv, h)
     start = held.get_seq_length()
     end = start + rows
     held.reserve(end)
@@ -164,6 +192,6 @@ def fast_step(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torc
     x = x + _product(attn.o_proj, out.reshape(rows, -1))
     norm = self.post_attention_layernorm
     h = kernel.rows_rms_norm(x, norm.weight, norm.variance_epsilon)
-    gate = _product(mlp.gate_proj, h)
-    x = x + _product(mlp.down_proj, mlp.act_fn(gate) * _product(mlp.up_proj, h))
+    gate, up = _products(kernel, [mlp.gate_proj, mlp.up_proj], kernels.gate_up, h)
+    x = x + _product(mlp.down_proj, mlp.act_fn(gate) * up)
     return x.reshape(1, rows, hidden)

@@ -5,13 +5,16 @@ and k drafts). A step is memory-bound: each weight is read once either way. With
 (knnssd/engine/csrc/rows_kernels.cpp, AVX-512 or AVX2 with FMA, built once at first use into the knnssd cache)
 every width from 1 to MAX_FAST_ROWS runs the same code:
 
-    rows_gemm        each weight row streamed once and multiplied by every input row in register tiles, so
-                     16 rows cost little more than one; the bias, where a layer has one, added after
+    rows_gemm        each weight row streamed once and multiplied by every input row (1-2 rows: one weight
+                     row at a time, a sequential stream; more: register tiles); the bias, where a layer has one,
+                     added after
     rows_attention   attention of 1-32 query rows over the KV cache, grouped-query heads on their key/value heads
     rows_rms_norm    the RMSNorm of each row (a decoder's hidden-size norms of Llama's form), one call where
                      transformers' RMSNorm makes a dozen small tensor ops
 
-and `knnssd.engine.fastlayer` runs a Llama-shaped decoder layer's step as a dozen calls of these (with
+Before that, `knnssd.engine.weights.place_weights` moves the weights into one arena on huge pages, each layer's
+q, k, v and gate, up adjacent, so a step streams them at the memory's speed and multiplies each group in one call.
+`knnssd.engine.fastlayer` runs a Llama-shaped decoder layer's step as a dozen calls of these (with
 `rows_rope_kv` for the rotary embedding and the cache write) instead of transformers' hundred small tensor ops,
 computing the same bits. They are batch-invariant: an output's floating-point operations do not depend on how
 many rows the pass has, so a verify row computes the bits the 1-token plain step at that position computes (`KernelPlan.batch_invariant`),
@@ -45,6 +48,7 @@ from torch import nn
 
 from knnssd.engine import attention
 from knnssd.engine.kernel_build import compile_error, compiled_kernel, vector_isa
+from knnssd.engine.weights import Placement, place_weights
 
 LOG = logging.getLogger("knnssd")
 MAX_FAST_ROWS = 32  # the widest pass of one request the kernels serve; longer inputs are prefills
@@ -65,7 +69,8 @@ class KernelPlan:
     torch threads, the bytes of packed weights it added, why the C++ kernels are not used (if they are not),
     whether steps attend with the kernels' `rows_attention` ("rows") or with query heads grouped by the library
     path ("grouped", `knnssd.engine.attention`) or as transformers does (""), and the vector instruction set the
-    kernels were built for. `batch_invariant`: a verify row computes the bits of the plain step at its position."""
+    kernels were built for, and where the weights were placed (`knnssd.engine.weights.Placement.describe`, or ""
+    where they stayed). `batch_invariant`: a verify row computes the bits of the plain step at its position."""
 
     enabled: bool
     device: str
@@ -75,6 +80,7 @@ class KernelPlan:
     reason: str = ""
     attention: str = ""
     isa: str = ""
+    weights: str = ""
 
     @property
     def batch_invariant(self) -> bool:
@@ -95,6 +101,7 @@ class KernelPlan:
                 spans.append(f"{self.method(start)} {start}" + (f"-{rows - 1}" if rows - 1 > start else ""))
                 start = rows
         notes = ([f"{self.isa}, batch-invariant"] if self.batch_invariant else []) + \
+            ([self.weights] if self.weights else []) + \
             ([f"packed weights {self.packed_bytes / 1e6:.0f} MB"] if self.packed_bytes else []) + \
             ([self.reason] if self.reason else [])
         attention_note = {"rows": f", attention rows 1-{MAX_FAST_ROWS}",
@@ -227,9 +234,11 @@ def batched_rows() -> Iterator[None]:
 
 
 def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = MAX_PACKED_BYTES,
-               compiled: bool = True) -> KernelPlan:
+               compiled: bool = True, place: bool = True) -> KernelPlan:
     """Give every fp32 linear layer of a CPU model the fastest method for each row count 1..MAX_FAST_ROWS and its
-    attention the kernels' `rows_attention` (the library plan: bias-free layers only, grouped attention)."""
+    attention the kernels' `rows_attention` (the library plan: bias-free layers only, grouped attention). With the
+    compiled kernels and `place`, the weights first move to huge pages, each layer's q, k, v and gate, up
+    adjacent (`knnssd.engine.weights`), so a step streams them as fast as the memory allows."""
     parameter = next(model.parameters())
     device, threads = str(parameter.device), torch.get_num_threads()
     if not enabled:
@@ -245,6 +254,9 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
     kernel = compiled_kernel() if compiled else None
     every = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if kernel is not None and all(m.weight.is_contiguous() for m in every):
+        from knnssd.engine import fastlayer  # it imports this module
+
+        placement = _placed(model, fastlayer.joinable_groups(model)) if place else None
         methods = tuple(COMPILED_ROWS[rows] for rows in range(1, MAX_FAST_ROWS + 1))
         for linear in every:
             linear._knnssd_run = tuple(product(method) for method in methods)
@@ -255,11 +267,10 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
             norm.forward = types.MethodType(_fast_rms_norm, norm)
         rows_attention = attention.use_rows_kernel(model, kernel.rows_attention)
         if rows_attention:
-            from knnssd.engine import fastlayer  # it imports this module
-
             fastlayer.install(model, kernel)
         return KernelPlan(enabled=True, device=device, threads=threads, rows=methods,
-                          attention="rows" if rows_attention else "", isa=vector_isa())
+                          attention="rows" if rows_attention else "", isa=vector_isa(),
+                          weights=placement.describe() if placement else "")
     linears = [m for m in every if m.bias is None]
     params = list({id(m.weight): m.weight for m in linears}.values())  # a tied weight once
     packs: dict[int, torch.Tensor] = {}
@@ -284,6 +295,17 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
                       reason=compile_error() if compiled else "C++ kernels not asked for",
                       packed_bytes=sum(p.numel() * p.element_size() for p in packs.values()),
                       attention="grouped" if grouped else "")
+
+
+def _placed(model: nn.Module, groups: list[list[nn.Parameter]]) -> Placement:
+    """`place_weights` once per model: a model accelerated again keeps its arena while no parameter has moved."""
+    addresses = tuple(p.data_ptr() for p in model.parameters())
+    previous = vars(model).get("_knnssd_placement")
+    if previous is not None and previous[0] == addresses:
+        return previous[1]
+    placement = place_weights(model, groups)
+    vars(model)["_knnssd_placement"] = (tuple(p.data_ptr() for p in model.parameters()), placement)
+    return placement
 
 
 def restore(model: nn.Module) -> None:

@@ -27,7 +27,8 @@
 //   sum; one call replaces the dozen small tensor ops of transformers' RMSNorm.
 //
 // A small-batch product is memory-bound: each weight row is streamed from memory once and multiplied by every
-// input row. While a block of weight rows is multiplied (by every group of input rows in turn), the next block is
+// input row. One or two input rows take one weight row at a time, so each thread's share of the weights is read
+// as one sequential stream. From 3 rows on, while a block of weight rows is multiplied (by every group of input rows in turn), the next block is
 // prefetched, spread over all the groups' iterations, so memory stays busy while the later groups compute from
 // L1 (when only the first group prefetched, a 16-row pass waited on memory, then on the cores). Parallel over
 // weight-row blocks (gemm) and over (key/value head, positions, query heads) items (attention) with
@@ -101,7 +102,6 @@ constexpr int kMaxRows = 32;        // query rows of one attention call (one req
 constexpr int kMaxGemmRows = 256;   // input rows of one product (a batch of requests' passes)
 constexpr int kGroup = 6;                        // input rows per register tile, at most
 constexpr int kBlock = LANES == 16 ? 4 : 2;     // weight rows per register tile (kBlock * kGroup accumulators)
-constexpr int kFewBlock = LANES == 16 ? 8 : 4;  // weight rows per tile for 1 or 2 input rows: more rows in flight
 constexpr int64_t kLine = 16;                   // floats per cache line (64 bytes)
 constexpr int64_t kAhead = 1;                   // weight blocks ahead prefetched (2 and 4 were no faster)
 
@@ -158,9 +158,9 @@ inline void rest_group(int rows, const float* x, const float* wn, float* out, in
 }
 
 // Every input row times weight rows [n0, n0 + B) of w (n_out, k): groups of at most kMost rows, each reading the
-// block (from memory for the first, from L1 for the others). Meanwhile the weight rows kAhead blocks on are
-// prefetched, spread over every group's iterations, so memory stays busy while the later groups compute.
-template <int B, int kMost>
+// block (from memory for the first, from L1 for the others). With kPrefetch, the weight rows kAhead blocks on are
+// prefetched meanwhile, spread over every group's iterations, so memory stays busy while the later groups compute.
+template <int B, int kMost, bool kPrefetch>
 inline void weight_block(int rows, const float* x, const float* w, float* out, int64_t n0, int64_t n_out,
                          int64_t k) {
   const float* wn = w + n0 * k;
@@ -168,7 +168,7 @@ inline void weight_block(int rows, const float* x, const float* w, float* out, i
   const int64_t ahead = (n0 + kAhead * B) * k, end = std::min(ahead + B * k, n_out * k);
   const int64_t lines = (B * k + kLine - 1) / kLine, iters = std::max<int64_t>(1, k / LANES);  // full iterations
   const int64_t slice = (lines + groups - 1) / groups;
-  const int per = k >= LANES ? static_cast<int>((slice + iters - 1) / iters) : 0;
+  const int per = kPrefetch && k >= LANES ? static_cast<int>((slice + iters - 1) / iters) : 0;
   for (int g = 0, m0 = 0; g < groups; ++g) {
     const int size = (rows - m0) / (groups - g);
     const int64_t pf = ahead + g * slice * kLine;
@@ -179,13 +179,13 @@ inline void weight_block(int rows, const float* x, const float* w, float* out, i
 }
 
 // B weight rows a block; kMost input rows a tile at most. Threads take runs of blocks of about 64 weight rows.
-template <int B, int kMost>
+template <int B, int kMost, bool kPrefetch>
 void rows_times_weight(int rows, const float* x, const float* w, float* out, int64_t n_out, int64_t k) {
   const int64_t blocks = n_out / B;
   at::parallel_for(0, blocks, std::max(1, 64 / B), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) weight_block<B, kMost>(rows, x, w, out, b * B, n_out, k);
+    for (int64_t b = begin; b < end; ++b) weight_block<B, kMost, kPrefetch>(rows, x, w, out, b * B, n_out, k);
   });
-  for (int64_t n = blocks * B; n < n_out; ++n) weight_block<1, kMost>(rows, x, w, out, n, n_out, k);
+  for (int64_t n = blocks * B; n < n_out; ++n) weight_block<1, kMost, kPrefetch>(rows, x, w, out, n, n_out, k);
 }
 
 // ----------------------------------------------------------------------------------------------- attention
@@ -480,8 +480,11 @@ torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor w) {
     // so other Python threads (a server's other requests) run during the product. x, w and out stay alive:
     // this frame holds their tensors.
     pybind11::gil_scoped_release no_gil;
-    if (rows <= 2) rows_times_weight<kFewBlock, 2>(rows, xp, wp, op, n, k);
-    else rows_times_weight<kBlock, kGroup>(rows, xp, wp, op, n, k);
+    // 1 or 2 rows: one weight row at a time, so each thread reads its share of w as one sequential stream (the
+    // hardware prefetcher's best case; tiles of 8 rows read 8 short streams at once and stay well below the
+    // memory's speed, BENCHMARKS 41). Each output's operations are the tiles' own, so the bits do not change.
+    if (rows <= 2) rows_times_weight<1, 2, false>(rows, xp, wp, op, n, k);
+    else rows_times_weight<kBlock, kGroup, true>(rows, xp, wp, op, n, k);
   }
   return out;
 }

@@ -1,0 +1,55 @@
+"""knnssd.engine.weights: the weight arena keeps every value, tie and parameter object; joins only adjacent
+weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from knnssd.engine.weights import HUGE_PAGE, joined, place_weights
+from tests.conftest import tiny_model
+
+
+def test_placing_keeps_values_ties_and_parameter_objects():
+    model = tiny_model("llama", num_layers=2, fast_kernels=False, tie_word_embeddings=True)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    objects = {name: p for name, p in model.named_parameters()}
+    groups = [[layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight]
+              for layer in model.model.layers]
+    placement = place_weights(model, groups)
+    assert placement.groups == 2 and placement.bytes >= sum(t.numel() * 4 for t in before.values())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for name, p in model.named_parameters():
+        assert p is objects[name] and torch.equal(p, before[name])
+    starts = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(starts) == 1  # one arena
+    first = min(p.data_ptr() for p in model.parameters())
+    assert first % HUGE_PAGE == 0
+    assert ("on huge pages" in placement.describe()) == placement.huge_pages
+    join = joined(groups[0])
+    assert join is not None and join.matrix.shape == (64 + 32 + 32, 64) and join.sizes == (64, 32, 32)
+    x = torch.randn(3, 64)
+    assert torch.equal(x @ join.matrix.T, torch.cat([x @ w.T for w in groups[0]], dim=1))
+
+
+def test_joined_declines_what_is_not_adjacent():
+    a, b = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(4, 8))
+    assert joined([a, b]) is None  # two storages
+    whole = torch.randn(12, 8)
+    first, second, third = (nn.Parameter(whole[i * 4:(i + 1) * 4]) for i in range(3))
+    assert joined([first, second, third]) is not None
+    assert joined([first, third]) is None  # a gap between them
+    assert joined([second, first]) is None  # out of order
+    wider = nn.Parameter(torch.randn(4, 9))
+    assert joined([first, wider]) is None
+
+
+def test_a_parameter_in_two_groups_is_refused():
+    model = tiny_model("llama", num_layers=1, fast_kernels=False)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    try:
+        place_weights(model, [[q], [q]])
+    except ValueError as error:
+        assert "two groups" in str(error)
+    else:
+        raise AssertionError("place_weights accepted a parameter in two groups")
