@@ -13,8 +13,10 @@ builds and checks the AVX2 code path on an AVX-512 CPU), then:
    work keeps plain decoding's output, so every speedup measured before stays comparable.
 2. **Products.** One pass of `--model`'s products (each layer's q, k, v, o, gate, up and down shapes, and the LM
    head; random weights of those shapes, every matrix distinct, so nothing stays in cache) at each row count.
-3. **Attention.** The model's attention shape (heads, key/value heads, head dimension) over each context, times
-   its layer count, at each row count.
+3. **Attention.** The model's attention shape (heads, key/value heads, head dimension) over each context, each
+   layer its own keys and values (on 4 KB pages; the engine's cache buffers of a megabyte or more lie on huge
+   pages), at each row count. (Until 2026-12-05 one cache served every layer, so it was read from the CPU's caches
+   and the figures were too low for long contexts.)
 
 Both builds run alternately, round by round, so a change in the machine's load hits both alike; medians of
 `--rounds` rounds, with quartiles. The model is read for its config only: no weights are loaded.
@@ -159,11 +161,12 @@ def main() -> None:
         for rows in rows_list:
             keys = context + rows
             query = torch.randn(rows, shapes["heads"], shapes["dim"])
-            k, v = (torch.randn(shapes["kv_heads"], keys, shapes["dim"]) for _ in range(2))
+            caches = [[torch.randn(shapes["kv_heads"], keys, shapes["dim"]) for _ in range(2)]
+                      for _ in range(shapes["layers"])]  # every layer its own keys and values, as in a step
             mask = torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows)
             results["attention"].setdefault(context, {})[rows] = q = alternated(
                 lambda module: [module.rows_attention(query, k, v, mask, shapes["dim"] ** -0.5)
-                                for _ in range(shapes["layers"])])
+                                for k, v in caches])
             print(line(rows, q, 2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -514,11 +514,11 @@ torch::Tensor rows_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   // Work items: (kv head, block of positions, group of query heads). The query heads of a position share its keys
   // and are taken together: up to 4 with AVX-512's 32 vector registers, 2 with AVX2's 16 (their score
   // accumulators, 4 keys a head, must fit; weighted sums of 8 or more vectors a head run one head at a time).
-  // Where that leaves fewer items than twice the threads (a step of few positions over few key/value heads, as a
-  // plain step), each head alone, for more items.
+  // Even where that leaves fewer items than twice the threads (a plain step over 3 key/value heads: 3 items on 2
+  // threads), reading each key and value once beats balancing: 30 SmolLM2 layers over 1500 cached keys took 3.0 ms
+  // so against 4.5 ms with each head alone, and 0.26 against 0.32 over 200 (BENCHMARKS 41).
   const int64_t G = H / Hkv;
-  const int64_t widest = std::min<int64_t>(G, LANES == 16 ? 4 : 2);
-  const int64_t heads = Hkv * T < 2 * at::get_num_threads() ? 1 : widest;
+  const int64_t heads = std::min<int64_t>(G, LANES == 16 ? 4 : 2);
   const int64_t groups = (G + heads - 1) / heads;
   const int64_t per = T <= 8 ? 1 : (T + 7) / 8;  // positions per work item: at most 8 blocks per kv head
   const int64_t chunks = (T + per - 1) / per;
