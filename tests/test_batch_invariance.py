@@ -115,10 +115,10 @@ def test_products_and_attention_do_not_depend_on_the_row_count():
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(4, 2, 16), (10, 2, 32), (9, 3, 64), (7, 1, 64), (16, 2, 128)])
 def test_query_heads_taken_together_compute_each_heads_bits(heads, kv_heads, dim):
-    """Attention takes the query heads of a position together (up to 4 with AVX-512, 2 with AVX2) where a pass has
-    enough positions, and each head alone where it has few (a plain step): the same bits either way, for head
-    dimensions whose weighted sums live in registers (1, 2, 4 vectors), one at a time (8) and group sizes that
-    leave a remainder. One thread, so the 9-row pass takes heads together and the 1-row steps alone."""
+    """Attention takes the query heads that share a key/value head together (up to 4 with AVX-512, 2 with AVX2):
+    the same bits as each head alone, for head dimensions whose weighted sums live in registers (1, 2, 4 vectors),
+    one at a time (8) and group sizes that leave a remainder. Each head alone: the keys and values repeated so that
+    every query head has its own key/value head (groups of one). Rows alone: the same bits as the 9-row pass."""
     kernel = kernels_or_skip()
     generator = torch.Generator().manual_seed(heads * dim)
     queries, keys = 9, 40
@@ -130,6 +130,10 @@ def test_query_heads_taken_together_compute_each_heads_bits(heads, kv_heads, dim
     torch.set_num_threads(1)
     try:
         out = kernel.rows_attention(q, k, v, mask, dim ** -0.5)
+        group = heads // kv_heads
+        heads_alone = kernel.rows_attention(q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0), mask,
+                                            dim ** -0.5)
+        assert torch.equal(heads_alone, out)
         for t in range(queries):
             alone = kernel.rows_attention(q[t:t + 1], k, v, mask[t:t + 1], dim ** -0.5)
             assert torch.equal(alone[0], out[t])
@@ -211,5 +215,18 @@ def test_weights_placed_and_joined_change_no_bit(family):
     attn = placed.model.layers[1].self_attn
     with torch.no_grad():
         attn.k_proj.weight.data = attn.k_proj.weight.data.clone()  # no longer adjacent: the join must not be used
-    assert not steps[1].qkv.current()
+    assert not steps[1].qkv.current([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
     assert torch.equal(plain_steps(placed, prompt, tokens), expected)
+
+
+def test_a_replaced_weight_is_used_not_the_joined_copy():
+    """`load_state_dict(..., assign=True)` replaces the parameter objects; the old ones keep their addresses, so a
+    join that only checked addresses would multiply by the old q, k, v. The step must use the new weights: the
+    logits equal a model built with them from the start."""
+    kernels_or_skip()
+    model = tiny_model("llama", num_layers=2, vocab_size=160)
+    other = tiny_model("llama", seed=3, num_layers=2, vocab_size=160)
+    model.load_state_dict({name: tensor.clone() for name, tensor in other.state_dict().items()}, assign=True)
+    prompt = torch.randint(3, 160, (1, 12), generator=torch.Generator().manual_seed(2))
+    tokens = [5, 9, 11, 40]
+    assert torch.equal(plain_steps(model, prompt, tokens), plain_steps(other, prompt, tokens))

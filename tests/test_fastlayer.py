@@ -167,3 +167,26 @@ def test_rope_kernel_rounds_as_the_library_does():
     assert torch.equal(keys[:, :, start:start + rows], k_ref)
     assert torch.equal(values[0, :, start:start + rows], v.view(rows, kv_heads, dim).transpose(0, 1))
     assert not keys[:, :, :start].any() and not keys[:, :, start + rows:].any()
+
+
+def test_an_intermediate_size_off_the_vector_width(updates):
+    """With gate and up from one joined product, their column slices are strided for more than one row, so the
+    activation runs row by row, each row as a 1-row step runs it. With an intermediate size that is no multiple of
+    any vector width (100), verify rows must still compute the bits of plain steps, and a 1-row step the class
+    forward's. (The class forward's activation runs over one flat (T, 100) buffer, where which elements take the
+    vector exp and which the scalar tail depends on T: its 9- and 32-row passes differ from its plain steps, found
+    by hand on 2026-12-05. Every real model's intermediate size is a multiple of 16, where the two agree.)"""
+    kernels_or_skip()
+    from tests.test_batch_invariance import forward, plain_steps, prefilled as prefilled_state
+
+    model = tiny_model("llama", num_layers=2, vocab_size=160, intermediate_size=100)
+    assert all(step.gate_up is not None for step in (vars(layer)[fastlayer.STEP_ATTRIBUTE]
+                                                     for layer in model.model.layers))
+    tokens = torch.randint(3, 160, (MAX_FAST_ROWS,), generator=torch.Generator().manual_seed(8)).tolist()
+    fast, library = both_paths(model, 21, tokens[:1], [21])
+    assert_same(fast, library)
+    prompt = torch.randint(3, 160, (1, 21), generator=torch.Generator().manual_seed(9))
+    plain = plain_steps(model, prompt, tokens)
+    for width in (2, 9, MAX_FAST_ROWS):
+        state = prefilled_state(model, prompt)
+        assert torch.equal(forward(model, state.cache, tokens[:width], list(range(21, 21 + width))), plain[:width])

@@ -3,7 +3,10 @@
 transformers' Llama decoder layer makes about a hundred small tensor ops a step (views, transposes, the rotary
 embedding's slices and concatenations, the cache's slices, residual adds, two norms); on a 2-core CPU they cost a
 third of a SmolLM2 step. `fast_step` computes the same step with the same kernels and the same elementwise
-arithmetic, so every output bit is the library path's (tests/test_batch_invariance.py compares the two):
+arithmetic, so every output bit is the library path's (tests/test_fastlayer.py compares the two) wherever the
+MLP's intermediate size is a multiple of the vector width (every real model). Otherwise the library path's
+activation is not batch-invariant over a flat (T, intermediate) buffer and the fast path's, row by row on the
+joined product's column slices, is (tests/test_fastlayer.py, intermediate size 100):
 
     rows_rms_norm -> q, k, v product -> rows_rope_kv (rotary queries and keys; keys and values written into the
     preallocated cache) -> rows_attention -> o product + residual -> rows_rms_norm -> gate, up product ->
@@ -133,7 +136,7 @@ def _products(kernel: Any, linears: list[nn.Linear], join: Joined | None, x: tor
     """x (T, in) -> [(T, out_i)] for linears that share the input: one `rows_gemm` over their joined weights where
     they are still joined, the columns split after (each output's bits are the separate products'), else one
     product each."""
-    if join is None or not join.current():
+    if join is None or not join.current([linear.weight for linear in linears]):
         return [_product(linear, x) for linear in linears]
     outs = kernel.rows_gemm(x, join.matrix).split(join.sizes, dim=1)
     return [out if linear.bias is None else out + linear.bias for out, linear in zip(outs, linears)]

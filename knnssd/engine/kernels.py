@@ -310,7 +310,7 @@ def _placed(model: nn.Module, groups: list[list[nn.Parameter]]) -> Placement:
 
 def restore(model: nn.Module) -> None:
     """Every linear layer and norm back to its class's own forward, attention back to SDPA (undoes
-    `accelerate`)."""
+    `accelerate`; the weights stay in the arena it placed them in, with the same values)."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and "forward" in vars(module):
             del module.forward

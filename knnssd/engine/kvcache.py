@@ -4,7 +4,7 @@ transformers' `DynamicLayer` appends each step's keys and values with `torch.cat
 cache every step: 69 MB a step for SmolLM2 at context 1500, 12 ms of a 49 ms plain step on a 2-core CPU
 (BENCHMARKS.md section 23). `PreallocatedLayer` writes each step's entries into a buffer with room to spare and
 hands attention a view of the filled part; the buffer doubles (one copy) when full. Cropping is a length change.
-On CPU, buffers of a megabyte or more lie on huge pages, as the weights do (`_buffer`).
+On CPU, buffers of 2 MB or more lie on huge pages, as the weights do (`_buffer`).
 The keys and values attention sees are the same numbers in the same order, only not copied.
 
 Capacity: a request reaches at most `request_reach(prompt, max_new_tokens)` positions (the last committed token
@@ -33,11 +33,11 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from knnssd.engine.kernels import MAX_FAST_ROWS
-from knnssd.engine.weights import arena
+from knnssd.engine.weights import HUGE_PAGE, arena
 from knnssd.errors import KnnSsdError
 
 HEADROOM = 256  # entries a new buffer holds beyond its first write (a prompt): room for many steps before it grows
-HUGE_BUFFER_BYTES = 1 << 20  # CPU buffers from this size on lie on huge pages (`_buffer`)
+HUGE_BUFFER_BYTES = HUGE_PAGE  # CPU buffers of a huge page or more lie on huge pages (`_buffer`)
 
 
 def request_reach(prompt_length: int, max_new_tokens: int, widest_pass: int = MAX_FAST_ROWS) -> int:
@@ -120,8 +120,9 @@ class PreallocatedLayer(DynamicLayer):
 
 def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """An empty tensor of `shape` with `like`'s dtype and device; on CPU, from HUGE_BUFFER_BYTES on, on huge pages
-    (`knnssd.engine.weights.arena`), as the weights are: a step over a long cache streams it all (30 SmolLM2
-    layers' attention over 1500 keys: 2.3 ms on huge pages, 3.0 ms on 4 KB pages; BENCHMARKS 41)."""
+    (`knnssd.engine.weights.arena`, one mapping a buffer), as the weights are: a step over a long cache streams it
+    all (30 SmolLM2 layers' attention over 1500 keys: 2.3 ms on huge pages, 3.0 ms on 4 KB pages; BENCHMARKS
+    41). Smaller buffers would waste most of a 2 MB page each."""
     nbytes = math.prod(shape) * like.element_size()
     if like.device.type != "cpu" or nbytes < HUGE_BUFFER_BYTES:
         return like.new_empty(shape)

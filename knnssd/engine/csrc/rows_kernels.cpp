@@ -515,8 +515,8 @@ torch::Tensor rows_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   // and are taken together: up to 4 with AVX-512's 32 vector registers, 2 with AVX2's 16 (their score
   // accumulators, 4 keys a head, must fit; weighted sums of 8 or more vectors a head run one head at a time).
   // Even where that leaves fewer items than twice the threads (a plain step over 3 key/value heads: 3 items on 2
-  // threads), reading each key and value once beats balancing: 30 SmolLM2 layers over 1500 cached keys took 3.0 ms
-  // so against 4.5 ms with each head alone, and 0.26 against 0.32 over 200 (BENCHMARKS 41).
+  // threads), reading each key and value once beats balancing: 1 query row, 30 SmolLM2 layers over 1500 cached
+  // keys took 2.86 ms so against 5.23 ms with each head alone, 0.31 against 0.38 over 200 (BENCHMARKS 41).
   const int64_t G = H / Hkv;
   const int64_t heads = std::min<int64_t>(G, LANES == 16 ? 4 : 2);
   const int64_t groups = (G + heads - 1) / heads;
