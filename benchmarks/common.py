@@ -86,3 +86,11 @@ def chosen_names(flag: str, text: str | None, available: list[str]) -> list[str]
     if unknown:
         raise KnnSsdError(f"{flag}: unknown {unknown}", fix=f"choose from: {', '.join(available)}")
     return [name for name in available if name in chosen]
+
+
+def write_result(path: str | None, result: dict) -> None:
+    """Write a benchmark's `result` as indented JSON to `path` (its folder made), and say where; nothing if None."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+        print(f"\n-> {path}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import machine_description  # noqa: E402
+from benchmarks.common import machine_description, write_result  # noqa: E402
 
 SOURCE = "knnssd/engine/csrc/rows_kernels.cpp"
 
@@ -168,10 +167,7 @@ def main() -> None:
                 lambda module: [module.rows_attention(query, k, v, mask, shapes["dim"] ** -0.5)
                                 for k, v in caches])
             print(line(rows, q, 2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        print(f"\n-> {args.out}")
+    write_result(args.out, results)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ Medians with quartiles; the stream bandwidth on both kinds of page before and af
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine_description  # noqa: E402
+from benchmarks.common import machine_description, write_result  # noqa: E402
 from benchmarks.step_cost import pass_ms, quartiles, stream_bandwidth_gbs  # noqa: E402
 from knnssd.engine.kernels import accelerate  # noqa: E402
 from knnssd.engine.kvcache import new_cache  # noqa: E402
@@ -96,10 +95,7 @@ def main() -> None:
     result["streams_gbs"] = streams
     print("\nstream (GB/s, before and after): " + "; ".join(
         f"{kind} pages " + ", ".join(f"{g:.1f}" for g in v) for kind, v in streams.items()))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"-> {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
