@@ -15,8 +15,8 @@ its gate and up projections) are placed one after another, so `joined` can view 
 matrix and one `rows_gemm` call multiplies them all: one stream over memory instead of three short ones, and the
 same bits, since each output row's arithmetic does not depend on the matrix it sits in.
 
-Where the mapping cannot be advised (not Linux, or the kernel refuses), the arena still keeps the groups adjacent
-and the report says why there are no huge pages.
+Where the mapping cannot be advised (not Linux, THP "never", or the kernel refuses), the arena still keeps the groups
+adjacent and the report says why there are no huge pages.
 """
 
 from __future__ import annotations
