@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_description, write_result  # noqa: E402
-from benchmarks.step_cost import pass_ms, quartiles, stream_bandwidth_gbs  # noqa: E402
+from benchmarks.step_cost import measure_streams, pass_ms, quartiles, streams_text  # noqa: E402
 from knnssd.engine.kernels import accelerate  # noqa: E402
 from knnssd.engine.kvcache import new_cache  # noqa: E402
 from knnssd.engine.models import load_model  # noqa: E402
@@ -68,7 +68,8 @@ def main() -> None:
     print(f"placed: {placed.kernels.describe()}\nin place: {plan.describe()}")
     same_bits(models, widths)
     print(f"bits: passes of widths {widths} equal in both")
-    streams = {kind: [stream_bandwidth_gbs(huge_pages=huge)] for kind, huge in (("4 KB", False), ("huge", True))}
+    streams: dict[str, list[float]] = {}
+    measure_streams(streams)
     result: dict = {"machine": machine_description(), "model": args.model, "placed": placed.kernels.describe(),
                     "contexts": {}}
     for context in (int(c) for c in args.contexts.split(",")):
@@ -90,11 +91,9 @@ def main() -> None:
                      for label in ("in place", "placed")]
             print(f"{width:>6}{cells[0]:>24}{cells[1]:>24}"
                   f"{table['placed'][width][1] / table['in place'][width][1]:>17.2f}")
-    for kind, huge in (("4 KB", False), ("huge", True)):
-        streams[kind].append(stream_bandwidth_gbs(huge_pages=huge))
+    measure_streams(streams)
     result["streams_gbs"] = streams
-    print("\nstream (GB/s, before and after): " + "; ".join(
-        f"{kind} pages " + ", ".join(f"{g:.1f}" for g in v) for kind, v in streams.items()))
+    print(f"\nstream, before and after: {streams_text(streams)}")
     write_result(args.out, result)
 
 

@@ -65,6 +65,20 @@ def stream_bandwidth_gbs(megabytes: int = 256, repeats: int = 7, huge_pages: boo
     return data.numel() * 4 / sorted(samples)[repeats // 2] / 1e9
 
 
+STREAM_KINDS = (("4 KB pages", False), ("huge pages", True))  # (label, huge_pages) of each stream measured
+
+
+def measure_streams(streams: dict[str, list[float]]) -> None:
+    """Append one `stream_bandwidth_gbs` of each of STREAM_KINDS to `streams` (label -> GB/s so far)."""
+    for kind, huge in STREAM_KINDS:
+        streams.setdefault(kind, []).append(stream_bandwidth_gbs(huge_pages=huge))
+
+
+def streams_text(streams: dict[str, list[float]]) -> str:
+    """e.g. '4 KB pages 33.6, 39.7 GB/s; huge pages 35.7, 31.9 GB/s'."""
+    return "; ".join(f"{kind} " + ", ".join(f"{g:.1f}" for g in v) + " GB/s" for kind, v in streams.items())
+
+
 def bytes_per_step(model: torch.nn.Module, context: int) -> int:
     """Weights every step reads (each distinct parameter once, the embedding table as one row) + the KV cache."""
     config, seen, total = model.config, set(), 0
@@ -203,28 +217,22 @@ def main() -> None:
     print(f"kernels chosen at load: {loaded.kernels.describe()}")
     result = {"machine": machine_description(), "model": loaded.name, "kernels": loaded.kernels.describe(),
               "contexts": {}}
-    streams: dict[str, list[float]] = {"4 KB pages": [], "huge pages": []}
-
-    def measure_streams() -> None:
-        for kind, huge in (("4 KB pages", False), ("huge pages", True)):
-            streams[kind].append(stream_bandwidth_gbs(huge_pages=huge))
-
+    streams: dict[str, list[float]] = {}
+    result["streams_gbs"] = streams
     for context in (int(c) for c in args.contexts.split(",")):
         widths = parse_widths(args.widths)
-        measure_streams()
+        measure_streams(streams)
         costs = step_costs(model, context, args.repeats, widths)
-        measure_streams()
+        measure_streams(streams)
         # The floor: the fastest stream seen so far in this run, on either kind of page. The memory's speed drifts
         # (on this machine kind 30-70 GB/s within an hour), so the best seen is the strictest floor.
         bandwidth = max(max(v) for v in streams.values())
-        result["streams_gbs"] = streams
         result["bandwidth_gbs"] = bandwidth
         floor = bytes_per_step(model, context) / (bandwidth * 1e9) * 1e3
         result["contexts"][context] = {"floor_ms": floor, "ms": costs, "quartiles_ms": {
             e: {w: quartiles(v) for w, v in by_width.items()} for e, by_width in STEP_SAMPLES.items()}}
-        print(f"\ncontext {context}: streams so far " + "; ".join(
-            f"{kind} " + ", ".join(f"{g:.1f}" for g in v) + " GB/s" for kind, v in streams.items())
-            + f"; fastest {bandwidth:.1f} GB/s, {bytes_per_step(model, context) / 1e6:.0f} MB a step -> floor "
+        print(f"\ncontext {context}: streams so far {streams_text(streams)}; fastest {bandwidth:.1f} GB/s,"
+              f" {bytes_per_step(model, context) / 1e6:.0f} MB a step -> floor "
               f"{floor:.1f} ms")
         plain = min(costs[e][1] for e in costs)
         result["contexts"][context]["floor_speed"] = {e: floor / costs[e][1] for e in costs}

@@ -28,9 +28,10 @@
 //
 // A small-batch product is memory-bound: each weight row is streamed from memory once and multiplied by every
 // input row. One or two input rows take one weight row at a time, so each thread's share of the weights is read
-// as one sequential stream. From 3 rows on, while a block of weight rows is multiplied (by every group of input rows in turn), the next block is
-// prefetched, spread over all the groups' iterations, so memory stays busy while the later groups compute from
-// L1 (when only the first group prefetched, a 16-row pass waited on memory, then on the cores). Parallel over
+// as one sequential stream. From 3 rows on, while a block of weight rows is multiplied (by every group of input
+// rows in turn), the next block is prefetched, spread over all the groups' iterations, so memory stays busy while
+// the later groups compute from L1 (when only the first group prefetched, a 16-row pass waited on memory, then on
+// the cores). Parallel over
 // weight-row blocks (gemm) and over (key/value head, positions, query heads) items (attention) with
 // ATen's thread pool, the GIL released. Built at first use with -march=native by knnssd/engine/kernel_build.py.
 #include <torch/extension.h>
