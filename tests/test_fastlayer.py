@@ -190,3 +190,51 @@ def test_an_intermediate_size_off_the_vector_width(updates):
     for width in (2, 9, MAX_FAST_ROWS):
         state = prefilled_state(model, prompt)
         assert torch.equal(forward(model, state.cache, tokens[:width], list(range(21, 21 + width))), plain[:width])
+
+
+class Counted:
+    """A layer's `LayerStep` that counts its calls."""
+
+    def __init__(self, inner):
+        self.inner, self.scale, self.calls = inner, inner.scale, 0
+
+    def step(self, *args):
+        self.calls += 1
+        return self.inner.step(*args)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_one_call_step_is_the_calls_one_by_one(family):
+    """`LayerStep` (the layer's whole step in one C++ call) against the same step's kernel calls made one by one
+    from Python: identical logits and cache entries at widths 1, 7 and 32 and under a tree mask, Qwen2's biases
+    included, and the one call actually taken (once a layer a pass)."""
+    kernels_or_skip()
+    model = tiny_model(family, num_layers=2, vocab_size=160)
+    steps = [vars(layer)[fastlayer.STEP_ATTRIBUTE] for layer in model.model.layers]
+    assert all(step.one_call is not None for step in steps)
+    originals = [step.one_call for step in steps]
+    tokens = torch.randint(3, 160, (MAX_FAST_ROWS,), generator=torch.Generator().manual_seed(5)).tolist()
+    parents = [-1, -1, 0, 1, 1, 2]
+    tree = (tokens[:7], (15 + torch.tensor([0] + depths(parents))).tolist(),
+            lambda cache: tree_mask(model, cache, parents, 15))
+    cases = [(tokens[:width], list(range(15, 15 + width)), None) for width in (1, 7, MAX_FAST_ROWS)] + [tree]
+    for chosen, positions, mask_of in cases:
+        results = []
+        for one_call in (True, False):
+            counted = [Counted(original) for original in originals]
+            for step, inner in zip(steps, counted):
+                step.one_call = inner if one_call else None
+            cache = prefilled(model, 15)
+            results.append(run(model, cache, chosen, positions, mask_of(cache) if mask_of else None))
+            assert [c.calls for c in counted] == ([1, 1] if one_call else [0, 0])
+        assert_same(*results)
+    for step, original in zip(steps, originals):
+        step.one_call = original
+
+
+def test_a_gelu_mlp_takes_the_calls_one_by_one():
+    """`LayerStep` computes SiLU only: a layer with another activation keeps the fast step, made of single calls."""
+    kernels_or_skip()
+    model = tiny_model("llama", num_layers=2, vocab_size=160, hidden_act="gelu")
+    steps = [vars(layer)[fastlayer.STEP_ATTRIBUTE] for layer in model.model.layers]
+    assert steps and all(step.one_call is None and not step.one_call_current() for step in steps)

@@ -12,6 +12,10 @@ joined product's column slices, is (tests/test_fastlayer.py, intermediate size 1
     preallocated cache) -> rows_attention -> o product + residual -> rows_rms_norm -> gate, up product ->
     act(gate) * up -> down product + residual
 
+Where the layer's q, k, v and gate, up are joined (`weights.joined`) and its activation is SiLU, the kernels'
+`LayerStep` makes these calls from C++ in one call (the same tensors, the same order, so the same bits; about
+1.3 ms of a SmolLM2 step's Python saved), after checking that the weights it holds are still the layer's.
+
 A step takes this path where it qualifies: one request of 1-MAX_FAST_ROWS rows, its own `PreallocatedLayer`
 already holding the prompt, no batched plan, attention and MLP in place (not skipped while drafting), a bool or
 absent mask, fp32 on CPU. Anything else (a prefill, a batched pass, a layer-skip draft, a sliding-window cache)
@@ -24,7 +28,8 @@ from __future__ import annotations
 
 import inspect
 import types
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -40,16 +45,30 @@ PASSED_KEYWORDS = frozenset({"cache_position"})  # keywords a qualifying step ma
 
 
 class LayerKernels:
-    """What a layer's fast step calls: the compiled kernel module, the classes its sub-layers must still be, and
-    its q, k, v and its gate, up weights joined into one matrix each where they lie adjacent (`weights.joined`)."""
+    """What a layer's fast step calls: the compiled kernel module, the classes its sub-layers must still be, its
+    q, k, v and its gate, up weights joined into one matrix each where they lie adjacent (`weights.joined`), and
+    where those joins exist and the MLP's activation is SiLU, the kernels' `LayerStep`: the whole step in one call,
+    holding the layer's weights. `holds` says where each held thing lives: (the module's `_parameters` or
+    `_modules` dict, its name there, the object, the tensor's address or None), checked before every step."""
 
     def __init__(self, kernel: Any, attention_class: type, mlp_class: type, qkv: Joined | None = None,
-                 gate_up: Joined | None = None) -> None:
+                 gate_up: Joined | None = None, one_call: Any = None,
+                 holds: tuple[tuple[dict, str, Any, int | None], ...] = ()) -> None:
         self.kernel = kernel
         self.attention_class = attention_class
         self.mlp_class = mlp_class
         self.qkv = qkv
         self.gate_up = gate_up
+        self.one_call = one_call
+        self.holds = holds
+
+    def one_call_current(self) -> bool:
+        """Whether every tensor the one-call step holds is still its module's parameter at the same address (and
+        the activation the same module): a parameter replaced or given new data sends the step back to the
+        calls one by one, which read the parameters afresh."""
+        return self.one_call is not None and all(
+            slots.get(name) is value and (address is None or value.data_ptr() == address)
+            for slots, name, value, address in self.holds)
 
 
 def _code(function: Any) -> Any:
@@ -97,12 +116,49 @@ def joinable_groups(model: nn.Module) -> list[list[nn.Parameter]]:
             for group in _projections(layer)]
 
 
+def _is_silu(act: Any) -> bool:
+    """Whether the MLP's activation is SiLU as torch computes it (`F.silu`), which `LayerStep` calls."""
+    from transformers.activations import SiLUActivation
+
+    if type(act) is nn.SiLU:
+        return not act.inplace
+    return type(act) is SiLUActivation and _code(type(act).forward) == _code(SiLUActivation.forward)
+
+
+def _one_call(kernel: Any, layer: nn.Module, qkv: Joined | None, gate_up: Joined | None
+              ) -> tuple[Any, tuple[tuple[dict, str, Any, int | None], ...]]:
+    """The kernels' `LayerStep` for `layer` and what it holds, or (None, ()) where the layer's q, k, v or gate, up
+    are not joined, its activation is not SiLU, or the kernel build has no `LayerStep`."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if qkv is None or gate_up is None or not hasattr(kernel, "LayerStep") or not _is_silu(mlp.act_fn):
+        return None, ()
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    parameters = [(m._parameters, n) for m in linears for n in ("weight", "bias")] + \
+        [(m._parameters, "weight") for m in norms]
+    holds = tuple((slots, name, slots.get(name), None if slots.get(name) is None else slots[name].data_ptr())
+                  for slots, name in parameters) + ((mlp._modules, "act_fn", mlp.act_fn, None),)
+
+    def bias(linear: nn.Linear) -> torch.Tensor | None:
+        return None if linear.bias is None else linear.bias.detach()
+
+    step = kernel.LayerStep(
+        layer.input_layernorm.weight.detach(), float(layer.input_layernorm.variance_epsilon), qkv.matrix,
+        list(qkv.sizes), [bias(linear) for linear in linears[:3]], float(attn.scaling),
+        attn.o_proj.weight.detach(), bias(attn.o_proj), layer.post_attention_layernorm.weight.detach(),
+        float(layer.post_attention_layernorm.variance_epsilon), gate_up.matrix, list(gate_up.sizes),
+        [bias(mlp.gate_proj), bias(mlp.up_proj)], mlp.down_proj.weight.detach(), bias(mlp.down_proj))
+    return step, holds
+
+
 def install(model: nn.Module, kernel: Any) -> int:
     """Give every eligible decoder layer of `model` the fast step; how many got it."""
     layers = eligible_layers(model)
     for layer in layers:
         qkv, gate_up = (joined([linear.weight for linear in group]) for group in _projections(layer))
-        setattr(layer, STEP_ATTRIBUTE, LayerKernels(kernel, type(layer.self_attn), type(layer.mlp), qkv, gate_up))
+        one_call, holds = _one_call(kernel, layer, qkv, gate_up)
+        setattr(layer, STEP_ATTRIBUTE, LayerKernels(kernel, type(layer.self_attn), type(layer.mlp), qkv, gate_up,
+                                                    one_call, holds))
         layer.forward = types.MethodType(fast_step, layer)
     return len(layers)
 
@@ -124,6 +180,21 @@ def restore_steps(saved: dict[nn.Module, tuple[Any, LayerKernels]]) -> None:
     for layer, (forward, kernels) in saved.items():
         layer.forward = forward
         setattr(layer, STEP_ATTRIBUTE, kernels)
+
+
+@contextmanager
+def calls_one_by_one(model: nn.Module) -> Iterator[None]:
+    """Within the block every fast step makes its kernel calls one by one from Python, not in one `LayerStep`
+    call (the same bits; to compare the two, `benchmarks/one_call_ab.py`)."""
+    steps = [vars(m)[STEP_ATTRIBUTE] for m in model.modules() if STEP_ATTRIBUTE in vars(m)]
+    saved = [step.one_call for step in steps]
+    try:
+        for step in steps:
+            step.one_call = None
+        yield
+    finally:
+        for step, one_call in zip(steps, saved):
+            step.one_call = one_call
 
 
 def _product(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -181,16 +252,20 @@ def fast_step(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torc
     kernel = kernels.kernel
     hidden = hidden_states.shape[-1]
     x = hidden_states.reshape(rows, hidden)
-    norm = self.input_layernorm
-    h = kernel.rows_rms_norm(x, norm.weight, norm.variance_epsilon)
-    q, k, v = _products(kernel, [attn.q_proj, attn.k_proj, attn.v_proj], kernels.qkv, h)
     start = held.get_seq_length()
     end = start + rows
     held.reserve(end)
     cos, sin = position_embeddings
+    mask = attention_mask[0, 0] if attention_mask is not None else None
+    if kernels.one_call_current() and float(attn.scaling) == kernels.one_call.scale:
+        x = kernels.one_call.step(x, cos[0], sin[0], held.key_buffer, held.value_buffer, start, mask)
+        held.commit(end)
+        return x.reshape(1, rows, hidden)
+    norm = self.input_layernorm
+    h = kernel.rows_rms_norm(x, norm.weight, norm.variance_epsilon)
+    q, k, v = _products(kernel, [attn.q_proj, attn.k_proj, attn.v_proj], kernels.qkv, h)
     query = kernel.rows_rope_kv(q, k, v, cos[0], sin[0], held.key_buffer, held.value_buffer, start)  # (T, H, D)
     held.commit(end)
-    mask = attention_mask[0, 0] if attention_mask is not None else None
     out = rows_attention(query, held.keys[0], held.values[0], mask, float(attn.scaling))  # (T, H, D)
     x = x + _product(attn.o_proj, out.reshape(rows, -1))
     norm = self.post_attention_layernorm

@@ -6,6 +6,7 @@
 //   rows_rope_kv(q, k, v, cos, sin, key_buffer, value_buffer, start)
 //                                   rotary positions on a step's queries and keys, keys and values written
 //                                   into a preallocated KV cache (knnssd/engine/kvcache.py)
+//   LayerStep(...).step(x, ...)      a Llama-shaped decoder layer's step made of the calls above, in one call
 //
 // Both are batch-invariant: every output element is computed by the same sequence of floating-point operations
 // whatever the number of rows, so a row of a 16-token verify pass has the bits the 1-token plain step at that
@@ -626,10 +627,71 @@ torch::Tensor rows_rope_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
   return out;
 }
 
+namespace {
+
+torch::Tensor with_bias(torch::Tensor out, const c10::optional<torch::Tensor>& bias) {
+  return bias.has_value() ? out + *bias : out;
+}
+
+}  // namespace
+
+// One decoder layer's step of Llama's form, T = 1 to 32 rows, from one Python call: the calls
+// knnssd/engine/fastlayer.py's fast_step makes one by one, in the same order on the same tensors (the same kernels,
+// and ATen's own add, SiLU and multiply), so every output bit is that path's. The layer's weights are held from
+// install on; fastlayer checks before each step that they are still the layer's parameters.
+//
+//   x (T, hidden) -> rms_norm -> [q | k | v] = h @ qkv.T (+ biases) -> rotary, keys and values into the buffers at
+//   start -> attention over the buffers' first start + T entries -> x + (o product) -> rms_norm ->
+//   [gate | up] = h @ gate_up.T (+ biases) -> x + down(silu(gate) * up)
+struct LayerStep {
+  torch::Tensor input_norm;
+  double input_eps;
+  torch::Tensor qkv;  // (nq + nk + nv, hidden): q, k and v weights adjacent
+  std::vector<int64_t> qkv_sizes;
+  std::vector<c10::optional<torch::Tensor>> qkv_biases;
+  double scale;
+  torch::Tensor o;
+  c10::optional<torch::Tensor> o_bias;
+  torch::Tensor post_norm;
+  double post_eps;
+  torch::Tensor gate_up;  // (2 * intermediate, hidden): gate and up weights adjacent
+  std::vector<int64_t> gate_up_sizes;
+  std::vector<c10::optional<torch::Tensor>> gate_up_biases;
+  torch::Tensor down;
+  c10::optional<torch::Tensor> down_bias;
+
+  // x (T, hidden), cos and sin (T, D), key_buffer and value_buffer (1, Hkv, capacity, D) with room for start + T
+  // entries, mask (T, start + T) bool or None (causal) -> (T, hidden).
+  torch::Tensor step(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor key_buffer,
+                     torch::Tensor value_buffer, int64_t start, c10::optional<torch::Tensor> mask) const {
+    TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "layer step: x (T, hidden), 1 <= T <= 32");
+    const int64_t T = x.size(0), end = start + T;
+    auto h = rows_rms_norm(x, input_norm, input_eps);
+    auto qkv_parts = rows_gemm(h, qkv).split_with_sizes(qkv_sizes, 1);
+    auto query = rows_rope_kv(with_bias(qkv_parts[0], qkv_biases[0]), with_bias(qkv_parts[1], qkv_biases[1]),
+                              with_bias(qkv_parts[2], qkv_biases[2]), cos, sin, key_buffer, value_buffer, start);
+    auto attended = rows_attention(query, key_buffer.select(0, 0).narrow(1, 0, end),
+                                   value_buffer.select(0, 0).narrow(1, 0, end), mask, scale);
+    x = x + with_bias(rows_gemm(attended.reshape({T, -1}), o), o_bias);
+    h = rows_rms_norm(x, post_norm, post_eps);
+    auto gate_up_parts = rows_gemm(h, gate_up).split_with_sizes(gate_up_sizes, 1);
+    auto act = at::silu(with_bias(gate_up_parts[0], gate_up_biases[0])) * with_bias(gate_up_parts[1],
+                                                                                      gate_up_biases[1]);
+    return x + with_bias(rows_gemm(act, down), down_bias);
+  }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_rope_kv", &rows_rope_kv, "rotary queries and keys of T rows; keys and values into a KV buffer");
   m.def("rows_rms_norm", &rows_rms_norm, "RMSNorm of each row of x (m, n) with weight w (n)");
   m.def("rows_gemm", &rows_gemm, "x (m, k) @ w (n, k).T, 1 <= m <= 256");
   m.def("rows_attention", &rows_attention, "attention of 1-32 query rows (T, H, D) over k, v (Hkv, L, D)");
   m.attr("lanes") = LANES;
+  pybind11::class_<LayerStep>(m, "LayerStep")
+      .def(pybind11::init<torch::Tensor, double, torch::Tensor, std::vector<int64_t>,
+                          std::vector<c10::optional<torch::Tensor>>, double, torch::Tensor,
+                          c10::optional<torch::Tensor>, torch::Tensor, double, torch::Tensor, std::vector<int64_t>,
+                          std::vector<c10::optional<torch::Tensor>>, torch::Tensor, c10::optional<torch::Tensor>>())
+      .def_readonly("scale", &LayerStep::scale)
+      .def("step", &LayerStep::step, "one decoder layer's step: x (T, hidden) -> (T, hidden)");
 }
