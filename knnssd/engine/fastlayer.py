@@ -13,8 +13,9 @@ joined product's column slices, is (tests/test_fastlayer.py, intermediate size 1
     act(gate) * up -> down product + residual
 
 Where the layer's q, k, v and gate, up are joined (`weights.joined`) and its activation is SiLU, the kernels'
-`LayerStep` makes these calls from C++ in one call (the same tensors, the same order, so the same bits; about
-1.3 ms of a SmolLM2 step's Python saved), after checking that the weights it holds are still the layer's.
+`LayerStep` makes these calls from C++ in one call (the same tensors, the same order, so the same bits; 1.7-2.1
+ms of a SmolLM2 plain step saved, BENCHMARKS.md section 42), after checking that the weights it holds are still
+the layer's.
 
 A step takes this path where it qualifies: one request of 1-MAX_FAST_ROWS rows, its own `PreallocatedLayer`
 already holding the prompt, no batched plan, attention and MLP in place (not skipped while drafting), a bool or
