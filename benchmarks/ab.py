@@ -1,0 +1,111 @@
+"""Two ways of running the same passes: compared bit for bit, then timed alternately round by round, in one run.
+
+A way is a model and a context to enter around its passes (`contextlib.nullcontext` for none). Used by
+`benchmarks/placement_ab.py` (two models: weights placed or in place) and `benchmarks/one_call_ab.py` (one model,
+the layer step in one call or its calls one by one). Passes are timed as `benchmarks/step_cost.py` times them:
+the LM head on every position, the cache cropped back after each pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+
+from benchmarks.common import write_result
+from benchmarks.step_cost import measure_streams, pass_ms, quartiles, streams_text
+from knnssd.engine.kvcache import new_cache
+
+Way = tuple[nn.Module, Callable[[], ContextManager]]  # (model, a context to enter around its passes)
+
+
+@torch.inference_mode()
+def prefilled(model: nn.Module, context: int):
+    """A cache holding a random `context`-token prompt (the same prompt for every way)."""
+    cache = new_cache(model)
+    prompt = torch.randint(100, 1000, (1, context), generator=torch.Generator().manual_seed(context))
+    model.model(input_ids=prompt, cache=cache, use_cache=True)
+    return cache
+
+
+@torch.inference_mode()
+def first_difference(ways: dict[str, Way], widths: list[int]) -> int | None:
+    """The first width whose logits (a pass after a 40-token prompt) differ between the ways; None if none does."""
+    tokens = torch.randint(100, 1000, (1, max(widths)), generator=torch.Generator().manual_seed(1))
+    for width in widths:
+        logits = []
+        for model, context in ways.values():
+            with context():
+                cache = prefilled(model, 40)
+                hidden = model.model(input_ids=tokens[:, :width], position_ids=torch.arange(40, 40 + width)[None],
+                                     cache=cache, use_cache=True).last_hidden_state
+                logits.append(model.get_output_embeddings()(hidden[0]))
+        if not all(torch.equal(logits[0], other) for other in logits[1:]):
+            return width
+    return None
+
+
+def alternate(ways: dict[str, Way], context: int, widths: list[int], rounds: int
+              ) -> dict[str, dict[int, tuple[float, float, float]]]:
+    """{way: {width: (first quartile, median, third quartile) ms}}: every width's pass in each way, the ways
+    alternating round by round (the order flipped each round; round 0 warms up and is dropped)."""
+    caches = {label: prefilled(model, context) for label, (model, _) in ways.items()}
+    samples: dict[str, dict[int, list[float]]] = {label: {w: [] for w in widths} for label in ways}
+    for round_ in range(rounds + 1):
+        for label in (list(ways) if round_ % 2 else list(reversed(list(ways)))):
+            model, enter = ways[label]
+            with enter():
+                for width in widths:
+                    ms = pass_ms(model, caches[label], context, width)
+                    if round_:
+                        samples[label][width].append(ms)
+    return {label: {w: (quartiles(v)[0], sorted(v)[len(v) // 2], quartiles(v)[1]) for w, v in by.items()}
+            for label, by in samples.items()}
+
+
+def print_table(table: dict[str, dict[int, tuple[float, float, float]]], before: str, after: str, context: int,
+                rounds: int) -> None:
+    """Median [q1, q3] per width for `before` and `after`, and their ratio."""
+    print(f"\ncontext {context} (ms, median [q1, q3] of {rounds} rounds, alternating)")
+    ratio = f"{after}/{before}"
+    print(f"{'width':>6}{before:>24}{after:>24}{ratio:>{max(17, len(ratio) + 2)}}")
+    for width in table[before]:
+        cells = [f"{table[label][width][1]:8.1f} [{table[label][width][0]:5.1f}, {table[label][width][2]:5.1f}]"
+                 for label in (before, after)]
+        print(f"{width:>6}{cells[0]:>24}{cells[1]:>24}"
+              f"{table[after][width][1] / table[before][width][1]:>{max(17, len(ratio) + 2)}.2f}")
+
+
+def arguments(description: str) -> argparse.Namespace:
+    """The options both A/B scripts take: --model, --contexts, --widths, --rounds, --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--contexts", default="200,1500")
+    parser.add_argument("--widths", default="1,4,16")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default=None)
+    return parser.parse_args()
+
+
+def compare(ways: dict[str, Way], args: argparse.Namespace, result: dict) -> None:
+    """The whole A/B of two ways (the first is the baseline): bits first (exits where they differ), then every
+    context's alternating timings between stream measurements; printed, and written to args.out with `result`'s
+    header fields."""
+    widths = [int(w) for w in args.widths.split(",")]
+    before, after = ways
+    differs = first_difference(ways, widths)
+    if differs is not None:
+        raise SystemExit(f"{before} and {after} differ at width {differs}")
+    print(f"bits: passes of widths {widths} equal both ways")
+    streams: dict[str, list[float]] = {}
+    measure_streams(streams)
+    result["contexts"] = {}
+    for context in (int(c) for c in args.contexts.split(",")):
+        result["contexts"][context] = table = alternate(ways, context, widths, args.rounds)
+        print_table(table, before, after, context, args.rounds)
+    measure_streams(streams)
+    result["streams_gbs"] = streams
+    print(f"\nstream, before and after: {streams_text(streams)}")
+    write_result(args.out, result)
