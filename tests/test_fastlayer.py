@@ -196,45 +196,124 @@ class Counted:
     """A layer's `LayerStep` that counts its calls."""
 
     def __init__(self, inner):
-        self.inner, self.scale, self.calls = inner, inner.scale, 0
+        self.inner, self.calls = inner, 0
+        self.scale, self.input_eps, self.post_eps = inner.scale, inner.input_eps, inner.post_eps
 
     def step(self, *args):
         self.calls += 1
         return self.inner.step(*args)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_the_one_call_step_is_the_calls_one_by_one(family):
+def counted_steps(model):
+    """Every layer's `LayerStep` replaced by a `Counted` around it; the counters."""
+    counters = []
+    for layer in model.model.layers:
+        step = vars(layer)[fastlayer.STEP_ATTRIBUTE]
+        counters.append(Counted(step.layer_step))
+        step.layer_step = counters[-1]
+    return counters
+
+
+@pytest.mark.parametrize("family,biases", [("llama", {}), ("qwen2", {}),
+                                           ("llama", {"attention_bias": True, "mlp_bias": True})])
+def test_the_layer_step_is_the_calls_one_by_one(family, biases):
     """`LayerStep` (the layer's whole step in one C++ call) against the same step's kernel calls made one by one
-    from Python: identical logits and cache entries at widths 1, 7 and 32 and under a tree mask, Qwen2's biases
-    included, and the one call actually taken (once a layer a pass)."""
+    from Python: identical logits and cache entries at widths 1, 7 and 32 and under a tree mask, with Qwen2's q, k,
+    v biases and with a bias on every projection, and the one call actually taken (once a layer a pass)."""
     kernels_or_skip()
-    model = tiny_model(family, num_layers=2, vocab_size=160)
-    steps = [vars(layer)[fastlayer.STEP_ATTRIBUTE] for layer in model.model.layers]
-    assert all(step.one_call is not None for step in steps)
-    originals = [step.one_call for step in steps]
+    model = tiny_model(family, num_layers=2, vocab_size=160, **biases)
+    if biases:
+        assert model.model.layers[0].self_attn.o_proj.bias is not None
+        assert model.model.layers[0].mlp.down_proj.bias is not None
+    assert all(vars(layer)[fastlayer.STEP_ATTRIBUTE].layer_step is not None for layer in model.model.layers)
+    counters = counted_steps(model)
     tokens = torch.randint(3, 160, (MAX_FAST_ROWS,), generator=torch.Generator().manual_seed(5)).tolist()
     parents = [-1, -1, 0, 1, 1, 2]
     tree = (tokens[:7], (15 + torch.tensor([0] + depths(parents))).tolist(),
             lambda cache: tree_mask(model, cache, parents, 15))
     cases = [(tokens[:width], list(range(15, 15 + width)), None) for width in (1, 7, MAX_FAST_ROWS)] + [tree]
     for chosen, positions, mask_of in cases:
-        results = []
-        for one_call in (True, False):
-            counted = [Counted(original) for original in originals]
-            for step, inner in zip(steps, counted):
-                step.one_call = inner if one_call else None
+        for counter in counters:
+            counter.calls = 0
+        cache = prefilled(model, 15)
+        one_call = run(model, cache, chosen, positions, mask_of(cache) if mask_of else None)
+        assert [counter.calls for counter in counters] == [1, 1]
+        with fastlayer.calls_one_by_one(model):
             cache = prefilled(model, 15)
-            results.append(run(model, cache, chosen, positions, mask_of(cache) if mask_of else None))
-            assert [c.calls for c in counted] == ([1, 1] if one_call else [0, 0])
-        assert_same(*results)
-    for step, original in zip(steps, originals):
-        step.one_call = original
+            one_by_one = run(model, cache, chosen, positions, mask_of(cache) if mask_of else None)
+        assert [counter.calls for counter in counters] == [1, 1]
+        assert_same(one_call, one_by_one)
 
 
-def test_a_gelu_mlp_takes_the_calls_one_by_one():
-    """`LayerStep` computes SiLU only: a layer with another activation keeps the fast step, made of single calls."""
+def replace_down(layer):
+    layer.mlp.down_proj = torch.nn.Linear(layer.mlp.down_proj.in_features, layer.mlp.down_proj.out_features,
+                                          bias=False)
+
+
+def shrink_norm_data(layer):
+    norm = layer.post_attention_layernorm
+    norm.weight.data = torch.cat([norm.weight.data, torch.ones(1)])[:-1] * 2  # new data, same shape
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda layer: setattr(layer.input_layernorm, "variance_epsilon", 0.5), id="norm eps"),
+    pytest.param(lambda layer: setattr(layer.self_attn, "scaling", 0.02), id="attention scaling"),
+    pytest.param(replace_down, id="a projection module swapped"),
+    pytest.param(shrink_norm_data, id="a norm weight given new data"),
+    pytest.param(lambda layer: layer.mlp.act_fn.register_forward_hook(lambda module, args, out: out * 0),
+                 id="a hook on the activation"),
+])
+def test_a_changed_layer_is_not_stepped_with_what_the_layer_step_holds(change):
+    """After a change to one layer that the `LayerStep` cannot see in its held tensors, that layer's step must be
+    the calls one by one (reading the layer afresh): its logits equal the class forward's with the change, and the
+    changed layer's `LayerStep` is not called; the unchanged layer's still is."""
+    kernels_or_skip()
+    model = tiny_model("llama", num_layers=2, vocab_size=160)
+    layer = model.model.layers[1]
+    change(layer)
+    counters = counted_steps(model)
+    tokens = torch.randint(3, 160, (5,), generator=torch.Generator().manual_seed(6)).tolist()
+    fast, library = both_paths(model, 13, tokens, list(range(13, 18)))
+    assert_same(fast, library)
+    assert counters[1].calls == 0
+
+
+def test_a_gelu_mlp_takes_the_calls_one_by_one(updates):
+    """`LayerStep` computes SiLU only: a layer with another activation keeps the fast step made of single calls,
+    and that step is still the class forward bit for bit."""
     kernels_or_skip()
     model = tiny_model("llama", num_layers=2, vocab_size=160, hidden_act="gelu")
     steps = [vars(layer)[fastlayer.STEP_ATTRIBUTE] for layer in model.model.layers]
-    assert steps and all(step.one_call is None and not step.one_call_current() for step in steps)
+    assert steps and all(step.layer_step is None for step in steps)
+    assert not any(step.layer_step_usable(layer) for step, layer in zip(steps, model.model.layers))
+    tokens = torch.randint(3, 160, (MAX_FAST_ROWS,), generator=torch.Generator().manual_seed(7)).tolist()
+    updates[0] = 0
+    fast, library = both_paths(model, 11, tokens[:9], list(range(11, 20)))
+    assert_same(fast, library)
+    assert updates[0] == 2 + 2 + 2  # the two prefills and the library pass; the fast pass none
+    # and verify rows are plain steps (exact GELU over the joined product's strided columns was not, in one call)
+    from tests.test_batch_invariance import forward, plain_steps, prefilled as prefilled_state
+
+    prompt = torch.randint(3, 160, (1, 11), generator=torch.Generator().manual_seed(9))
+    plain = plain_steps(model, prompt, tokens)
+    for width in (2, 9, MAX_FAST_ROWS):
+        state = prefilled_state(model, prompt)
+        assert torch.equal(forward(model, state.cache, tokens[:width], list(range(11, 11 + width))), plain[:width])
+
+
+def test_layer_step_refuses_parts_that_do_not_fit():
+    """The C++ constructor checks what it is given: a missing bias slot or a wrong size is a clear error."""
+    kernel = kernels_or_skip()
+    hidden, heads, kv, inter = 8, 8, 4, 12
+    norm = torch.ones(hidden)
+    good = dict(input_norm=norm, input_eps=1e-6, qkv=torch.zeros(heads + 2 * kv, hidden), qkv_sizes=[heads, kv, kv],
+                qkv_biases=[None, None, None], scale=0.5, o=torch.zeros(hidden, heads), o_bias=None, post_norm=norm,
+                post_eps=1e-6, gate_up=torch.zeros(2 * inter, hidden), gate_up_sizes=[inter, inter],
+                gate_up_biases=[None, None], down=torch.zeros(hidden, inter), down_bias=None)
+    kernel.LayerStep(**good)
+    for wrong, message in [({"qkv_biases": [None, None]}, "3 sizes, 3 biases"),
+                           ({"qkv_sizes": [heads, kv, kv + 1]}, "qkv"),
+                           ({"gate_up_biases": [None, torch.zeros(inter + 1)]}, "gate or up bias"),
+                           ({"down": torch.zeros(hidden, inter + 1)}, "down")]:
+        with pytest.raises(RuntimeError, match=message):
+            kernel.LayerStep(**{**good, **wrong})

@@ -12,10 +12,10 @@ joined product's column slices, is (tests/test_fastlayer.py, intermediate size 1
     preallocated cache) -> rows_attention -> o product + residual -> rows_rms_norm -> gate, up product ->
     act(gate) * up -> down product + residual
 
-Where the layer's q, k, v and gate, up are joined (`weights.joined`) and its activation is SiLU, the kernels'
-`LayerStep` makes these calls from C++ in one call (the same tensors, the same order, so the same bits; 1.7-2.1
-ms of a SmolLM2 plain step saved, BENCHMARKS.md section 42), after checking that the weights it holds are still
-the layer's.
+Where the layer's q, k, v and gate, up are joined (`weights.joined`) and its activation is a plain SiLU, the
+kernels' `LayerStep` makes these calls from C++ in one call (the same tensors, the same order, so the same bits;
+0.7-2.1 ms of a SmolLM2 plain step saved, BENCHMARKS.md section 42), after `LayerKernels.layer_step_usable` has
+checked that what it holds is still the layer's. Other activations run one row at a time (`_activated`).
 
 A step takes this path where it qualifies: one request of 1-MAX_FAST_ROWS rows, its own `PreallocatedLayer`
 already holding the prompt, no batched plan, attention and MLP in place (not skipped while drafting), a bool or
@@ -28,8 +28,10 @@ forwards are Llama's own bytecode (Qwen2's full-attention layers too) and whose 
 from __future__ import annotations
 
 import inspect
+import operator
 import types
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -45,31 +47,65 @@ STEP_ATTRIBUTE = "_knnssd_step"  # set on each decoder layer that has the fast p
 PASSED_KEYWORDS = frozenset({"cache_position"})  # keywords a qualifying step may carry (and the path ignores)
 
 
+@dataclass(frozen=True)
+class Holds:
+    """What a `LayerStep` holds and where the layer keeps each: the i-th object is `slots[i][names[i]]`, with
+    `slots[i]` a module's `_modules` or `_parameters` dict (an absent bias is held as None). `tensors` are the
+    held parameters, with their addresses and shapes then. `current()`: the layer still keeps these very objects
+    there, with that data; C-level maps, as it runs before every layer's step."""
+
+    slots: tuple[dict, ...] = ()
+    names: tuple[str, ...] = ()
+    values: tuple[Any, ...] = ()
+    tensors: tuple[torch.Tensor, ...] = ()
+    addresses: tuple[int, ...] = ()
+    shapes: tuple[torch.Size, ...] = ()
+
+    def current(self) -> bool:
+        return (all(map(operator.is_, map(dict.get, self.slots, self.names), self.values))
+                and all(map(operator.eq, map(torch.Tensor.data_ptr, self.tensors), self.addresses))
+                and all(map(operator.eq, map(_SHAPE, self.tensors), self.shapes)))
+
+
+_SHAPE = operator.attrgetter("shape")
+
+
+def _holds(places: list[tuple[dict, str]]) -> Holds:
+    """`Holds` of what each (dict, name) place keeps now."""
+    values = tuple(slots.get(name) for slots, name in places)
+    tensors = tuple(value for value in values if isinstance(value, torch.Tensor))
+    return Holds(slots=tuple(slots for slots, _ in places), names=tuple(name for _, name in places), values=values,
+                 tensors=tensors, addresses=tuple(t.data_ptr() for t in tensors),
+                 shapes=tuple(t.shape for t in tensors))
+
+
 class LayerKernels:
     """What a layer's fast step calls: the compiled kernel module, the classes its sub-layers must still be, its
     q, k, v and its gate, up weights joined into one matrix each where they lie adjacent (`weights.joined`), and
-    where those joins exist and the MLP's activation is SiLU, the kernels' `LayerStep`: the whole step in one call,
-    holding the layer's weights. `holds` says where each held thing lives: (the module's `_parameters` or
-    `_modules` dict, its name there, the object, the tensor's address or None), checked before every step."""
+    where those joins exist and the MLP's activation is SiLU, the kernels' `LayerStep` (`layer_step`): the whole
+    step in one call, holding the layer's sub-modules' weights (`holds`, checked before every step)."""
 
     def __init__(self, kernel: Any, attention_class: type, mlp_class: type, qkv: Joined | None = None,
-                 gate_up: Joined | None = None, one_call: Any = None,
-                 holds: tuple[tuple[dict, str, Any, int | None], ...] = ()) -> None:
+                 gate_up: Joined | None = None, layer_step: Any = None, holds: Holds = Holds()) -> None:
         self.kernel = kernel
         self.attention_class = attention_class
         self.mlp_class = mlp_class
         self.qkv = qkv
         self.gate_up = gate_up
-        self.one_call = one_call
+        self.layer_step = layer_step
         self.holds = holds
 
-    def one_call_current(self) -> bool:
-        """Whether every tensor the one-call step holds is still its module's parameter at the same address (and
-        the activation the same module): a parameter replaced or given new data sends the step back to the
-        calls one by one, which read the parameters afresh."""
-        return self.one_call is not None and all(
-            slots.get(name) is value and (address is None or value.data_ptr() == address)
-            for slots, name, value, address in self.holds)
+    def layer_step_usable(self, layer: nn.Module) -> bool:
+        """Whether `layer_step` still computes `layer`'s step: the same sub-modules, each parameter the same object
+        with the same address and shape, the same attention scaling and norm epsilons, and a plain SiLU. Anything
+        else (a sub-module swapped, a parameter replaced or given new data, a hook on the activation) sends the
+        step to the calls one by one, which read the layer afresh."""
+        step = self.layer_step
+        return (step is not None and self.holds.current()
+                and float(layer.self_attn.scaling) == step.scale
+                and float(layer.input_layernorm.variance_epsilon) == step.input_eps
+                and float(layer.post_attention_layernorm.variance_epsilon) == step.post_eps
+                and _plain_silu(layer.mlp.act_fn))
 
 
 def _code(function: Any) -> Any:
@@ -117,38 +153,54 @@ def joinable_groups(model: nn.Module) -> list[list[nn.Parameter]]:
             for group in _projections(layer)]
 
 
-def _is_silu(act: Any) -> bool:
-    """Whether the MLP's activation is SiLU as torch computes it (`F.silu`), which `LayerStep` calls."""
+def _silu_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """transformers' `SiLUActivation.forward`, as its source reads; compared by bytecode (`_same_code`), so a
+    class whose forward was replaced (a hub kernel) does not count as SiLU."""
+    return nn.functional.silu(input)
+
+
+def _plain_silu(act: Any) -> bool:
+    """Whether the MLP's activation computes `F.silu` and nothing more when called (no instance forward, no hooks),
+    which `LayerStep` calls in its place."""
+    from torch.nn.modules import module as torch_module
     from transformers.activations import SiLUActivation
 
     if type(act) is nn.SiLU:
-        return not act.inplace
-    return type(act) is SiLUActivation and _code(type(act).forward) == _code(SiLUActivation.forward)
+        if act.inplace:
+            return False
+    elif type(act) is not SiLUActivation or not _same_code(act, _silu_forward):
+        return False
+    return ("forward" not in vars(act) and not act._forward_hooks and not act._forward_pre_hooks
+            and not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks)
 
 
-def _one_call(kernel: Any, layer: nn.Module, qkv: Joined | None, gate_up: Joined | None
-              ) -> tuple[Any, tuple[tuple[dict, str, Any, int | None], ...]]:
+def _layer_step(kernel: Any, layer: nn.Module, qkv: Joined | None, gate_up: Joined | None
+                ) -> tuple[Any, Holds]:
     """The kernels' `LayerStep` for `layer` and what it holds, or (None, ()) where the layer's q, k, v or gate, up
-    are not joined, its activation is not SiLU, or the kernel build has no `LayerStep`."""
+    are not joined, its activation is not a plain SiLU, or the kernel build has no `LayerStep`."""
     attn, mlp = layer.self_attn, layer.mlp
-    if qkv is None or gate_up is None or not hasattr(kernel, "LayerStep") or not _is_silu(mlp.act_fn):
-        return None, ()
+    if qkv is None or gate_up is None or not hasattr(kernel, "LayerStep") or not _plain_silu(mlp.act_fn):
+        return None, Holds()
     linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
-    parameters = [(m._parameters, n) for m in linears for n in ("weight", "bias")] + \
-        [(m._parameters, "weight") for m in norms]
-    holds = tuple((slots, name, slots.get(name), None if slots.get(name) is None else slots[name].data_ptr())
-                  for slots, name in parameters) + ((mlp._modules, "act_fn", mlp.act_fn, None),)
+    modules = [(layer, name) for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")] + \
+        [(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+        [(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")]
+    parameters = [(m, n) for m in linears for n in ("weight", "bias")] + [(m, "weight") for m in norms]
+    holds = _holds([(owner._modules, name) for owner, name in modules] +
+                   [(owner._parameters, name) for owner, name in parameters])
 
     def bias(linear: nn.Linear) -> torch.Tensor | None:
         return None if linear.bias is None else linear.bias.detach()
 
     step = kernel.LayerStep(
-        layer.input_layernorm.weight.detach(), float(layer.input_layernorm.variance_epsilon), qkv.matrix,
-        list(qkv.sizes), [bias(linear) for linear in linears[:3]], float(attn.scaling),
-        attn.o_proj.weight.detach(), bias(attn.o_proj), layer.post_attention_layernorm.weight.detach(),
-        float(layer.post_attention_layernorm.variance_epsilon), gate_up.matrix, list(gate_up.sizes),
-        [bias(mlp.gate_proj), bias(mlp.up_proj)], mlp.down_proj.weight.detach(), bias(mlp.down_proj))
+        input_norm=layer.input_layernorm.weight.detach(), input_eps=float(layer.input_layernorm.variance_epsilon),
+        qkv=qkv.matrix, qkv_sizes=list(qkv.sizes), qkv_biases=[bias(linear) for linear in linears[:3]],
+        scale=float(attn.scaling), o=attn.o_proj.weight.detach(), o_bias=bias(attn.o_proj),
+        post_norm=layer.post_attention_layernorm.weight.detach(),
+        post_eps=float(layer.post_attention_layernorm.variance_epsilon), gate_up=gate_up.matrix,
+        gate_up_sizes=list(gate_up.sizes), gate_up_biases=[bias(mlp.gate_proj), bias(mlp.up_proj)],
+        down=mlp.down_proj.weight.detach(), down_bias=bias(mlp.down_proj))
     return step, holds
 
 
@@ -157,9 +209,9 @@ def install(model: nn.Module, kernel: Any) -> int:
     layers = eligible_layers(model)
     for layer in layers:
         qkv, gate_up = (joined([linear.weight for linear in group]) for group in _projections(layer))
-        one_call, holds = _one_call(kernel, layer, qkv, gate_up)
+        layer_step, holds = _layer_step(kernel, layer, qkv, gate_up)
         setattr(layer, STEP_ATTRIBUTE, LayerKernels(kernel, type(layer.self_attn), type(layer.mlp), qkv, gate_up,
-                                                    one_call, holds))
+                                                    layer_step, holds))
         layer.forward = types.MethodType(fast_step, layer)
     return len(layers)
 
@@ -188,18 +240,21 @@ def calls_one_by_one(model: nn.Module) -> Iterator[None]:
     """Within the block every fast step makes its kernel calls one by one from Python, not in one `LayerStep`
     call (the same bits; to compare the two, `benchmarks/one_call_ab.py`)."""
     steps = [vars(m)[STEP_ATTRIBUTE] for m in model.modules() if STEP_ATTRIBUTE in vars(m)]
-    saved = [step.one_call for step in steps]
+    saved = [step.layer_step for step in steps]
     try:
         for step in steps:
-            step.one_call = None
+            step.layer_step = None
         yield
     finally:
-        for step, one_call in zip(steps, saved):
-            step.one_call = one_call
+        for step, layer_step in zip(steps, saved):
+            step.layer_step = layer_step
 
 
 def _product(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """x (T, in) -> (T, out) exactly as the layer's accelerated forward computes it (`kernels._fast_forward`)."""
+    """x (T, in) -> (T, out) exactly as the layer's accelerated forward computes it (`kernels._fast_forward`); a
+    linear put in after the kernels were installed (no `_knnssd_run`) by its own forward, as the class would."""
+    if "_knnssd_run" not in vars(linear):
+        return linear(x)
     out = linear._knnssd_run[x.shape[0] - 1](x, linear.weight)
     return out if linear.bias is None else out + linear.bias
 
@@ -212,6 +267,16 @@ def _products(kernel: Any, linears: list[nn.Linear], join: Joined | None, x: tor
         return [_product(linear, x) for linear in linears]
     outs = kernel.rows_gemm(x, join.matrix).split(join.sizes, dim=1)
     return [out if linear.bias is None else out + linear.bias for out, linear in zip(outs, linears)]
+
+
+def _activated(act: nn.Module, gate: torch.Tensor) -> torch.Tensor:
+    """act(gate) for gate (T, I), a column slice of the joined gate/up product, each row computing the bits a 1-row
+    step computes. A plain SiLU in one call (ATen takes a strided slice row by row: tests/test_fastlayer.py,
+    intermediate size 100); any other activation one row at a time, since some take another path over strided rows
+    (exact GELU: its 9-row result differed from its rows alone, found on 2026-12-05)."""
+    if gate.shape[0] == 1 or _plain_silu(act):
+        return act(gate)
+    return torch.cat([act(gate[t:t + 1]) for t in range(gate.shape[0])])
 
 
 def _qualifying_cache(layer: nn.Module, cache: Any, rows: int) -> PreallocatedLayer | None:
@@ -258,8 +323,8 @@ def fast_step(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torc
     held.reserve(end)
     cos, sin = position_embeddings
     mask = attention_mask[0, 0] if attention_mask is not None else None
-    if kernels.one_call_current() and float(attn.scaling) == kernels.one_call.scale:
-        x = kernels.one_call.step(x, cos[0], sin[0], held.key_buffer, held.value_buffer, start, mask)
+    if kernels.layer_step_usable(self):
+        x = kernels.layer_step.step(x, cos[0], sin[0], held.key_buffer, held.value_buffer, start, mask)
         held.commit(end)
         return x.reshape(1, rows, hidden)
     norm = self.input_layernorm
@@ -272,5 +337,5 @@ def fast_step(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torc
     norm = self.post_attention_layernorm
     h = kernel.rows_rms_norm(x, norm.weight, norm.variance_epsilon)
     gate, up = _products(kernel, [mlp.gate_proj, mlp.up_proj], kernels.gate_up, h)
-    x = x + _product(mlp.down_proj, mlp.act_fn(gate) * up)
+    x = x + _product(mlp.down_proj, _activated(mlp.act_fn, gate) * up)
     return x.reshape(1, rows, hidden)

@@ -6,9 +6,9 @@
 //   rows_rope_kv(q, k, v, cos, sin, key_buffer, value_buffer, start)
 //                                   rotary positions on a step's queries and keys, keys and values written
 //                                   into a preallocated KV cache (knnssd/engine/kvcache.py)
-//   LayerStep(...).step(x, ...)      a Llama-shaped decoder layer's step made of the calls above, in one call
+//   LayerStep(...).step(x, ...)     a Llama-shaped decoder layer's step made of the calls above, in one call
 //
-// Both are batch-invariant: every output element is computed by the same sequence of floating-point operations
+// The kernels are batch-invariant: every output element is computed by the same sequence of floating-point operations
 // whatever the number of rows, so a row of a 16-token verify pass has the bits the 1-token plain step at that
 // position has. That makes speculative greedy output plain decoding's exactly, by construction:
 // - rows_gemm: out[m, n] is one sequential LANES-wide fused multiply-add reduction over k (the tail by a masked
@@ -638,33 +638,59 @@ torch::Tensor with_bias(torch::Tensor out, const c10::optional<torch::Tensor>& b
 // One decoder layer's step of Llama's form, T = 1 to 32 rows, from one Python call: the calls
 // knnssd/engine/fastlayer.py's fast_step makes one by one, in the same order on the same tensors (the same kernels,
 // and ATen's own add, SiLU and multiply), so every output bit is that path's. The layer's weights are held from
-// install on; fastlayer checks before each step that they are still the layer's parameters.
+// install on; fastlayer checks before each step that they are still the layer's (`LayerKernels.layer_step_usable`).
 //
 //   x (T, hidden) -> rms_norm -> [q | k | v] = h @ qkv.T (+ biases) -> rotary, keys and values into the buffers at
 //   start -> attention over the buffers' first start + T entries -> x + (o product) -> rms_norm ->
 //   [gate | up] = h @ gate_up.T (+ biases) -> x + down(silu(gate) * up)
-struct LayerStep {
-  torch::Tensor input_norm;
-  double input_eps;
-  torch::Tensor qkv;  // (nq + nk + nv, hidden): q, k and v weights adjacent
-  std::vector<int64_t> qkv_sizes;
-  std::vector<c10::optional<torch::Tensor>> qkv_biases;
-  double scale;
-  torch::Tensor o;
-  c10::optional<torch::Tensor> o_bias;
-  torch::Tensor post_norm;
-  double post_eps;
-  torch::Tensor gate_up;  // (2 * intermediate, hidden): gate and up weights adjacent
-  std::vector<int64_t> gate_up_sizes;
-  std::vector<c10::optional<torch::Tensor>> gate_up_biases;
-  torch::Tensor down;
-  c10::optional<torch::Tensor> down_bias;
+class LayerStep {
+ public:
+  using Bias = c10::optional<torch::Tensor>;
+
+  LayerStep(torch::Tensor input_norm, double input_eps, torch::Tensor qkv, std::vector<int64_t> qkv_sizes,
+            std::vector<Bias> qkv_biases, double scale, torch::Tensor o, Bias o_bias, torch::Tensor post_norm,
+            double post_eps, torch::Tensor gate_up, std::vector<int64_t> gate_up_sizes,
+            std::vector<Bias> gate_up_biases, torch::Tensor down, Bias down_bias)
+      : input_norm(std::move(input_norm)), input_eps(input_eps), qkv(std::move(qkv)),
+        qkv_sizes(std::move(qkv_sizes)), qkv_biases(std::move(qkv_biases)), scale(scale), o(std::move(o)),
+        o_bias(std::move(o_bias)), post_norm(std::move(post_norm)), post_eps(post_eps),
+        gate_up(std::move(gate_up)), gate_up_sizes(std::move(gate_up_sizes)),
+        gate_up_biases(std::move(gate_up_biases)), down(std::move(down)), down_bias(std::move(down_bias)) {
+    const int64_t hidden = this->input_norm.numel();
+    TORCH_CHECK(this->input_norm.dim() == 1 && this->post_norm.sizes() == this->input_norm.sizes(),
+                "LayerStep: two norm weights (hidden)");
+    TORCH_CHECK(this->qkv_sizes.size() == 3 && this->qkv_biases.size() == 3,
+                "LayerStep: q, k and v: 3 sizes, 3 biases");
+    TORCH_CHECK(this->gate_up_sizes.size() == 2 && this->gate_up_biases.size() == 2,
+                "LayerStep: gate and up: 2 sizes, 2 biases");
+    TORCH_CHECK(this->gate_up_sizes[0] == this->gate_up_sizes[1], "LayerStep: gate and up of one size");
+    TORCH_CHECK(this->qkv.dim() == 2 && this->qkv.size(1) == hidden &&
+                this->qkv.size(0) == this->qkv_sizes[0] + this->qkv_sizes[1] + this->qkv_sizes[2],
+                "LayerStep: qkv (nq + nk + nv, hidden)");
+    TORCH_CHECK(this->o.dim() == 2 && this->o.size(0) == hidden && this->o.size(1) == this->qkv_sizes[0],
+                "LayerStep: o (hidden, nq)");
+    TORCH_CHECK(this->gate_up.dim() == 2 && this->gate_up.size(1) == hidden &&
+                this->gate_up.size(0) == 2 * this->gate_up_sizes[0], "LayerStep: gate_up (2 * intermediate, hidden)");
+    TORCH_CHECK(this->down.dim() == 2 && this->down.size(0) == hidden && this->down.size(1) == this->gate_up_sizes[0],
+                "LayerStep: down (hidden, intermediate)");
+    auto bias_fits = [](const Bias& bias, int64_t n) {
+      return !bias.has_value() || (bias->dim() == 1 && bias->size(0) == n);
+    };
+    for (int i = 0; i < 3; ++i)
+      TORCH_CHECK(bias_fits(this->qkv_biases[i], this->qkv_sizes[i]), "LayerStep: a q, k or v bias of the wrong size");
+    for (int i = 0; i < 2; ++i)
+      TORCH_CHECK(bias_fits(this->gate_up_biases[i], this->gate_up_sizes[i]),
+                  "LayerStep: a gate or up bias of the wrong size");
+    TORCH_CHECK(bias_fits(this->o_bias, hidden) && bias_fits(this->down_bias, hidden),
+                "LayerStep: an o or down bias of the wrong size");
+  }
 
   // x (T, hidden), cos and sin (T, D), key_buffer and value_buffer (1, Hkv, capacity, D) with room for start + T
   // entries, mask (T, start + T) bool or None (causal) -> (T, hidden).
   torch::Tensor step(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor key_buffer,
                      torch::Tensor value_buffer, int64_t start, c10::optional<torch::Tensor> mask) const {
-    TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "layer step: x (T, hidden), 1 <= T <= 32");
+    TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows && x.size(1) == input_norm.numel(),
+                "LayerStep.step: x (T, hidden), 1 <= T <= 32");
     const int64_t T = x.size(0), end = start + T;
     auto h = rows_rms_norm(x, input_norm, input_eps);
     auto qkv_parts = rows_gemm(h, qkv).split_with_sizes(qkv_sizes, 1);
@@ -679,6 +705,22 @@ struct LayerStep {
                                                                                       gate_up_biases[1]);
     return x + with_bias(rows_gemm(act, down), down_bias);
   }
+
+  const torch::Tensor input_norm;
+  const double input_eps;
+  const torch::Tensor qkv;  // (nq + nk + nv, hidden): q, k and v weights adjacent
+  const std::vector<int64_t> qkv_sizes;
+  const std::vector<Bias> qkv_biases;
+  const double scale;
+  const torch::Tensor o;
+  const Bias o_bias;
+  const torch::Tensor post_norm;
+  const double post_eps;
+  const torch::Tensor gate_up;  // (2 * intermediate, hidden): gate and up weights adjacent
+  const std::vector<int64_t> gate_up_sizes;
+  const std::vector<Bias> gate_up_biases;
+  const torch::Tensor down;
+  const Bias down_bias;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -687,11 +729,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_gemm", &rows_gemm, "x (m, k) @ w (n, k).T, 1 <= m <= 256");
   m.def("rows_attention", &rows_attention, "attention of 1-32 query rows (T, H, D) over k, v (Hkv, L, D)");
   m.attr("lanes") = LANES;
+  using pybind11::arg;
   pybind11::class_<LayerStep>(m, "LayerStep")
-      .def(pybind11::init<torch::Tensor, double, torch::Tensor, std::vector<int64_t>,
-                          std::vector<c10::optional<torch::Tensor>>, double, torch::Tensor,
-                          c10::optional<torch::Tensor>, torch::Tensor, double, torch::Tensor, std::vector<int64_t>,
-                          std::vector<c10::optional<torch::Tensor>>, torch::Tensor, c10::optional<torch::Tensor>>())
+      .def(pybind11::init<torch::Tensor, double, torch::Tensor, std::vector<int64_t>, std::vector<LayerStep::Bias>,
+                          double, torch::Tensor, LayerStep::Bias, torch::Tensor, double, torch::Tensor,
+                          std::vector<int64_t>, std::vector<LayerStep::Bias>, torch::Tensor, LayerStep::Bias>(),
+           arg("input_norm"), arg("input_eps"), arg("qkv"), arg("qkv_sizes"), arg("qkv_biases"), arg("scale"),
+           arg("o"), arg("o_bias"), arg("post_norm"), arg("post_eps"), arg("gate_up"), arg("gate_up_sizes"),
+           arg("gate_up_biases"), arg("down"), arg("down_bias"))
       .def_readonly("scale", &LayerStep::scale)
+      .def_readonly("input_eps", &LayerStep::input_eps)
+      .def_readonly("post_eps", &LayerStep::post_eps)
       .def("step", &LayerStep::step, "one decoder layer's step: x (T, hidden) -> (T, hidden)");
 }
