@@ -14,8 +14,9 @@ joined product's column slices, is (tests/test_fastlayer.py, intermediate size 1
 
 Where the layer's q, k, v and gate, up are joined (`weights.joined`) and its activation is a plain SiLU, the
 kernels' `LayerStep` makes these calls from C++ in one call (the same tensors, the same order, so the same bits;
-0.7-2.1 ms of a SmolLM2 plain step saved, BENCHMARKS.md section 42), after `LayerKernels.layer_step_usable` has
-checked that what it holds is still the layer's. Other activations run one row at a time (`_activated`).
+1.5-2.1 ms of a SmolLM2 plain step saved at context 200, BENCHMARKS.md section 42), after
+`LayerKernels.layer_step_usable` has checked that what it holds is still the layer's. Other activations run one
+row at a time (`_activated`).
 
 A step takes this path where it qualifies: one request of 1-MAX_FAST_ROWS rows, its own `PreallocatedLayer`
 already holding the prompt, no batched plan, attention and MLP in place (not skipped while drafting), a bool or
@@ -27,6 +28,7 @@ forwards are Llama's own bytecode (Qwen2's full-attention layers too) and whose 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import types
@@ -36,7 +38,9 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 from transformers import DynamicCache
+from transformers.activations import SiLUActivation
 
 from knnssd.engine import attention
 from knnssd.engine.kernels import MAX_FAST_ROWS, llama_rms_norms
@@ -112,9 +116,13 @@ def _code(function: Any) -> Any:
     return getattr(inspect.unwrap(function), "__code__", None)
 
 
-def _same_code(module: nn.Module, reference: Any) -> bool:
-    mine, theirs = _code(getattr(type(module), "forward", None)), _code(reference)
+def _same_function(function: Any, reference: Any) -> bool:
+    mine, theirs = _code(function), _code(reference)
     return mine is not None and mine.co_code == theirs.co_code and mine.co_names == theirs.co_names
+
+
+def _same_code(module: nn.Module, reference: Any) -> bool:
+    return _same_function(getattr(type(module), "forward", None), reference)
 
 
 def _plain_attention(attn: nn.Module | None) -> bool:
@@ -159,16 +167,20 @@ def _silu_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
     return nn.functional.silu(input)
 
 
+@functools.lru_cache(maxsize=None)
+def _silu_class_forward(forward: Any) -> bool:
+    """Whether `forward` (a SiLUActivation class's forward as it is now) has `_silu_forward`'s bytecode; cached per
+    function object, since `_plain_silu` runs before every layer's step."""
+    return _same_function(forward, _silu_forward)
+
+
 def _plain_silu(act: Any) -> bool:
     """Whether the MLP's activation computes `F.silu` and nothing more when called (no instance forward, no hooks),
     which `LayerStep` calls in its place."""
-    from torch.nn.modules import module as torch_module
-    from transformers.activations import SiLUActivation
-
     if type(act) is nn.SiLU:
         if act.inplace:
             return False
-    elif type(act) is not SiLUActivation or not _same_code(act, _silu_forward):
+    elif type(act) is not SiLUActivation or not _silu_class_forward(type(act).forward):
         return False
     return ("forward" not in vars(act) and not act._forward_hooks and not act._forward_pre_hooks
             and not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks)
@@ -176,12 +188,13 @@ def _plain_silu(act: Any) -> bool:
 
 def _layer_step(kernel: Any, layer: nn.Module, qkv: Joined | None, gate_up: Joined | None
                 ) -> tuple[Any, Holds]:
-    """The kernels' `LayerStep` for `layer` and what it holds, or (None, ()) where the layer's q, k, v or gate, up
-    are not joined, its activation is not a plain SiLU, or the kernel build has no `LayerStep`."""
+    """The kernels' `LayerStep` for `layer` and what it holds, or (None, Holds()) where the layer's q, k, v or
+    gate, up are not joined, its activation is not a plain SiLU, or the kernel build has no `LayerStep`."""
     attn, mlp = layer.self_attn, layer.mlp
     if qkv is None or gate_up is None or not hasattr(kernel, "LayerStep") or not _plain_silu(mlp.act_fn):
         return None, Holds()
-    linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    qkv_linears, gate_up_linears = _projections(layer)
+    linears = qkv_linears + [attn.o_proj] + gate_up_linears + [mlp.down_proj]
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
     modules = [(layer, name) for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")] + \
         [(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
@@ -195,11 +208,11 @@ def _layer_step(kernel: Any, layer: nn.Module, qkv: Joined | None, gate_up: Join
 
     step = kernel.LayerStep(
         input_norm=layer.input_layernorm.weight.detach(), input_eps=float(layer.input_layernorm.variance_epsilon),
-        qkv=qkv.matrix, qkv_sizes=list(qkv.sizes), qkv_biases=[bias(linear) for linear in linears[:3]],
+        qkv=qkv.matrix, qkv_sizes=list(qkv.sizes), qkv_biases=[bias(linear) for linear in qkv_linears],
         scale=float(attn.scaling), o=attn.o_proj.weight.detach(), o_bias=bias(attn.o_proj),
         post_norm=layer.post_attention_layernorm.weight.detach(),
         post_eps=float(layer.post_attention_layernorm.variance_epsilon), gate_up=gate_up.matrix,
-        gate_up_sizes=list(gate_up.sizes), gate_up_biases=[bias(mlp.gate_proj), bias(mlp.up_proj)],
+        gate_up_sizes=list(gate_up.sizes), gate_up_biases=[bias(linear) for linear in gate_up_linears],
         down=mlp.down_proj.weight.detach(), down_bias=bias(mlp.down_proj))
     return step, holds
 
