@@ -45,6 +45,10 @@ def build(source: str, label: str, cflags: tuple[str, ...] = ()):
     """The extension built from C++ `source` text with extra `cflags`, in a temporary folder keyed by both."""
     from torch.utils.cpp_extension import load
 
+    # Revisions 77d93fa to 0eae217 registered LayerStep with pybind11 globally: a second build in the process failed
+    # to import ("type LayerStep is already registered"). Made module-local, as the source is since.
+    source = source.replace('class_<LayerStep>(m, "LayerStep")',
+                            'class_<LayerStep>(m, "LayerStep", pybind11::module_local())')
     key = hashlib.sha256((source + " ".join(cflags)).encode()).hexdigest()[:10]
     folder = Path(tempfile.gettempdir()) / f"knnssd-kernel-ab-{key}"
     folder.mkdir(exist_ok=True)

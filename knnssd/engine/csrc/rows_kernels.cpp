@@ -110,9 +110,9 @@ constexpr int64_t kAhead = 1;                   // weight blocks ahead prefetche
 // ---------------------------------------------------------------------------------------------------- gemm
 
 // out[m, n0 + i] = x[m] . w[n0 + i] for m < G, i < B (kBlock * kGroup + kBlock + 1 vector registers at most).
-template <int G, int B>
-// Each of the loop's iterations also prefetches `per` cache lines of w at offsets pf, pf + kLine, ... below pf_end
-// (offsets from w, never a pointer past the array).
+// With kPrefetch, each of the loop's iterations also prefetches `per` cache lines of w at offsets pf, pf + kLine, ...
+// below pf_end (offsets from w, never a pointer past the array).
+template <int G, int B, bool kPrefetch>
 inline void tile(const float* __restrict x, const float* __restrict wn, float* __restrict out, int64_t n0,
                  int64_t n_out, int64_t k, const float* w, int64_t pf, int64_t pf_end, int per) {
   vec acc[B][G];
@@ -125,8 +125,9 @@ inline void tile(const float* __restrict x, const float* __restrict wn, float* _
     vec wv[B];
 #pragma GCC unroll 8
     for (int i = 0; i < B; ++i) wv[i] = vload(wn + i * k + j);
-    for (int u = 0; u < per; ++u, pf += kLine)
-      if (pf < pf_end) _mm_prefetch(reinterpret_cast<const char*>(w + pf), _MM_HINT_T0);
+    if constexpr (kPrefetch)
+      for (int u = 0; u < per; ++u, pf += kLine)
+        if (pf < pf_end) _mm_prefetch(reinterpret_cast<const char*>(w + pf), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int m = 0; m < G; ++m) {
       const vec xv = vload(x + m * k + j);
@@ -150,12 +151,12 @@ inline void tile(const float* __restrict x, const float* __restrict wn, float* _
 }
 
 // A tile of `rows` input rows (1 to kMost) by B weight rows.
-template <int B, int kMost, int G = 1>
+template <int B, int kMost, bool kPrefetch, int G = 1>
 inline void rest_group(int rows, const float* x, const float* wn, float* out, int64_t n0, int64_t n_out, int64_t k,
                        const float* w, int64_t pf, int64_t pf_end, int per) {
   if constexpr (G <= kMost) {
-    if (rows == G) return tile<G, B>(x, wn, out, n0, n_out, k, w, pf, pf_end, per);
-    return rest_group<B, kMost, G + 1>(rows, x, wn, out, n0, n_out, k, w, pf, pf_end, per);
+    if (rows == G) return tile<G, B, kPrefetch>(x, wn, out, n0, n_out, k, w, pf, pf_end, per);
+    return rest_group<B, kMost, kPrefetch, G + 1>(rows, x, wn, out, n0, n_out, k, w, pf, pf_end, per);
   }
 }
 
@@ -174,8 +175,8 @@ inline void weight_block(int rows, const float* x, const float* w, float* out, i
   for (int g = 0, m0 = 0; g < groups; ++g) {
     const int size = (rows - m0) / (groups - g);
     const int64_t pf = ahead + g * slice * kLine;
-    rest_group<B, kMost>(size, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, w, pf,
-                         std::min(pf + slice * kLine, end), per);
+    rest_group<B, kMost, kPrefetch>(size, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, w, pf,
+                                    std::min(pf + slice * kLine, end), per);
     m0 += size;
   }
 }
@@ -188,6 +189,17 @@ void rows_times_weight(int rows, const float* x, const float* w, float* out, int
     for (int64_t b = begin; b < end; ++b) weight_block<B, kMost, kPrefetch>(rows, x, w, out, b * B, n_out, k);
   });
   for (int64_t n = blocks * B; n < n_out; ++n) weight_block<1, kMost, kPrefetch>(rows, x, w, out, n, n_out, k);
+}
+
+// G (1 or 2) input rows times every weight row, one weight row at a time with nothing else done per row, so each
+// thread's share of w is one sequential stream. The same tile as above, so the same bits. Through weight_block,
+// a row at a time, its per-block arithmetic (group sizes and prefetch slices, four divisions) held SmolLM2's 1-row
+// products to 41 GB/s where this reads 48, in one process (BENCHMARKS 43).
+template <int G>
+void rows_stream(const float* x, const float* w, float* out, int64_t n_out, int64_t k) {
+  at::parallel_for(0, n_out, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) tile<G, 1, false>(x, w + n * k, out, n, n_out, k, w, 0, 0, 0);
+  });
 }
 
 // ----------------------------------------------------------------------------------------------- attention
@@ -485,7 +497,8 @@ torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor w) {
     // 1 or 2 rows: one weight row at a time, so each thread reads its share of w as one sequential stream (the
     // hardware prefetcher's best case; tiles of 8 rows read 8 short streams at once and stay well below the
     // memory's speed, BENCHMARKS 41). Each output's operations are the tiles' own, so the bits do not change.
-    if (rows <= 2) rows_times_weight<1, 2, false>(rows, xp, wp, op, n, k);
+    if (rows == 1) rows_stream<1>(xp, wp, op, n, k);
+    else if (rows == 2) rows_stream<2>(xp, wp, op, n, k);
     else rows_times_weight<kBlock, kGroup, true>(rows, xp, wp, op, n, k);
   }
   return out;
@@ -730,7 +743,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_attention", &rows_attention, "attention of 1-32 query rows (T, H, D) over k, v (Hkv, L, D)");
   m.attr("lanes") = LANES;
   using pybind11::arg;
-  pybind11::class_<LayerStep>(m, "LayerStep")
+  // Module-local: two builds of this file in one process (benchmarks/kernel_ab.py) each keep their own class.
+  pybind11::class_<LayerStep>(m, "LayerStep", pybind11::module_local())
       .def(pybind11::init<torch::Tensor, double, torch::Tensor, std::vector<int64_t>, std::vector<LayerStep::Bias>,
                           double, torch::Tensor, LayerStep::Bias, torch::Tensor, double, torch::Tensor,
                           std::vector<int64_t>, std::vector<LayerStep::Bias>, torch::Tensor, LayerStep::Bias>(),
