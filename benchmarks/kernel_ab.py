@@ -11,8 +11,10 @@ builds and checks the AVX2 code path on an AVX-512 CPU), then:
    heads of 1-7 per key/value head, head dimensions 16-128), every output of `rows_gemm` and `rows_attention` must
    equal REV's bit for bit; the run stops at the first difference. A kernel change that only reorganises the
    work keeps plain decoding's output, so every speedup measured before stays comparable.
-2. **Products.** One pass of `--model`'s products (each layer's q, k, v, o, gate, up and down shapes, and the LM
-   head; random weights of those shapes, every matrix distinct, so nothing stays in cache) at each row count.
+2. **Products.** One pass of `--model`'s products as the engine makes them (each layer's q, k and v joined, o,
+   gate and up joined, down, and the LM head; random weights of those shapes, every matrix distinct, so nothing
+   stays in cache, all in one arena on huge pages where the OS allows, as `knnssd.engine.weights` places a
+   model's) at each row count. (Until 2026-12-05 the matrices were separate and on 4 KB pages.)
 3. **Attention.** The model's attention shape (heads, key/value heads, head dimension) over each context, each
    layer its own keys and values (on 4 KB pages; the engine's cache buffers of a megabyte or more lie on huge
    pages), at each row count. (Until 2026-12-05 one cache served every layer, so it was read from the CPU's caches
@@ -95,10 +97,25 @@ def model_shapes(name: str) -> dict:
     hidden, heads = config.hidden_size, config.num_attention_heads
     dim = getattr(config, "head_dim", None) or hidden // heads
     kv = config.num_key_value_heads * dim
-    layer = [(heads * dim, hidden), (kv, hidden), (kv, hidden), (hidden, heads * dim),
-             (config.intermediate_size, hidden), (config.intermediate_size, hidden), (hidden, config.intermediate_size)]
+    layer = [(heads * dim + 2 * kv, hidden), (hidden, heads * dim), (2 * config.intermediate_size, hidden),
+             (hidden, config.intermediate_size)]  # q, k, v joined; o; gate, up joined; down
     return {"layers": config.num_hidden_layers, "layer": layer, "head": (config.vocab_size, hidden),
             "heads": heads, "kv_heads": config.num_key_value_heads, "dim": dim}
+
+
+def placed(shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Random float32 matrices of `shapes`, one after another in one arena (`knnssd.engine.weights.arena`)."""
+    from knnssd.engine.weights import arena
+
+    memory, advised, reason = arena(sum(n * k for n, k in shapes) * 4)
+    print("weights on huge pages" if advised else f"weights on 4 KB pages: {reason}")
+    floats, matrices, offset = memory.view(torch.float32), [], 0
+    for n, k in shapes:
+        matrix = floats[offset:offset + n * k].view(n, k)
+        matrix.copy_(torch.randn(n, k))
+        matrices.append(matrix)
+        offset += n * k
+    return matrices
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -127,8 +144,7 @@ def main() -> None:
                                    if cflags else ""))
     print(f"bits: {check_bits(builds['base'], builds['this'])} outputs compared, all equal to {args.base}'s")
     shapes = model_shapes(args.model)
-    weights = [torch.randn(n, k) for _ in range(shapes["layers"]) for n, k in shapes["layer"]]
-    weights.append(torch.randn(*shapes["head"]))
+    weights = placed([shape for _ in range(shapes["layers"]) for shape in shapes["layer"]] + [shapes["head"]])
     rows_list = [int(r) for r in args.rows.split(",")]
     results: dict = {"base": args.base, "model": args.model, "machine": machine_description(), "cflags": cflags,
                      "products": {},
