@@ -1,7 +1,8 @@
 """The engine's kernels against an earlier revision's, in one run: the same bits, and how long each takes.
 
     python benchmarks/kernel_ab.py --base REV [--model smollm2-135m] [--rows 1,2,4,6,8,12,16,24,32]
-                                   [--contexts 200,1500] [--rounds 9] [--cflags=-mno-avx512f] [--out FILE.json]
+                                   [--contexts 200,1500] [--rounds 9] [--passes 1,4,16] [--cflags=-mno-avx512f]
+                                   [--out FILE.json]
 
 Builds `knnssd/engine/csrc/rows_kernels.cpp` as it is at git revision REV and as it is in this checkout (two
 extensions, -O3 -march=native as `knnssd.engine.kernel_build` builds them, plus `--cflags`: `--cflags=-mno-avx512f`
@@ -20,8 +21,13 @@ builds and checks the AVX2 code path on an AVX-512 CPU), then:
    pages), at each row count. (Until 2026-12-05 one cache served every layer, so it was read from the CPU's caches
    and the figures were too low for long contexts.)
 
+4. **Passes** (with `--passes WIDTHS`, e.g. `--passes 1,4,16`). `--model` loaded twice, once on each build (every
+   product, attention and `LayerStep` of that model calls its build), weights placed as the engine places them:
+   whole passes of each width as `benchmarks/step_cost.py` times them (`benchmarks/ab.py`), after their logits
+   are checked equal. This is the plain step and the verify passes themselves, Python and all.
+
 Both builds run alternately, round by round, so a change in the machine's load hits both alike; medians of
-`--rounds` rounds, with quartiles. The model is read for its config only: no weights are loaded.
+`--rounds` rounds, with quartiles. Without `--passes` the model is read for its config only: no weights are loaded.
 """
 
 from __future__ import annotations
@@ -118,6 +124,27 @@ def placed(shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
     return matrices
 
 
+def models_on(builds: dict, name: str) -> dict:
+    """{label: `name` loaded with every kernel call going to builds[label]}: `compiled_kernel()` answers with that
+    build while the model loads (a benchmark's reach into `kernel_build`'s cache, restored after)."""
+    from knnssd.engine import fastlayer, kernel_build
+    from knnssd.engine.models import load_model
+
+    saved, models = dict(kernel_build._COMPILED), {}
+    try:
+        for label, module in builds.items():
+            kernel_build._COMPILED.clear()
+            kernel_build._COMPILED["module"] = module
+            models[label] = model = load_model(name, device="cpu", dtype="float32").model
+            steps = [vars(m)[fastlayer.STEP_ATTRIBUTE] for m in model.modules() if fastlayer.STEP_ATTRIBUTE in vars(m)]
+            if not steps or any(step.kernel is not module for step in steps):
+                raise SystemExit(f"the {label} model's layers did not take the {label} build's kernels")
+    finally:
+        kernel_build._COMPILED.clear()
+        kernel_build._COMPILED.update(saved)
+    return models
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     ordered = sorted(values)
     return ordered[len(ordered) // 4], ordered[len(ordered) // 2], ordered[(3 * len(ordered)) // 4]
@@ -130,6 +157,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,6,8,12,16,24,32")
     parser.add_argument("--contexts", default="200,1500")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--passes", default="", help="widths of whole passes to time on the model, e.g. 1,4,16")
     parser.add_argument("--cflags", default="", help="extra compiler flags for both builds, e.g. -mno-avx512f")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -187,7 +215,28 @@ def main() -> None:
                 lambda module: [module.rows_attention(query, k, v, mask, shapes["dim"] ** -0.5)
                                 for k, v in caches])
             print(line(rows, q, 2))
+    if args.passes:
+        passes(builds, args, results)
     write_result(args.out, results)
+
+
+def passes(builds: dict, args: argparse.Namespace, results: dict) -> None:
+    """Whole passes of the model on each build: logits equal, then alternating timings per context."""
+    from contextlib import nullcontext
+
+    from benchmarks.ab import alternate, first_difference, print_table
+
+    widths = [int(w) for w in args.passes.split(",")]
+    models = models_on(builds, args.model)
+    ways = {label: (model, nullcontext) for label, model in models.items()}
+    differs = first_difference(ways, widths)
+    if differs is not None:
+        raise SystemExit(f"passes of width {differs} differ between the builds")
+    print(f"\npasses of {args.model}: logits of widths {widths} equal on both builds")
+    results["passes"] = {}
+    for context in (int(c) for c in args.contexts.split(",")):
+        results["passes"][context] = table = alternate(ways, context, widths, args.rounds)
+        print_table(table, "base", "this", context, args.rounds)
 
 
 if __name__ == "__main__":
