@@ -49,33 +49,47 @@ def first_difference(ways: dict[str, Way], widths: list[int]) -> int | None:
 
 def alternate(ways: dict[str, Way], context: int, widths: list[int], rounds: int
               ) -> dict[str, dict[int, tuple[float, float, float]]]:
-    """{way: {width: (first quartile, median, third quartile) ms}}: every width's pass in each way, the ways
-    alternating round by round (the order flipped each round; round 0 warms up and is dropped)."""
+    """{way: {width: (first quartile, median, third quartile) ms}}, and for two ways also {"paired": {width: the
+    same of the second way's time over the first's, round by round}}. Each round runs every width's pass in each
+    way back to back (the ways' order flipped each round; round 0 warms up and is dropped), so a pair of passes
+    sees the same state of the machine: the memory's speed here can halve and recover within seconds, which
+    widens each way's own spread far more than the paired ratio's."""
     caches = {label: prefilled(model, context) for label, (model, _) in ways.items()}
     samples: dict[str, dict[int, list[float]]] = {label: {w: [] for w in widths} for label in ways}
     for round_ in range(rounds + 1):
-        for label in (list(ways) if round_ % 2 else list(reversed(list(ways)))):
-            model, enter = ways[label]
-            with enter():
-                for width in widths:
+        for width in widths:
+            for label in (list(ways) if round_ % 2 else list(reversed(list(ways)))):
+                model, enter = ways[label]
+                with enter():
                     ms = pass_ms(model, caches[label], context, width)
-                    if round_:
-                        samples[label][width].append(ms)
-    return {label: {w: (quartiles(v)[0], sorted(v)[len(v) // 2], quartiles(v)[1]) for w, v in by.items()}
-            for label, by in samples.items()}
+                if round_:
+                    samples[label][width].append(ms)
+    table = {label: {w: spread(v) for w, v in by.items()} for label, by in samples.items()}
+    if len(ways) == 2:
+        before, after = (samples[label] for label in ways)
+        table["paired"] = {w: spread([a / b for a, b in zip(after[w], before[w])]) for w in widths}
+    return table
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile), nearest rank."""
+    return quartiles(values)[0], sorted(values)[len(values) // 2], quartiles(values)[1]
 
 
 def print_table(table: dict[str, dict[int, tuple[float, float, float]]], before: str, after: str, context: int,
                 rounds: int) -> None:
-    """Median [q1, q3] per width for `before` and `after`, and their ratio."""
+    """Median [q1, q3] per width for `before` and `after`, the ratio of the medians, and the median [q1, q3] of
+    the rounds' paired ratios."""
     print(f"\ncontext {context} (ms, median [q1, q3] of {rounds} rounds, alternating)")
     ratio = f"{after}/{before}"
-    print(f"{'width':>6}{before:>24}{after:>24}{ratio:>{max(17, len(ratio) + 2)}}")
+    print(f"{'width':>6}{before:>24}{after:>24}{ratio:>{max(17, len(ratio) + 2)}}{'paired [q1, q3]':>24}")
     for width in table[before]:
         cells = [f"{table[label][width][1]:8.1f} [{table[label][width][0]:5.1f}, {table[label][width][2]:5.1f}]"
                  for label in (before, after)]
+        q1, median, q3 = table["paired"][width]
         print(f"{width:>6}{cells[0]:>24}{cells[1]:>24}"
-              f"{table[after][width][1] / table[before][width][1]:>{max(17, len(ratio) + 2)}.2f}")
+              f"{table[after][width][1] / table[before][width][1]:>{max(17, len(ratio) + 2)}.2f}"
+              f"{f'{median:.3f} [{q1:.3f}, {q3:.3f}]':>24}")
 
 
 def arguments(description: str) -> argparse.Namespace:

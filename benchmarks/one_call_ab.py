@@ -4,9 +4,10 @@
                                      [--rounds 15] [--out FILE.json]
 
 One model, a cache for each way (`benchmarks/ab.py`). First the two must agree bit for bit (a pass of every width
-asked); then, per context, passes of each width alternate between the two round by round (the order flipped each
+asked); then, per context, each round runs every width's pass both ways back to back (the order flipped each
 round), timed as `benchmarks/step_cost.py` times them (the LM head on every position, the cache cropped back after
-each pass). Medians with quartiles; the stream bandwidth on both kinds of page before and after.
+each pass). Medians with quartiles, and the median [q1, q3] of the rounds' paired ratios (the figure to read when
+the memory's speed moves during the run); the stream bandwidth on both kinds of page before and after.
 """
 
 from __future__ import annotations

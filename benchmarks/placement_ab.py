@@ -7,9 +7,10 @@ Loads the model twice: "placed" as `load_model` does (`knnssd.engine.weights.pla
 onto huge pages, each layer's q, k, v and gate, up adjacent and multiplied in one product) and "in place"
 (`accelerate(model, place=False)`: the same kernels, the weights on the 4 KB pages they loaded into, one product
 per projection). First the two must agree bit for bit (plain steps and a verify pass of every width asked);
-then, per context, passes of each width alternate between the two round by round (the order flipped each round),
+then, per context, each round runs every width's pass both ways back to back (the order flipped each round), timed
 as `benchmarks/step_cost.py` times them (the LM head on every position, the cache cropped back after each pass).
-Medians with quartiles; the stream bandwidth on both kinds of page before and after.
+Medians with quartiles, and the median [q1, q3] of the rounds' paired ratios; the stream bandwidth on both kinds
+of page before and after.
 """
 
 from __future__ import annotations

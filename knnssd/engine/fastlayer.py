@@ -24,6 +24,8 @@ absent mask, fp32 on CPU. Anything else (a prefill, a batched pass, a layer-skip
 runs the class's own forward. `install` gives the path to the layers whose decoder-layer, attention and MLP
 forwards are Llama's own bytecode (Qwen2's full-attention layers too) and whose norms the kernels compute
 (`kernels.llama_rms_norms`); other families (Mistral's sliding window among them) keep transformers' forward.
+Where a whole pass qualifies, `knnssd.engine.fastpass` calls the layers' `LayerStep`s from one loop instead of
+each layer's module call (the same steps).
 """
 
 from __future__ import annotations
@@ -303,32 +305,42 @@ def _qualifying_cache(layer: nn.Module, cache: Any, rows: int) -> PreallocatedLa
     return held
 
 
+def layer_fits(layer: nn.Module, kernels: LayerKernels, rows: int) -> bool:
+    """Whether `layer` can take the fast path for a `rows`-row step: in eval mode, its attention and MLP the classes
+    the path was installed for (not skipped while drafting), the rows kernel installed on its attention and the
+    config naming the engine's attention implementation."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (1 <= rows <= MAX_FAST_ROWS and not layer.training
+            and type(attn) is kernels.attention_class and type(mlp) is kernels.mlp_class
+            and vars(attn).get(attention.KERNEL_ATTRIBUTE) is not None
+            and attention.uses(attn, attention.IMPLEMENTATION))
+
+
+def mask_fits(mask: torch.Tensor | None, rows: int, length: int) -> bool:
+    """Whether the kernels take `mask` for `rows` rows over `length` cached entries: absent (causal), or bool
+    (1, 1, rows, length + rows)."""
+    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4
+                            and tuple(mask.shape) == (1, 1, rows, length + rows))
+
+
 def fast_step(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
               position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool | None = False,
               position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
     """The decoder layer's forward: hidden_states (1, T, hidden) -> (1, T, hidden), by the kernels where the step
     qualifies (see the module docstring), else by the class's forward with the same arguments."""
     kernels: LayerKernels = vars(self)[STEP_ATTRIBUTE]
-    attn, mlp = self.self_attn, self.mlp
     rows = hidden_states.shape[1] if hidden_states.dim() == 3 else 0
-    rows_attention = vars(attn).get(attention.KERNEL_ATTRIBUTE)
     held = None
-    if (hidden_states.dim() == 3 and hidden_states.shape[0] == 1 and 1 <= rows <= MAX_FAST_ROWS
-            and set(kwargs) <= PASSED_KEYWORDS and position_embeddings is not None and not self.training
-            and type(attn) is kernels.attention_class and type(mlp) is kernels.mlp_class
-            and rows_attention is not None and attention.uses(attn, attention.IMPLEMENTATION)
-            and hidden_states.dtype == torch.float32 and hidden_states.device.type == "cpu"):
+    if (hidden_states.dim() == 3 and hidden_states.shape[0] == 1 and set(kwargs) <= PASSED_KEYWORDS
+            and position_embeddings is not None and hidden_states.dtype == torch.float32
+            and hidden_states.device.type == "cpu" and layer_fits(self, kernels, rows)):
         held = _qualifying_cache(self, cache, rows)
-    if held is not None and attention_mask is not None:
-        length = held.get_seq_length()
-        if not (attention_mask.dtype == torch.bool and attention_mask.dim() == 4
-                and tuple(attention_mask.shape) == (1, 1, rows, length + rows)):
-            held = None
+    if held is not None and not mask_fits(attention_mask, rows, held.get_seq_length()):
+        held = None
     if held is None:
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
                                   **kwargs)
-    kernel = kernels.kernel
     hidden = hidden_states.shape[-1]
     x = hidden_states.reshape(rows, hidden)
     start = held.get_seq_length()
@@ -340,6 +352,8 @@ def fast_step(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torc
         x = kernels.layer_step.step(x, cos[0], sin[0], held.key_buffer, held.value_buffer, start, mask)
         held.commit(end)
         return x.reshape(1, rows, hidden)
+    attn, mlp, kernel = self.self_attn, self.mlp, kernels.kernel
+    rows_attention = vars(attn)[attention.KERNEL_ATTRIBUTE]
     norm = self.input_layernorm
     h = kernel.rows_rms_norm(x, norm.weight, norm.variance_epsilon)
     q, k, v = _products(kernel, [attn.q_proj, attn.k_proj, attn.v_proj], kernels.qkv, h)

@@ -254,7 +254,7 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
     kernel = compiled_kernel() if compiled else None
     every = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if kernel is not None and all(m.weight.is_contiguous() for m in every):
-        from knnssd.engine import fastlayer  # it imports this module
+        from knnssd.engine import fastlayer, fastpass  # they import this module
 
         placement = _placed(model, fastlayer.joinable_groups(model)) if place else None
         methods = tuple(COMPILED_ROWS[rows] for rows in range(1, MAX_FAST_ROWS + 1))
@@ -268,6 +268,7 @@ def accelerate(model: nn.Module, enabled: bool = True, max_packed_bytes: int = M
         rows_attention = attention.use_rows_kernel(model, kernel.rows_attention)
         if rows_attention:
             fastlayer.install(model, kernel)
+            fastpass.install(model)
         return KernelPlan(enabled=True, device=device, threads=threads, rows=methods,
                           attention="rows" if rows_attention else "", isa=vector_isa(),
                           weights=placement.describe() if placement else "")
@@ -321,8 +322,9 @@ def restore(model: nn.Module) -> None:
             del module._knnssd_norm
     attention.set_implementation(model, attention.BASE_IMPLEMENTATION)
     attention.use_rows_kernel(model, None)
-    from knnssd.engine import fastlayer  # it imports this module
+    from knnssd.engine import fastlayer, fastpass  # they import this module
 
+    fastpass.uninstall(model)
     fastlayer.uninstall(model)
 
 
@@ -333,9 +335,10 @@ def transformers_kernels(model: nn.Module) -> Iterator[None]:
     saved = {m: (vars(m)["forward"], m._knnssd_run, m._knnssd_wide) for m in model.modules()
              if isinstance(m, nn.Linear) and "forward" in vars(m)}
     norms = {m: (vars(m)["forward"], m._knnssd_norm) for m in model.modules() if "_knnssd_norm" in vars(m)}
-    from knnssd.engine import fastlayer  # it imports this module
+    from knnssd.engine import fastlayer, fastpass  # they import this module
 
     steps = fastlayer.saved_steps(model)
+    had_pass = any(fastpass.PASS_ATTRIBUTE in vars(m) for m in model.modules())
     grouped = attention.uses(model, attention.IMPLEMENTATION)
     rows_kernel = attention.rows_kernel_of(model)
     try:
@@ -347,6 +350,8 @@ def transformers_kernels(model: nn.Module) -> Iterator[None]:
         for module, (forward, norm) in norms.items():
             module.forward, module._knnssd_norm = forward, norm
         fastlayer.restore_steps(steps)
+        if had_pass:
+            fastpass.install(model)
         if grouped:
             attention.set_implementation(model, attention.IMPLEMENTATION)
         attention.use_rows_kernel(model, rows_kernel)
