@@ -1,8 +1,9 @@
 """Two ways of running the same passes: compared bit for bit, then timed alternately round by round, in one run.
 
 A way is a model and a context to enter around its passes (`contextlib.nullcontext` for none). Used by
-`benchmarks/placement_ab.py` (two models: weights placed or in place) and `benchmarks/one_call_ab.py` (one model,
-the layer step in one call or its calls one by one). Passes are timed as `benchmarks/step_cost.py` times them:
+`benchmarks/placement_ab.py` (two models: weights placed or in place), `benchmarks/one_call_ab.py` (one model,
+the layer step in one call or its calls one by one) and `benchmarks/pass_ab.py` (one model, the pass's layer
+steps from one loop or each layer by its own call). Passes are timed as `benchmarks/step_cost.py` times them:
 the LM head on every position, the cache cropped back after each pass.
 """
 
@@ -123,3 +124,16 @@ def compare(ways: dict[str, Way], args: argparse.Namespace, result: dict) -> Non
     result["streams_gbs"] = streams
     print(f"\nstream, before and after: {streams_text(streams)}")
     write_result(args.out, result)
+
+
+def one_model_ab(description: str, ways: Callable[[nn.Module], dict[str, Way]]) -> None:
+    """The whole A/B of two ways of running one model (`ways(model)`, the baseline first): the options
+    (`arguments`), the model loaded as `load_model` loads it, then `compare`."""
+    from benchmarks.common import machine_description
+    from knnssd.engine.models import load_model
+
+    args = arguments(description)
+    loaded = load_model(args.model, device="cpu", dtype="float32")
+    print(f"{args.model} on {machine_description()}\nkernels: {loaded.kernels.describe()}")
+    compare(ways(loaded.model), args,
+            {"machine": machine_description(), "model": args.model, "kernels": loaded.kernels.describe()})

@@ -123,7 +123,7 @@ def _same_function(function: Any, reference: Any) -> bool:
     return mine is not None and mine.co_code == theirs.co_code and mine.co_names == theirs.co_names
 
 
-def _same_code(module: nn.Module, reference: Any) -> bool:
+def same_code(module: nn.Module, reference: Any) -> bool:
     return _same_function(getattr(type(module), "forward", None), reference)
 
 
@@ -132,8 +132,8 @@ def _plain_attention(attn: nn.Module | None) -> bool:
     from transformers.models.llama.modeling_llama import LlamaAttention
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
-    return attn is not None and (_same_code(attn, LlamaAttention.forward) or (
-        _same_code(attn, Qwen2Attention.forward) and getattr(attn, "sliding_window", None) is None))
+    return attn is not None and (same_code(attn, LlamaAttention.forward) or (
+        same_code(attn, Qwen2Attention.forward) and getattr(attn, "sliding_window", None) is None))
 
 
 def eligible_layers(model: nn.Module) -> list[nn.Module]:
@@ -143,9 +143,9 @@ def eligible_layers(model: nn.Module) -> list[nn.Module]:
 
     norms = {id(norm) for norm in llama_rms_norms(model)}
     return [layer for layer in model.modules()
-            if _same_code(layer, LlamaDecoderLayer.forward)
+            if same_code(layer, LlamaDecoderLayer.forward)
             and _plain_attention(getattr(layer, "self_attn", None))
-            and _same_code(getattr(layer, "mlp", None), LlamaMLP.forward)
+            and same_code(getattr(layer, "mlp", None), LlamaMLP.forward)
             and id(getattr(layer, "input_layernorm", None)) in norms
             and id(getattr(layer, "post_attention_layernorm", None)) in norms
             and all(linear.weight.is_contiguous() for linear in layer.modules() if isinstance(linear, nn.Linear))]
@@ -164,7 +164,7 @@ def joinable_groups(model: nn.Module) -> list[list[nn.Parameter]]:
 
 
 def _silu_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
-    """transformers' `SiLUActivation.forward`, as its source reads; compared by bytecode (`_same_code`), so a
+    """transformers' `SiLUActivation.forward`, as its source reads; compared by bytecode (`same_code`), so a
     class whose forward was replaced (a hub kernel) does not count as SiLU."""
     return nn.functional.silu(input)
 
@@ -294,7 +294,7 @@ def _activated(act: nn.Module, gate: torch.Tensor) -> torch.Tensor:
     return torch.cat([act(gate[t:t + 1]) for t in range(gate.shape[0])])
 
 
-def _qualifying_cache(layer: nn.Module, cache: Any, rows: int) -> PreallocatedLayer | None:
+def qualifying_cache(layer: nn.Module, cache: Any, rows: int) -> PreallocatedLayer | None:
     if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
         return None
     index = getattr(layer.self_attn, "layer_idx", None)
@@ -334,7 +334,7 @@ def fast_step(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torc
     if (hidden_states.dim() == 3 and hidden_states.shape[0] == 1 and set(kwargs) <= PASSED_KEYWORDS
             and position_embeddings is not None and hidden_states.dtype == torch.float32
             and hidden_states.device.type == "cpu" and layer_fits(self, kernels, rows)):
-        held = _qualifying_cache(self, cache, rows)
+        held = qualifying_cache(self, cache, rows)
     if held is not None and not mask_fits(attention_mask, rows, held.get_seq_length()):
         held = None
     if held is None:

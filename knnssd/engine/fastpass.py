@@ -34,32 +34,22 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from knnssd.engine.fastlayer import (PASSED_KEYWORDS, STEP_ATTRIBUTE, LayerKernels, _qualifying_cache, fast_step,
-                                     layer_fits, mask_fits)
+from knnssd.engine.fastlayer import (PASSED_KEYWORDS, STEP_ATTRIBUTE, LayerKernels, fast_step, layer_fits,
+                                     mask_fits, qualifying_cache, same_code)
 from knnssd.engine.kvcache import PreallocatedLayer
 
 PASS_ATTRIBUTE = "_knnssd_pass"  # set on a decoder model that has the fast pass (True)
 
 
-def _llama_model_forward() -> Any:
-    from transformers.models.llama.modeling_llama import LlamaModel
-
-    return LlamaModel.forward
-
-
-def _code(function: Any) -> Any:
-    while hasattr(function, "__wrapped__"):  # the class forward's decorators keep the original here
-        function = function.__wrapped__
-    return getattr(function, "__code__", None)
-
-
 def decoder_model(model: nn.Module) -> nn.Module | None:
     """The model's Llama decoder model (the module whose forward embeds, runs the layers and the final norm), if its
     forward is Llama's own bytecode; else None."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
     base = getattr(model, "model", None)
     if base is None or not isinstance(getattr(base, "layers", None), nn.ModuleList):
         return None
-    return base if _code(type(base).forward) is _code(_llama_model_forward()) else None
+    return base if same_code(base, LlamaModel.forward) else None
 
 
 def install(model: nn.Module) -> bool:
@@ -108,7 +98,7 @@ def _held_layers(self: nn.Module, rows: int, cache: Any) -> list[tuple[LayerKern
         if (kernels is None or getattr(vars(layer).get("forward"), "__func__", None) is not fast_step
                 or _hooked(layer) or not layer_fits(layer, kernels, rows)):
             return None
-        cached = _qualifying_cache(layer, cache, rows)
+        cached = qualifying_cache(layer, cache, rows)
         if cached is None or not kernels.layer_step_usable(layer):
             return None
         held.append((kernels, cached))
