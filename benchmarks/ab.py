@@ -1,9 +1,9 @@
 """Two ways of running the same passes: compared bit for bit, then timed alternately round by round, in one run.
 
 A way is a model and a context to enter around its passes (`contextlib.nullcontext` for none). Used by
-`benchmarks/placement_ab.py` (two models: weights placed or in place), `benchmarks/one_call_ab.py` (one model,
-the layer step in one call or its calls one by one) and `benchmarks/pass_ab.py` (one model, the pass's layer
-steps from one loop or each layer by its own call). Passes are timed as `benchmarks/step_cost.py` times them:
+`benchmarks/placement_ab.py` (two models: weights placed or in place) and `benchmarks/one_call_ab.py` (one model:
+the layer step in one call or its calls one by one; the pass's layer steps from one loop or each layer by its own
+call). Passes are timed as `benchmarks/step_cost.py` times them:
 the LM head on every position, the cache cropped back after each pass.
 """
 
@@ -93,9 +93,12 @@ def print_table(table: dict[str, dict[int, tuple[float, float, float]]], before:
               f"{f'{median:.3f} [{q1:.3f}, {q3:.3f}]':>24}")
 
 
-def arguments(description: str) -> argparse.Namespace:
-    """The options both A/B scripts take: --model, --contexts, --widths, --rounds, --out."""
+def arguments(description: str, ways: list[str] | None = None) -> argparse.Namespace:
+    """The options the A/B scripts take: --model, --contexts, --widths, --rounds, --out, and --ways where a script
+    offers several comparisons (`ways`, the first the default)."""
     parser = argparse.ArgumentParser(description=description)
+    if ways:
+        parser.add_argument("--ways", choices=ways, default=ways[0], help="which two ways to compare")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--contexts", default="200,1500")
     parser.add_argument("--widths", default="1,4,16")
@@ -126,14 +129,15 @@ def compare(ways: dict[str, Way], args: argparse.Namespace, result: dict) -> Non
     write_result(args.out, result)
 
 
-def one_model_ab(description: str, ways: Callable[[nn.Module], dict[str, Way]]) -> None:
-    """The whole A/B of two ways of running one model (`ways(model)`, the baseline first): the options
-    (`arguments`), the model loaded as `load_model` loads it, then `compare`."""
+def one_model_ab(description: str, comparisons: dict[str, Callable[[nn.Module], dict[str, Way]]]) -> None:
+    """The whole A/B of two ways of running one model, `comparisons[--ways](model)` (the baseline first): the
+    options (`arguments`), the model loaded as `load_model` loads it, then `compare`."""
     from benchmarks.common import machine_description
     from knnssd.engine.models import load_model
 
-    args = arguments(description)
+    args = arguments(description, list(comparisons))
     loaded = load_model(args.model, device="cpu", dtype="float32")
     print(f"{args.model} on {machine_description()}\nkernels: {loaded.kernels.describe()}")
-    compare(ways(loaded.model), args,
-            {"machine": machine_description(), "model": args.model, "kernels": loaded.kernels.describe()})
+    compare(comparisons[args.ways](loaded.model), args,
+            {"machine": machine_description(), "model": args.model, "kernels": loaded.kernels.describe(),
+             "ways": args.ways})

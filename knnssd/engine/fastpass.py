@@ -74,7 +74,7 @@ def uninstall(model: nn.Module) -> None:
 @contextmanager
 def layer_by_layer(model: nn.Module) -> Iterator[None]:
     """Within the block the decoder model runs its class's forward, each layer by its own call (the same bits; to
-    compare the two, `benchmarks/pass_ab.py`); the fast pass comes back in a ``finally``."""
+    compare the two, `benchmarks/one_call_ab.py --ways pass`); the fast pass comes back in a ``finally``."""
     had = any(PASS_ATTRIBUTE in vars(m) for m in model.modules())
     uninstall(model)
     try:
