@@ -25,5 +25,10 @@ COMPARISONS = {
     "pass": lambda model: {"layer by layer": (model, partial(layer_by_layer, model)), "one loop": (model, nullcontext)},
 }
 
-if __name__ == "__main__":
+
+def main() -> None:
     one_model_ab(__doc__.splitlines()[0], COMPARISONS)
+
+
+if __name__ == "__main__":
+    main()
