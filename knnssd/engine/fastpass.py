@@ -65,6 +65,11 @@ def install(model: nn.Module) -> bool:
     return True
 
 
+def installed(model: nn.Module) -> bool:
+    """Whether the model's decoder model has the fast pass."""
+    return any(PASS_ATTRIBUTE in vars(module) for module in model.modules())
+
+
 def uninstall(model: nn.Module) -> None:
     """The decoder model back to its class's forward."""
     for module in model.modules():
@@ -77,7 +82,7 @@ def uninstall(model: nn.Module) -> None:
 def layer_by_layer(model: nn.Module) -> Iterator[None]:
     """Within the block the decoder model runs its class's forward, each layer by its own call (the same bits; to
     compare the two, `benchmarks/one_call_ab.py --ways pass`); the fast pass comes back in a ``finally``."""
-    had = any(PASS_ATTRIBUTE in vars(m) for m in model.modules())
+    had = installed(model)
     uninstall(model)
     try:
         yield

@@ -338,7 +338,7 @@ def transformers_kernels(model: nn.Module) -> Iterator[None]:
     from knnssd.engine import fastlayer, fastpass  # they import this module
 
     steps = fastlayer.saved_steps(model)
-    had_pass = any(fastpass.PASS_ATTRIBUTE in vars(m) for m in model.modules())
+    had_pass = fastpass.installed(model)
     grouped = attention.uses(model, attention.IMPLEMENTATION)
     rows_kernel = attention.rows_kernel_of(model)
     try:

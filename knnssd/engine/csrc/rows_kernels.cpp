@@ -110,8 +110,8 @@ constexpr int64_t kAhead = 1;                   // weight blocks ahead prefetche
 // ---------------------------------------------------------------------------------------------------- gemm
 
 // out[m, n0 + i] = x[m] . w[n0 + i] for m < G, i < B (kBlock * kGroup + kBlock + 1 vector registers at most).
-// With kPrefetch, each of the loop's iterations also prefetches `per` cache lines of w at offsets pf, pf + kLine, ...
-// below pf_end (offsets from w, never a pointer past the array).
+// With kPrefetch (the blocks of 3 or more input rows), each of the loop's iterations also prefetches `per` cache
+// lines of w at offsets pf, pf + kLine, ... below pf_end (offsets from w, never a pointer past the array).
 template <int G, int B, bool kPrefetch>
 inline void tile(const float* __restrict x, const float* __restrict wn, float* __restrict out, int64_t n0,
                  int64_t n_out, int64_t k, const float* w, int64_t pf, int64_t pf_end, int per) {
@@ -151,19 +151,19 @@ inline void tile(const float* __restrict x, const float* __restrict wn, float* _
 }
 
 // A tile of `rows` input rows (1 to kMost) by B weight rows.
-template <int B, int kMost, bool kPrefetch, int G = 1>
+template <int B, int kMost, int G = 1>
 inline void rest_group(int rows, const float* x, const float* wn, float* out, int64_t n0, int64_t n_out, int64_t k,
                        const float* w, int64_t pf, int64_t pf_end, int per) {
   if constexpr (G <= kMost) {
-    if (rows == G) return tile<G, B, kPrefetch>(x, wn, out, n0, n_out, k, w, pf, pf_end, per);
-    return rest_group<B, kMost, kPrefetch, G + 1>(rows, x, wn, out, n0, n_out, k, w, pf, pf_end, per);
+    if (rows == G) return tile<G, B, true>(x, wn, out, n0, n_out, k, w, pf, pf_end, per);
+    return rest_group<B, kMost, G + 1>(rows, x, wn, out, n0, n_out, k, w, pf, pf_end, per);
   }
 }
 
 // Every input row times weight rows [n0, n0 + B) of w (n_out, k): groups of at most kMost rows, each reading the
-// block (from memory for the first, from L1 for the others). With kPrefetch, the weight rows kAhead blocks on are
-// prefetched meanwhile, spread over every group's iterations, so memory stays busy while the later groups compute.
-template <int B, int kMost, bool kPrefetch>
+// block (from memory for the first, from L1 for the others). The weight rows kAhead blocks on are prefetched
+// meanwhile, spread over every group's iterations, so memory stays busy while the later groups compute.
+template <int B, int kMost>
 inline void weight_block(int rows, const float* x, const float* w, float* out, int64_t n0, int64_t n_out,
                          int64_t k) {
   const float* wn = w + n0 * k;
@@ -171,24 +171,24 @@ inline void weight_block(int rows, const float* x, const float* w, float* out, i
   const int64_t ahead = (n0 + kAhead * B) * k, end = std::min(ahead + B * k, n_out * k);
   const int64_t lines = (B * k + kLine - 1) / kLine, iters = std::max<int64_t>(1, k / LANES);  // full iterations
   const int64_t slice = (lines + groups - 1) / groups;
-  const int per = kPrefetch && k >= LANES ? static_cast<int>((slice + iters - 1) / iters) : 0;
+  const int per = k >= LANES ? static_cast<int>((slice + iters - 1) / iters) : 0;
   for (int g = 0, m0 = 0; g < groups; ++g) {
     const int size = (rows - m0) / (groups - g);
     const int64_t pf = ahead + g * slice * kLine;
-    rest_group<B, kMost, kPrefetch>(size, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, w, pf,
-                                    std::min(pf + slice * kLine, end), per);
+    rest_group<B, kMost>(size, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, w, pf,
+                         std::min(pf + slice * kLine, end), per);
     m0 += size;
   }
 }
 
 // B weight rows a block; kMost input rows a tile at most. Threads take runs of blocks of about 64 weight rows.
-template <int B, int kMost, bool kPrefetch>
+template <int B, int kMost>
 void rows_times_weight(int rows, const float* x, const float* w, float* out, int64_t n_out, int64_t k) {
   const int64_t blocks = n_out / B;
   at::parallel_for(0, blocks, std::max(1, 64 / B), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) weight_block<B, kMost, kPrefetch>(rows, x, w, out, b * B, n_out, k);
+    for (int64_t b = begin; b < end; ++b) weight_block<B, kMost>(rows, x, w, out, b * B, n_out, k);
   });
-  for (int64_t n = blocks * B; n < n_out; ++n) weight_block<1, kMost, kPrefetch>(rows, x, w, out, n, n_out, k);
+  for (int64_t n = blocks * B; n < n_out; ++n) weight_block<1, kMost>(rows, x, w, out, n, n_out, k);
 }
 
 // G (1 or 2) input rows times every weight row, one weight row at a time with nothing else done per row, so each
@@ -499,7 +499,7 @@ torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor w) {
     // memory's speed, BENCHMARKS 41). Each output's operations are the tiles' own, so the bits do not change.
     if (rows == 1) rows_stream<1>(xp, wp, op, n, k);
     else if (rows == 2) rows_stream<2>(xp, wp, op, n, k);
-    else rows_times_weight<kBlock, kGroup, true>(rows, xp, wp, op, n, k);
+    else rows_times_weight<kBlock, kGroup>(rows, xp, wp, op, n, k);
   }
   return out;
 }
