@@ -5,7 +5,7 @@
                                    [--out FILE.json]
 
 Builds `knnssd/engine/csrc/rows_kernels.cpp` as it is at git revision REV and as it is in this checkout (two
-extensions, -O3 -march=native as `knnssd.engine.kernel_build` builds them, plus `--cflags`: `--cflags=-mno-avx512f`
+extensions, with the flags `knnssd.engine.kernel_build` builds them with, plus `--cflags`: `--cflags=-mno-avx512f`
 builds and checks the AVX2 code path on an AVX-512 CPU), then:
 
 1. **Bits.** For random inputs of many shapes (1-100 rows, odd sizes, masks and causal attention, grouped-query
@@ -45,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine_description, write_result  # noqa: E402
+from knnssd.engine.kernel_build import COMPILE_FLAGS  # noqa: E402
 
 SOURCE = "knnssd/engine/csrc/rows_kernels.cpp"
 
@@ -64,7 +65,7 @@ def build(source: str, label: str, cflags: tuple[str, ...] = ()):
     path.write_text(source)
     print(f"building {label} ({key}) ...", flush=True)
     return load(name=f"knnssd_ab_{key}", sources=[str(path)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp", *cflags],
+                extra_cflags=[*COMPILE_FLAGS, *cflags],
                 extra_ldflags=["-fopenmp"], build_directory=str(folder))
 
 

@@ -1,10 +1,10 @@
 """Building the engine's kernels (knnssd/engine/csrc/rows_kernels.cpp) once per machine kind, never waiting forever.
 
 The kernel is built at first use with torch's `cpp_extension.load` into the knnssd cache's
-kernels/rows_kernels-KEY (KEY from the source, the CPU's flags and torch's version), about a minute with a C++ compiler
-and ninja. torch serialises builds on a lock file in that folder and waits for it with no timeout; a process
-killed mid-build (OOM, SIGKILL) leaves the lock behind, so `stale_lock_breaker` removes a lock older than
-STALE_LOCK_S while a load waits. Any failure to build means: `compiled_kernel()` is None, the reason is kept in
+kernels/rows_kernels-KEY (KEY from the source, the compiler flags, the CPU's flags and torch's version), about a
+minute with a C++ compiler and ninja. torch serialises builds on a lock file in that folder and waits for it with
+no timeout; a process killed mid-build (OOM, SIGKILL) leaves the lock behind, so `stale_lock_breaker` removes a
+lock older than STALE_LOCK_S while a load waits. Any failure to build means: `compiled_kernel()` is None, the reason is kept in
 `compile_error()`, and `knnssd.engine.kernels` uses library calls instead.
 """
 
@@ -26,6 +26,10 @@ STALE_LOCK_S = 600.0  # a build lock untouched this long is a dead build's (a bu
 LOCK_POLL_S = 1.0  # how often the watchdog looks at the build lock
 SOURCE = Path(__file__).with_name("csrc") / "rows_kernels.cpp"
 _COMPILED: dict[str, Any] = {}  # the built extension, or the reason it is not there ("error")
+# -falign-loops=64: every loop starts a 64-byte fetch block. The 1-row product's inner loop is 23 bytes; where a
+# change elsewhere in the file moved it across a 64-byte boundary, SmolLM2's 1-row products took 1.21-1.23 times as
+# long (twice, the memory fast), with the same instructions (BENCHMARKS 44).
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-falign-loops=64")
 
 
 def _cpu_flags() -> str:
@@ -40,10 +44,11 @@ def _cpu_flags() -> str:
 
 def kernel_build_dir() -> Path:
     """Where this machine kind's build of the kernel lives: the knnssd cache's kernels/rows_kernels-KEY, KEY from the
-    source, the CPU flags and torch's version (a change to any of them builds anew)."""
+    source, the compiler flags, the CPU flags and torch's version (a change to any of them builds anew)."""
     from knnssd.cachedir import cache_root
 
-    key = hashlib.sha256((SOURCE.read_text() + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
+    key = hashlib.sha256((SOURCE.read_text() + " ".join(COMPILE_FLAGS) + _cpu_flags() + torch.__version__)
+                         .encode()).hexdigest()[:12]
     return cache_root() / "kernels" / f"rows_kernels-{key}"
 
 
@@ -99,7 +104,7 @@ def _load(build: Path) -> Any:
     with stale_lock_breaker(build / "lock") as broken:  # torch's build lock file
         try:
             return load(name=f"knnssd_rows_kernels_{build.name.split('-')[-1]}", sources=[str(SOURCE)],
-                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                        extra_cflags=list(COMPILE_FLAGS), extra_ldflags=["-fopenmp"],
                         build_directory=str(build), verbose=False)
         except ImportError:
             if broken.is_set():

@@ -106,12 +106,20 @@ constexpr int kGroup = 6;                        // input rows per register tile
 constexpr int kBlock = LANES == 16 ? 4 : 2;     // weight rows per register tile (kBlock * kGroup accumulators)
 constexpr int64_t kLine = 16;                   // floats per cache line (64 bytes)
 constexpr int64_t kAhead = 1;                   // weight blocks ahead prefetched (2 and 4 were no faster)
+// In a tile of 5 or more input rows, each input row's vector is loaded into a register once and used by the B
+// fused multiply-adds. Left to itself GCC folds the load into every one of them (B loads instead of one), and the
+// tile waits on the load ports: a 16-row pass's products took 35 ms where they take 27 with the rows held
+// (BENCHMARKS 44). The empty asm only pins the value in a register; the arithmetic, so the bits, are the same.
+// Tiles of 4 rows or fewer were no faster held, and AVX2's 16 registers have no room to spare.
+constexpr bool kHoldRows = LANES == 16;
 
 // ---------------------------------------------------------------------------------------------------- gemm
 
 // out[m, n0 + i] = x[m] . w[n0 + i] for m < G, i < B (kBlock * kGroup + kBlock + 1 vector registers at most).
 // With kPrefetch (the blocks of 3 or more input rows), each of the loop's iterations also prefetches `per` cache
-// lines of w at offsets pf, pf + kLine, ... below pf_end (offsets from w, never a pointer past the array).
+// lines of w at offsets pf, pf + kLine, ... below pf_end (offsets from w, never a pointer past the array), into
+// L2, not L1: L1 holds the tile's input rows and the current block, and prefetches into it evicted them (a 16-row
+// pass's products: 35 ms into L1, 31 into L2; 4 rows 26 and 19 ms; BENCHMARKS 44).
 template <int G, int B, bool kPrefetch>
 inline void tile(const float* __restrict x, const float* __restrict wn, float* __restrict out, int64_t n0,
                  int64_t n_out, int64_t k, const float* w, int64_t pf, int64_t pf_end, int per) {
@@ -127,10 +135,11 @@ inline void tile(const float* __restrict x, const float* __restrict wn, float* _
     for (int i = 0; i < B; ++i) wv[i] = vload(wn + i * k + j);
     if constexpr (kPrefetch)
       for (int u = 0; u < per; ++u, pf += kLine)
-        if (pf < pf_end) _mm_prefetch(reinterpret_cast<const char*>(w + pf), _MM_HINT_T0);
+        if (pf < pf_end) _mm_prefetch(reinterpret_cast<const char*>(w + pf), _MM_HINT_T1);
 #pragma GCC unroll 8
     for (int m = 0; m < G; ++m) {
-      const vec xv = vload(x + m * k + j);
+      vec xv = vload(x + m * k + j);
+      if constexpr (kHoldRows && G >= 5) asm("" : "+v"(xv));  // see kHoldRows
 #pragma GCC unroll 8
       for (int i = 0; i < B; ++i) acc[i][m] = vfma(wv[i], xv, acc[i][m]);
     }
