@@ -30,8 +30,8 @@
 // A small-batch product is memory-bound: each weight row is streamed from memory once and multiplied by every
 // input row. One or two input rows take one weight row at a time, so each thread's share of the weights is read
 // as one sequential stream. From 3 rows on, while a block of weight rows is multiplied (by every group of input
-// rows in turn), the next block is prefetched, spread over all the groups' iterations, so memory stays busy while
-// the later groups compute from L1 (when only the first group prefetched, a 16-row pass waited on memory, then on
+// rows in turn), the next block is prefetched into L2, spread over all the groups' iterations, so memory stays busy
+// while the later groups compute (when only the first group prefetched, a 16-row pass waited on memory, then on
 // the cores). Parallel over
 // weight-row blocks (gemm) and over (key/value head, positions, query heads) items (attention) with
 // ATen's thread pool, the GIL released. Built at first use with -march=native by knnssd/engine/kernel_build.py.
@@ -108,8 +108,8 @@ constexpr int64_t kLine = 16;                   // floats per cache line (64 byt
 constexpr int64_t kAhead = 1;                   // weight blocks ahead prefetched (2 and 4 were no faster)
 // In a tile of 5 or more input rows, each input row's vector is loaded into a register once and used by the B
 // fused multiply-adds. Left to itself GCC folds the load into every one of them (B loads instead of one), and the
-// tile waits on the load ports: a 16-row pass's products took 35 ms where they take 27 with the rows held
-// (BENCHMARKS 44). The empty asm only pins the value in a register; the arithmetic, so the bits, are the same.
+// tile waits on the load ports (a microbenchmark of SmolLM2's products, 16 rows, prefetching into L2: 31 ms, 27
+// with the rows held; BENCHMARKS 44). The empty asm only pins the value in a register; the arithmetic, so the bits, are the same.
 // Tiles of 4 rows or fewer were no faster held, and AVX2's 16 registers have no room to spare.
 constexpr bool kHoldRows = LANES == 16;
 
@@ -118,8 +118,8 @@ constexpr bool kHoldRows = LANES == 16;
 // out[m, n0 + i] = x[m] . w[n0 + i] for m < G, i < B (kBlock * kGroup + kBlock + 1 vector registers at most).
 // With kPrefetch (the blocks of 3 or more input rows), each of the loop's iterations also prefetches `per` cache
 // lines of w at offsets pf, pf + kLine, ... below pf_end (offsets from w, never a pointer past the array), into
-// L2, not L1: L1 holds the tile's input rows and the current block, and prefetches into it evicted them (a 16-row
-// pass's products: 35 ms into L1, 31 into L2; 4 rows 26 and 19 ms; BENCHMARKS 44).
+// L2, not L1: L1 holds the tile's input rows and the current block, and prefetches into it evicted them (the
+// microbenchmark: 16 rows 36 ms into L1, 31 into L2; 4 rows 26 and 19 ms; BENCHMARKS 44).
 template <int G, int B, bool kPrefetch>
 inline void tile(const float* __restrict x, const float* __restrict wn, float* __restrict out, int64_t n0,
                  int64_t n_out, int64_t k, const float* w, int64_t pf, int64_t pf_end, int per) {
@@ -170,7 +170,7 @@ inline void rest_group(int rows, const float* x, const float* wn, float* out, in
 }
 
 // Every input row times weight rows [n0, n0 + B) of w (n_out, k): groups of at most kMost rows, each reading the
-// block (from memory for the first, from L1 for the others). The weight rows kAhead blocks on are prefetched
+// block (from L2 for the first, from L1 for the others). The weight rows kAhead blocks on are prefetched
 // meanwhile, spread over every group's iterations, so memory stays busy while the later groups compute.
 template <int B, int kMost>
 inline void weight_block(int rows, const float* x, const float* w, float* out, int64_t n0, int64_t n_out,
