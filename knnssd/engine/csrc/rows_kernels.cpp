@@ -109,7 +109,8 @@ constexpr int64_t kAhead = 1;                   // weight blocks ahead prefetche
 // In a tile of 5 or more input rows, each input row's vector is loaded into a register once and used by the B
 // fused multiply-adds. Left to itself GCC folds the load into every one of them (B loads instead of one), and the
 // tile waits on the load ports (a microbenchmark of SmolLM2's products, 16 rows, prefetching into L2: 31 ms, 27
-// with the rows held; BENCHMARKS 44). The empty asm only pins the value in a register; the arithmetic, so the bits, are the same.
+// with the rows held; BENCHMARKS 44). The empty asm only pins the value in a register; the arithmetic, so the
+// bits, are the same.
 // Tiles of 4 rows or fewer were no faster held, and AVX2's 16 registers have no room to spare.
 constexpr bool kHoldRows = LANES == 16;
 
