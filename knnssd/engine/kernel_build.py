@@ -4,8 +4,8 @@ The kernel is built at first use with torch's `cpp_extension.load` into the knns
 kernels/rows_kernels-KEY (KEY from the source, the compiler flags, the CPU's flags and torch's version), about a
 minute with a C++ compiler and ninja. torch serialises builds on a lock file in that folder and waits for it with
 no timeout; a process killed mid-build (OOM, SIGKILL) leaves the lock behind, so `stale_lock_breaker` removes a
-lock older than STALE_LOCK_S while a load waits. Any failure to build means: `compiled_kernel()` is None, the reason is kept in
-`compile_error()`, and `knnssd.engine.kernels` uses library calls instead.
+lock older than STALE_LOCK_S while a load waits. Any failure to build means: `compiled_kernel()` is None, the
+reason is kept in `compile_error()`, and `knnssd.engine.kernels` uses library calls instead.
 """
 
 from __future__ import annotations
