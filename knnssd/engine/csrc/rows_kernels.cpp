@@ -29,10 +29,10 @@
 //
 // A small-batch product is memory-bound: each weight row is streamed from memory once and multiplied by every
 // input row. One or two input rows take one weight row at a time, so each thread's share of the weights is read
-// as one sequential stream. From 3 rows on, while a block of weight rows is multiplied (by every group of input
-// rows in turn), the next block is prefetched into L2, spread over all the groups' iterations, so memory stays busy
-// while the later groups compute (when only the first group prefetched, a 16-row pass waited on memory, then on
-// the cores). Parallel over
+// as one sequential stream. From 3 rows on, while a panel of weight blocks is multiplied (by every group of input
+// rows in turn), the next panel is prefetched into L2, spread over all the groups' iterations, so memory stays
+// busy while the later groups compute (when only the first group prefetched, a 16-row pass waited on memory, then
+// on the cores). Parallel over
 // weight-row blocks (gemm) and over (key/value head, positions, query heads) items (attention) with
 // ATen's thread pool, the GIL released. Built at first use with -march=native by knnssd/engine/kernel_build.py.
 #include <torch/extension.h>
@@ -105,7 +105,13 @@ constexpr int kMaxGemmRows = 256;   // input rows of one product (a batch of req
 constexpr int kGroup = 6;                        // input rows per register tile, at most
 constexpr int kBlock = LANES == 16 ? 4 : 2;     // weight rows per register tile (kBlock * kGroup accumulators)
 constexpr int64_t kLine = 16;                   // floats per cache line (64 bytes)
-constexpr int64_t kAhead = 1;                   // weight blocks ahead prefetched (2 and 4 were no faster)
+constexpr int64_t kAhead = 1;                   // weight blocks ahead prefetched, one block at a time
+// Weight blocks a row group goes over before the next group starts, where there are more than two groups (13 or
+// more rows): 8 blocks of 4 rows, 74 KB of SmolLM2's 576-column weights, held in L2 while the groups take turns.
+// In a microbenchmark of SmolLM2's products, 16 rows took 25.0 ms in panels of 8 blocks against 28.0 a block at a
+// time (4 blocks 25.5, 16 25.5, 32 27.0); in the kernel 16 rows 0.93 of the time, while 3 and 8 rows were slower
+// in panels (1.04, 1.01) and 24 and 32 no faster, so fewer rows keep one block at a time (BENCHMARKS 44).
+constexpr int64_t kPanel = 8;
 // In a tile of 5 or more input rows, each input row's vector is loaded into a register once and used by the B
 // fused multiply-adds. Left to itself GCC folds the load into every one of them (B loads instead of one), and the
 // tile waits on the load ports (a microbenchmark of SmolLM2's products, 16 rows, prefetching into L2: 31 ms, 27
@@ -170,39 +176,47 @@ inline void rest_group(int rows, const float* x, const float* wn, float* out, in
   }
 }
 
-// Every input row times weight rows [n0, n0 + B) of w (n_out, k): groups of at most kMost rows, each reading the
-// block (from L2 for the first, from L1 for the others). The weight rows kAhead blocks on are prefetched
-// meanwhile, spread over every group's iterations, so memory stays busy while the later groups compute.
+// Every input row times the weight blocks [b0, b1) of w (n_out, k), block b being weight rows [b * B, b * B + B):
+// groups of at most kMost input rows, each group over every block of the panel before the next group starts, so
+// a group's rows stay in L1 while the panel's blocks come from L2 (from memory, through the prefetches, for the
+// first group). The blocks `ahead` blocks on are prefetched meanwhile, each group its share of each block's
+// lines, spread over the group's iterations, so memory stays busy while the later groups compute. One block with
+// kAhead ahead is one block at a time, as every wide product ran until 2026-12-05 (BENCHMARKS 44).
 template <int B, int kMost>
-inline void weight_block(int rows, const float* x, const float* w, float* out, int64_t n0, int64_t n_out,
-                         int64_t k) {
-  const float* wn = w + n0 * k;
+inline void weight_panel(int rows, const float* x, const float* w, float* out, int64_t b0, int64_t b1,
+                         int64_t ahead, int64_t n_out, int64_t k) {
   const int groups = (rows + kMost - 1) / kMost;  // as even as possible: 16 rows as 5 + 5 + 6, not 6 + 6 + 4
-  const int64_t ahead = (n0 + kAhead * B) * k, end = std::min(ahead + B * k, n_out * k);
   const int64_t lines = (B * k + kLine - 1) / kLine, iters = std::max<int64_t>(1, k / LANES);  // full iterations
   const int64_t slice = (lines + groups - 1) / groups;
   const int per = k >= LANES ? static_cast<int>((slice + iters - 1) / iters) : 0;
   for (int g = 0, m0 = 0; g < groups; ++g) {
     const int size = (rows - m0) / (groups - g);
-    const int64_t pf = ahead + g * slice * kLine;
-    rest_group<B, kMost>(size, x + m0 * k, wn, out + m0 * n_out, n0, n_out, k, w, pf,
-                         std::min(pf + slice * kLine, end), per);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * B;
+      const int64_t next = (n0 + ahead * B) * k, end = std::min(next + B * k, n_out * k);
+      const int64_t pf = next + g * slice * kLine;
+      rest_group<B, kMost>(size, x + m0 * k, w + n0 * k, out + m0 * n_out, n0, n_out, k, w, pf,
+                           std::min(pf + slice * kLine, end), per);
+    }
     m0 += size;
   }
 }
 
 // B weight rows a block; kMost input rows a tile at most. Threads take runs of blocks of about 64 weight rows.
+// More than two row groups go over a run kPanel blocks at a time, fewer one block at a time (weight_panel).
 template <int B, int kMost>
 void rows_times_weight(int rows, const float* x, const float* w, float* out, int64_t n_out, int64_t k) {
   const int64_t blocks = n_out / B;
+  const int64_t panel = rows > 2 * kMost ? kPanel : 1, ahead = rows > 2 * kMost ? kPanel : kAhead;
   at::parallel_for(0, blocks, std::max(1, 64 / B), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) weight_block<B, kMost>(rows, x, w, out, b * B, n_out, k);
+    for (int64_t b = begin; b < end; b += panel)
+      weight_panel<B, kMost>(rows, x, w, out, b, std::min(end, b + panel), ahead, n_out, k);
   });
-  for (int64_t n = blocks * B; n < n_out; ++n) weight_block<1, kMost>(rows, x, w, out, n, n_out, k);
+  for (int64_t n = blocks * B; n < n_out; ++n) weight_panel<1, kMost>(rows, x, w, out, n, n + 1, kAhead, n_out, k);
 }
 
 // G (1 or 2) input rows times every weight row, one weight row at a time with nothing else done per row, so each
-// thread's share of w is one sequential stream. The same tile as above, so the same bits. Through weight_block,
+// thread's share of w is one sequential stream. The same tile as above, so the same bits. Through the block path,
 // a row at a time, its per-block arithmetic (group sizes and prefetch slices, four divisions) held SmolLM2's 1-row
 // products to 41 GB/s where this reads 48, in one process (BENCHMARKS 43).
 template <int G>
