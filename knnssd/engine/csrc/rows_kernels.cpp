@@ -29,12 +29,11 @@
 //
 // A small-batch product is memory-bound: each weight row is streamed from memory once and multiplied by every
 // input row. One or two input rows take one weight row at a time, so each thread's share of the weights is read
-// as one sequential stream. From 3 rows on, while a panel of weight blocks is multiplied (by every group of input
-// rows in turn), the next panel is prefetched into L2, spread over all the groups' iterations, so memory stays
-// busy while the later groups compute (when only the first group prefetched, a 16-row pass waited on memory, then
-// on the cores). Parallel over
-// weight-row blocks (gemm) and over (key/value head, positions, query heads) items (attention) with
-// ATen's thread pool, the GIL released. Built at first use with -march=native by knnssd/engine/kernel_build.py.
+// as one sequential stream. From 3 rows on, while a panel of weight blocks (8 from 13 rows on, else 1) is
+// multiplied (by every group of input rows in turn), the next panel is prefetched into L2, spread over all the
+// groups' iterations, so memory stays busy while the later groups compute (when only the first group prefetched,
+// a 16-row pass waited on memory, then on the cores). Parallel over weight-row blocks (gemm) and over (key/value
+// head, positions, query heads) items (attention) with ATen's thread pool, the GIL released. Built at first use with -march=native by knnssd/engine/kernel_build.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
