@@ -33,7 +33,8 @@
 // multiplied (by every group of input rows in turn), the next panel is prefetched into L2, spread over all the
 // groups' iterations, so memory stays busy while the later groups compute (when only the first group prefetched,
 // a 16-row pass waited on memory, then on the cores). Parallel over weight-row blocks (gemm) and over (key/value
-// head, positions, query heads) items (attention) with ATen's thread pool, the GIL released. Built at first use with -march=native by knnssd/engine/kernel_build.py.
+// head, positions, query heads) items (attention) with ATen's thread pool, the GIL released. Built at first use
+// with -march=native by knnssd/engine/kernel_build.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
