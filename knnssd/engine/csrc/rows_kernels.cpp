@@ -105,12 +105,12 @@ constexpr int kMaxGemmRows = 256;   // input rows of one product (a batch of req
 constexpr int kGroup = 6;                        // input rows per register tile, at most
 constexpr int kBlock = LANES == 16 ? 4 : 2;     // weight rows per register tile (kBlock * kGroup accumulators)
 constexpr int64_t kLine = 16;                   // floats per cache line (64 bytes)
-constexpr int64_t kAhead = 1;                   // weight blocks ahead prefetched, one block at a time
-// Weight blocks a row group goes over before the next group starts, where there are more than two groups (13 or
-// more rows): 8 blocks of 4 rows, 74 KB of SmolLM2's 576-column weights, held in L2 while the groups take turns.
-// In a microbenchmark of SmolLM2's products, 16 rows took 25.0 ms in panels of 8 blocks against 28.0 a block at a
-// time (4 blocks 25.5, 16 25.5, 32 27.0); in the kernel 16 rows 0.93 of the time, while 3 and 8 rows were slower
-// in panels (1.04, 1.01) and 24 and 32 no faster, so fewer rows keep one block at a time (BENCHMARKS 44).
+// Weight blocks a row group goes over before the next group starts (and how far ahead they are prefetched), where there
+// are more than two groups (13 or more rows; fewer go one block at a time, prefetching one block ahead): 8 blocks of 4
+// rows, 74 KB of SmolLM2's 576-column weights, held in L2 while the groups take turns. In a microbenchmark of SmolLM2's
+// products, 16 rows took 25.0 ms in panels of 8 blocks against 28.0 a block at a time (4 blocks 25.5, 16 25.5, 32
+// 27.0); in the kernel 16 rows 0.93 of the time, while 3 and 8 rows were slower in panels (1.04, 1.01) and 24 and 32 no
+// faster, so fewer rows keep one block at a time (BENCHMARKS 44).
 constexpr int64_t kPanel = 8;
 // In a tile of 5 or more input rows, each input row's vector is loaded into a register once and used by the B
 // fused multiply-adds. Left to itself GCC folds the load into every one of them (B loads instead of one), and the
@@ -180,8 +180,8 @@ inline void rest_group(int rows, const float* x, const float* wn, float* out, in
 // groups of at most kMost input rows, each group over every block of the panel before the next group starts, so
 // a group's rows stay in L1 while the panel's blocks come from L2 (from memory, through the prefetches, for the
 // first group). The blocks `ahead` blocks on are prefetched meanwhile, each group its share of each block's
-// lines, spread over the group's iterations, so memory stays busy while the later groups compute. One block with
-// kAhead ahead is one block at a time, as every wide product ran until 2026-12-05 (BENCHMARKS 44).
+// lines, spread over the group's iterations, so memory stays busy while the later groups compute. Panels of one
+// block, one block ahead, are one block at a time, as every wide product ran until 2026-12-05 (BENCHMARKS 44).
 template <int B, int kMost>
 inline void weight_panel(int rows, const float* x, const float* w, float* out, int64_t b0, int64_t b1,
                          int64_t ahead, int64_t n_out, int64_t k) {
@@ -207,12 +207,12 @@ inline void weight_panel(int rows, const float* x, const float* w, float* out, i
 template <int B, int kMost>
 void rows_times_weight(int rows, const float* x, const float* w, float* out, int64_t n_out, int64_t k) {
   const int64_t blocks = n_out / B;
-  const int64_t panel = rows > 2 * kMost ? kPanel : 1, ahead = rows > 2 * kMost ? kPanel : kAhead;
+  const int64_t panel = rows > 2 * kMost ? kPanel : 1;  // blocks a panel, and the prefetches' distance in blocks
   at::parallel_for(0, blocks, std::max(1, 64 / B), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b += panel)
-      weight_panel<B, kMost>(rows, x, w, out, b, std::min(end, b + panel), ahead, n_out, k);
+      weight_panel<B, kMost>(rows, x, w, out, b, std::min(end, b + panel), panel, n_out, k);
   });
-  for (int64_t n = blocks * B; n < n_out; ++n) weight_panel<1, kMost>(rows, x, w, out, n, n + 1, kAhead, n_out, k);
+  for (int64_t n = blocks * B; n < n_out; ++n) weight_panel<1, kMost>(rows, x, w, out, n, n + 1, 1, n_out, k);
 }
 
 // G (1 or 2) input rows times every weight row, one weight row at a time with nothing else done per row, so each
