@@ -2,7 +2,7 @@
 held-out prompts, by exact replay (`pipeline.replay`), under the ablation axes recycling and store scope.
 
     python benchmarks/draft_ablation.py --model smollm2-135m [--threads 2] [--store-prompts 16] [--held-out 10]
-        [--max-new-tokens 64] [--store-tokens 128] [--check 2] [--base JSON] [--out DIR]
+        [--max-new-tokens 64] [--store-tokens 128] [--check 2] [--base JSON] [--frontier N+R,...] [--out DIR]
 
 Data as calibration reads it with --merge-mt-bench (Spec-Bench's 8 MT-bench categories as "chat": 6 domains),
 split with the same seed (`pipeline.data`). Per domain:
@@ -65,6 +65,28 @@ BASE_POLICY = {"kind": "suffix_tree", "use_store": True, "max_tree_nodes": 8, "m
 RECYCLED = {"recycled_nodes": 8}
 WARM = {"recycled_nodes": 8, "use_warm": True}
 REFERENCE_LOOKUP = {"kind": "prompt_lookup"}
+FRONTIER = {"store_scope": "both", "max_depth": 10, "min_path_prob": 0.02}  # --frontier's trees
+
+
+def frontier_policies(base: dict[str, Any], budgets: str) -> dict[str, dict[str, Any]]:
+    """Name -> policy for --frontier "N+R,...": the base with both stores and the warm table, at most N matched
+    and R recycled nodes (a verify width of at most 1 + N + R), depth <= 10, path probability >= 0.02: the tokens a
+    step that larger trees of the same sources reach, whatever their width costs."""
+    policies = {}
+    for budget in budgets.split(","):
+        parts = budget.strip().split("+")
+        try:
+            matched, recycled = (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0)
+        except ValueError:
+            matched, recycled = -1, -1
+        if len(parts) > 2 or matched < 1 or recycled < 0 or matched + recycled > 31:
+            raise KnnSsdError(f"--frontier: {budget.strip()!r} is not N+R with N >= 1, R >= 0, N + R <= 31",
+                              fix='pass e.g. --frontier 4+0,8+8,16+15 (matched + recycled nodes; a pass holds '
+                                  'at most 32 tokens)')
+        policies[f"frontier {matched}+{recycled}"] = {
+            **base, **FRONTIER, "use_store": True, "max_tree_nodes": matched, "recycled_nodes": recycled,
+            "use_warm": recycled > 0}
+    return policies
 
 
 def ablation_policies(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -268,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help=f"the base suffix-tree policy (JSON or a file; default "
                                                 f"{json.dumps(BASE_POLICY)}).")
     p.add_argument("--policies", default=None, help="comma-separated policy names to run (default: all).")
+    p.add_argument("--frontier", default=None, metavar="N+R,...",
+                   help="also replay larger trees: both stores, the warm table, at most N matched and R recycled "
+                        "nodes each (e.g. 4+0,8+8,16+15); tokens a step against verify width.")
     p.add_argument("--check", type=int, default=0, metavar="N",
                    help="also decode the first N held-out prompts (over all domains) with the real loop under "
                         "every policy and assert replay's output, steps and accepted tokens.")
@@ -300,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               fix="pass a positive number")
     policies = ablation_policies(policies_base(args))
     policies = {n: policies[n] for n in chosen_names("--policies", args.policies, list(policies))}
+    if args.frontier:
+        policies.update(frontier_policies(policies_base(args), args.frontier))
     table = spec_bench_split(args.data, args.held_out_fraction, args.seed)
     domains = domains_of(table)
     loaded, invariant = load_for_replay(args.model, args.threads)

@@ -31,14 +31,18 @@ def ablation(tmp_path_factory):
     out = folder / "out"
     summary = main(["--model", str(model), "--data", str(folder / "question.jsonl"), "--store-prompts", "3",
                     "--held-out", "2", "--max-new-tokens", "12", "--store-tokens", "24", "--threads", "1",
-                    "--check", "1", "--out", str(out)])
+                    "--check", "1", "--frontier", "2+1", "--out", str(out)])
     return summary, out
 
 
 def test_every_policy_in_the_table_with_at_least_one_token_per_step(ablation):
     summary, out = ablation
     assert summary["domains"] == ["chat", "qa"]
-    assert list(summary["policies"]) == list(ablation_policies(BASE_POLICY))
+    assert list(summary["policies"]) == list(ablation_policies(BASE_POLICY)) + ["frontier 2+1"]
+    frontier = summary["policies"]["frontier 2+1"]
+    assert frontier["policy"]["max_tree_nodes"] == 2 and frontier["policy"]["recycled_nodes"] == 1
+    assert frontier["policy"]["store_scope"] == "both" and frontier["policy"]["use_warm"] is True
+    assert 1.0 <= frontier["mean_width"] <= 4.0  # the last token + at most 2 matched + 1 recycled nodes
     assert summary["prompts"] == 4 and summary["checked_prompts"] == 1
     for name, row in summary["policies"].items():
         assert row["tokens_per_step"] >= 1.0, name
@@ -57,6 +61,14 @@ def test_every_policy_in_the_table_with_at_least_one_token_per_step(ablation):
         by_prompt.setdefault((row["domain"], row["prompt"]), set()).add(int(row["tokens"]))
     assert all(tokens == {11} for tokens in by_prompt.values())
     assert json.loads((out / "summary.json").read_text())["policies"].keys() == summary["policies"].keys()
+
+
+@pytest.mark.parametrize("budgets", ["0+4", "8+x", "16+16", "1+2+3", "-1"])
+def test_frontier_refuses_a_budget_that_is_not_n_plus_r(budgets):
+    from benchmarks.draft_ablation import frontier_policies
+
+    with pytest.raises(KnnSsdError, match="--frontier"):
+        frontier_policies(BASE_POLICY, budgets)
 
 
 def test_base_must_be_a_suffix_tree():
