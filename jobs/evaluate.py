@@ -235,7 +235,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
                   "bundle": args.bundle, "data": args.data or "calibration data", "prompts": len(prompts),
                   "threads": resolve_threads(args.threads), "fast_kernels": not args.no_fast_kernels}
         metrics = {metric_key(r, figure): r[figure] for r in table
-                   for figure in ("speedup", "speedup_low", "speedup_high", "mean_accepted", "acceptance",
+                   for figure in ("speedup", "speedup_low", "speedup_high", "decode_speedup", "prefill_share",
+                                  "mean_accepted", "acceptance",
                                   "mean_verify_width", "tree_share", "no_draft_share", "identical",
                                   "routing_accuracy")}
         run_id = registry.log_evaluation(args.bundle, params, metrics, out)

@@ -2,7 +2,7 @@
 
 Per stream: speedup over plain decoding with its 95% paired-bootstrap interval, per method and domain (overall
 last); mean accepted tokens per verify step / mean verify width, per method and domain, with the share of verify
-steps that verified a token tree; and KNN-SSD's verdict against each baseline per domain (`pipeline.comparisons`).
+steps that verified a token tree; the decoding phase's speedup (prefill taken out) where recorded; and KNN-SSD's verdict against each baseline per domain (`pipeline.comparisons`).
 The figures are those of `report.summarise`; no torch needed, so `--rerender` writes it too.
 """
 
@@ -58,6 +58,24 @@ def acceptance_table(table: list[dict[str, Any]], stream: str) -> list[str]:
     return lines
 
 
+def decode_table(table: list[dict[str, Any]], stream: str) -> list[str]:
+    """| method | each domain | overall |, cells "decoding-phase speedup [95% CI]" (each run's prefill taken out),
+    for our methods, then plain decoding's prefill share; [] where the rows have no prefill seconds."""
+    rows = [r for r in table if r["stream"] == stream and r["decode_speedup"] == r["decode_speedup"]]
+    if not rows:
+        return []
+    domains = [d for d in dict.fromkeys(r["domain"] for r in rows) if d != OVERALL] + [OVERALL]
+    cell = {(r["method"], r["domain"]): r for r in rows}
+    lines = _header(["method", *domains])
+    for method in (m for m in dict.fromkeys(r["method"] for r in rows) if m != "plain"):
+        texts = [f"{c['decode_speedup']:.2f} [{c['decode_speedup_low']:.2f}, {c['decode_speedup_high']:.2f}]"
+                 if c else "-" for c in (cell.get((method, d)) for d in domains)]
+        lines.append(_row([f"**{method}**", *(f"**{t}**" for t in texts)] if method == "knn" else [method, *texts]))
+    lines.append(_row(["plain: prefill share of its time", *(f"{c['prefill_share']:.0%}" if c else "-"
+                                                             for c in (cell.get(("plain", d)) for d in domains))]))
+    return lines
+
+
 def verdict_table(judged: list[tuple[str, int, Any, list[Any]]]) -> list[str]:
     """| domain (prompts) | KNN-SSD | vs each baseline |, cells "verdict, difference [95% CI] (note)", from
     `comparisons.judgements` of one stream."""
@@ -79,6 +97,10 @@ def markdown_tables(table: list[dict[str, Any]], judged: dict[str, list[tuple[st
                   *speedup_table(table, stream), "",
                   f"Mean accepted tokens per verify step / mean verify width, {stream} stream:", "",
                   *acceptance_table(table, stream), ""]
+        decode = decode_table(table, stream)
+        if decode:
+            parts += [f"The decoding phase alone, {stream} stream: speedup with each run's prefill taken out (the "
+                      "same computation for every method of ours; 95% interval):", "", *decode, ""]
         verdicts = verdict_table(judged.get(stream, []))
         if verdicts:
             parts += [f"KNN-SSD against each baseline, {stream} stream: verdict, speedup difference [95% CI] "

@@ -25,7 +25,8 @@ class Outcome:
     transformers' peers): accepted and drafted tokens, verify steps, how many of them verified a token tree and
     how many verified no draft at all (the loop's verify passes of width 1).
     A step's verify width is its drafted tokens (a tree's nodes) plus the last committed token, so the mean
-    verify width is (drafted + steps) / steps."""
+    verify width is (drafted + steps) / steps. `prefill_seconds`: the loop's prefill, part of `seconds` (None for
+    transformers' peers, whose `generate` does not report it)."""
 
     tokens: tuple[int, ...]
     seconds: float
@@ -35,13 +36,14 @@ class Outcome:
     routed_to: str = ""
     tree_steps: int = 0
     no_draft_steps: int = 0
+    prefill_seconds: float | None = None
 
     @classmethod
     def of(cls, result: Any, seconds: float, routed_to: str = "") -> "Outcome":
         """From a `GenerationResult` of the decoding loop."""
         s = result.stats
         return cls(tuple(result.token_ids), seconds, s.accepted_tokens, s.drafted_tokens, s.verify_steps,
-                   routed_to, s.tree_steps, s.verify_widths[0] if s.verify_widths else 0)
+                   routed_to, s.tree_steps, s.verify_widths[0] if s.verify_widths else 0, s.prefill_seconds)
 
 
 Runner = Callable[[torch.Tensor, str], Outcome]

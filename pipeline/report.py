@@ -4,6 +4,11 @@ Needs no torch: `jobs/evaluate.py --rerender` rebuilds a run's report from its p
 
     speedup       = sum of plain seconds / sum of the method's seconds, over the same prompts, with a 95%
                     paired-bootstrap interval over prompts (speedup_low, speedup_high; `pipeline.bootstrap`)
+    decode_speedup = the same over seconds less each run's prefill (our methods; the prefill is the same
+                    computation for each of them): the decoding phase alone, with its interval (decode_speedup_low,
+                    decode_speedup_high); NaN for transformers' peers and rows written before 2026-12-05's prefill
+                    columns
+    prefill_share = plain decoding's prefill seconds / its seconds over the group's prompts (NaN where unknown)
     mean_accepted, acceptance, mean_verify_width: pooled by knnssd.engine.stats.Tally (our methods; 0 for
                     transformers' peers); mean_verify_width = (drafted + steps) / steps, the tokens a verify pass
                     actually ran on (a tree's nodes plus the last committed token; 1.0 for plain decoding)
@@ -51,6 +56,17 @@ class PromptRun:
     routed_to: str
     tree_steps: int = 0  # absent from per_prompt.csv files written before token trees: read as 0
     no_draft_steps: int | None = None  # absent from per_prompt.csv files written before 2026-12-05: unknown
+    prefill_seconds: float | None = None  # the method's prefill (ours; None for transformers' peers, old files)
+    plain_prefill_seconds: float | None = None  # plain decoding's prefill on the same prompt
+
+
+def decode_seconds(group: list[PromptRun]) -> tuple[list[float], list[float]] | None:
+    """(plain, method) seconds of each row less its prefill: the decoding phase; None where a row lacks either
+    prefill."""
+    if any(r.prefill_seconds is None or r.plain_prefill_seconds is None for r in group):
+        return None
+    return ([r.plain_seconds - r.plain_prefill_seconds for r in group],
+            [r.seconds - r.prefill_seconds for r in group])
 
 
 def summarise(rows: list[PromptRun]) -> list[dict[str, Any]]:
@@ -63,9 +79,16 @@ def summarise(rows: list[PromptRun]) -> list[dict[str, Any]]:
     for (stream, method, domain), group in groups.items():
         tally = sum((Tally(accepted=r.accepted, drafted=r.drafted, steps=r.steps) for r in group), Tally())
         interval = speedup_interval([r.plain_seconds for r in group], [r.seconds for r in group])
+        decoding = decode_seconds(group)
+        decode = speedup_interval(*decoding) if decoding else None
+        nan = float("nan")
         entry: dict[str, Any] = {
             "stream": stream, "method": method, "domain": domain, "prompts": len(group),
             "speedup": interval.estimate, "speedup_low": interval.low, "speedup_high": interval.high,
+            "decode_speedup": decode.estimate if decode else nan,
+            "decode_speedup_low": decode.low if decode else nan,
+            "decode_speedup_high": decode.high if decode else nan,
+            "prefill_share": (1 - sum(decoding[0]) / sum(r.plain_seconds for r in group)) if decoding else nan,
             "mean_accepted": tally.mean_accepted_tokens,
             "acceptance": tally.acceptance_rate,
             "mean_verify_width": tally.mean_verify_width,
@@ -141,6 +164,11 @@ def leaderboard(rows: list[PromptRun], stream: str) -> str | None:
     return "\n".join(lines)
 
 
+def optional_float(text: str | None) -> float | None:
+    """A CSV cell's float; None for an empty cell or a column the file does not have."""
+    return None if text in (None, "") else float(text)
+
+
 def read_rows(path: Any) -> list[PromptRun]:
     """The rows of a per_prompt.csv written by `write_outputs`."""
     rows = []
@@ -152,7 +180,9 @@ def read_rows(path: Any) -> list[PromptRun]:
                 accepted=int(r["accepted"]), drafted=int(r["drafted"]), steps=int(r["steps"]),
                 identical=r["identical"] == "True", routed_to=r["routed_to"],
                 tree_steps=int(r.get("tree_steps") or 0),
-                no_draft_steps=int(r["no_draft_steps"]) if r.get("no_draft_steps") not in (None, "") else None))
+                no_draft_steps=int(r["no_draft_steps"]) if r.get("no_draft_steps") not in (None, "") else None,
+                prefill_seconds=optional_float(r.get("prefill_seconds")),
+                plain_prefill_seconds=optional_float(r.get("plain_prefill_seconds"))))
     return rows
 
 
@@ -192,6 +222,27 @@ def format_acceptance(table: list[dict[str, Any]], stream: str) -> str:
         texts = ["%.2f/%.2f" % (c["mean_accepted"], c["mean_verify_width"]) if c else "-" for c in cells]
         lines.append(f"{method:<20}" + "".join(f"{t:>{width}}" for t in texts)
                      + f"{cell[(method, OVERALL)]['tree_share']:>12.0%}" + f"{share_text(cell[(method, OVERALL)]):>10}")
+    return "\n".join(lines)
+
+
+def format_decode(table: list[dict[str, Any]], stream: str) -> str | None:
+    """The decoding phase's speedup (prefill excluded) per method of ours and domain (then overall, with its
+    interval), and plain decoding's prefill share per domain; None where no row has it."""
+    rows = [r for r in table if r["stream"] == stream and r["decode_speedup"] == r["decode_speedup"]]
+    if not rows:
+        return None
+    domains = list(dict.fromkeys(r["domain"] for r in rows if r["domain"] != OVERALL)) + [OVERALL]
+    cell = {(r["method"], r["domain"]): r for r in rows}
+    width = max(10, max(len(d) for d in domains) + 1)
+    lines = [f"{'method':<20}" + "".join(f"{d[:width - 1]:>{width}}" for d in domains) + f"{'overall 95% CI':>16}"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        overall = cell[(method, OVERALL)]
+        lines.append(f"{method:<20}" + "".join(f"{cell[(method, d)]['decode_speedup']:>{width}.3f}"
+                                               if (method, d) in cell else f"{'-':>{width}}" for d in domains)
+                     + f"{'[%.3f,%.3f]' % (overall['decode_speedup_low'], overall['decode_speedup_high']):>16}")
+    plain = [cell.get(("plain", d)) for d in domains]
+    lines.append(f"{'plain: prefill share':<20}" + "".join(f"{c['prefill_share']:>{width}.0%}" if c else f"{'-':>{width}}"
+                                                           for c in plain))
     return "\n".join(lines)
 
 
@@ -235,6 +286,10 @@ def write_outputs(rows: list[PromptRun], table: list[dict[str, Any]], folder: An
         report += [f"speedup over plain decoding, {stream} stream:", format_table(table, stream), "",
                    f"mean accepted tokens per verify step / mean verify width, {stream} stream:",
                    format_acceptance(table, stream), ""]
+        decode = format_decode(table, stream)
+        if decode:
+            report += [f"the decoding phase alone (each run's prefill taken out; the same computation for every "
+                       f"method of ours), {stream} stream:", decode, ""]
         board = leaderboard(rows, stream)
         if board:
             report += [f"Spec-Bench leaderboard columns, {stream} stream (speedup [95% CI]):", board, ""]

@@ -25,6 +25,10 @@ falls back, where it routes, and what speedup that gives.
 Figures per stream, method and domain (and "overall", pooled over every prompt of the stream):
 
     speedup       = sum of plain seconds / sum of the method's seconds, over the same prompts
+    decode_speedup = the same with each run's prefill taken out of its seconds (our methods: every one prefills
+                    the prompt with the same computation; routing stays in KNN-SSD's seconds): the decoding
+                    phase's speedup, which a longer generation approaches; prefill_share = plain decoding's
+                    prefill seconds / its seconds
     mean_accepted = (accepted + verify steps) / verify steps, pooled (our methods only)
     acceptance    = accepted / drafted, pooled (our methods only)
     mean_verify_width = (drafted + verify steps) / verify steps, pooled: the tokens a verify pass ran on, a
@@ -75,7 +79,8 @@ def run_stream(stream: str, prompts: list[tuple[str, str]], encode: Callable[[st
                                   plain_seconds=plain.seconds, new_tokens=len(out.tokens), accepted=out.accepted,
                                   drafted=out.drafted, steps=out.steps, identical=out.tokens == plain.tokens,
                                   routed_to=out.routed_to, tree_steps=out.tree_steps,
-                                  no_draft_steps=out.no_draft_steps))
+                                  no_draft_steps=out.no_draft_steps, prefill_seconds=out.prefill_seconds,
+                                  plain_prefill_seconds=plain.prefill_seconds))
         knn = outcomes.get("knn")
         log(f"[{stream} {i + 1}/{len(ordered)}] {domain}: " + ", ".join(
             f"{name} {plain.seconds / outcomes[name].seconds:.2f}x" for name in names if name != "plain")

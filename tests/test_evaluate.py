@@ -17,11 +17,11 @@ from tests.test_heldout_integrity import calibration_record
 
 
 def run(method, domain, seconds, plain, stream="task", accepted=0, drafted=0, steps=1, identical=True, routed="",
-        order=None):
+        order=None, prefill=None, plain_prefill=None):
     order = {"a": 0, "b": 1}.get(domain, 0) if order is None else order
     return PromptRun(stream=stream, order=order, domain=domain, method=method, seconds=seconds, plain_seconds=plain,
                      new_tokens=8, accepted=accepted, drafted=drafted, steps=steps, identical=identical,
-                     routed_to=routed)
+                     routed_to=routed, prefill_seconds=prefill, plain_prefill_seconds=plain_prefill)
 
 
 def test_figures_are_pooled_ratios():
@@ -45,6 +45,32 @@ def test_figures_are_pooled_ratios():
                "too few prompts to compare with Self-SD(Fix) on average (speedup difference +0.500" in line
                for line in lines), lines
     assert all("too few prompts to compare with Self-SD(Fix)" in line and "beats" not in line for line in lines)
+
+
+def test_the_decoding_phase_speedup_takes_each_runs_prefill_out(tmp_path):
+    """Prompt a: plain 3.0 s of which 1.0 prefill, knn 2.0 s of which 1.0: 1.5x overall, 2.0x decoding. Prompt b:
+    plain 5.0 (1.0), knn 3.0 (1.0): 5/3 and 2.0. Pooled: 8/5 overall, (2 + 4) / (1 + 2) = 2.0 decoding; plain's
+    prefill share 2/8. A transformers peer has no prefill seconds: NaN, and no row in the phase's table."""
+    from pipeline.report import format_decode, read_rows, write_outputs
+
+    rows = [run("plain", "a", 3.0, 3.0, prefill=1.0, plain_prefill=1.0),
+            run("knn", "a", 2.0, 3.0, prefill=1.0, plain_prefill=1.0),
+            run("plain", "b", 5.0, 5.0, prefill=1.0, plain_prefill=1.0),
+            run("knn", "b", 3.0, 5.0, prefill=1.0, plain_prefill=1.0),
+            run("hf-plain", "a", 6.0, 3.0, plain_prefill=1.0), run("hf-plain", "b", 9.0, 5.0, plain_prefill=1.0)]
+    table = {(r["method"], r["domain"]): r for r in summarise(rows)}
+    assert table[("knn", "overall")]["speedup"] == pytest.approx(8 / 5)
+    assert table[("knn", "overall")]["decode_speedup"] == pytest.approx(2.0)
+    assert table[("knn", "a")]["decode_speedup"] == pytest.approx(2.0)
+    assert table[("plain", "overall")]["prefill_share"] == pytest.approx(2 / 8)
+    assert table[("hf-plain", "overall")]["decode_speedup"] != table[("hf-plain", "overall")]["decode_speedup"]
+    text = format_decode(summarise(rows), "task")
+    assert "hf-plain" not in text and text.splitlines()[-1].split()[-1] == "25%"
+    write_outputs(rows, summarise(rows), tmp_path, "t")
+    assert read_rows(tmp_path / "per_prompt.csv") == rows  # the prefill columns survive a rerender
+    assert "| **knn** | **2.00 [2.00, 2.00]** | **2.00 [2.00, 2.00]** | **2.00 [2.00, 2.00]** |" in (
+        tmp_path / "tables.md").read_text()
+    assert "the decoding phase alone" in (tmp_path / "report.txt").read_text()
 
 
 def test_verdicts_need_an_interval_that_excludes_zero():
@@ -118,6 +144,9 @@ def test_job_runs_every_method_on_held_out_prompts_losslessly(evaluated):
     report = (evaluated / "report.txt").read_text()
     assert "lossless: every method of ours token-identical" in report
     assert "task stream, overall (4 prompts): KNN-SSD" in report and "Self-SD(Mix)" in report
+    assert all(float(r["prefill_seconds"]) > 0 and float(r["plain_prefill_seconds"]) > 0 for r in ours)
+    assert all(r["prefill_seconds"] == "" for r in rows if r["method"].startswith("hf-"))
+    assert "the decoding phase alone" in report
     assert (evaluated / "speedup.png").stat().st_size > 10_000
 
 
@@ -220,7 +249,7 @@ def test_per_prompt_tables_from_before_token_trees_still_rerender(tmp_path):
     from pipeline.report import format_acceptance, read_rows
 
     path = tmp_path / "per_prompt.csv"
-    old = ("tree_steps", "no_draft_steps")
+    old = ("tree_steps", "no_draft_steps", "prefill_seconds", "plain_prefill_seconds")
     fields = [f for f in PromptRun.__dataclass_fields__ if f not in old]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -232,6 +261,7 @@ def test_per_prompt_tables_from_before_token_trees_still_rerender(tmp_path):
     summary = summarise([row])
     assert all(r["no_draft_share"] != r["no_draft_share"] for r in summary)  # NaN: not recorded
     assert format_acceptance(summary, "task").splitlines()[1].split()[-1] == "-"
+    assert row.prefill_seconds is None and all(r["decode_speedup"] != r["decode_speedup"] for r in summary)
 
 
 def test_markdown_tables_hold_the_summary_and_the_verdicts(tmp_path):
