@@ -215,14 +215,13 @@ void rows_times_weight(int rows, const float* x, const float* w, float* out, int
   for (int64_t n = blocks * B; n < n_out; ++n) weight_panel<1, kMost>(rows, x, w, out, n, n + 1, 1, n_out, k);
 }
 
-// G (1 or 2) input rows times every weight row, one weight row at a time with nothing else done per row, so each
-// thread's share of w is one sequential stream. The same tile as above, so the same bits. Through the block path,
-// a row at a time, its per-block arithmetic (group sizes and prefetch slices, four divisions) held SmolLM2's 1-row
-// products to 41 GB/s where this reads 48, in one process (BENCHMARKS 43).
-template <int G>
+// One input row times every weight row, one weight row at a time with nothing else done per row, so each thread's
+// share of w is one sequential stream. The same tile as above, so the same bits. Through the block path, a row at a
+// time, its per-block arithmetic (group sizes and prefetch slices, four divisions) held SmolLM2's 1-row products to
+// 41 GB/s where this reads 48, in one process (BENCHMARKS 43).
 void rows_stream(const float* x, const float* w, float* out, int64_t n_out, int64_t k) {
   at::parallel_for(0, n_out, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) tile<G, 1, false>(x, w + n * k, out, n, n_out, k, w, 0, 0, 0);
+    for (int64_t n = begin; n < end; ++n) tile<1, 1, false>(x, w + n * k, out, n, n_out, k, w, 0, 0, 0);
   });
 }
 
@@ -518,11 +517,12 @@ torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor w) {
     // so other Python threads (a server's other requests) run during the product. x, w and out stay alive:
     // this frame holds their tensors.
     pybind11::gil_scoped_release no_gil;
-    // 1 or 2 rows: one weight row at a time, so each thread reads its share of w as one sequential stream (the
+    // 1 row: one weight row at a time, so each thread reads its share of w as one sequential stream (the
     // hardware prefetcher's best case; tiles of 8 rows read 8 short streams at once and stay well below the
-    // memory's speed, BENCHMARKS 41). Each output's operations are the tiles' own, so the bits do not change.
-    if (rows == 1) rows_stream<1>(xp, wp, op, n, k);
-    else if (rows == 2) rows_stream<2>(xp, wp, op, n, k);
+    // memory's speed, BENCHMARKS 41). 2 rows went that way too until whole 2-token passes were timed both ways:
+    // through the blocks they took 0.85-0.94 of the time, at contexts 200 and 1500, in two runs (BENCHMARKS 45).
+    // Each output's operations are the tiles' own, so the bits do not change.
+    if (rows == 1) rows_stream(xp, wp, op, n, k);
     else rows_times_weight<kBlock, kGroup>(rows, xp, wp, op, n, k);
   }
   return out;
