@@ -28,8 +28,8 @@
 //   sum; one call replaces the dozen small tensor ops of transformers' RMSNorm.
 //
 // A small-batch product is memory-bound: each weight row is streamed from memory once and multiplied by every
-// input row. One or two input rows take one weight row at a time, so each thread's share of the weights is read
-// as one sequential stream. From 3 rows on, while a panel of weight blocks (8 from 13 rows on, else 1) is
+// input row. One input row takes one weight row at a time, so each thread's share of the weights is read as one
+// sequential stream. From 2 rows on, while a panel of weight blocks (8 from 13 rows on, else 1) is
 // multiplied (by every group of input rows in turn), the next panel is prefetched into L2, spread over all the
 // groups' iterations, so memory stays busy while the later groups compute (when only the first group prefetched,
 // a 16-row pass waited on memory, then on the cores). Parallel over weight-row blocks (gemm) and over (key/value
