@@ -51,7 +51,8 @@ def test_the_decoding_phase_speedup_takes_each_runs_prefill_out(tmp_path):
     """Prompt a: plain 3.0 s of which 1.0 prefill, knn 2.0 s of which 1.0: 1.5x overall, 2.0x decoding. Prompt b:
     plain 5.0 (1.0), knn 3.0 (1.0): 5/3 and 2.0. Pooled: 8/5 overall, (2 + 4) / (1 + 2) = 2.0 decoding; plain's
     prefill share 2/8. A transformers peer has no prefill seconds: NaN, and no row in the phase's table."""
-    from pipeline.report import format_decode, read_rows, write_outputs
+    from pipeline.report import read_rows, write_outputs
+    from pipeline.text_tables import format_decode
 
     rows = [run("plain", "a", 3.0, 3.0, prefill=1.0, plain_prefill=1.0),
             run("knn", "a", 2.0, 3.0, prefill=1.0, plain_prefill=1.0),
@@ -201,7 +202,7 @@ def test_out_of_distribution_domains_must_be_unseen_and_present():
 def test_verify_width_and_tree_share_are_pooled_per_method():
     """Plain verifies one token a step; a tree method's width is (drafted + steps) / steps, pooled over prompts;
     transformers' peers have no loop counts (0, shown as '-')."""
-    from pipeline.report import format_acceptance
+    from pipeline.text_tables import format_acceptance
 
     rows = [run("plain", "a", 2.0, 2.0, steps=8), run("plain", "b", 2.0, 2.0, steps=8),
             run("tree", "a", 1.0, 2.0, accepted=6, drafted=20, steps=2),
@@ -246,7 +247,8 @@ def test_knn_is_judged_against_named_policies_and_transformers_lookup():
 def test_per_prompt_tables_from_before_token_trees_still_rerender(tmp_path):
     """A per_prompt.csv without the tree_steps column (runs before token trees) reads it as 0; one without
     no_draft_steps (runs before 2026-12-05) reads it as unknown, shown as '-', never as 0%."""
-    from pipeline.report import format_acceptance, read_rows
+    from pipeline.report import read_rows
+    from pipeline.text_tables import format_acceptance
 
     path = tmp_path / "per_prompt.csv"
     old = ("tree_steps", "no_draft_steps", "prefill_seconds", "plain_prefill_seconds")
