@@ -2,8 +2,9 @@
 
 Per stream: speedup over plain decoding with its 95% paired-bootstrap interval, per method and domain (overall
 last); mean accepted tokens per verify step / mean verify width, per method and domain, with the share of verify
-steps that verified a token tree; the decoding phase's speedup (prefill taken out) where recorded; and KNN-SSD's verdict against each baseline per domain (`pipeline.comparisons`).
-The figures are those of `report.summarise`; no torch needed, so `--rerender` writes it too.
+steps that verified a token tree; the decoding phase's speedup (prefill taken out) where recorded; and KNN-SSD's
+verdict against each baseline per domain (`pipeline.comparisons`). The figures are those of `report.summarise`;
+no torch needed, so `--rerender` writes it too.
 """
 
 from __future__ import annotations

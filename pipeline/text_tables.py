@@ -64,8 +64,8 @@ def format_decode(table: list[dict[str, Any]], stream: str) -> str | None:
                                                if (method, d) in cell else f"{'-':>{width}}" for d in domains)
                      + f"{'[%.3f,%.3f]' % (overall['decode_speedup_low'], overall['decode_speedup_high']):>16}")
     plain = [cell.get(("plain", d)) for d in domains]
-    lines.append(f"{'plain: prefill share':<20}" + "".join(f"{c['prefill_share']:>{width}.0%}" if c else f"{'-':>{width}}"
-                                                           for c in plain))
+    lines.append(f"{'plain: prefill share':<20}"
+                 + "".join(f"{c['prefill_share']:>{width}.0%}" if c else f"{'-':>{width}}" for c in plain))
     return "\n".join(lines)
 
 

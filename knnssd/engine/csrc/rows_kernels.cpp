@@ -123,7 +123,7 @@ constexpr bool kHoldRows = LANES == 16;
 // ---------------------------------------------------------------------------------------------------- gemm
 
 // out[m, n0 + i] = x[m] . w[n0 + i] for m < G, i < B (kBlock * kGroup + kBlock + 1 vector registers at most).
-// With kPrefetch (the blocks of 3 or more input rows), each of the loop's iterations also prefetches `per` cache
+// With kPrefetch (the blocks of 2 or more input rows), each of the loop's iterations also prefetches `per` cache
 // lines of w at offsets pf, pf + kLine, ... below pf_end (offsets from w, never a pointer past the array), into
 // L2, not L1: L1 holds the tile's input rows and the current block, and prefetches into it evicted them (the
 // microbenchmark: 16 rows 36 ms into L1, 31 into L2; 4 rows 26 and 19 ms; BENCHMARKS 44).
