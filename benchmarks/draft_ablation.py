@@ -48,6 +48,7 @@ from benchmarks.common import chosen_names, machine_description, spec_bench_file
 from knnssd.engine.decoding import GenerationConfig, generate, model_eos_ids  # noqa: E402
 from knnssd.engine.models import load_model  # noqa: E402
 from knnssd.engine.drafters import SuffixStore  # noqa: E402
+from knnssd.engine.kernels import MAX_FAST_ROWS  # noqa: E402
 from knnssd.engine.policy import (describe_policy, drafter_from_policy, parse_policy,  # noqa: E402
                                   suffix_tree_config)
 from knnssd.engine.prompts import encode_prompt  # noqa: E402
@@ -79,10 +80,11 @@ def frontier_policies(base: dict[str, Any], budgets: str) -> dict[str, dict[str,
             matched, recycled = (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0)
         except ValueError:
             matched, recycled = -1, -1
-        if len(parts) > 2 or matched < 1 or recycled < 0 or matched + recycled > 31:
-            raise KnnSsdError(f"--frontier: {budget.strip()!r} is not N+R with N >= 1, R >= 0, N + R <= 31",
-                              fix='pass e.g. --frontier 4+0,8+8,16+15 (matched + recycled nodes; a pass holds '
-                                  'at most 32 tokens)')
+        if len(parts) > 2 or matched < 1 or recycled < 0 or matched + recycled > MAX_FAST_ROWS - 1:
+            raise KnnSsdError(f"--frontier: {budget.strip()!r} is not N+R with N >= 1, R >= 0, "
+                              f"N + R <= {MAX_FAST_ROWS - 1}",
+                              fix=f"pass e.g. --frontier 4+0,8+8,16+15 (matched + recycled nodes; a pass holds "
+                                  f"at most {MAX_FAST_ROWS} tokens: the last one and the draft)")
         policies[f"frontier {matched}+{recycled}"] = {
             **base, **FRONTIER, "use_store": True, "max_tree_nodes": matched, "recycled_nodes": recycled,
             "use_warm": recycled > 0}
